@@ -1,0 +1,36 @@
+"""wherefrom: diffusion training with training-data attribution built in.
+
+Roles:
+- the diffusion math: :class:`DiffusionTask`
+- data: :mod:`wherefrom.datamodules` (``DigitsDataModule`` is the offline default)
+- training: :class:`DiffusionModel` (single model)
+- sampling: :func:`generate`
+"""
+
+from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
+from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
+from wherefrom.model import Attributable, DiffusionModel, load_module
+from wherefrom.sampling import generate
+from wherefrom.task import MEASUREMENTS, DiffusionTask
+
+__all__ = [
+    # math
+    "DiffusionTask",
+    "MEASUREMENTS",
+    # data
+    "ArrayDataModule",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FolderDataModule",
+    "ImageDataModule",
+    # training
+    "Attributable",
+    "DiffusionModel",
+    "load_module",
+    # sampling
+    "generate",
+    # errors
+    "CheckpointError",
+    "FingerprintMismatchError",
+    "WherefromError",
+]

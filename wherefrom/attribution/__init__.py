@@ -1,0 +1,1 @@
+"""wherefrom.attribution."""

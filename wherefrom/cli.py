@@ -1,0 +1,125 @@
+"""``wherefrom`` command line.
+
+``fit`` (and Lightning's ``validate``/``test``/``predict``) go through
+LightningCLI, so YAML configs, ``--print_config`` and class paths for
+``--model``/``--data`` work as in any Lightning project. The other commands
+are small argparse programs registered in :data:`COMMANDS`. Bad input raises
+:class:`~wherefrom.errors.WherefromError`; ``main`` prints its one-line message
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from wherefrom.errors import WherefromError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+# name -> ("module:function", one-line help); each function takes its argv list.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("wherefrom.cli:sample_main", "generate samples from a checkpoint"),
+    "export": ("wherefrom.cli:export_main", "export a checkpoint's UNet in diffusers format"),
+    "demo": ("wherefrom.demo:main", "run the end-to-end demo on the embedded digits"),
+}
+
+
+def lightning_main(argv: list[str]) -> None:
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def load_sampler_module(ckpt: str):
+    """A module with ``eps_fn``/``task``/``image_shape`` from a .ckpt or a diffusers export folder."""
+    from wherefrom.model import DiffusionModel, load_module, load_pretrained
+
+    if Path(ckpt).is_dir():
+        unet, task = load_pretrained(ckpt)
+        module = DiffusionModel(unet=dict(unet.config), **{k: v for k, v in task.config.items() if k != "measure_time"})
+        module.unet.load_state_dict(unet.state_dict())
+        return module.eval()
+    return load_module(ckpt)
+
+
+def sample_main(argv: list[str]) -> None:
+    from wherefrom.io import save_grid, write_npy
+    from wherefrom.sampling import SchedulerType
+
+    p = argparse.ArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
+    p.add_argument("--ckpt", required=True, help="a .ckpt from `wherefrom fit` or a diffusers export folder")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (samples.png, samples.npy)")
+    p.add_argument("--steps", type=int, default=100, help="denoising steps")
+    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--ablate", default=None, help="ensembles only: comma-separated training indices to ablate exactly")
+    a = p.parse_args(argv)
+    if a.num_samples < 1:
+        raise WherefromError(f"--num-samples must be >= 1, got {a.num_samples}")
+    module = load_sampler_module(a.ckpt)
+    kwargs = {}
+    if a.ablate:
+        if not hasattr(module, "ablation_weights"):
+            raise WherefromError("--ablate needs an encoded-ensemble checkpoint; this one is a single model")
+        kwargs["weights"] = module.ablation_weights([int(i) for i in a.ablate.split(",")])
+    images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
+    out = Path(a.out)
+    write_npy(out / "samples.npy", images.numpy().astype("float32"))
+    save_grid(images, out / "samples.png")
+    print(f"wrote {out / 'samples.png'} and {out / 'samples.npy'}")
+
+
+def export_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    module = load_sampler_module(a.ckpt)
+    if not hasattr(module, "save_pretrained"):
+        raise WherefromError("only single-model checkpoints export to one diffusers UNet")
+    module.save_pretrained(a.out)
+    print(f"wrote diffusers UNet to {a.out}")
+
+
+def _usage() -> str:
+    lines = ["usage: wherefrom COMMAND [options]", "", "commands:"]
+    lines += [f"  {c:<12} LightningCLI {c} (--config YAML, --print_config)" for c in LIGHTNING_COMMANDS[:1]]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd in LIGHTNING_COMMANDS:
+            lightning_main(argv)
+        elif cmd in COMMANDS:
+            mod, _, fn = COMMANDS[cmd][0].partition(":")
+            getattr(importlib.import_module(mod), fn)(rest)
+        else:
+            raise WherefromError(f"unknown command {cmd!r}; run `wherefrom --help` for the list")
+    except WherefromError as e:
+        print(f"wherefrom {cmd}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Indexed image datamodules: every batch is ``{"index": LongTensor, "image": float [-1, 1]}``.
+
+The *global index* of an image is its position in the full training set of a
+source (after the held-out ``val_size`` images are set aside). ``subset`` and
+``exclude`` select by global index; the dataset fingerprint hashes the number
+of images, their shape and the selected index set, so artifacts made for one
+split refuse to load against another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from wherefrom.errors import WherefromError
+
+IndexSpec = Sequence[int] | str | Path | None
+
+
+def read_indices(spec: IndexSpec, what: str) -> np.ndarray | None:
+    """Indices from a list, or from a ``.npy`` / ``.json`` / whitespace-separated text file."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise WherefromError(f"{what} file {str(path)!r} does not exist; pass a list of indices or an existing .npy/.json/.txt file")
+        if path.suffix == ".npy":
+            arr = np.load(path)
+        elif path.suffix == ".json":
+            arr = np.asarray(json.loads(path.read_text()))
+        else:
+            arr = np.asarray(path.read_text().split(), dtype=np.int64)
+    else:
+        arr = np.asarray(list(spec))
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise WherefromError(f"{what} must hold integer indices, got dtype {arr.dtype}")
+    return arr.astype(np.int64).reshape(-1)
+
+
+def select_indices(n: int, subset: IndexSpec = None, exclude: IndexSpec = None) -> np.ndarray:
+    """Sorted global indices of ``range(n)`` restricted to ``subset`` minus ``exclude``."""
+    sub, exc = read_indices(subset, "subset"), read_indices(exclude, "exclude")
+    for name, arr in (("subset", sub), ("exclude", exc)):
+        if arr is None:
+            continue
+        bad = arr[(arr < 0) | (arr >= n)]
+        if bad.size:
+            raise WherefromError(f"{name} has indices outside [0, {n}) (e.g. {bad[:5].tolist()}); the training set has {n} images")
+        if np.unique(arr).size != arr.size:
+            raise WherefromError(f"{name} lists some indices more than once; pass each index once")
+    if sub is not None and exc is not None:
+        both = np.intersect1d(sub, exc)
+        if both.size:
+            raise WherefromError(f"indices {both[:5].tolist()} are in both subset and exclude; remove them from one of the two")
+    keep = np.arange(n) if sub is None else np.sort(sub)
+    if exc is not None:
+        keep = np.setdiff1d(keep, exc)
+    if keep.size == 0:
+        raise WherefromError("subset/exclude leave no training images; select at least one")
+    return keep
+
+
+def fingerprint(n: int, shape: Sequence[int], indices: np.ndarray) -> str:
+    """Hash of (number of images, image shape, selected index set)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"n": int(n), "shape": [int(s) for s in shape]}).encode())
+    h.update(np.ascontiguousarray(np.sort(indices), dtype="<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
+    """Validate an N x C x H x W (or N x H x W) array and map it to float32 in [-1, 1].
+
+    uint8 is read as [0, 255]; floats must already be in [-1, 1].
+    """
+    x = torch.as_tensor(np.asarray(images))
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise WherefromError(f"{source}: images must be N x C x H x W (or N x H x W), got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3):
+        hint = " (channels-last? transpose to N x C x H x W)" if x.shape[-1] in (1, 3) else ""
+        raise WherefromError(f"{source}: images need 1 or 3 channels in dim 1, got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise WherefromError(f"{source}: no images")
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    if not x.dtype.is_floating_point:
+        raise WherefromError(f"{source}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6 or not np.isfinite([lo, hi]).all():
+        raise WherefromError(f"{source}: float images must be in [-1, 1], found [{lo:.3g}, {hi:.3g}]; rescale, e.g. x / 127.5 - 1 for [0, 255]")
+    return x.float()
+
+
+class IndexedDataset(Dataset):
+    """The images at the given global indices, yielding ``{"index", "image"}``."""
+
+    def __init__(self, images: Tensor, indices: np.ndarray) -> None:
+        self.images = images
+        self.indices = torch.as_tensor(indices, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        g = self.indices[i]
+        return {"index": g, "image": self.images[g]}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of every source. Subclasses implement :meth:`load_images`.
+
+    Args:
+        batch_size: training batch size (per process under DDP).
+        num_workers: DataLoader workers.
+        subset: global indices (or a file of them) to train on; default all.
+        exclude: global indices (or a file) removed from the training set.
+        val_size: the last ``val_size`` images of the source form the held-out
+            ``val`` split (queries); they are not part of the global index space.
+        shuffle: shuffle training batches.
+    """
+
+    source_name = "images"
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        subset: list[int] | str | None = None,
+        exclude: list[int] | str | None = None,
+        val_size: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+        if val_size < 0:
+            raise WherefromError(f"val_size must be >= 0, got {val_size}")
+        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
+        self.subset, self.exclude, self.val_size = subset, exclude, val_size
+        self._images: Tensor | None = None
+
+    def load_images(self) -> np.ndarray | Tensor:
+        """The whole source as N x C x H x W (uint8 or float in [-1, 1])."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._images is not None:
+            return
+        images = to_model_range(self.load_images(), self.source_name)
+        if self.val_size >= len(images):
+            raise WherefromError(f"val_size={self.val_size} leaves no training images out of {len(images)}")
+        cut = len(images) - self.val_size
+        self._images, self._val = images[:cut], images[cut:]
+        self.indices = select_indices(cut, self.subset, self.exclude)
+
+    # --- what downstream stages use -------------------------------------------
+    @property
+    def images(self) -> Tensor:
+        """All training images (full index space, before subset/exclude)."""
+        self.setup()
+        return self._images
+
+    @property
+    def val_images(self) -> Tensor:
+        self.setup()
+        return self._val
+
+    @property
+    def num_images(self) -> int:
+        """N, the size of the global index space."""
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        self.setup()
+        return fingerprint(self.num_images, self.image_shape, self.indices)
+
+    def dataset(self, indices: np.ndarray | None = None) -> IndexedDataset:
+        """Dataset over ``indices`` (default: the selected training split)."""
+        self.setup()
+        return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset(),
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,110 @@
+"""Concrete image sources: embedded digits, a folder, an array file, local CIFAR-10."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wherefrom.datamodules.base import ImageDataModule
+from wherefrom.errors import WherefromError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, offline).
+
+    Pixel values 0..16 are mapped linearly to [-1, 1].
+    """
+
+    source_name = "digits"
+
+    def load_images(self) -> np.ndarray:
+        from sklearn.datasets import load_digits
+
+        return (load_digits().images[:, None].astype(np.float32) / 8.0) - 1.0
+
+
+class FolderDataModule(ImageDataModule):
+    """Every image file under ``root`` (recursively, sorted by path).
+
+    Args:
+        root: the folder.
+        mode: PIL mode, ``"L"`` (1 channel) or ``"RGB"`` (3 channels).
+        image_size: resize every image to this square size; required when sizes differ.
+    """
+
+    source_name = "folder"
+
+    def __init__(self, root: str, mode: str = "RGB", image_size: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("L", "RGB"):
+            raise WherefromError(f"mode must be 'L' or 'RGB', got {mode!r}")
+        self.root, self.mode, self.image_size = Path(root), mode, image_size
+
+    def files(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise WherefromError(f"image folder {str(self.root)!r} does not exist; pass --data.root pointing at a folder of images")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise WherefromError(f"image folder {str(self.root)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return files
+
+    def load_images(self) -> np.ndarray:
+        arrays = []
+        for path in self.files():
+            img = Image.open(path).convert(self.mode)
+            if self.image_size is not None:
+                img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+            arrays.append(np.asarray(img, dtype=np.uint8))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise WherefromError(f"images in {str(self.root)!r} have different sizes {sorted(shapes)[:3]}; set --data.image_size to resize them")
+        x = np.stack(arrays)
+        return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+
+
+class ArrayDataModule(ImageDataModule):
+    """Images from a ``.npy`` file or a key of a ``.npz`` file (N x C x H x W or N x H x W;
+    uint8 in [0, 255] or float in [-1, 1])."""
+
+    source_name = "array"
+
+    def __init__(self, path: str, key: str = "images", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.path, self.key = Path(path), key
+
+    def load_images(self) -> np.ndarray:
+        if not self.path.is_file():
+            raise WherefromError(f"array file {str(self.path)!r} does not exist; pass --data.path to a .npy or .npz file")
+        if self.path.suffix == ".npz":
+            with np.load(self.path) as z:
+                if self.key not in z:
+                    raise WherefromError(f"{str(self.path)!r} has no array {self.key!r} (has {list(z.keys())}); set --data.key")
+                return z[self.key]
+        if self.path.suffix == ".npy":
+            return np.load(self.path)
+        raise WherefromError(f"array file {str(self.path)!r} must end in .npy or .npz")
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 training images from a local torchvision-format directory (never downloads)."""
+
+    source_name = "cifar10"
+
+    def __init__(self, root: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+
+    def load_images(self) -> np.ndarray:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            ds = CIFAR10(self.root, train=True, download=False)
+        except RuntimeError as e:
+            raise WherefromError(
+                f"no CIFAR-10 in torchvision format under {self.root!r} ({e}); place 'cifar-10-batches-py' there"
+            ) from None
+        return ds.data.transpose(0, 3, 1, 2)

@@ -1,0 +1,16 @@
+"""User-facing errors. Every bad input raises one of these with a message that
+says what was wrong and what to do; the CLI prints it on one line and exits 2."""
+
+from __future__ import annotations
+
+
+class WherefromError(ValueError):
+    """Bad user input or an inconsistent artifact (store, checkpoint, split)."""
+
+
+class FingerprintMismatchError(WherefromError):
+    """An artifact was made for another dataset split, codes or config."""
+
+
+class CheckpointError(WherefromError):
+    """A checkpoint is missing, unreadable, or belongs to another architecture."""

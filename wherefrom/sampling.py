@@ -1,0 +1,125 @@
+"""Ancestral DDPM and deterministic DDIM sampling with fixed exogenous noise.
+
+The step equations are written out (rather than calling ``scheduler.step``) so
+that the whole chain is plain differentiable torch code: forward-mode AD
+(synthetic ablation) and dual tensors flow through it, and the exogenous noise
+of query ``q`` at step ``k`` is a pure function of ``(seed, q, k)`` so runs with
+different models or member weights are comparable step by step. The schedule
+constants come from the task's diffusers scheduler; tests check each step
+against ``DDPMScheduler.step`` / ``DDIMScheduler.step``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask, Stream, generator_for
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class SchedulerType(str, enum.Enum):
+    DDPM = "ddpm"
+    DDIM = "ddim"
+
+
+def exogenous_noise(seed: int, queries: Sequence[int], step: int, shape: Sequence[int]) -> Tensor:
+    """Noise of each query at a step (``step = -1`` is the initial ``x_T``)."""
+    return torch.stack([torch.randn(tuple(shape), generator=generator_for(seed, int(Stream.SAMPLE), q, step)) for q in queries])
+
+
+def sampling_timesteps(task: DiffusionTask, steps: int) -> list[int]:
+    """Descending timesteps, spaced as diffusers' ``set_timesteps`` ("leading")."""
+    if not 1 <= steps <= task.num_train_timesteps:
+        raise WherefromError(f"steps must be in [1, {task.num_train_timesteps}], got {steps}")
+    sched = DDIMScheduler.from_config(task.scheduler.config)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
+def step(
+    task: DiffusionTask,
+    scheduler: SchedulerType,
+    x_t: Tensor,
+    eps: Tensor,
+    t: int,
+    t_prev: int,
+    noise: Tensor | None,
+    clip_sample: bool = True,
+) -> Tensor:
+    """One reverse step ``x_t -> x_{t_prev}`` (``t_prev < 0``: the final step to ``x_0``)."""
+    ab_t = float(task.alphas_cumprod[t])
+    ab_prev = float(task.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+    # x0 prediction from eps (Ho et al. 2020, eq. 15)
+    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
+    if clip_sample:
+        x0 = x0.clamp(-1, 1)
+    if scheduler is SchedulerType.DDIM:
+        # Song et al. (2021), eq. 12 with sigma = 0; eps is the model output (diffusers default)
+        return ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+    beta = 1 - ab_t / ab_prev
+    # posterior mean of q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 7)
+    mean = (ab_prev**0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x_t
+    if t_prev < 0 or noise is None:
+        return mean
+    var = max((1 - ab_prev) / (1 - ab_t) * beta, 1e-20)  # "fixed_small" variance
+    return mean + var**0.5 * noise.to(mean)
+
+
+def sample(
+    eps_fn: EpsFn,
+    task: DiffusionTask,
+    shape: Sequence[int],
+    queries: Sequence[int],
+    seed: int,
+    steps: int = 100,
+    scheduler: SchedulerType | str = SchedulerType.DDPM,
+    clip_sample: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    x_T: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Run the reverse chain for the given query ids; returns ``x_0`` (Q x C x H x W).
+
+    Only the current ``x_t`` is kept, so memory does not grow with ``steps``
+    (also under forward-mode AD). ``x_T`` overrides the seeded initial noise.
+    """
+    scheduler = SchedulerType(scheduler)
+    ts = sampling_timesteps(task, steps)
+    x = exogenous_noise(seed, queries, -1, shape).to(device=device, dtype=dtype) if x_T is None else x_T
+    for k, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
+        t_prev = ts[k + 1] if k + 1 < len(ts) else -1
+        eps = eps_fn(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+        noise = exogenous_noise(seed, queries, k, shape) if scheduler is SchedulerType.DDPM and t_prev >= 0 else None
+        x = step(task, scheduler, x, eps, t, t_prev, noise, clip_sample)
+    return x
+
+
+def generate(
+    eps_fn: EpsFn,
+    task: DiffusionTask,
+    shape: Sequence[int],
+    num_samples: int,
+    seed: int = 0,
+    steps: int = 100,
+    scheduler: SchedulerType | str = SchedulerType.DDPM,
+    batch_size: int = 256,
+    progress: bool = False,
+    **kwargs,
+) -> Tensor:
+    """:func:`sample` for queries ``0..num_samples-1`` in batches (results do not depend on ``batch_size``)."""
+    if batch_size < 1:
+        raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+    out = []
+    for start in tqdm(range(0, num_samples, batch_size), desc="generating", disable=not progress):
+        queries = list(range(start, min(start + batch_size, num_samples)))
+        out.append(sample(eps_fn, task, shape, queries, seed, steps, scheduler, progress=progress, **kwargs))
+    return torch.cat(out)

@@ -1,0 +1,224 @@
+"""The diffusion math in one place (DDPM epsilon-prediction, Ho et al. 2020).
+
+Everything that needs a timestep, a noise draw, the training loss or a
+measurement on an example goes through :class:`DiffusionTask`, so training,
+featurisation (TRAK/D-TRAK), K-FAC factors and evaluation agree exactly.
+
+Seeded draws: the ``(t, eps)`` of an example is a pure function of
+``(seed, stream, global index, draw number)`` (see :func:`mix_seed`), so results
+are identical whatever the batch size, order, worker count or DDP rank count.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor, nn
+
+from wherefrom.errors import WherefromError
+
+_MASK64 = (1 << 64) - 1
+
+
+class Stream(enum.IntEnum):
+    """Independent random streams, so e.g. featurisation never reuses training noise."""
+
+    TRAIN = 0
+    FEATURES = 1
+    FACTORS = 2
+    MEASURE = 3
+    SAMPLE = 4
+    AUGMENT = 5
+
+
+def _splitmix64(x: int) -> int:
+    # Steele, Lea & Flood (2014), "Fast splittable pseudorandom number generators".
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed (order-sensitive, platform-independent)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def generator_for(*values: int) -> torch.Generator:
+    """A CPU generator seeded by :func:`mix_seed` of ``values``."""
+    return torch.Generator().manual_seed(mix_seed(*values))
+
+
+class TimestepStrategy(str, enum.Enum):
+    """How featurisation picks its K timesteps (D-TRAK, Zheng et al. 2024, Sec. 4)."""
+
+    UNIFORM = "uniform"  # t_k = k * T / K, k = 0..K-1, the same for every example
+    RANDOM = "random"  # t drawn per (example, draw) from the seeded stream
+
+
+# --- measurement / output functions ------------------------------------------
+# Each maps (eps_pred, eps, t, task) -> per-example value of shape (B,).
+Measurement = Callable[[Tensor, Tensor, Tensor, "DiffusionTask"], Tensor]
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _loss(eps_pred: Tensor, eps: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
+    # L_simple of Ho et al. (2020), eq. 14: ||eps - eps_theta(x_t, t)||^2 (mean over pixels).
+    return _flat(eps_pred - eps).pow(2).mean(1)
+
+
+def _elbo(eps_pred: Tensor, eps: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
+    # Ho et al. (2020), eq. 12 with sigma_t^2 = beta_t: weight beta_t / (2 alpha_t (1 - alphabar_t)).
+    return task.elbo_weight(t).to(eps_pred.dtype) * _loss(eps_pred, eps, t, task)
+
+
+MEASUREMENTS: dict[str, Measurement] = {
+    "loss": _loss,
+    "loss_at_time": _loss,  # same formula; the task fixes t (DiffusionTask.measure_time)
+    "elbo": _elbo,
+    # D-TRAK (Zheng et al. 2024, Table 1) output functions of eps_theta alone:
+    "square_norm": lambda p, e, t, task: _flat(p).pow(2).mean(1),
+    "l1_norm": lambda p, e, t, task: _flat(p).abs().sum(1),
+    "l2_norm": lambda p, e, t, task: _flat(p).norm(dim=1),
+    "linf_norm": lambda p, e, t, task: _flat(p).abs().amax(1),
+    "mean": lambda p, e, t, task: _flat(p).mean(1),
+}
+
+
+def predict_eps(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+    """Noise prediction of a diffusers ``UNet2DModel`` (``.sample``) or a plain module."""
+    out = model(x_t, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
+class DiffusionTask:
+    """DDPM noise schedule, seeded draws, training loss and measurements.
+
+    Args:
+        num_train_timesteps: T of the forward process.
+        beta_start, beta_end, beta_schedule: the diffusers ``DDPMScheduler`` schedule.
+        seed: root of every seeded draw.
+        measure_time: the fixed t of the ``loss_at_time`` measurement.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        seed: int = 0,
+        measure_time: int = 100,
+    ) -> None:
+        if num_train_timesteps < 2:
+            raise WherefromError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        if not 0 <= measure_time < num_train_timesteps:
+            raise WherefromError(
+                f"measure_time={measure_time} is outside [0, {num_train_timesteps}); pick a timestep in range"
+            )
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+        )
+        self.num_train_timesteps = num_train_timesteps
+        self.seed = seed
+        self.measure_time = measure_time
+        self.config = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            seed=seed,
+            measure_time=measure_time,
+        )
+        self.betas = self.scheduler.betas.double()
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+
+    # --- schedule ------------------------------------------------------------
+    def elbo_weight(self, t: Tensor) -> Tensor:
+        """``beta_t / (2 alpha_t (1 - alphabar_t))`` (Ho et al. 2020, eq. 12)."""
+        t = t.cpu()
+        beta = self.betas[t]
+        w = beta / (2 * (1 - beta) * (1 - self.alphas_cumprod[t]))
+        return w.float()
+
+    def add_noise(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """``x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps`` (Ho et al. 2020, eq. 4)."""
+        ab = self.alphas_cumprod[t.cpu()].to(device=x0.device, dtype=x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    # --- seeded draws ----------------------------------------------------------
+    def draw(
+        self,
+        index: Tensor,
+        draw: int,
+        shape: Sequence[int],
+        *,
+        stream: Stream = Stream.TRAIN,
+        t: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> tuple[Tensor, Tensor]:
+        """Seeded ``(t, eps)`` for each global index: a pure function of
+        ``(seed, stream, index, draw)``. ``t`` fixes the timestep for all examples."""
+        ts, noise = [], []
+        for i in index.tolist():
+            g = generator_for(self.seed, int(stream), i, draw)
+            ti = torch.randint(0, self.num_train_timesteps, (1,), generator=g)
+            ts.append(ti if t is None else torch.tensor([t]))
+            noise.append(torch.randn(tuple(shape), generator=g))
+        return (
+            torch.cat(ts).to(device),
+            torch.stack(noise).to(device=device, dtype=dtype),
+        )
+
+    def timesteps(self, strategy: TimestepStrategy | str, k: int) -> list[int | None]:
+        """The K fixed timesteps of a strategy (``None`` = drawn per example)."""
+        strategy = TimestepStrategy(strategy)
+        if k < 1:
+            raise WherefromError(f"the number of timesteps K must be >= 1, got {k}")
+        if strategy is TimestepStrategy.UNIFORM:
+            return [j * self.num_train_timesteps // k for j in range(k)]
+        return [None] * k
+
+    # --- losses and measurements -------------------------------------------------
+    def loss(self, model: nn.Module, x0: Tensor, index: Tensor, draw: int = 0) -> Tensor:
+        """Per-example training loss ``||eps - eps_theta(x_t, t)||^2 / D`` on the TRAIN stream."""
+        return self.measure(model, x0, index, "loss", draws=[(draw, None)], stream=Stream.TRAIN)
+
+    def measure(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        index: Tensor,
+        name: str,
+        draws: Sequence[tuple[int, int | None]],
+        stream: Stream = Stream.MEASURE,
+    ) -> Tensor:
+        """Per-example measurement ``name`` averaged over ``draws`` = [(draw id, t or None)]."""
+        fn = self.measurement(name)
+        total = x0.new_zeros(x0.shape[0])
+        for d, t in draws:
+            if name == "loss_at_time":
+                t = self.measure_time
+            tt, eps = self.draw(index, d, x0.shape[1:], stream=stream, t=t, dtype=x0.dtype, device=x0.device)
+            x_t = self.add_noise(x0, tt, eps)
+            total = total + fn(predict_eps(model, x_t, tt), eps, tt, self)
+        return total / len(draws)
+
+    @staticmethod
+    def measurement(name: str) -> Measurement:
+        if name not in MEASUREMENTS:
+            raise WherefromError(f"unknown measurement {name!r}; choose one of {sorted(MEASUREMENTS)}")
+        return MEASUREMENTS[name]
