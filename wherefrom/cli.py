@@ -23,6 +23,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("wherefrom.cli:sample_main", "generate samples from a checkpoint"),
     "export": ("wherefrom.cli:export_main", "export a checkpoint's UNet in diffusers format"),
+    "attribute": ("wherefrom.attribution.cli:attribute_main", "score training images' influence on queries"),
     "demo": ("wherefrom.demo:main", "run the end-to-end demo on the embedded digits"),
 }
 

@@ -1,0 +1,77 @@
+"""``wherefrom attribute``: one command for every attribution method.
+
+A method is a function ``attribute(module, datamodule, queries, args) -> Attribution``
+registered in :data:`METHODS`; this module resolves the checkpoint, the
+training data and the queries, and writes the common outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from wherefrom.attribution.report import write_attribution
+from wherefrom.datamodules.base import to_model_range
+from wherefrom.errors import WherefromError
+
+# method -> "module:function"
+METHODS: dict[str, str] = {}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
+    p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
+    p.add_argument("--method", required=True, help="attribution method")
+    p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--queries", default=None, help="samples.npy (N x C x H x W in [-1, 1]) or 'val'; default: generate --num-samples with --seed")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=100, help="denoising steps when generating queries")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--store", default=None, help="feature/factor store (TRAK, D-TRAK, K-FAC)")
+    p.add_argument("--measurement", default="loss", help="K-FAC measurement: loss, elbo, square_norm, loss_at_time")
+    p.add_argument("--exact", action="store_true", help="ablation: also run exact ablation for the top-k")
+    p.add_argument("--batch-size", type=int, default=64)
+    return p
+
+
+def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace) -> Tensor:
+    """Query images from a file, the held-out split, or freshly generated (seeded)."""
+    if spec is None:
+        if args.num_samples < 1:
+            raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
+        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True)
+    if spec == "val":
+        val = datamodule.val_images
+        if len(val) == 0:
+            raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
+        return val
+    path = Path(spec)
+    if not path.is_file():
+        raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
+    queries = to_model_range(np.load(path), f"queries {spec}")
+    if tuple(queries.shape[1:]) != tuple(datamodule.image_shape):
+        raise WherefromError(f"queries have shape {tuple(queries.shape[1:])} but the training images are {tuple(datamodule.image_shape)}")
+    return queries
+
+
+def attribute_main(argv: list[str]) -> None:
+    from wherefrom.model import load_datamodule, load_module
+
+    args = parser().parse_args(argv)
+    if args.method not in METHODS:
+        raise WherefromError(f"unknown --method {args.method!r}; choose one of {sorted(METHODS)}")
+    module = load_module(args.ckpt)
+    datamodule = load_datamodule(args.ckpt)
+    queries = load_queries(args.queries, module, datamodule, args)
+    mod, _, fn = METHODS[args.method].partition(":")
+    with torch.no_grad():
+        result = getattr(importlib.import_module(mod), fn)(module, datamodule, queries, args)
+    out = write_attribution(args.out, result, datamodule.images, args.top_k)
+    print(f"wrote {out / 'scores.npy'}, {out / 'topk.json'}, {out / 'topk.png'}")
