@@ -12,7 +12,6 @@ import importlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from wherefrom.attribution.report import write_attribution
@@ -71,7 +70,6 @@ def attribute_main(argv: list[str]) -> None:
     datamodule = load_datamodule(args.ckpt)
     queries = load_queries(args.queries, module, datamodule, args)
     mod, _, fn = METHODS[args.method].partition(":")
-    with torch.no_grad():
-        result = getattr(importlib.import_module(mod), fn)(module, datamodule, queries, args)
+    result = getattr(importlib.import_module(mod), fn)(module, datamodule, queries, args)
     out = write_attribution(args.out, result, datamodule.images, args.top_k)
     print(f"wrote {out / 'scores.npy'}, {out / 'topk.json'}, {out / 'topk.png'}")
