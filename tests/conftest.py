@@ -1,0 +1,28 @@
+"""Shared test fixtures: a tiny UNet (a few thousand parameters) and small real data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+# ~7k parameters, with attention at 4x4.
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=8,
+)
+
+
+@pytest.fixture
+def tiny_unet() -> dict:
+    return dict(TINY_UNET)
