@@ -103,8 +103,9 @@ class CIFAR10DataModule(ImageDataModule):
 
         try:
             ds = CIFAR10(self.root, train=True, download=False)
-        except RuntimeError as e:
+        except RuntimeError:
             raise WherefromError(
-                f"no CIFAR-10 in torchvision format under {self.root!r} ({e}); place 'cifar-10-batches-py' there"
+                f"no CIFAR-10 under {self.root!r}, or its files fail torchvision's checksums; extract the python "
+                "version ('cifar-10-batches-py' with data_batch_1..5 and batches.meta) there — wherefrom never downloads"
             ) from None
         return ds.data.transpose(0, 3, 1, 2)

@@ -1,0 +1,82 @@
+"""The command line end to end: LightningCLI fit (1 process and DDP with 2), sample, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import TINY_UNET
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "wherefrom.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "devices": 1, "logger": False, "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root / "run"), "filename": "last", "enable_version_counter": False}}],
+        },
+        "model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"unet": {**TINY_UNET, "block_out_channels": list(TINY_UNET["block_out_channels"]), "down_block_types": list(TINY_UNET["down_block_types"]), "up_block_types": list(TINY_UNET["up_block_types"])}, "lr": 1e-3}},
+        "data": {"class_path": "wherefrom.DigitsDataModule", "init_args": {"batch_size": 8, "subset": list(range(32))}},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_print_config_and_overrides(tiny_config):
+    r = run("fit", "--config", str(tiny_config), "--model.lr", "0.5", "--print_config", cwd=tiny_config.parent)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["model"]["class_path"].endswith("DiffusionModel")
+    assert cfg["model"]["init_args"]["lr"] == 0.5 and cfg["data"]["init_args"]["batch_size"] == 8
+
+
+def test_fit_ddp_then_sample_is_deterministic(tiny_config):
+    root = tiny_config.parent
+    r = run("fit", "--config", str(tiny_config), "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = root / "run" / "last.ckpt"
+    assert ckpt.is_file()
+    outs = []
+    for name in ("a", "b"):
+        r = run("sample", "--ckpt", str(ckpt), "--num-samples", "3", "--seed", "5", "--steps", "4", "--out", str(root / name), cwd=root)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (root / name / "samples.png").is_file()
+        outs.append(np.load(root / name / "samples.npy"))
+    assert outs[0].dtype == np.float32 and outs[0].shape == (3, 1, 8, 8)
+    assert np.array_equal(outs[0], outs[1]) and np.abs(outs[0]).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("sample", "--ckpt", "missing.ckpt", "--out", "x"), "does not exist"),
+        (("sample", "--ckpt", "missing.ckpt", "--out", "x", "--num-samples", "0"), "num-samples"),
+        (("fit", "--config", "{cfg}", "--data.subset", "[5000]"), "outside"),
+        (("fit", "--config", "{cfg}", "--data", "wherefrom.FolderDataModule", "--data.root", "empty"), "has no images"),
+        (("frobnicate",), "unknown command"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(tiny_config, args, match):
+    root = tiny_config.parent
+    (root / "empty").mkdir(exist_ok=True)
+    r = run(*[a.format(cfg=tiny_config) for a in args], cwd=root)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("wherefrom")]
+    assert len(lines) == 1 and match in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (root / "x").exists()
