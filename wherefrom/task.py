@@ -210,12 +210,19 @@ class DiffusionTask:
         fn = self.measurement(name)
         total = x0.new_zeros(x0.shape[0])
         for d, t in draws:
-            if name == "loss_at_time":
-                t = self.measure_time
-            tt, eps = self.draw(index, d, x0.shape[1:], stream=stream, t=t, dtype=x0.dtype, device=x0.device)
-            x_t = self.add_noise(x0, tt, eps)
+            x_t, tt, eps = self.noisy(x0, index, name, d, t, stream)
             total = total + fn(predict_eps(model, x_t, tt), eps, tt, self)
         return total / len(draws)
+
+    def noisy(
+        self, x0: Tensor, index: Tensor, name: str, draw: int, t: int | None, stream: Stream = Stream.MEASURE
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The seeded ``(x_t, t, eps)`` at which measurement ``name`` evaluates ``draw``
+        (``loss_at_time`` pins ``t`` to :attr:`measure_time`)."""
+        if name == "loss_at_time":
+            t = self.measure_time
+        tt, eps = self.draw(index, draw, x0.shape[1:], stream=stream, t=t, dtype=x0.dtype, device=x0.device)
+        return self.add_noise(x0, tt, eps), tt, eps
 
     @staticmethod
     def measurement(name: str) -> Measurement:

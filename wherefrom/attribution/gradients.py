@@ -1,0 +1,147 @@
+"""Dense per-sample gradients of an output function (the D-TRAK recipe).
+
+D-TRAK (Zheng et al., ICLR 2024, Sec. 3-4) featurises a training example ``x``
+by the gradient of an output function ``f`` of the denoiser, averaged over K
+seeded ``(t, eps)`` draws::
+
+    g(x) = grad_theta (1/K) sum_k f(eps_theta(x_{t_k}, t_k), eps_k, t_k)
+
+with ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4)
+and ``f`` a measurement of :data:`wherefrom.task.MEASUREMENTS` (``loss`` gives
+TRAK's training-loss gradient, ``square_norm`` D-TRAK's best output function).
+
+Flattening order (the layout of every dense gradient, shared with
+:class:`~wherefrom.attribution.projection.Projection` and the K-FAC scorer):
+the trainable parameters (``requires_grad``) in ``model.named_parameters()``
+order, each flattened row-major; see :func:`trainable_parameters`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from wherefrom.errors import WherefromError
+from wherefrom.task import MEASUREMENTS, DiffusionTask, Stream, TimestepStrategy, predict_eps
+
+Draws = Sequence[tuple[int, int | None]]  # [(draw id, fixed t or None = drawn per example)]
+
+
+class ProjectionKind(str, enum.Enum):
+    """How per-sample gradients are projected (see :mod:`wherefrom.attribution.projection`)."""
+
+    DENSE = "dense"  # trak's JL projector on the full gradient (TRAK / D-TRAK recipe)
+    STRUCTURED = "structured"  # per-layer Kronecker projection of activations and output gradients (LoGra)
+
+
+class Projector(str, enum.Enum):
+    """trak projector of the dense mode; they draw different matrices, so the config records it."""
+
+    BASIC = "basic"  # trak.projectors.BasicProjector (any device)
+    CUDA = "cuda"  # trak.projectors.CudaProjector (needs the fast_jl CUDA extension)
+
+
+# TRAK / D-TRAK method name -> output function (Park et al. 2023 use the training loss;
+# Zheng et al. 2024, Table 1, find the squared norm of eps_theta best).
+METHOD_OUTPUTS: dict[str, str] = {"trak": "loss", "dtrak": "square_norm"}
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that determines a feature vector; stored verbatim in the store's manifest.
+
+    Args:
+        output: the output function, a key of :data:`~wherefrom.task.MEASUREMENTS`.
+        timesteps: K, the number of seeded ``(t, eps)`` draws averaged per example.
+        strategy: ``uniform`` (``t_k = k T / K``, D-TRAK's choice) or ``random``.
+        proj_dim: projection dimension D (structured: an upper bound, see ``Projection.dim``).
+        projection: ``structured`` (fast, per-layer) or ``dense`` (trak projector).
+        projector: the dense mode's trak projector, ``basic`` or ``cuda``.
+        seed: projection seed, mixed with the model id.
+    """
+
+    output: str = "square_norm"
+    timesteps: int = 10
+    strategy: str = TimestepStrategy.UNIFORM.value
+    proj_dim: int = 2048
+    projection: str = ProjectionKind.STRUCTURED.value
+    projector: str = Projector.BASIC.value
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {"strategy": TimestepStrategy, "projection": ProjectionKind, "projector": Projector}
+        for name, kind in choices.items():
+            value = getattr(self, name)
+            if value not in {k.value for k in kind}:
+                raise WherefromError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}")
+            object.__setattr__(self, name, kind(value).value)
+        if self.output not in MEASUREMENTS:
+            raise WherefromError(f"unknown output function {self.output!r}; choose one of {sorted(MEASUREMENTS)}")
+        if self.timesteps < 1:
+            raise WherefromError(f"the number of timesteps K must be >= 1, got {self.timesteps}")
+        if self.proj_dim < 1:
+            raise WherefromError(f"the projection dimension must be >= 1, got {self.proj_dim}")
+
+    def draws(self, task: DiffusionTask) -> list[tuple[int, int | None]]:
+        """The K ``(draw id, t)`` pairs averaged per example."""
+        return list(enumerate(task.timesteps(self.strategy, self.timesteps)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> FeatureConfig:
+        """The config from a manifest entry (extra keys, e.g. the weights hash, are ignored)."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters gradients are taken with respect to, in flattening order."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def noisy_inputs(
+    task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded ``(x_t, t, eps)`` of every (example, draw), shaped ``B x K x ...``."""
+    per_draw = [task.noisy(x0, index, output, d, t, stream) for d, t in draws]
+    x_t, t, eps = (torch.stack(z, 1) for z in zip(*per_draw))
+    return x_t, t, eps
+
+
+def per_sample_grads(
+    model: nn.Module,
+    task: DiffusionTask,
+    x0: Tensor,
+    index: Tensor,
+    output: str,
+    draws: Draws,
+    stream: Stream = Stream.FEATURES,
+) -> Tensor:
+    """``B x P`` per-sample gradients of ``output`` averaged over ``draws``.
+
+    One ``vmap(grad)`` over the examples; each example evaluates its K draws as
+    one inner batch. The fused SDPA kernels have no vmap rule, hence the MATH backend.
+    """
+    params = {n: p.detach() for n, p in trainable_parameters(model).items()}
+    frozen = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
+    fn = task.measurement(output)
+    x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
+
+    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        pred = predict_eps(lambda x, s: functional_call(model, {**p, **frozen}, (x, s)), x_t, t)
+        return fn(pred, eps, t, task).mean()
+
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0))(params, x_t, t, eps)
+    return torch.cat([grads[n].reshape(len(x0), -1) for n in params], 1)
+
+
+__all__ = ["METHOD_OUTPUTS", "Draws", "FeatureConfig", "ProjectionKind", "Projector", "noisy_inputs", "per_sample_grads", "trainable_parameters"]

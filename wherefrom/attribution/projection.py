@@ -1,0 +1,239 @@
+"""Random projections of per-sample gradients, dense (TRAK) and structured (LoGra).
+
+Both modes are one fixed linear map ``R^P -> R^D`` per (seed, model id), applied
+either to a dense gradient (:meth:`Projection.project`, the layout of
+:func:`~wherefrom.attribution.gradients.per_sample_grads`) or, without forming
+the gradient, to a batch of examples (:meth:`Projection.projected_grads`). The
+two give the same numbers, so a scorer may transform a gradient in parameter
+space (e.g. K-FAC preconditioning) and project it with the matrix used for the
+stored training features.
+
+* **dense**: trak's JL projector (Park et al. 2023, Sec. 3 / Alg. 1: ``phi(x) = P^T g(x)``
+  with i.i.d. normal ``P``), ``BasicProjector`` or ``CudaProjector`` (fast_jl).
+* **structured** (LoGra, Choe et al. 2024, Sec. 3.2): for a ``Linear``/``Conv2d``
+  layer with weight gradient ``G = sum_pos g_pos a_pos^T`` (``a`` the input,
+  unfolded for convolutions, with a trailing 1 for the bias; ``g`` the output
+  gradient), the layer's feature is ``P_out^T G P_in = sum_pos (P_out^T g_pos)
+  (P_in^T a_pos)^T``, i.e. the Kronecker projection ``(P_in (x) P_out)^T vec(G)``.
+  Forward hooks project the inputs (a convolution with kernel ``P_in``), a
+  backward w.r.t. the layer outputs gives ``g``; no per-sample gradient is formed.
+  Parameters outside ``Linear``/``Conv2d`` layers (e.g. GroupNorm affines) get
+  zero weight. Each of the L layers gets ``k_out x k_in`` with
+  ``k_out = floor(sqrt(D / L))``, ``k_in = floor(D / (L k_out))``, so
+  ``dim = L k_out k_in <= D``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wherefrom.attribution.gradients import (
+    Draws,
+    FeatureConfig,
+    ProjectionKind,
+    Projector,
+    noisy_inputs,
+    per_sample_grads,
+    trainable_parameters,
+)
+from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict_eps
+
+BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix
+CUDA_MAX_BATCH = 32  # trak CudaProjector's largest kernel batch
+
+
+def projection_seed(seed: int, model_id: str) -> int:
+    """The seed of a model id's projection (fits trak's and fast_jl's 32-bit seeds)."""
+    return mix_seed(seed, zlib.crc32(model_id.encode())) % 2**31
+
+
+def default_projector(device: torch.device | str) -> str:
+    """``cuda`` when the device is a GPU and trak's ``fast_jl`` kernel is installed, else ``basic``."""
+    if torch.device(device).type != "cuda":
+        return Projector.BASIC.value
+    try:
+        import fast_jl  # noqa: F401
+    except ImportError:
+        return Projector.BASIC.value
+    return Projector.CUDA.value
+
+
+@dataclass
+class LayerProjection:
+    """``P_in`` (``in [+1 bias] x k_in``) and ``P_out`` (``out x k_out``) of one layer,
+    and where its weight and bias sit in the dense gradient."""
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    p_in: Tensor
+    p_out: Tensor
+    weight: slice
+    bias: slice | None
+
+    @property
+    def dim(self) -> int:
+        return self.p_in.shape[1] * self.p_out.shape[1]
+
+    def project_input(self, x: Tensor) -> Tensor:
+        """``P_in^T [a_pos; 1]`` for every row and position: ``R x k_in x positions``."""
+        w, b = (self.p_in[:-1], self.p_in[-1]) if self.bias is not None else (self.p_in, None)
+        if isinstance(self.module, nn.Conv2d):
+            # P_in^T unfold(x) is the layer's own convolution with kernel P_in (same stride/padding)
+            kernel = w.T.reshape(-1, *self.module.weight.shape[1:])
+            return self.module._conv_forward(x, kernel, b).flatten(2)
+        out = x.reshape(len(x), -1, x.shape[-1]) @ w
+        return (out if b is None else out + b).transpose(1, 2)
+
+    def project_output(self, g: Tensor) -> Tensor:
+        """``P_out^T g_pos`` for every row and position: ``R x k_out x positions``."""
+        if isinstance(self.module, nn.Conv2d):
+            return torch.einsum("rop,ok->rkp", g.flatten(2), self.p_out)
+        return (g.reshape(len(g), -1, g.shape[-1]) @ self.p_out).transpose(1, 2)
+
+    def project_dense(self, grads: Tensor) -> Tensor:
+        """``P_out^T G P_in`` from the dense gradient: ``B x (k_out k_in)``."""
+        g = grads[:, self.weight].reshape(len(grads), self.p_out.shape[0], -1)
+        if self.bias is not None:
+            g = torch.cat([g, grads[:, self.bias].unsqueeze(-1)], -1)
+        return torch.einsum("boi,ok,il->bkl", g, self.p_out, self.p_in).flatten(1)
+
+
+class Projection:
+    """The projection of model id ``model_id``'s per-sample gradients.
+
+    Args:
+        config: the featurisation config (``proj_dim``, ``projection``, ``projector``, ``seed``).
+        model: the network whose trainable parameters define the gradient layout.
+        model_id: TRAK model id (e.g. ``"model"``, ``"member3"``); seeds the matrix.
+        device, dtype: where and in which precision to project (default: the model's).
+    """
+
+    def __init__(
+        self,
+        config: FeatureConfig,
+        model: nn.Module,
+        model_id: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        first = next(iter(trainable_parameters(model).values()), None)
+        if first is None:
+            raise WherefromError(f"model {model_id!r} has no trainable parameters to featurise")
+        self.model, self.model_id, self.config = model, model_id, config
+        self.kind = ProjectionKind(config.projection)
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.seed = projection_seed(config.seed, model_id)
+        self.num_params = sum(p.numel() for p in trainable_parameters(model).values())
+        if self.kind is ProjectionKind.DENSE:
+            self.dim = config.proj_dim
+            self._projector = self._trak_projector(Projector(config.projector))
+        else:
+            self.layers = self._layers(config.proj_dim)
+            self.dim = sum(layer.dim for layer in self.layers)
+
+    # --- construction ------------------------------------------------------------------
+    def _trak_projector(self, projector: Projector):
+        from trak.projectors import BasicProjector, CudaProjector, ProjectionType
+
+        if projector is Projector.BASIC:
+            return BasicProjector(
+                self.num_params, self.dim, self.seed, ProjectionType.normal, self.device, BLOCK_SIZE, self.dtype
+            )
+        if self.dim % 512 or self.device.type != "cuda":
+            raise WherefromError(f"the cuda projector needs a CUDA device and --proj-dim a multiple of 512 (got {self.dim} on {self.device})")
+        return CudaProjector(self.num_params, self.dim, self.seed, ProjectionType.normal, self.device, CUDA_MAX_BATCH)
+
+    def _layers(self, proj_dim: int) -> list[LayerProjection]:
+        params = trainable_parameters(self.model)
+        offsets, start = {}, 0
+        for name, p in params.items():
+            offsets[name] = slice(start, start + p.numel())
+            start += p.numel()
+        found = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or f"{name}.weight" not in offsets:
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise WherefromError(f"structured projection needs groups=1 convolutions ({name} has {module.groups}); use --projection dense")
+            found.append((name, module))
+        if not found:
+            raise WherefromError(f"model {self.model_id!r} has no trainable Linear/Conv2d layer; use --projection dense")
+        k_out = max(1, int((proj_dim / len(found)) ** 0.5))
+        k_in = max(1, proj_dim // (len(found) * k_out))
+        layers = []
+        for number, (name, module) in enumerate(found):
+            bias = offsets.get(f"{name}.bias")
+            fan_in = module.weight[0].numel() + (bias is not None)
+            # i.i.d. N(0, 1) entries (LoGra / TRAK), drawn in float64 so every dtype uses the same matrix
+            p_in, p_out = (
+                torch.randn(shape, generator=generator_for(self.seed, number, side), dtype=torch.float64)
+                for side, shape in enumerate([(fan_in, k_in), (module.weight.shape[0], k_out)])
+            )
+            layers.append(
+                LayerProjection(
+                    name, module, p_in.to(self.device, self.dtype), p_out.to(self.device, self.dtype), offsets[f"{name}.weight"], bias
+                )
+            )
+        return layers
+
+    # --- projecting ----------------------------------------------------------------------
+    def project(self, grads: Tensor) -> Tensor:
+        """Project dense gradients (``B x P`` in :func:`trainable_parameters` order) to ``B x dim``."""
+        if grads.dim() != 2 or grads.shape[1] != self.num_params:
+            raise WherefromError(f"expected B x {self.num_params} gradients of model {self.model_id!r}, got {tuple(grads.shape)}")
+        grads = grads.to(self.device, self.dtype)
+        if self.kind is ProjectionKind.DENSE:
+            return self._projector.project(grads, model_id=0)  # the model id is already in the seed
+        return torch.cat([layer.project_dense(grads) for layer in self.layers], 1)
+
+    def projected_grads(
+        self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES
+    ) -> Tensor:
+        """``project(per_sample_grads(...))`` for a batch, computed the fast way (``B x dim``)."""
+        if self.kind is ProjectionKind.DENSE:
+            return self.project(per_sample_grads(self.model, task, x0, index, output, draws, stream))
+        return self._structured(task, x0, index, output, draws, stream)
+
+    def _structured(self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream) -> Tensor:
+        x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
+        (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
+        calls: list[tuple[LayerProjection, Tensor]] = []  # (layer, projected input) per call
+        outputs: list[Tensor] = []
+
+        def hook(layer: LayerProjection):
+            def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+                if len(out) != rows:
+                    raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use --projection dense")
+                with torch.no_grad():
+                    calls.append((layer, layer.project_input(inputs[0].detach())))
+                outputs.append(out)
+
+            return capture
+
+        handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
+        try:
+            with torch.enable_grad():
+                pred = predict_eps(self.model, x_t.flatten(0, 1), t.flatten(0, 1))
+                # mean over the K draws of each example, summed over examples (rows are independent)
+                value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
+                grads = torch.autograd.grad(value, outputs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = {layer.name: layer.p_in.new_zeros(b, layer.p_out.shape[1], layer.p_in.shape[1]) for layer in self.layers}
+        with torch.no_grad():
+            for (layer, a), g in zip(calls, grads):
+                if g is not None:
+                    # sum over draws and positions of (P_out^T g)(P_in^T a)^T (LoGra, Sec. 3.2)
+                    gp = layer.project_output(g).unflatten(0, (b, k))
+                    feats[layer.name] += torch.einsum("bkop,bkip->boi", gp, a.unflatten(0, (b, k)))
+        return torch.cat([feats[layer.name].flatten(1) for layer in self.layers], 1)
+
+
+__all__ = ["BLOCK_SIZE", "LayerProjection", "Projection", "default_projector", "projection_seed"]
