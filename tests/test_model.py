@@ -13,13 +13,13 @@ from wherefrom.sampling import generate
 from wherefrom.task import predict_eps
 
 
-def _fit(tmp_path, unet, epochs=8, **model_kwargs):
+def _fit(tmp_path, unet, epochs=8, callbacks=(), **model_kwargs):
     L.seed_everything(0)
     model = DiffusionModel(unet=unet, lr=3e-3, warmup=0.0, **model_kwargs)
     dm = DigitsDataModule(batch_size=16, subset=list(range(64)))
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=list(callbacks),
     )
     trainer.fit(model, dm)
     ckpt = tmp_path / "model.ckpt"
@@ -57,6 +57,18 @@ def test_fit_lowers_loss_and_checkpoint_round_trips(tmp_path, tiny_unet):
     with torch.no_grad():
         s2 = generate(lambda x, t: predict_eps(unet, x, t), task, (1, 8, 8), 4, seed=3, steps=10)
     assert torch.allclose(s1, s2, atol=1e-6)
+
+
+def test_ema_through_lightning_weight_averaging(tmp_path, tiny_unet):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    _, _, raw = _fit(tmp_path / "raw", tiny_unet, epochs=2)
+    _, _, ema0 = _fit(tmp_path / "ema0", tiny_unet, epochs=2, callbacks=[EMAWeightAveraging(decay=0.0)])
+    _, _, ema9 = _fit(tmp_path / "ema9", tiny_unet, epochs=2, callbacks=[EMAWeightAveraging(decay=0.9)])
+    raw, ema0, ema9 = (list(load_module(c).unet.parameters()) for c in (raw, ema0, ema9))
+    # decay 0 averages nothing: exactly the raw weights; decay 0.9 lags behind them
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(raw, ema0))
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(raw, ema9))
 
 
 def test_hflip_augmentation_is_seeded(tiny_unet):
