@@ -19,7 +19,9 @@ from wherefrom.datamodules.base import to_model_range
 from wherefrom.errors import WherefromError
 
 # method -> "module:function"
-METHODS: dict[str, str] = {}
+METHODS: dict[str, str] = {
+    "random": "wherefrom.attribution.baseline:random_attribute",
+}
 
 
 def parser() -> argparse.ArgumentParser:

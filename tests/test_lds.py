@@ -1,0 +1,168 @@
+"""LDS: hand-computed values (with ties), the torchmetrics Metric, the bootstrap,
+reproducible subset files, and the subsets -> train -> measure -> score pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import TINY_UNET
+from wherefrom.cli import main as cli_main
+from wherefrom.datamodules.base import fingerprint
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.evaluation import lds
+from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig
+from wherefrom.model import load_datamodule, load_module
+from wherefrom.task import DiffusionTask, Stream
+
+# N = 4 training images, M = 4 subsets, Q = 3 queries.
+MASKS = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]], dtype=bool)
+SCORES = np.array([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+# targets are M x Q
+TARGETS = np.array([[10.0, 1.0, 5.0], [20.0, 2.0, 6.0], [5.0, 3.0, 7.0], [5.0, 4.0, 8.0]])
+
+
+def test_lds_equals_hand_computed_values_with_ties():
+    # q0: predicted sums (4, 3, 2, 3) -> ranks (4, 2.5, 1, 2.5); targets (10, 20, 5, 5) -> (3, 4, 1.5, 1.5).
+    #     centred: (1.5, 0, -1.5, 0) . (0.5, 1.5, -1, -1) = 2.25; both squared norms 4.5 -> rho = 0.5
+    # q1: predicted (0, 1, 2, 1) -> ranks (1, 2.5, 4, 2.5); targets ranks (1, 2, 3, 4)
+    #     centred: (-1.5, 0, 1.5, 0) . (-1.5, -0.5, 0.5, 1.5) = 3; norms^2 4.5 and 5 -> rho = 3 / sqrt(22.5)
+    # q2: every subset predicts 2 (no ranking) -> 0 by definition
+    per_query = lds.lds_per_query(SCORES, MASKS, TARGETS)
+    np.testing.assert_allclose(per_query, [0.5, 3 / math.sqrt(22.5), 0.0], atol=1e-12)
+    result = lds.lds(SCORES, MASKS, TARGETS)
+    assert result.lds == pytest.approx((0.5 + 3 / math.sqrt(22.5)) / 3, abs=1e-12)
+    assert result.ci_low <= result.lds <= result.ci_high
+
+
+def test_lds_invariances():
+    rng = np.random.default_rng(0)
+    scores, targets = rng.normal(size=(5, 12)), rng.normal(size=(9, 5))
+    masks = rng.random((9, 12)) < 0.5
+    base = lds.lds_per_query(scores, masks, targets)
+    # Spearman: invariant to positive scaling of scores and monotone maps of targets; odd in the target's sign
+    np.testing.assert_allclose(lds.lds_per_query(3.0 * scores, masks, np.exp(targets)), base, atol=1e-12)
+    np.testing.assert_allclose(lds.lds_per_query(scores, masks, -targets), -base, atol=1e-12)
+    # adding the same constant to every score of a query shifts all equal-size subset sums equally
+    equal = np.zeros((9, 12), dtype=bool)
+    equal[:, :6] = True
+    for row in equal:
+        rng.shuffle(row)
+    np.testing.assert_allclose(lds.lds_per_query(scores + 7.0, equal, targets), lds.lds_per_query(scores, equal, targets), atol=1e-12)
+    # a linear datamodel is predicted perfectly: targets = sum_{i in S_j} tau(q)_i
+    np.testing.assert_allclose(lds.lds_per_query(scores, masks, masks @ scores.T), 1.0, atol=1e-12)
+    with pytest.raises(WherefromError, match="measurements"):
+        lds.lds_per_query(scores, masks, targets.T)
+
+
+def test_metric_accumulates_batches_like_the_function():
+    metric = lds.LinearDatamodelingScore(MASKS)
+    metric.update(torch.tensor(SCORES[:2]), torch.tensor(TARGETS[:, :2]))
+    metric.update(torch.tensor(SCORES[2:]), torch.tensor(TARGETS[:, 2:]))
+    assert float(metric.compute()) == pytest.approx(lds.lds(SCORES, MASKS, TARGETS).lds, abs=1e-12)
+
+
+def test_bootstrap_interval():
+    values = np.array([0.1, 0.5, 0.3, 0.9, 0.2, 0.4])
+    cfg = BootstrapConfig(resamples=500, level=0.9, seed=3)
+    lo, hi = lds.bootstrap_ci(values, cfg)
+    assert lo < values.mean() < hi and values.min() <= lo and hi <= values.max()
+    assert lds.bootstrap_ci(values, cfg) == (lo, hi)  # seeded
+    assert lds.bootstrap_ci(np.full(4, 0.25), cfg) == (0.25, 0.25)
+    assert all(math.isnan(v) for v in lds.bootstrap_ci(np.array([0.3]), cfg))
+
+
+def test_subsets_are_reproducible_from_the_seed():
+    split = np.arange(10, 60)
+    a = lds.make_subsets(split, 6, 0.3, seed=4)
+    assert a.shape == (6, 15) and np.isin(a, split).all()
+    assert all(len(np.unique(row)) == 15 and np.all(np.diff(row) > 0) for row in a)
+    np.testing.assert_array_equal(a, lds.make_subsets(split, 6, 0.3, seed=4))
+    np.testing.assert_array_equal(a[:3], lds.make_subsets(split, 3, 0.3, seed=4))  # subset j depends on (seed, j) only
+    assert not np.array_equal(a, lds.make_subsets(split, 6, 0.3, seed=5))
+    with pytest.raises(WherefromError, match="alpha"):
+        lds.make_subsets(split, 6, 0.001, seed=4)
+
+
+def _plain(unet: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()}
+
+
+@pytest.fixture
+def bench_config(tmp_path):
+    fit = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_model_summary": False,
+                    "enable_progress_bar": False},
+        "model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"unet": _plain(TINY_UNET), "lr": 1e-3}},
+        "data": {"class_path": "wherefrom.DigitsDataModule", "init_args": {"batch_size": 8, "subset": list(range(20, 44))}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    bench = {
+        "out": str(tmp_path / "bench"), "fit": "fit.yaml",
+        "subsets": {"num": 3, "alpha": 0.5, "seed": 1},
+        "measure": {"draws": 3, "seed": 2},
+        "bootstrap": {"resamples": 50},
+    }
+    path = tmp_path / "lds.yaml"
+    path.write_text(yaml.safe_dump(bench))
+    return path
+
+
+def test_subset_files_reproducible_and_guarded(bench_config, tmp_path):
+    bench = Benchmark.from_file(bench_config)
+    cli_main(["lds", "subsets", "--config", str(bench_config)])
+    folder = tmp_path / "bench" / "subsets"
+    first = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert sorted(first) == ["subset_000.npy", "subset_001.npy", "subset_002.npy", "subsets.json"]
+    cli_main(["lds", "subsets", "--config", str(bench_config)])
+    assert {p.name: p.read_bytes() for p in sorted(folder.iterdir())} == first
+    subsets, n = lds.read_subsets(bench)
+    assert n == 1797 and subsets.shape == (3, 12) and np.isin(subsets, np.arange(20, 44)).all()
+    bench.subsets.seed = 2  # same folder, another draw: refused
+    with pytest.raises(FingerprintMismatchError, match="another benchmark"):
+        lds.write_subsets(bench)
+
+
+def test_pipeline_train_measure_score(bench_config, tmp_path, capsys):
+    bench = Benchmark.from_file(bench_config)
+    cli_main(["lds", "train", "--config", str(bench_config), "--subset-id", "1"])
+    assert [lds.model_dir(bench, j, 0).joinpath("done.json").is_file() for j in range(3)] == [False, True, False]
+    cli_main(["lds", "train", "--config", str(bench_config)])
+    subsets, n = lds.read_subsets(bench)
+    for j in range(3):  # each model trained on exactly its subset, through the normal fit path
+        dm = load_datamodule(lds.model_dir(bench, j, 0) / "last.ckpt")
+        assert dm.fingerprint == fingerprint(n, (1, 8, 8), subsets[j])
+
+    queries = torch.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8)
+    np.save(tmp_path / "queries.npy", queries.numpy())
+    with pytest.raises(SystemExit):  # scoring before measuring: a clear error
+        cli_main(["lds", "score", "--config", str(bench_config), "--scores", str(tmp_path / "none.npy")])
+    cli_main(["lds", "measure", "--config", str(bench_config), "--queries", str(tmp_path / "queries.npy")])
+    values = np.load(tmp_path / "bench" / "measurements.npy")
+    assert values.shape == (3, 1, 4)
+    # ground truth = the loss over draws seeded by (measure seed, query id), the same for every model
+    model = load_module(lds.model_dir(bench, 2, 0) / "last.ckpt")
+    task = DiffusionTask(**{**model.task.config, "seed": 2})
+    with torch.no_grad():
+        manual = torch.stack([task.measure(model.unet, queries, torch.arange(4), "loss", [(d, None)], Stream.MEASURE) for d in range(3)]).mean(0)
+    np.testing.assert_allclose(values[2, 0], manual.double().numpy(), rtol=1e-5)
+
+    # the CLI's score equals the function on the written files
+    scores = np.random.default_rng(0).normal(size=(4, n)).astype(np.float32)
+    (tmp_path / "m").mkdir()
+    np.save(tmp_path / "m" / "scores.npy", scores)
+    (tmp_path / "m" / "topk.json").write_text(json.dumps({"method": "mine"}))
+    cli_main(["lds", "score", "--config", str(bench_config), "--scores", str(tmp_path / "m" / "scores.npy")])
+    out = json.loads((tmp_path / "bench" / "lds.json").read_text())
+    expected = lds.lds(scores, lds.subset_masks(subsets, n), -values[:, 0], bench.bootstrap)
+    assert out["mine"]["lds"] == pytest.approx(expected.lds) and len(out["mine"]["per_query"]) == 4
+    assert "mine" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # wrong number of queries
+        np.save(tmp_path / "m" / "scores.npy", scores[:3])
+        cli_main(["lds", "score", "--config", str(bench_config), "--scores", str(tmp_path / "m" / "scores.npy")])

@@ -1,0 +1,109 @@
+"""``wherefrom lds subsets|train|measure|score`` and ``wherefrom counterfactual``.
+
+Each reads the benchmark config file (``--config configs/lds_digits.yaml``);
+``--out`` replaces its output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from wherefrom.errors import WherefromError
+from wherefrom.evaluation.benchmark import Benchmark
+from wherefrom.io import write_json
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="benchmark config file (YAML/JSON), e.g. configs/lds_digits.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
+
+
+def method_name(scores_path: Path) -> str:
+    """The method recorded in the ``topk.json`` beside ``scores.npy``, else the folder's name."""
+    topk = scores_path.parent / "topk.json"
+    if topk.is_file():
+        return json.loads(topk.read_text()).get("method", scores_path.parent.name)
+    return scores_path.parent.name
+
+
+def load_scores(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise WherefromError(f"scores file {str(path)!r} does not exist; pass the scores.npy written by `wherefrom attribute`")
+    scores = np.load(path)
+    if scores.ndim != 2:
+        raise WherefromError(f"{str(path)!r} must be a Q x N array of scores, got shape {scores.shape}")
+    return scores
+
+
+def lds_main(argv: list[str]) -> None:
+    from wherefrom.attribution.cli import load_queries
+    from wherefrom.evaluation import lds
+
+    p = argparse.ArgumentParser(prog="wherefrom lds", description="Linear datamodelling score (Park et al. 2023).")
+    sub = p.add_subparsers(dest="step", required=True)
+    _common(sub.add_parser("subsets", help="draw the random subsets and write them as index files"))
+    t = sub.add_parser("train", help="train the model(s) of every subset (or of --subset-id J) through `wherefrom fit`")
+    _common(t)
+    t.add_argument("--subset-id", type=int, nargs="+", default=None, help="only these subsets (one job per subset)")
+    m = sub.add_parser("measure", help="measure every subset model on the queries (ground truth)")
+    _common(m)
+    m.add_argument("--queries", required=True, help="samples.npy (the attributed queries) or 'val'")
+    s = sub.add_parser("score", help="LDS of one or more methods' scores.npy")
+    _common(s)
+    s.add_argument("--scores", nargs="+", required=True, help="scores.npy files from `wherefrom attribute`")
+    a = p.parse_args(argv)
+    bench = Benchmark.from_file(a.config, a.out)
+    if a.step == "subsets":
+        subsets = lds.write_subsets(bench)
+        print(f"wrote {len(subsets)} subsets of {subsets.shape[1]} images to {lds.subsets_dir(bench)}")
+    elif a.step == "train":
+        ckpts = lds.train_subsets(bench, a.subset_id)
+        print(f"{len(ckpts)} subset models ready under {bench.out / 'models'}")
+    elif a.step == "measure":
+        queries = load_queries(a.queries, None, bench.datamodule(), None)
+        values = lds.measure(bench, queries)
+        print(f"wrote {bench.out / 'measurements.npy'} ({values.shape[0]} subsets x {values.shape[1]} seeds x {values.shape[2]} queries)")
+    else:
+        path = bench.out / "lds.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        for f in a.scores:
+            name = method_name(Path(f))
+            res = lds.score(bench, load_scores(f))
+            results[name] = {**res.__dict__, "scores": str(f)}
+            print(f"{name:<12} LDS {res.summary()}")
+        write_json(path, results)
+        print(f"wrote {path}")
+
+
+def counterfactual_main(argv: list[str]) -> None:
+    from wherefrom.evaluation import counterfactual
+
+    p = argparse.ArgumentParser(
+        prog="wherefrom counterfactual",
+        description="Retrain without each query's top-k training images (and k random ones), regenerate from the same noise, compare.",
+    )
+    _common(p)
+    p.add_argument("--ckpt", required=True, help="the attributed model (its data split is the one retrained without the top-k)")
+    p.add_argument("--scores", required=True, help="scores.npy of the queries generated from --ckpt with the config's sampling seed/steps")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top-k", type=int, default=None, help="remove this many images per query (default: the config's)")
+    g.add_argument("--percent", type=float, default=None, help="remove this percentage of the training split per query")
+    p.add_argument("--queries", default=None, help="comma-separated query ids to evaluate (default: all rows of the scores)")
+    p.add_argument("--distances", default=None, help="comma-separated distances, l2 and/or lpips (default: the config's)")
+    a = p.parse_args(argv)
+    bench = Benchmark.from_file(a.config, a.out)
+    cf = bench.counterfactual
+    if a.top_k is not None or a.percent is not None:
+        cf = type(cf)(top_k=a.top_k, percent=a.percent, seed=cf.seed, distances=cf.distances)
+    if a.distances:
+        cf.distances = a.distances.split(",")
+    bench.counterfactual = cf
+    queries = [int(q) for q in a.queries.split(",")] if a.queries else None
+    result = counterfactual.run(bench, a.ckpt, load_scores(a.scores), queries, method=method_name(Path(a.scores)))
+    print(counterfactual.summary(result))
+    print(f"wrote {bench.out / 'counterfactual'}")

@@ -1,0 +1,256 @@
+"""Linear datamodelling score (LDS; Park et al. 2023, "TRAK", Sec. 2).
+
+Draw M random subsets S_1..S_M of the training split, each a fraction alpha of
+it; train one model per subset (optionally several seeds) and measure, for every
+query q, the model output f(q; theta(S_j)). An attribution tau predicts that
+output additively, g(q, S_j) = sum_{i in S_j} tau(q)_i, and
+
+    LDS(tau, q) = spearman( {g(q, S_j)}_j , {f(q; theta(S_j))}_j ),
+
+reported as the mean over queries with a bootstrap confidence interval over
+queries. For diffusion models the output is the query's loss averaged over a
+fixed set of seeded (t, eps) draws shared by every subset model (Zheng et al.
+2024, D-TRAK; Mlodozeniec et al. 2024); since every wherefrom method scores
+"larger = more helpful", f is the *negated* loss.
+
+Files under the benchmark's ``out`` folder::
+
+    subsets/subset_000.npy ...   sorted global indices of each subset
+    subsets/subsets.json         num, alpha, seed and the split's fingerprint
+    models/subset_000/seed_0/    fit.yaml, last.ckpt, done.json (one per model)
+    measurements.npy             float64, M x S x Q (subsets x seeds x queries)
+    measurements.json            the measurement config and the queries' hash
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+from torchmetrics import Metric
+
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, is_trained, train
+from wherefrom.io import write_json, write_npy
+from wherefrom.model import load_module
+from wherefrom.task import DiffusionTask, Stream, mix_seed
+
+# --- the score -----------------------------------------------------------------------
+
+
+def make_subsets(indices: np.ndarray, num: int, alpha: float, seed: int) -> np.ndarray:
+    """``num`` subsets (rows, sorted) of ``round(alpha * len(indices))`` of ``indices``.
+
+    Subset j depends only on ``(seed, j)``, so adding subsets keeps the old ones.
+    """
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
+    k = round(alpha * len(indices))
+    if not 1 <= k < len(indices):
+        raise WherefromError(f"alpha={alpha} of {len(indices)} training images gives subsets of {k}; pick alpha so that 1 <= k < N")
+    rows = [np.sort(np.random.default_rng(mix_seed(seed, j)).choice(indices, size=k, replace=False)) for j in range(num)]
+    return np.stack(rows)
+
+
+def subset_masks(subsets: np.ndarray, n: int) -> np.ndarray:
+    """Boolean M x n membership matrix of index subsets."""
+    masks = np.zeros((len(subsets), n), dtype=bool)
+    for j, s in enumerate(subsets):
+        masks[j, s] = True
+    return masks
+
+
+def spearman_rows(predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Spearman correlation (average ranks for ties) of each row pair.
+
+    A constant row carries no ranking, so its correlation is defined as 0
+    (scipy would return NaN) rather than being dropped from the mean.
+    """
+    predicted, targets = np.atleast_2d(predicted), np.atleast_2d(targets)
+    out = np.zeros(len(predicted))
+    for q, (p, t) in enumerate(zip(predicted, targets)):
+        if np.ptp(p) > 0 and np.ptp(t) > 0:
+            out[q] = stats.spearmanr(p, t).statistic
+    return out
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-query LDS for ``scores`` (Q x N), subset ``masks`` (M x N) and measured
+    outputs ``targets`` (M x Q, larger = the query is better supported)."""
+    scores, masks, targets = np.asarray(scores, np.float64), np.asarray(masks, bool), np.asarray(targets, np.float64)
+    if scores.ndim != 2 or masks.ndim != 2 or scores.shape[1] != masks.shape[1]:
+        raise WherefromError(f"scores ({scores.shape}) and subsets ({masks.shape}) must cover the same N training images")
+    if targets.shape != (masks.shape[0], scores.shape[0]):
+        raise WherefromError(f"measurements are {targets.shape}, expected (subsets, queries) = {(masks.shape[0], scores.shape[0])}")
+    predicted = scores @ masks.T.astype(np.float64)  # g(q, S_j) = sum_{i in S_j} tau(q)_i, Q x M
+    return spearman_rows(predicted, targets.T)
+
+
+def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig = BootstrapConfig()) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (NaN for fewer than 2 values)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    if np.ptp(values) == 0:
+        return (float(values[0]), float(values[0]))
+    res = stats.bootstrap(
+        (values,), np.mean, n_resamples=cfg.resamples, confidence_level=cfg.level, method="percentile", rng=np.random.default_rng(cfg.seed)
+    )
+    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+@dataclass
+class LDSResult:
+    """Mean LDS over queries, its bootstrap interval, and the per-query values."""
+
+    lds: float
+    ci_low: float
+    ci_high: float
+    per_query: list[float]
+
+    def summary(self) -> str:
+        return f"{self.lds:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> LDSResult:
+    """LDS (mean over queries) with a bootstrap confidence interval over queries."""
+    per_query = lds_per_query(scores, masks, targets)
+    return LDSResult(float(per_query.mean()), *bootstrap_ci(per_query, bootstrap), per_query=per_query.tolist())
+
+
+class LinearDatamodelingScore(Metric):
+    """LDS as a torchmetrics ``Metric``: ``update(scores, targets)`` per batch of
+    queries (``scores`` B x N, ``targets`` M x B), ``compute()`` the mean."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, masks: Tensor | np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("masks", torch.as_tensor(np.asarray(masks, dtype=bool)))
+        self.add_state("values", [], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, targets: Tensor) -> None:
+        per_query = lds_per_query(scores.detach().cpu().double().numpy(), self.masks.cpu().numpy(), targets.detach().cpu().double().numpy())
+        self.values.append(torch.as_tensor(per_query, device=self.device))
+
+    def compute(self) -> Tensor:
+        values = self.values if isinstance(self.values, Tensor) else torch.cat(self.values)
+        return values.mean()
+
+
+# --- the benchmark pipeline ----------------------------------------------------------
+
+
+def subsets_dir(bench: Benchmark) -> Path:
+    return bench.out / "subsets"
+
+
+def model_dir(bench: Benchmark, j: int, seed: int) -> Path:
+    return bench.out / "models" / f"subset_{j:03d}" / f"seed_{seed}"
+
+
+def write_subsets(bench: Benchmark) -> np.ndarray:
+    """Draw the subsets of the fit config's training split and write them
+    (idempotent: the same config rewrites the same bytes; another one raises)."""
+    dm = bench.datamodule()
+    dm.setup()
+    subsets = make_subsets(dm.indices, bench.subsets.num, bench.subsets.alpha, bench.subsets.seed)
+    meta = {**asdict(bench.subsets), "n": int(dm.num_images), "fingerprint": dm.fingerprint, "size": int(subsets.shape[1])}
+    folder = subsets_dir(bench)
+    manifest = folder / "subsets.json"
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        if have != meta:
+            raise FingerprintMismatchError(
+                f"{folder} holds subsets for {have}, not {meta}; use another benchmark `out` folder for a changed config or data split"
+            )
+    for j, s in enumerate(subsets):
+        write_npy(folder / f"subset_{j:03d}.npy", s)
+    write_json(manifest, meta)
+    return subsets
+
+
+def read_subsets(bench: Benchmark) -> tuple[np.ndarray, int]:
+    """The written subsets (M x k) and the size N of the index space."""
+    manifest = subsets_dir(bench) / "subsets.json"
+    if not manifest.is_file():
+        raise WherefromError(f"no subsets in {subsets_dir(bench)}; run `wherefrom lds subsets --config ...` first")
+    meta = json.loads(manifest.read_text())
+    subsets = np.stack([np.load(subsets_dir(bench) / f"subset_{j:03d}.npy") for j in range(meta["num"])])
+    return subsets, int(meta["n"])
+
+
+def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None) -> list[Path]:
+    """Train the model(s) of each subset (all, or ``subset_ids`` for one job per
+    subset); finished models are skipped, so an interrupted run resumes."""
+    subsets = write_subsets(bench)
+    ids = range(len(subsets)) if subset_ids is None else subset_ids
+    ckpts = []
+    for j in ids:
+        if not 0 <= j < len(subsets):
+            raise WherefromError(f"--subset-id {j} is outside [0, {len(subsets)}); the benchmark has {len(subsets)} subsets")
+        for seed in bench.model_seeds:
+            root = model_dir(bench, j, seed)
+            print(f"[lds] subset {j + 1}/{len(subsets)}, seed {seed}: {'done' if is_trained(root) else 'training'} ({root})", flush=True)
+            ckpts.append(train(bench, root, seed, subset=str((subsets_dir(bench) / f"subset_{j:03d}.npy").resolve())))
+    return ckpts
+
+
+@torch.no_grad()
+def measure_queries(module, queries: Tensor, cfg: MeasureConfig, ids: Tensor | None = None) -> np.ndarray:
+    """Each query's ``cfg.measurement`` averaged over ``cfg.draws`` seeded (t, eps)
+    draws of the MEASURE stream. The draws depend on ``cfg.seed`` and the query
+    ids (default: positions) only, never on the model, so all models see the same noise."""
+    task = DiffusionTask(**{**module.task.config, "seed": cfg.seed})
+    eps_fn = module.eps_fn()
+    ids = torch.arange(len(queries)) if ids is None else torch.as_tensor(ids)
+    draws = [(d, None) for d in range(cfg.draws)]
+    out = []
+    for start in range(0, len(queries), cfg.batch_size):
+        x0 = queries[start : start + cfg.batch_size].to(module.device)
+        index = ids[start : start + len(x0)]
+        out.append(task.measure(eps_fn, x0, index, cfg.measurement, draws, stream=Stream.MEASURE).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def queries_hash(queries: Tensor) -> str:
+    return hashlib.sha256(queries.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def measure(bench: Benchmark, queries: Tensor) -> np.ndarray:
+    """Ground-truth measurements of every trained subset model (M x S x Q), written to ``out``."""
+    subsets, _ = read_subsets(bench)
+    missing = [j for j in range(len(subsets)) for s in bench.model_seeds if not is_trained(model_dir(bench, j, s))]
+    if missing:
+        raise WherefromError(f"subset models {sorted(set(missing))[:10]} are not trained yet; run `wherefrom lds train --config ...` first")
+    values = np.zeros((len(subsets), len(bench.model_seeds), len(queries)))
+    for j in range(len(subsets)):
+        for k, seed in enumerate(bench.model_seeds):
+            values[j, k] = measure_queries(load_module(model_dir(bench, j, seed) / "last.ckpt"), queries, bench.measure)
+        print(f"[lds] measured subset {j + 1}/{len(subsets)}", flush=True)
+    write_npy(bench.out / "measurements.npy", values)
+    write_json(bench.out / "measurements.json", {**asdict(bench.measure), "queries": queries_hash(queries), "num_queries": len(queries)})
+    return values
+
+
+def score(bench: Benchmark, scores: np.ndarray) -> LDSResult:
+    """LDS of ``scores`` (Q x N) against the benchmark's measurements."""
+    path = bench.out / "measurements.npy"
+    if not path.is_file():
+        raise WherefromError(f"no measurements at {path}; run `wherefrom lds measure --config ... --queries ...` first")
+    subsets, n = read_subsets(bench)
+    values = np.load(path)
+    if scores.shape[0] != values.shape[2] or scores.shape[1] != n:
+        raise WherefromError(
+            f"scores are {scores.shape} but the benchmark measured {values.shape[2]} queries over {n} training images; "
+            "attribute the same queries (same samples.npy) on a model of the same data"
+        )
+    # f(q; theta(S_j)) = -loss, averaged over the model seeds of subset j
+    return lds(scores, subset_masks(subsets, n), -values.mean(axis=1), bench.bootstrap)
