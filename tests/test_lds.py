@@ -36,8 +36,8 @@ def test_lds_equals_hand_computed_values_with_ties():
     per_query = lds.lds_per_query(SCORES, MASKS, TARGETS)
     np.testing.assert_allclose(per_query, [0.5, 3 / math.sqrt(22.5), 0.0], atol=1e-12)
     result = lds.lds(SCORES, MASKS, TARGETS)
-    assert result.lds == pytest.approx((0.5 + 3 / math.sqrt(22.5)) / 3, abs=1e-12)
-    assert result.ci_low <= result.lds <= result.ci_high
+    assert result.mean == pytest.approx((0.5 + 3 / math.sqrt(22.5)) / 3, abs=1e-12)
+    assert result.ci_low <= result.mean <= result.ci_high
 
 
 def test_lds_invariances():
@@ -64,7 +64,7 @@ def test_metric_accumulates_batches_like_the_function():
     metric = lds.LinearDatamodelingScore(MASKS)
     metric.update(torch.tensor(SCORES[:2]), torch.tensor(TARGETS[:, :2]))
     metric.update(torch.tensor(SCORES[2:]), torch.tensor(TARGETS[:, 2:]))
-    assert float(metric.compute()) == pytest.approx(lds.lds(SCORES, MASKS, TARGETS).lds, abs=1e-12)
+    assert float(metric.compute()) == pytest.approx(lds.lds(SCORES, MASKS, TARGETS).mean, abs=1e-12)
 
 
 def test_bootstrap_interval():
@@ -161,7 +161,7 @@ def test_pipeline_train_measure_score(bench_config, tmp_path, capsys):
     cli_main(["lds", "score", "--config", str(bench_config), "--scores", str(tmp_path / "m" / "scores.npy")])
     out = json.loads((tmp_path / "bench" / "lds.json").read_text())
     expected = lds.lds(scores, lds.subset_masks(subsets, n), -values[:, 0], bench.bootstrap)
-    assert out["mine"]["lds"] == pytest.approx(expected.lds) and len(out["mine"]["per_query"]) == 4
+    assert out["mine"]["mean"] == pytest.approx(expected.mean) and len(out["mine"]["per_query"]) == 4
     assert "mine" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # wrong number of queries
         np.save(tmp_path / "m" / "scores.npy", scores[:3])

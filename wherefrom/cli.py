@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attribute": ("wherefrom.attribution.cli:attribute_main", "score training images' influence on queries"),
     "lds": ("wherefrom.evaluation.cli:lds_main", "linear datamodelling score: subsets, train, measure, score"),
     "counterfactual": ("wherefrom.evaluation.cli:counterfactual_main", "retrain without each query's top influences and compare"),
+    "loo": ("wherefrom.evaluation.cli:loo_main", "grade methods against an encoded ensemble's exact leave-one-out"),
     "demo": ("wherefrom.demo:main", "run the end-to-end demo on the embedded digits"),
 }
 

@@ -28,7 +28,7 @@ import yaml
 from wherefrom.errors import WherefromError
 from wherefrom.io import atomic_path, write_json, write_npy
 from wherefrom.model import _import, _init_args
-from wherefrom.sampling import SchedulerType
+from wherefrom.sampling import EpsFn, SchedulerType
 
 CHECKPOINT = "last.ckpt"
 DONE = "done.json"  # written after fit returns: a folder without it is retrained
@@ -243,6 +243,12 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+def eps_fn(module: L.LightningModule) -> EpsFn:
+    """A module's denoiser ``(x_t, t) -> eps``: a single model's UNet, or an
+    encoded ensemble's uniformly weighted members."""
+    return module.sampler().eps_fn() if hasattr(module, "sampler") else module.eps_fn()
+
+
 def is_trained(root: Path) -> bool:
     return (root / DONE).is_file() and (root / CHECKPOINT).is_file()
 
@@ -279,6 +285,7 @@ __all__ = [
     "MeasureConfig",
     "SamplingConfig",
     "SubsetConfig",
+    "eps_fn",
     "is_trained",
     "load_config",
     "train",

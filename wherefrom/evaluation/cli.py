@@ -1,4 +1,4 @@
-"""``wherefrom lds subsets|train|measure|score`` and ``wherefrom counterfactual``.
+"""``wherefrom lds subsets|train|measure|score``, ``wherefrom counterfactual`` and ``wherefrom loo``.
 
 Each reads the benchmark config file (``--config configs/lds_digits.yaml``);
 ``--out`` replaces its output folder.
@@ -14,7 +14,7 @@ import numpy as np
 
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.benchmark import Benchmark
-from wherefrom.io import write_json
+from wherefrom.io import write_json, write_npy
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -107,3 +107,40 @@ def counterfactual_main(argv: list[str]) -> None:
     result = counterfactual.run(bench, a.ckpt, load_scores(a.scores), queries, method=method_name(Path(a.scores)))
     print(counterfactual.summary(result))
     print(f"wrote {bench.out / 'counterfactual'}")
+
+
+def loo_main(argv: list[str]) -> None:
+    from wherefrom.evaluation.loo import leave_one_out, sample_indices
+    from wherefrom.model import load_datamodule, load_module
+
+    p = argparse.ArgumentParser(
+        prog="wherefrom loo",
+        description="Grade attribution methods against an encoded ensemble's exact leave-one-out (no retraining).",
+    )
+    p.add_argument("--ckpt", required=True, help="the encoded-ensemble checkpoint the scores were computed on")
+    p.add_argument("--scores", nargs="+", required=True, help="scores.npy files of the queries generated with --seed/--steps/--scheduler")
+    p.add_argument("--out", required=True, help="folder for loo.json and distances.npy")
+    p.add_argument("--num-indices", type=int, default=64, help="training indices to ablate exactly (one sampling run each)")
+    p.add_argument("--index-seed", type=int, default=0, help="seed of the sample of training indices")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the queries")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--distance", choices=["l2", "lpips"], default="l2")
+    a = p.parse_args(argv)
+    if a.num_indices < 2:
+        raise WherefromError(f"--num-indices must be >= 2 (a correlation over indices), got {a.num_indices}")
+    scores = {method_name(Path(f)): load_scores(f) for f in a.scores}
+    module, dm = load_module(a.ckpt), load_datamodule(a.ckpt)
+    dm.setup()
+    num_queries = next(iter(scores.values())).shape[0]
+    indices = sample_indices(dm.indices, a.num_indices, a.index_seed)
+    loo = leave_one_out(module, indices, num_queries, a.seed, a.steps, a.scheduler, a.distance, progress=True)
+    out = Path(a.out)
+    results = {}
+    for name, s in scores.items():
+        res = loo.correlation(s)
+        results[name] = res.__dict__
+        print(f"{name:<12} leave-one-out Spearman {res.summary()}")
+    write_npy(out / "distances.npy", loo.distances)
+    write_json(out / "loo.json", {"indices": loo.indices.tolist(), "distance": a.distance, "methods": results})
+    print(f"wrote {out / 'loo.json'}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, train
+from wherefrom.evaluation.benchmark import Benchmark, eps_fn, train
 from wherefrom.evaluation.distances import distance_fn
 from wherefrom.evaluation.lds import measure_queries
 from wherefrom.io import save_grid, write_json
@@ -48,7 +48,7 @@ def removal_sets(scores: np.ndarray, train_indices: np.ndarray, k: int, seed: in
 def regenerate(module, query: int, bench: Benchmark) -> Tensor:
     """Query ``query`` sampled with the benchmark's seed, steps and scheduler (same noise for every model)."""
     s = bench.sampling
-    return sample(module.eps_fn(), module.task, module.image_shape, [query], s.seed, s.steps, s.scheduler, device=module.device).cpu()
+    return sample(eps_fn(module), module.task, module.image_shape, [query], s.seed, s.steps, s.scheduler, device=module.device).cpu()
 
 
 def retrain_without(bench: Benchmark, split: np.ndarray, removed: np.ndarray, seed: int) -> Path:

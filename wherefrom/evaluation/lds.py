@@ -36,7 +36,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, is_trained, train
+from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, eps_fn, is_trained, train
 from wherefrom.io import write_json, write_npy
 from wherefrom.model import load_module
 from wherefrom.task import DiffusionTask, Stream, mix_seed
@@ -105,22 +105,25 @@ def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig = BootstrapConfig()) -
 
 
 @dataclass
-class LDSResult:
-    """Mean LDS over queries, its bootstrap interval, and the per-query values."""
+class Correlation:
+    """A per-query correlation (LDS, leave-one-out), its mean and bootstrap interval over queries."""
 
-    lds: float
+    mean: float
     ci_low: float
     ci_high: float
     per_query: list[float]
 
+    @classmethod
+    def of(cls, per_query: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> Correlation:
+        return cls(float(np.mean(per_query)), *bootstrap_ci(per_query, bootstrap), per_query=np.asarray(per_query).tolist())
+
     def summary(self) -> str:
-        return f"{self.lds:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
+        return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> LDSResult:
+def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> Correlation:
     """LDS (mean over queries) with a bootstrap confidence interval over queries."""
-    per_query = lds_per_query(scores, masks, targets)
-    return LDSResult(float(per_query.mean()), *bootstrap_ci(per_query, bootstrap), per_query=per_query.tolist())
+    return Correlation.of(lds_per_query(scores, masks, targets), bootstrap)
 
 
 class LinearDatamodelingScore(Metric):
@@ -209,14 +212,14 @@ def measure_queries(module, queries: Tensor, cfg: MeasureConfig, ids: Tensor | N
     draws of the MEASURE stream. The draws depend on ``cfg.seed`` and the query
     ids (default: positions) only, never on the model, so all models see the same noise."""
     task = DiffusionTask(**{**module.task.config, "seed": cfg.seed})
-    eps_fn = module.eps_fn()
+    denoise = eps_fn(module)
     ids = torch.arange(len(queries)) if ids is None else torch.as_tensor(ids)
     draws = [(d, None) for d in range(cfg.draws)]
     out = []
     for start in range(0, len(queries), cfg.batch_size):
         x0 = queries[start : start + cfg.batch_size].to(module.device)
         index = ids[start : start + len(x0)]
-        out.append(task.measure(eps_fn, x0, index, cfg.measurement, draws, stream=Stream.MEASURE).double().cpu())
+        out.append(task.measure(denoise, x0, index, cfg.measurement, draws, stream=Stream.MEASURE).double().cpu())
     return torch.cat(out).numpy()
 
 
@@ -240,7 +243,7 @@ def measure(bench: Benchmark, queries: Tensor) -> np.ndarray:
     return values
 
 
-def score(bench: Benchmark, scores: np.ndarray) -> LDSResult:
+def score(bench: Benchmark, scores: np.ndarray) -> Correlation:
     """LDS of ``scores`` (Q x N) against the benchmark's measurements."""
     path = bench.out / "measurements.npy"
     if not path.is_file():
