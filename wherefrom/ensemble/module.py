@@ -1,0 +1,295 @@
+"""The encoded-ensemble LightningModule (Dai, Yew & Gifford, "Where did you learn that?").
+
+``n`` members share one ``UNet2DModel`` architecture, each initialised from
+its own seed ``mix_seed(seed, i)``. Every batch is routed by the codes: member
+``i`` runs forward and backward on ``batch[bits[:, i]]`` only, so it never sees
+another image, and one pass over the data is one epoch for every member.
+
+Loss: ``sum_i mean_{rows of i} L``, so member ``i``'s gradient is the one it
+would get training alone on those rows. Under DDP the mean is over member
+``i``'s rows in the *global* batch (the row counts are all-reduced each step),
+so results do not depend on the number of ranks. The one AdamW optimizer is
+per-parameter, hence per member exactly the optimizer of a lone run; members
+with no rows in a step keep ``grad = None`` and are not stepped (no momentum
+drift, no weight decay), as in a lone run that never saw that batch.
+
+``member=i`` trains member ``i`` alone on its split (scale-out: one job per
+member); :func:`assemble` joins such checkpoints after checking that they share
+the codes fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor, nn
+
+from wherefrom.ensemble.codes import Codes, code_weight
+from wherefrom.ensemble.sampler import EnsembleSampler
+from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
+from wherefrom.io import atomic_path
+from wherefrom.model import (
+    build_unet,
+    check_data_shape,
+    check_state_dict,
+    configure_adamw_cosine,
+    hflip,
+    image_shape,
+    read_checkpoint,
+    record_provenance,
+)
+from wherefrom.task import DiffusionTask, mix_seed
+
+CODES_KEY = "wherefrom_codes"
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Initialisation seed of member ``member``."""
+    return mix_seed(seed, member)
+
+
+class EncodedEnsemble(L.LightningModule):
+    """An encoded ensemble of ``n`` DDPM denoisers; implements :class:`~wherefrom.model.Attributable`.
+
+    Args:
+        n: number of members.
+        w: code weight, the number of members that train on each image (default ``n // 2``);
+            an epoch costs about ``w`` single-model epochs.
+        member: train only this member, on its split (``None``: the whole ensemble).
+        unet: ``UNet2DModel`` keyword arguments, merged over ``DEFAULT_UNET``.
+        num_train_timesteps, beta_start, beta_end, beta_schedule: the noise schedule.
+        lr, weight_decay, warmup: AdamW with cosine decay after ``warmup`` (a fraction of steps).
+        hflip: random horizontal flips (seeded per index and epoch).
+        seed: codes, member initialisations and every seeded draw.
+    """
+
+    def __init__(
+        self,
+        n: int = 8,
+        w: int | None = None,
+        member: int | None = None,
+        unet: dict[str, Any] | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        lr: float = 1e-4,
+        weight_decay: float = 1e-6,
+        warmup: float = 0.1,
+        hflip: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.w = code_weight(n, w)
+        if member is not None and not 0 <= member < n:
+            raise WherefromError(f"member must be in [0, n) = [0, {n}), got {member}")
+        if not 0 <= warmup < 1:
+            raise WherefromError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}")
+        self.save_hyperparameters()
+        self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
+        self.member_ids = list(range(n)) if member is None else [member]
+        self.members = nn.ModuleDict({f"member{i}": build_unet(unet, member_seed(seed, i)) for i in self.member_ids})
+        self.codes: Codes | None = None
+        self._stepped = torch.zeros(len(self.member_ids), dtype=torch.bool)
+
+    # --- Attributable ---------------------------------------------------------
+    @property
+    def codes_fingerprint(self) -> str | None:
+        return None if self.codes is None else self.codes.fingerprint
+
+    def denoisers(self) -> dict[str, nn.Module]:
+        """``{"member0": unet0, ...}`` (only the trained member when ``member`` is set)."""
+        return dict(self.members.items())
+
+    def members_of(self, index: int) -> list[int]:
+        """``S(x)``: the members that trained on global index ``index``."""
+        return self._codes().members_of(index)
+
+    def _codes(self) -> Codes:
+        if self.codes is None:
+            raise WherefromError("the ensemble has no codes yet; train it (`wherefrom fit`) or load its checkpoint")
+        return self.codes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return image_shape(next(iter(self.members.values())))
+
+    # --- data ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Assign codes to the datamodule's training split; with ``member`` set, restrict the
+        datamodule to that member's split (the codes always cover the full split)."""
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "indices"):
+            raise WherefromError("an EncodedEnsemble needs a wherefrom ImageDataModule (codes are keyed by global index); pass --data")
+        check_data_shape(next(iter(self.members.values())), dm)
+        member = self.hparams.member
+        if member is not None and self.codes is not None and np.array_equal(dm.indices, self.codes.split(member)):
+            return  # restricted by an earlier setup of this module
+        codes = Codes.generate(dm.indices, self.hparams.n, self.w, self.hparams.seed, dm.fingerprint)
+        if self.codes is not None and self.codes.fingerprint != codes.fingerprint:
+            raise FingerprintMismatchError(
+                f"this ensemble's codes ({self.codes.fingerprint}) were made for another split than the datamodule's "
+                f"({codes.fingerprint}); use the data settings it was trained with"
+            )
+        self.codes = codes
+        if member is not None:
+            dm.indices = codes.split(member)
+
+    # --- training ----------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x0, index = batch["image"], batch["index"]
+        if self.hparams.hflip:
+            x0 = hflip(x0, index, self.task.seed, self.current_epoch)
+        bits = self._codes().membership(index)[:, self.member_ids]
+        # rows of each member in the global batch (sums reduce correctly under DDP)
+        total = self.trainer.strategy.reduce(bits.sum(0), reduce_op="sum")
+        ddp = isinstance(self.trainer.strategy, DDPStrategy)
+        loss, row_losses = x0.new_zeros(()), []
+        for j, unet in enumerate(self.members.values()):
+            mask = bits[:, j]
+            if mask.any():
+                # seeded draws keyed by (index, epoch): the member alone on these rows draws the same (t, eps)
+                per_row = self.task.loss(unet, x0[mask], index[mask], draw=self.current_epoch)
+                # DDP averages gradients over ranks, hence * world_size: the mean over the global batch's rows
+                loss = loss + per_row.sum() * self.trainer.world_size / total[j]
+                row_losses.append(per_row.detach())
+            elif ddp:
+                # DDP needs a gradient for every parameter on every rank; a zero one costs no forward pass
+                loss = loss + 0.0 * sum(p.sum() for p in unet.parameters())
+        self._stepped = self._stepped.to(total.device) | (total > 0)
+        pairs = torch.cat(row_losses)
+        self.log("train/loss", pairs.mean(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(pairs), sync_dist=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # a member with no rows since the last step must not move (AdamW would apply momentum and
+        # weight decay to a zero gradient); grad=None makes AdamW skip it, like a lone run
+        for j, unet in enumerate(self.members.values()):
+            if not self._stepped[j]:
+                for p in unet.parameters():
+                    p.grad = None
+        self._stepped.zero_()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return configure_adamw_cosine(self, self.members.parameters(), h.lr, h.weight_decay, h.warmup)
+
+    # --- checkpoints ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record_provenance(self, checkpoint)
+        if self.codes is not None:
+            checkpoint[CODES_KEY] = self.codes.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_state_dict(self, checkpoint)
+        if CODES_KEY not in checkpoint:
+            return
+        codes = Codes.from_state(checkpoint[CODES_KEY])
+        if self.codes is not None and self.codes.fingerprint != codes.fingerprint:
+            raise FingerprintMismatchError(
+                f"the checkpoint's codes ({codes.fingerprint}) differ from this run's ({self.codes.fingerprint}); "
+                "resume with the data settings, n, w and seed it was trained with"
+            )
+        self.codes = codes
+
+    # --- sampling ------------------------------------------------------------------
+    def sampler(self, **kwargs: Any) -> EnsembleSampler:
+        """An :class:`EnsembleSampler` over the members (``kwargs``: seed, steps, scheduler, ...)."""
+        codes = self.codes if self.hparams.member is None else None
+        kwargs = {"device": self.device, "dtype": self.dtype, **kwargs}
+        return EnsembleSampler(list(self.members.values()), self.task, self.image_shape, codes, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        steps: int = 100,
+        scheduler: str = "ddpm",
+        batch_size: int = 256,
+        progress: bool = False,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """Samples for queries ``0..num_samples-1`` with member ``weights`` (default uniform)."""
+        return self.sampler(seed=seed, steps=steps, scheduler=scheduler).generate(num_samples, weights, batch_size, progress)
+
+    def ablation_weights(self, indices: Sequence[int]) -> Tensor:
+        """Uniform weights over the members that saw none of ``indices`` (exact ablation)."""
+        if self.hparams.member is not None:
+            raise WherefromError("this checkpoint holds a single member; assemble the ensemble (`wherefrom ensemble assemble`) to ablate")
+        return self.sampler().ablation_weights(indices)
+
+
+# --- assembly of per-member runs ----------------------------------------------------
+
+
+def _class_path() -> str:
+    return f"{EncodedEnsemble.__module__}.{EncodedEnsemble.__qualname__}"
+
+
+def _hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+
+
+def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
+    """Join per-member checkpoints (``member=i`` runs) into one ensemble checkpoint at ``out``.
+
+    All members must share the codes fingerprint (same codes, same data split),
+    the hyperparameters other than ``member``, and the datamodule; each member
+    ``0..n-1`` must appear exactly once.
+    """
+    if not member_ckpts:
+        raise WherefromError("pass the member checkpoints to assemble (--members CKPT ...)")
+    ckpts = {str(p): read_checkpoint(p) for p in member_ckpts}
+    if len(ckpts) != len(member_ckpts):
+        raise WherefromError("a member checkpoint is listed more than once; pass each file once")
+    first_path, first = next(iter(ckpts.items()))
+    ref = {k: v for k, v in _hparams(first).items() if k != "member"}
+    members: dict[int, str] = {}
+    for path, ckpt in ckpts.items():
+        hp = _hparams(ckpt)
+        if ckpt.get("wherefrom_class") != _class_path() or hp.get("member") is None:
+            raise CheckpointError(f"{path!r} is not a per-member ensemble checkpoint; train one with `wherefrom fit ... --model.member i`")
+        if CODES_KEY not in ckpt:
+            raise CheckpointError(f"{path!r} stores no codes; it was not saved after training started")
+        fp, ref_fp = ckpt[CODES_KEY]["fingerprint"], first[CODES_KEY]["fingerprint"]
+        if fp != ref_fp:
+            raise FingerprintMismatchError(
+                f"{path!r} has codes fingerprint {fp} but {first_path!r} has {ref_fp}: the members were trained with "
+                "different data, n, w or seed; retrain them from one config"
+            )
+        diff = sorted(k for k in set(ref) | set(hp) if k != "member" and ref.get(k) != hp.get(k))
+        if diff:
+            raise WherefromError(f"{path!r} and {first_path!r} differ in {diff[0]} ({hp.get(diff[0])!r} vs {ref.get(diff[0])!r}); members must share one config")
+        if ckpt.get("wherefrom_datamodule") != first.get("wherefrom_datamodule"):
+            raise FingerprintMismatchError(f"{path!r} and {first_path!r} were trained with different datamodule settings")
+        if hp["member"] in members:
+            raise WherefromError(f"member {hp['member']} appears twice ({members[hp['member']]!r} and {path!r}); pass one checkpoint per member")
+        members[hp["member"]] = path
+    missing = sorted(set(range(ref["n"])) - set(members))
+    if missing:
+        raise WherefromError(f"members {missing} are missing; the ensemble has n={ref['n']} members, pass one checkpoint for each")
+    state: dict[str, Tensor] = {}
+    for ckpt in ckpts.values():
+        state.update(ckpt["state_dict"])
+    module = EncodedEnsemble(**ref)
+    checkpoint = {
+        "state_dict": state,
+        "hyper_parameters": dict(ref, member=None),
+        "wherefrom_class": _class_path(),
+        "wherefrom_datamodule": first.get("wherefrom_datamodule"),
+        CODES_KEY: first[CODES_KEY],
+        "wherefrom_members": [members[i] for i in range(ref["n"])],
+        "pytorch-lightning_version": L.__version__,
+    }
+    module.on_load_checkpoint(checkpoint)  # architecture and codes check
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+    return out
