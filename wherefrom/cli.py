@@ -23,11 +23,13 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("wherefrom.cli:sample_main", "generate samples from a checkpoint"),
     "export": ("wherefrom.cli:export_main", "export a checkpoint's UNet in diffusers format"),
+    "featurize": ("wherefrom.attribution.features:featurize_main", "TRAK / D-TRAK features of a run into a store"),
     "attribute": ("wherefrom.attribution.cli:attribute_main", "score training images' influence on queries"),
     "lds": ("wherefrom.evaluation.cli:lds_main", "linear datamodelling score: subsets, train, measure, score"),
     "counterfactual": ("wherefrom.evaluation.cli:counterfactual_main", "retrain without each query's top influences and compare"),
     "loo": ("wherefrom.evaluation.cli:loo_main", "grade methods against an encoded ensemble's exact leave-one-out"),
     "demo": ("wherefrom.demo:main", "run the end-to-end demo on the embedded digits"),
+    "ensemble": ("wherefrom.ensemble.cli:main", "encoded ensembles: `ensemble assemble --members CKPT... --out CKPT`"),
 }
 
 

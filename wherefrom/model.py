@@ -238,7 +238,7 @@ def load_module(path: str | Path) -> L.LightningModule:
         raise CheckpointError(f"{str(path)!r} was not written by a wherefrom module; pass a checkpoint from `wherefrom fit`")
     cls = _import(ckpt["wherefrom_class"])
     module = cls(**_init_args(ckpt.get("hyper_parameters", {})))
-    check_state_dict(module, ckpt)
+    module.on_load_checkpoint(ckpt)  # as in Lightning's loader: check_state_dict, plus extra state (ensemble codes)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()
 
