@@ -21,6 +21,8 @@ from wherefrom.errors import WherefromError
 # method -> "module:function"
 METHODS: dict[str, str] = {
     "random": "wherefrom.attribution.baseline:random_attribute",
+    "trak": "wherefrom.attribution.trak:attribute",
+    "dtrak": "wherefrom.attribution.trak:attribute",
 }
 
 

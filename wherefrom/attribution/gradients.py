@@ -42,9 +42,11 @@ class ProjectionKind(str, enum.Enum):
 
 
 class Projector(str, enum.Enum):
-    """trak projector of the dense mode; they draw different matrices, so the config records it."""
+    """The dense mode's trak projector. Each draws a different matrix (torch's CPU and
+    CUDA generators differ), so the config records which one made the features."""
 
-    BASIC = "basic"  # trak.projectors.BasicProjector (any device)
+    BASIC = "basic"  # trak.projectors.BasicProjector, matrix generated on the CPU
+    BASIC_CUDA = "basic-cuda"  # BasicProjector, matrix generated on the GPU
     CUDA = "cuda"  # trak.projectors.CudaProjector (needs the fast_jl CUDA extension)
 
 
@@ -63,7 +65,7 @@ class FeatureConfig:
         strategy: ``uniform`` (``t_k = k T / K``, D-TRAK's choice) or ``random``.
         proj_dim: projection dimension D (structured: an upper bound, see ``Projection.dim``).
         projection: ``structured`` (fast, per-layer) or ``dense`` (trak projector).
-        projector: the dense mode's trak projector, ``basic`` or ``cuda``.
+        projector: the dense mode's trak projector, ``basic``, ``basic-cuda`` or ``cuda``.
         seed: projection seed, mixed with the model id.
     """
 

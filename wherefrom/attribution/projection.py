@@ -53,13 +53,14 @@ def projection_seed(seed: int, model_id: str) -> int:
 
 
 def default_projector(device: torch.device | str) -> str:
-    """``cuda`` when the device is a GPU and trak's ``fast_jl`` kernel is installed, else ``basic``."""
+    """The dense projector for a device: on a GPU trak's ``CudaProjector`` when its
+    ``fast_jl`` kernel is installed, else ``BasicProjector`` generating on the GPU."""
     if torch.device(device).type != "cuda":
         return Projector.BASIC.value
     try:
         import fast_jl  # noqa: F401
     except ImportError:
-        return Projector.BASIC.value
+        return Projector.BASIC_CUDA.value
     return Projector.CUDA.value
 
 
@@ -141,13 +142,16 @@ class Projection:
     def _trak_projector(self, projector: Projector):
         from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
-        if projector is Projector.BASIC:
-            return BasicProjector(
-                self.num_params, self.dim, self.seed, ProjectionType.normal, self.device, BLOCK_SIZE, self.dtype
-            )
-        if self.dim % 512 or self.device.type != "cuda":
-            raise WherefromError(f"the cuda projector needs a CUDA device and --proj-dim a multiple of 512 (got {self.dim} on {self.device})")
-        return CudaProjector(self.num_params, self.dim, self.seed, ProjectionType.normal, self.device, CUDA_MAX_BATCH)
+        if projector is not Projector.BASIC and not torch.cuda.is_available():
+            raise WherefromError(f"these features were projected with the {projector.value!r} projector, which needs a CUDA GPU; run on one")
+        self._projector_device = torch.device("cpu") if projector is Projector.BASIC else torch.device("cuda")
+        if projector is Projector.CUDA:
+            if self.dim % 512:
+                raise WherefromError(f"the cuda projector needs --proj-dim a multiple of 512, got {self.dim}")
+            return CudaProjector(self.num_params, self.dim, self.seed, ProjectionType.normal, self._projector_device, CUDA_MAX_BATCH)
+        return BasicProjector(
+            self.num_params, self.dim, self.seed, ProjectionType.normal, self._projector_device, BLOCK_SIZE, self.dtype
+        )
 
     def _layers(self, proj_dim: int) -> list[LayerProjection]:
         params = trainable_parameters(self.model)
@@ -157,18 +161,19 @@ class Projection:
             start += p.numel()
         found = []
         for name, module in self.model.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or f"{name}.weight" not in offsets:
+            prefix = f"{name}." if name else ""
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or f"{prefix}weight" not in offsets:
                 continue
             if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise WherefromError(f"structured projection needs groups=1 convolutions ({name} has {module.groups}); use --projection dense")
-            found.append((name, module))
+                raise WherefromError(f"structured projection needs groups=1 convolutions ({name or 'the model'} has {module.groups}); use --projection dense")
+            found.append((prefix, module))
         if not found:
             raise WherefromError(f"model {self.model_id!r} has no trainable Linear/Conv2d layer; use --projection dense")
         k_out = max(1, int((proj_dim / len(found)) ** 0.5))
         k_in = max(1, proj_dim // (len(found) * k_out))
         layers = []
-        for number, (name, module) in enumerate(found):
-            bias = offsets.get(f"{name}.bias")
+        for number, (prefix, module) in enumerate(found):
+            bias = offsets.get(f"{prefix}bias")
             fan_in = module.weight[0].numel() + (bias is not None)
             # i.i.d. N(0, 1) entries (LoGra / TRAK), drawn in float64 so every dtype uses the same matrix
             p_in, p_out = (
@@ -177,7 +182,7 @@ class Projection:
             )
             layers.append(
                 LayerProjection(
-                    name, module, p_in.to(self.device, self.dtype), p_out.to(self.device, self.dtype), offsets[f"{name}.weight"], bias
+                    prefix.rstrip("."), module, p_in.to(self.device, self.dtype), p_out.to(self.device, self.dtype), offsets[f"{prefix}weight"], bias
                 )
             )
         return layers
@@ -187,9 +192,11 @@ class Projection:
         """Project dense gradients (``B x P`` in :func:`trainable_parameters` order) to ``B x dim``."""
         if grads.dim() != 2 or grads.shape[1] != self.num_params:
             raise WherefromError(f"expected B x {self.num_params} gradients of model {self.model_id!r}, got {tuple(grads.shape)}")
-        grads = grads.to(self.device, self.dtype)
         if self.kind is ProjectionKind.DENSE:
-            return self._projector.project(grads, model_id=0)  # the model id is already in the seed
+            grads = grads.to(self._projector_device, self.dtype)
+            # the model id is already mixed into the seed
+            return self._projector.project(grads, model_id=0).to(self.device, self.dtype)
+        grads = grads.to(self.device, self.dtype)
         return torch.cat([layer.project_dense(grads) for layer in self.layers], 1)
 
     def projected_grads(

@@ -46,7 +46,7 @@ class StoreArray:
         self.data = np.lib.format.open_memmap(str(base) + ".npy", mode="r+")
         self.done = np.lib.format.open_memmap(str(base) + ".done.npy", mode="r+")
         if self.data.shape != shape or str(self.data.dtype) != dtype:
-            raise WherefromError(f"store array {path.name} is {self.data.shape}/{self.data.dtype}, expected {shape}/{dtype}; rerun with overwrite")
+            raise WherefromError(f"store array {base.name} is {self.data.shape}/{self.data.dtype}, expected {shape}/{dtype}; rerun with overwrite")
 
     @property
     def complete(self) -> bool:
@@ -163,12 +163,18 @@ class Store:
         entry = self.manifest["entries"].get(name)
         if entry is None:
             return False
-        same = entry["kind"] == kind and entry["config"] == _jsonable(config) and all(entry.get(k) == v for k, v in meta.items())
-        if same:
+        have = {"kind": entry["kind"], "config": entry["config"], **{k: entry.get(k) for k in meta}}
+        want = {"kind": kind, "config": _jsonable(config), **_jsonable(meta)}
+        if have == want:
             return True
         if not self.overwrite:
+            diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+            if "config" in diff:
+                old, new = diff.pop("config")
+                diff.update({f"config.{k}": (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)})
+            detail = ", ".join(f"{k} {a!r} (stored) vs {b!r}" for k, (a, b) in diff.items())
             raise FingerprintMismatchError(
-                f"store entry {name!r} in {str(self.root)!r} was made with config {entry['config']}, not {_jsonable(config)}; "
+                f"store entry {name!r} in {str(self.root)!r} was made with a different config: {detail}; "
                 "use another --store folder or pass --overwrite to recompute it"
             )
         self.delete(name)

@@ -1,0 +1,193 @@
+"""TRAK / D-TRAK featurisation: exact per-sample gradients and projections, invariances,
+DDP with 2 ranks, crash-and-resume, and clear errors on mismatched stores."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from trak.projectors import BasicProjector, ProjectionType
+
+from tests.conftest import TINY_UNET
+from tests.trak_helpers import SUBSET, run_cli, tiny_config
+from wherefrom import cli
+from wherefrom.attribution.features import featurize, project_images
+from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads, trainable_parameters
+from wherefrom.attribution.projection import BLOCK_SIZE, Projection, projection_seed
+from wherefrom.attribution.store import Store
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.errors import WherefromError
+from wherefrom.model import DiffusionModel
+from wherefrom.task import Stream
+
+
+def _model64() -> DiffusionModel:
+    return DiffusionModel(unet=dict(TINY_UNET), seed=3).double().eval()
+
+
+def _loop_grads(model, x0, index, output, draws) -> torch.Tensor:
+    """Reference: one example at a time, torch.autograd.grad of the measurement."""
+    params = list(trainable_parameters(model.unet).values())
+    rows = []
+    for i in range(len(x0)):
+        value = model.task.measure(model.unet, x0[i : i + 1], index[i : i + 1], output, draws, stream=Stream.FEATURES)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value.sum(), params)]))
+    return torch.stack(rows)
+
+
+def _kronecker_matrix(projection: Projection) -> torch.Tensor:
+    """The structured projection as an explicit P x D matrix: per layer (P_out (x) P_in) on vec(G),
+    G = [W | b] (out x (fan_in + 1)), rows placed at the parameters' positions."""
+    m = torch.zeros(projection.num_params, projection.dim, dtype=torch.float64)
+    col = 0
+    for layer in projection.layers:
+        (out, k_out), (fan_in, k_in) = layer.p_out.shape, layer.p_in.shape
+        w_in = fan_in - (layer.bias is not None)
+        rows = torch.empty(out, fan_in, dtype=torch.long)
+        rows[:, :w_in] = layer.weight.start + torch.arange(out * w_in).view(out, w_in)
+        if layer.bias is not None:
+            rows[:, w_in] = layer.bias.start + torch.arange(out)
+        m[rows.flatten(), col : col + k_out * k_in] = torch.kron(layer.p_out, layer.p_in)
+        col += k_out * k_in
+    return m
+
+
+@pytest.mark.parametrize("projection", ["dense", "structured"])
+@pytest.mark.parametrize("output", ["loss", "square_norm"])
+def test_projected_grads_equal_autograd_loop_and_explicit_matrix(projection, output):
+    model = _model64()
+    config = FeatureConfig(output=output, timesteps=3, strategy="random", proj_dim=200, projection=projection, seed=1)
+    dm = DigitsDataModule(subset=SUBSET)
+    index = torch.tensor([4, 0, 17])
+    x0 = dm.images[index].double()
+    draws = config.draws(model.task)
+    ref = _loop_grads(model, x0, index, output, draws)
+    assert torch.allclose(per_sample_grads(model.unet, model.task, x0, index, output, draws), ref, rtol=1e-10, atol=1e-13)
+
+    proj = Projection(config, model.unet, "model")
+    if projection == "dense":  # a fresh trak BasicProjector with the documented seed and block size
+        trak = BasicProjector(proj.num_params, 200, projection_seed(1, "model"), ProjectionType.normal, "cpu", BLOCK_SIZE, torch.float64)
+        expected = trak.project(ref, model_id=0)
+    else:
+        assert any("to_q" in layer.name for layer in proj.layers) and any("conv" in layer.name for layer in proj.layers)
+        expected = ref @ _kronecker_matrix(proj)
+    assert expected.abs().max() > 0
+    fast = proj.projected_grads(model.task, x0, index, output, draws)
+    assert torch.allclose(fast, expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
+    # the dense-input path (used to project preconditioned gradients) is the same map
+    assert torch.allclose(proj.project(ref), expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
+    # another model id draws another matrix
+    assert not torch.allclose(Projection(config, model.unet, "member1").project(ref), expected)
+
+
+def test_features_invariant_to_batch_size_and_order(tmp_path):
+    model = _model64()
+    dm = DigitsDataModule(subset=SUBSET[::-1][:20])  # listed in reverse: the split is the same set
+    config = FeatureConfig(timesteps=2, strategy="random", proj_dim=64)
+    arrays = []
+    for batch_size in (3, 16):
+        store = Store(tmp_path / f"b{batch_size}", dm.fingerprint)
+        featurize(model.unet, "model", model.task, dm, store, config, batch_size)
+        arrays.append(store.read_array("features/model"))
+    a, b = arrays
+    assert a.dtype == np.float64 and a.shape == (dm.num_images, Projection(config, model.unet, "model").dim)
+    assert np.abs(a[dm.indices]).min(axis=1).max() > 0 and not a[np.setdiff1d(np.arange(dm.num_images), dm.indices)].any()
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    # each example's features do not depend on its batch mates or position
+    perm = torch.tensor([9, 22, 14, 4, 5])
+    proj = Projection(config, model.unet, "model")
+    got = project_images(proj, model.task, dm.images[perm], perm, config).numpy()
+    np.testing.assert_allclose(got, a[perm.numpy()], rtol=1e-10, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny run (lr = 0, so weights stay at their seeded init) fitted in this process and
+    with 2 DDP processes, featurised by the TRAKFeatures callback after epoch 1 and after training."""
+    roots = {}
+    for devices in (1, 2):
+        root = tmp_path_factory.mktemp(f"ddp{devices}")
+        callback = {"class_path": "wherefrom.callbacks.TRAKFeatures",
+                    "init_args": {"store": str(root / "store"), "timesteps": 3, "proj_dim": 64, "every_n_epochs": 1, "batch_size": 5}}
+        cfg = tiny_config(root, [callback], lr=0.0, precision="64-true", epochs=2)
+        if devices == 1:
+            cli.main(["fit", "--config", str(cfg)])
+        else:
+            r = run_cli("fit", "--config", str(cfg), "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
+            assert r.returncode == 0, r.stderr[-3000:]
+        roots[devices] = root
+    return roots
+
+
+def test_callback_with_two_ddp_ranks_equals_one_process(runs):
+    stores = [Store.open(runs[d] / "store") for d in (1, 2)]
+    names = {"features/model", "features/model@epoch1"}
+    assert set(stores[0].entries("array")) == set(stores[1].entries("array")) == names
+    assert stores[0].has("weights/model@epoch1")
+    for name in names:
+        one, two = (s.read_array(name) for s in stores)
+        assert one.dtype == np.float64 and one.shape[1] == stores[0].config(name)["dim"]
+        assert np.array_equal(one, two) and np.abs(one[SUBSET]).sum(1).min() > 0
+        assert stores[0].config(name) == stores[1].config(name)
+    # the epoch-1 weights are kept for featurising queries later (lr = 0: they are the final ones)
+    final = torch.load(runs[1] / "run" / "last.ckpt", weights_only=False)["state_dict"]
+    for key, value in stores[0].load_tensors("weights/model@epoch1").items():
+        assert torch.equal(value, final[f"unet.{key}"])
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(runs, tmp_path):
+    ckpt = runs[1] / "run" / "last.ckpt"
+    args = ("featurize", "--ckpt", str(ckpt), "--projection", "dense", "--proj-dim", "1024", "--timesteps", "4", "--batch-size", "1")
+    proc = run_cli(*args, "--out", str(tmp_path / "killed"), cwd=tmp_path, background=True)
+    done = tmp_path / "killed" / "features" / "model.done.npy"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if done.is_file() and np.load(done, mmap_mode="r")[SUBSET].sum() >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 3 <= np.load(done)[SUBSET].sum() < len(SUBSET), "the kill must land mid-run"
+
+    cli.main([*args, "--out", str(tmp_path / "killed")])  # resume
+    cli.main([*args, "--out", str(tmp_path / "clean")])  # an uninterrupted run
+    for suffix in (".npy", ".done.npy"):
+        clean = (tmp_path / "clean" / "features" / f"model{suffix}").read_bytes()
+        assert clean == (tmp_path / "killed" / "features" / f"model{suffix}").read_bytes()
+    manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("clean", "killed")]
+    assert manifests[0] == manifests[1]
+
+
+def _cli_error(capsys, *args: str) -> str:
+    """Run the CLI in this process; it must exit with status 2 and one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(args))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_mismatched_store_and_bad_input_fail_clearly(runs, tmp_path, capsys):
+    ckpt, store = str(runs[1] / "run" / "last.ckpt"), str(tmp_path / "store")
+    args = ("featurize", "--ckpt", ckpt, "--out", store, "--timesteps", "1", "--batch-size", "8")
+    cli.main([*args, "--proj-dim", "64"])
+    before = Store.open(store).read_array("features/model").copy()
+    err = _cli_error(capsys, *args, "--proj-dim", "32")
+    assert "config.proj_dim 64 (stored) vs 32" in err and "--overwrite" in err
+    # same config: nothing to recompute, the stored bytes are kept
+    cli.main([*args, "--proj-dim", "64"])
+    assert np.array_equal(Store.open(store).read_array("features/model"), before)
+    # the callback's store holds features of other weights (fp64): the scorer refuses them
+    np.save(tmp_path / "queries.npy", DigitsDataModule().images[:2].numpy())
+    err = _cli_error(capsys, "attribute", "--ckpt", ckpt, "--method", "dtrak", "--store", str(runs[1] / "store"),
+                     "--queries", str(tmp_path / "queries.npy"), "--out", str(tmp_path / "att"))
+    assert "other weights" in err
+    assert "timesteps K must be >= 1" in _cli_error(capsys, *args, "--timesteps", "0")
+    with pytest.raises(WherefromError, match="structured projection needs groups=1"):
+        Projection(FeatureConfig(), torch.nn.Conv2d(4, 4, 3, groups=2), "model")

@@ -1,0 +1,87 @@
+"""TRAK / D-TRAK scoring: the closed form, blockwise and over model ids, and the attribute command."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_UNET
+from tests.trak_helpers import SUBSET
+from wherefrom import cli
+from wherefrom.attribution.features import featurize
+from wherefrom.attribution.gradients import FeatureConfig
+from wherefrom.attribution.store import Store
+from wherefrom.attribution.trak import DAMPING, attribute, query_features, trak_scores
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.model import DiffusionModel
+
+
+def _closed_form(phi: np.ndarray, phi_q: np.ndarray, lam: float) -> np.ndarray:
+    return phi_q @ np.linalg.inv(phi.T @ phi + lam * np.eye(phi.shape[1])) @ phi.T
+
+
+def test_scores_equal_closed_form_blockwise_and_averaged():
+    rng = np.random.default_rng(0)
+    phis = [rng.normal(size=(23, 6)) * s for s in (1.0, 30.0)]
+    queries = [rng.normal(size=(4, 6)) for _ in phis]
+    # one model id, explicit damping, blocks smaller than N
+    np.testing.assert_allclose(trak_scores(phis[:1], queries[:1], damping=0.5, block=5), _closed_form(phis[0], queries[0], 0.5 * np.trace(phis[0].T @ phis[0]) / 6), rtol=1e-10)
+    # default damping is relative to the kernel's mean eigenvalue; scores average over model ids
+    expected = np.mean([_closed_form(p, q, DAMPING * np.trace(p.T @ p) / 6) for p, q in zip(phis, queries)], axis=0)
+    np.testing.assert_allclose(trak_scores(phis, queries, block=7), expected, rtol=1e-10)
+    # D > N: the kernel is singular, the damped solve is still exact
+    wide, q = rng.normal(size=(5, 9)), rng.normal(size=(2, 9))
+    np.testing.assert_allclose(trak_scores([wide], [q], damping=1e-3), _closed_form(wide, q, 1e-3 * np.trace(wide.T @ wide) / 9), rtol=1e-8)
+    with pytest.raises(WherefromError, match="singular"):
+        trak_scores([np.zeros((3, 2))], [np.ones((1, 2))])
+
+
+@pytest.fixture(scope="module")
+def featurised(tmp_path_factory):
+    """A tiny model (trained a few steps) saved as a checkpoint, its D-TRAK store, and queries."""
+    import lightning as L
+
+    root = tmp_path_factory.mktemp("trak")
+    L.seed_everything(0)
+    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
+    dm = DigitsDataModule(batch_size=8, subset=SUBSET)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(root / "model.ckpt")
+    config = FeatureConfig(timesteps=2, proj_dim=128)
+    store = Store(root / "store", dm.fingerprint)
+    featurize(model.unet, "model", model.task, dm, store, config, batch_size=16)
+    queries = dm.images[[30, 3]]
+    np.save(root / "queries.npy", queries.numpy())
+    return root, model.eval(), dm, config, queries
+
+
+def test_attribute_scores_stored_features_against_fresh_query_features(featurised):
+    root, model, dm, config, queries = featurised
+    args = argparse.Namespace(method="dtrak", store=str(root / "store"), batch_size=1)
+    result = attribute(model, dm, queries, args)
+    assert result.scores.shape == (2, dm.num_images) and result.method == "dtrak"
+    phi = Store.open(root / "store").read_array("features/model")
+    phi_q = query_features(model.unet, model, "model", config, queries)
+    np.testing.assert_allclose(result.scores, trak_scores([phi], [phi_q]), rtol=1e-4, atol=1e-6 * np.abs(result.scores).max())
+    outside = np.setdiff1d(np.arange(dm.num_images), SUBSET)
+    assert not result.scores[:, outside].any() and np.abs(result.scores[:, SUBSET]).min() > 0
+    # query noise is seeded by -(q + 1): a query's features do not depend on its batch
+    np.testing.assert_allclose(query_features(model.unet, model, "model", config, queries, batch_size=1), phi_q, rtol=1e-5, atol=1e-7)
+    with pytest.raises(FingerprintMismatchError, match="output 'square_norm', not 'loss'"):
+        attribute(model, dm, queries, argparse.Namespace(method="trak", store=str(root / "store"), batch_size=4))
+    with pytest.raises(WherefromError, match="needs --store"):
+        attribute(model, dm, queries, argparse.Namespace(method="dtrak", store=None, batch_size=4))
+
+
+def test_attribute_command_writes_the_common_outputs(featurised, capsys):
+    root = featurised[0]
+    cli.main(["attribute", "--ckpt", str(root / "model.ckpt"), "--method", "dtrak", "--store", str(root / "store"),
+              "--queries", str(root / "queries.npy"), "--top-k", "3", "--out", str(root / "out")])
+    scores = np.load(root / "out" / "scores.npy")
+    assert scores.shape == (2, 1797) and (root / "out" / "topk.png").is_file() and (root / "out" / "topk.json").is_file()
+    assert set(np.argsort(-scores, axis=1)[:, :3].ravel()) <= set(SUBSET)

@@ -1,0 +1,210 @@
+"""Featurisation of a training set into the store: ``features/<model_id>`` arrays.
+
+Row ``i`` of ``features/<model_id>`` (N x D, N the size of the global index
+space) is the projected per-sample gradient of image ``i`` (see
+:class:`~wherefrom.attribution.projection.Projection`); rows outside the
+selected split are zero, i.e. without influence. The manifest holds the full
+:class:`~wherefrom.attribution.gradients.FeatureConfig` plus the model id, the
+actual dimension and a hash of the weights.
+
+Work is split into *chunks*: ``batch_size`` consecutive indices of the sorted
+split. A chunk's composition depends only on the split and ``batch_size``, so
+its bytes are the same whichever rank computes it, and a rerun after a crash
+recomputes exactly the chunks with a row not done: results are invariant to
+DDP rank count and byte-identical after a resume. Under DDP, ranks take the
+chunks round-robin (each index exactly once, no padded sampler), gather each
+round, and only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, ProjectionKind
+from wherefrom.attribution.projection import Projection, default_projector
+from wherefrom.attribution.store import Store
+from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask, Stream, TimestepStrategy
+
+T = TypeVar("T")
+
+
+class Comm(Protocol):
+    """The collectives featurisation needs; a Lightning ``Strategy`` provides them."""
+
+    world_size: int
+    global_rank: int
+
+    def all_gather(self, tensor: Tensor) -> Tensor: ...
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+
+class LocalComm:
+    """A single process."""
+
+    world_size = 1
+    global_rank = 0
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        return tensor.unsqueeze(0)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+def gather(comm: Comm, tensor: Tensor) -> Tensor:
+    """``world x ...`` (Lightning's single-device strategy returns the tensor unstacked)."""
+    out = comm.all_gather(tensor)
+    return out if out.dim() > tensor.dim() else out.unsqueeze(0)
+
+
+def on_rank_zero(comm: Comm, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on global rank 0 only; broadcast its result, or its error, to every rank."""
+    result: Any = None
+    error: WherefromError | None = None
+    if comm.global_rank == 0:
+        try:
+            result = fn()
+        except WherefromError as e:
+            error = e
+    result, error = comm.broadcast((result, error), src=0)
+    if error is not None:
+        raise error
+    return result
+
+
+def weights_hash(model: nn.Module) -> str:
+    """A hash of a network's parameters and buffers (ties features to the weights that made them)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def entry_name(model_id: str) -> str:
+    return f"features/{model_id}"
+
+
+def project_images(
+    projection: Projection,
+    task: DiffusionTask,
+    images: Tensor,
+    index: Tensor,
+    config: FeatureConfig,
+    stream: Stream = Stream.FEATURES,
+) -> Tensor:
+    """Features (``B x dim``) of a batch of images with global indices ``index``."""
+    x0 = images.to(projection.device, projection.dtype)
+    return projection.projected_grads(task, x0, index, config.output, config.draws(task), stream)
+
+
+def featurize(
+    model: nn.Module,
+    model_id: str,
+    task: DiffusionTask,
+    datamodule: Any,
+    store: Store | None,
+    config: FeatureConfig,
+    batch_size: int = 64,
+    comm: Comm | None = None,
+    progress: bool = False,
+) -> None:
+    """Write (or resume) ``features/<model_id>`` for every index of ``datamodule``'s split.
+
+    ``datamodule`` needs ``indices`` (the split's global indices), ``num_images``
+    (N) and ``dataset(indices)`` yielding ``{"index", "image"}``. Every rank calls
+    this with the same arguments; ``store`` is used on global rank 0 only.
+    """
+    comm = comm or LocalComm()
+    if batch_size < 1:
+        raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+    projection = Projection(config, model, model_id)
+    split = np.sort(np.asarray(datamodule.indices, dtype=np.int64))
+    chunks = [split[s : s + batch_size] for s in range(0, len(split), batch_size)]
+    dtype = str(projection.dtype).removeprefix("torch.")
+    meta = {**config.to_dict(), "model_id": model_id, "dim": projection.dim, "weights": weights_hash(model)}
+    array = None
+
+    def open_array() -> list[int]:
+        nonlocal array
+        array = store.array(entry_name(model_id), (datamodule.num_images, projection.dim), meta, dtype)
+        outside = np.setdiff1d(np.flatnonzero(array.done == 0), split)
+        if outside.size:  # rows of images outside the split: zero features, no influence
+            array.write(outside, np.zeros((outside.size, projection.dim)))
+        done = array.done
+        return [c for c, rows in enumerate(chunks) if not done[rows].all()]
+
+    todo = on_rank_zero(comm, open_array)
+    mine = np.concatenate([chunks[c] for c in todo[comm.global_rank :: comm.world_size]] or [np.zeros(0, np.int64)])
+    # the rank's chunks in order: every chunk but the split's last is full, so batches == chunks
+    loader = iter(DataLoader(datamodule.dataset(mine), batch_size=batch_size, shuffle=False))
+    rounds = -(-len(todo) // comm.world_size)
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=f"featurize {model_id}", disable=not progress or comm.global_rank)
+        for _ in range(rounds):
+            index = torch.full((batch_size,), -1, dtype=torch.long, device=projection.device)
+            feats = torch.zeros(batch_size, projection.dim, dtype=projection.dtype, device=projection.device)
+            batch = next(loader, None)
+            if batch is not None:
+                n = len(batch["index"])
+                index[:n] = batch["index"].to(projection.device)
+                feats[:n] = project_images(projection, task, batch["image"], batch["index"], config)
+            index, feats = gather(comm, index).flatten(0, 1), gather(comm, feats).flatten(0, 1)
+            if comm.global_rank == 0:
+                keep = index >= 0
+                array.write(index[keep].cpu().numpy(), feats[keep])
+                bar.update(int(keep.sum()))
+        bar.close()
+    finally:
+        model.train(was_training)
+
+
+def featurize_main(argv: list[str]) -> None:
+    """``wherefrom featurize``: TRAK / D-TRAK features of a finished run into a store."""
+    from wherefrom.model import load_datamodule, load_module
+
+    p = argparse.ArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
+    p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
+    p.add_argument("--out", required=True, help="store folder (created, or resumed if it holds the same config)")
+    p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")
+    p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
+    p.add_argument("--proj-dim", type=int, default=FeatureConfig.proj_dim)
+    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K draws averaged per image")
+    p.add_argument("--strategy", choices=[s.value for s in TimestepStrategy], default=FeatureConfig.strategy)
+    p.add_argument("--projection", choices=[k.value for k in ProjectionKind], default=FeatureConfig.projection)
+    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace a store or entry made for other data, config or weights")
+    a = p.parse_args(argv)
+    config = FeatureConfig(
+        output=a.output or METHOD_OUTPUTS[a.method],
+        timesteps=a.timesteps,
+        strategy=a.strategy,
+        proj_dim=a.proj_dim,
+        projection=a.projection,
+        projector=default_projector(a.device),
+        seed=a.seed,
+    )
+    module = load_module(a.ckpt).to(a.device)
+    datamodule = load_datamodule(a.ckpt)
+    store = Store(a.out, datamodule.fingerprint, module.codes_fingerprint, overwrite=a.overwrite)
+    for model_id, net in module.denoisers().items():
+        featurize(net, model_id, module.task, datamodule, store, config, a.batch_size, progress=True)
+    print(f"wrote {', '.join(entry_name(m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.out}")
+
+
+__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "featurize_main", "gather", "on_rank_zero", "project_images", "weights_hash"]
