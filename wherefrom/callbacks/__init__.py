@@ -1,1 +1,5 @@
-"""wherefrom.callbacks."""
+"""Drop-in Lightning callbacks that capture attribution statistics during a run."""
+
+from wherefrom.callbacks.trak import TRAKFeatures
+
+__all__ = ["TRAKFeatures"]
