@@ -1,0 +1,160 @@
+"""``KFACFactors``: K-FAC / EK-FAC factors of a run, written to a store by a Lightning callback.
+
+Drop-in for any LightningModule following :class:`wherefrom.model.Attributable`
+(``task``, ``denoisers()``, ``codes_fingerprint``) with a wherefrom datamodule
+(``fingerprint``, ``indices``, ``dataset(indices)``). Each denoiser (model id)
+gets ``factors/<id>``, ``eigen/<id>`` and optionally ``ekfac/<id>`` (see
+:mod:`wherefrom.attribution.kfac`); an encoded ensemble's member uses only the
+images of its code split.
+
+Modes:
+
+* ``after`` (default): after training, ``passes`` dedicated passes over the
+  training set with fresh seeded ``(t, eps)``; DDP ranks take disjoint shards
+  (every index exactly once, no padded sampler) and sum their statistics.
+* ``during``: the hooks record the training steps' own forward and backward
+  (the empirical Fisher of the loss actually trained on, at negligible cost).
+  The gradient reaching a layer is that of the batch-mean loss, so it is
+  multiplied by the rows the denoiser ran on (and by ``accumulate_grad_batches``,
+  and divided by an AMP loss scale) to give per-example gradients; for an
+  encoded ensemble under DDP this uses the rank's rows, not the global ones the
+  loss divides by (an approximation). The statistics are part of the callback's
+  checkpoint state: at every checkpoint they are summed over ranks (kept on
+  rank 0), and a resumed run continues from them.
+
+Only global rank 0 writes the store.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from wherefrom.attribution.features import gather, on_rank_zero
+from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, training_split
+from wherefrom.attribution.store import Store
+from wherefrom.errors import WherefromError
+
+
+class KFACFactors(L.Callback):
+    """Fit K-FAC factors of every denoiser and write them to ``store``.
+
+    Args:
+        store: the store folder (may be shared with :class:`~wherefrom.callbacks.TRAKFeatures`).
+        mode: ``after`` (dedicated passes after training) or ``during`` (from the training steps).
+        curvature: ``mc`` / ``empirical`` / ``type-2``; default ``mc`` after training,
+            ``empirical`` (the only choice) during training.
+        kfac: ``expand`` (default) or ``reduce``.
+        passes: passes over the training set in ``after`` mode (and for EK-FAC).
+        ekfac: also measure EK-FAC eigenvalues after training.
+        batch_size: images per batch of the dedicated passes.
+        overwrite: replace a store/entries made for other data, config or weights.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        mode: str = "after",
+        curvature: str | None = None,
+        kfac: str = KFACApprox.EXPAND.value,
+        passes: int = 1,
+        ekfac: bool = False,
+        batch_size: int = 64,
+        overwrite: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+        default = Curvature.EMPIRICAL.value if mode == "during" else Curvature.MC.value
+        self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
+        self.store, self.batch_size, self.overwrite = store, batch_size, overwrite
+        self.collectors: dict[str, FactorCollector] = {}
+        self._loaded: dict[str, dict[str, torch.Tensor]] | None = None
+        self._output_size = 1  # D, the entries of one eps prediction
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(store=self.store, mode=self.config.mode)
+
+    # --- during training -------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.config.mode != "during":
+            return
+        for model_id, net in pl_module.denoisers().items():
+            collector = FactorCollector(net, self.config.kfac)
+            collector.grad_scale = lambda n, trainer=trainer: self._grad_scale(trainer, n)
+            if self._loaded is not None and trainer.is_global_zero:  # the summed state lives on rank 0
+                collector.load_state_dict(self._loaded.get(model_id, {}))
+            collector.attach()
+            self.collectors[model_id] = collector
+        self._loaded = None
+
+    def _grad_scale(self, trainer: L.Trainer, rows: int) -> float:
+        """From the gradient of the batch-mean training loss to the per-example
+        empirical-Fisher vector ``sqrt(D) grad_f l`` (see :mod:`wherefrom.attribution.kfac`)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        return rows * trainer.accumulate_grad_batches * math.sqrt(self._output_size) / loss_scale
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.collectors:
+            self._output_size = batch["image"][0].numel()  # eps predictions have the image's shape
+            for c in self.collectors.values():
+                c.active = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for c in self.collectors.values():
+            c.active = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """``during``: the statistics summed over ranks (a collective: Lightning builds the
+        checkpoint on every rank); rank 0 keeps the sum, the others restart from zero."""
+        if not self.collectors:
+            return {"collectors": self._loaded or {}}
+        trainer = self._trainer
+        state = {}
+        for model_id, c in self.collectors.items():
+            c.reduce_(lambda t: gather(trainer.strategy, t).sum(0))
+            state[model_id] = c.state_dict()
+            if not trainer.is_global_zero:
+                c.reset()
+        return {"collectors": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("collectors") or None
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._trainer = trainer
+
+    # --- after training --------------------------------------------------------------------
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        dm = trainer.datamodule
+        if dm is None:
+            raise WherefromError("KFACFactors needs the trainer's datamodule (fit with datamodule=...)")
+        self._detach()
+        store = None
+
+        def open_store() -> None:
+            nonlocal store
+            store = Store(self.store, dm.fingerprint, pl_module.codes_fingerprint, overwrite=self.overwrite)
+
+        on_rank_zero(trainer.strategy, open_store)
+        for model_id, net in pl_module.denoisers().items():
+            split = training_split(pl_module, model_id, dm.indices)
+            fit_factors(
+                net, model_id, pl_module.task, dm, split, store, self.config, self.batch_size,
+                comm=trainer.strategy, progress=trainer.is_global_zero, collector=self.collectors.get(model_id),
+            )  # fmt: skip
+        self.collectors = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for c in self.collectors.values():
+            c.detach()
+
+
+__all__ = ["KFACFactors"]
