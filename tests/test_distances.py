@@ -49,7 +49,10 @@ def test_lpips_loads_the_hub_file_and_compares_images(alexnet_home, monkeypatch)
     torch.testing.assert_close(dist(b, a), d)
     # equals lpips itself on the 3-channel, 64 x 64 bilinear upsampling of the digits
     reference = lpips.LPIPS(net="alex", verbose=False)
-    up = lambda x: F.interpolate(x.expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", align_corners=False)  # noqa: E731
+
+    def up(x):
+        return F.interpolate(x.expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", align_corners=False)
+
     with torch.no_grad():
         torch.testing.assert_close(d, reference(up(a), up(b)).flatten())
 

@@ -16,7 +16,7 @@ from wherefrom.cli import main as cli_main
 from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds
-from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig
+from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
 from wherefrom.model import load_datamodule, load_module
 from wherefrom.task import DiffusionTask, Stream
 
@@ -136,7 +136,7 @@ def test_pipeline_train_measure_score(bench_config, tmp_path, capsys):
     cli_main(["lds", "train", "--config", str(bench_config)])
     subsets, n = lds.read_subsets(bench)
     for j in range(3):  # each model trained on exactly its subset, through the normal fit path
-        dm = load_datamodule(lds.model_dir(bench, j, 0) / "last.ckpt")
+        dm = load_datamodule(checkpoint(lds.model_dir(bench, j, 0)))
         assert dm.fingerprint == fingerprint(n, (1, 8, 8), subsets[j])
 
     queries = torch.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8)
@@ -147,7 +147,7 @@ def test_pipeline_train_measure_score(bench_config, tmp_path, capsys):
     values = np.load(tmp_path / "bench" / "measurements.npy")
     assert values.shape == (3, 1, 4)
     # ground truth = the loss over draws seeded by (measure seed, query id), the same for every model
-    model = load_module(lds.model_dir(bench, 2, 0) / "last.ckpt")
+    model = load_module(checkpoint(lds.model_dir(bench, 2, 0)))
     task = DiffusionTask(**{**model.task.config, "seed": 2})
     with torch.no_grad():
         manual = torch.stack([task.measure(model.unet, queries, torch.arange(4), "loss", [(d, None)], Stream.MEASURE) for d in range(3)]).mean(0)

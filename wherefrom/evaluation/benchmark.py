@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from wherefrom.io import atomic_path, write_json, write_npy
 from wherefrom.model import _import, _init_args
 from wherefrom.sampling import EpsFn, SchedulerType
 
-CHECKPOINT = "last.ckpt"
+CHECKPOINT = "checkpoints/last.ckpt"  # inside a retrained model's folder
 DONE = "done.json"  # written after fit returns: a folder without it is retrained
 
 
@@ -200,7 +201,7 @@ class Benchmark:
         return _import(spec["class_path"])(**{**_init_args(spec.get("init_args") or {}), **overrides})
 
     def fit_config(self, root: Path, seed: int, **data_overrides: Any) -> dict[str, Any]:
-        """The fit config of one retrained model: checkpoint ``root/last.ckpt``,
+        """The fit config of one retrained model: checkpoint ``root/checkpoints/last.ckpt``,
         logs under ``root``, model seed ``seed``, data init args overridden."""
         cfg = copy.deepcopy(self.fit)
         cfg["seed_everything"] = seed
@@ -212,7 +213,7 @@ class Benchmark:
         callbacks.append(
             {
                 "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": str(root), "filename": Path(CHECKPOINT).stem, "enable_version_counter": False},
+                "init_args": {"dirpath": str((root / CHECKPOINT).parent), "filename": Path(CHECKPOINT).stem, "enable_version_counter": False},
             }
         )
         trainer["callbacks"] = callbacks
@@ -249,8 +250,13 @@ def eps_fn(module: L.LightningModule) -> EpsFn:
     return module.sampler().eps_fn() if hasattr(module, "sampler") else module.eps_fn()
 
 
+def checkpoint(root: Path) -> Path:
+    """The checkpoint of the model retrained in ``root``."""
+    return root / CHECKPOINT
+
+
 def is_trained(root: Path) -> bool:
-    return (root / DONE).is_file() and (root / CHECKPOINT).is_file()
+    return (root / DONE).is_file() and checkpoint(root).is_file()
 
 
 def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Path:
@@ -259,7 +265,7 @@ def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Pat
     written as ``.npy`` files beside the config."""
     from wherefrom.cli import lightning_main
 
-    ckpt = root / CHECKPOINT
+    ckpt = checkpoint(root)
     if is_trained(root):
         return ckpt
     root.mkdir(parents=True, exist_ok=True)
@@ -271,7 +277,9 @@ def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Pat
     with atomic_path(root / "fit.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.perf_counter()
-    lightning_main(["fit", "--config", str(root / "fit.yaml")])
+    with warnings.catch_warnings():  # LightningCLI(args=...) warns when called inside another command
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        lightning_main(["fit", "--config", str(root / "fit.yaml")])
     if not ckpt.is_file():
         raise WherefromError(f"fit finished without writing {ckpt}; check trainer.max_epochs/limit_train_batches in the fit config")
     write_json(root / DONE, {"seconds": time.perf_counter() - start, "seed": seed})
@@ -285,6 +293,7 @@ __all__ = [
     "MeasureConfig",
     "SamplingConfig",
     "SubsetConfig",
+    "checkpoint",
     "eps_fn",
     "is_trained",
     "load_config",

@@ -17,7 +17,7 @@ Files under the benchmark's ``out`` folder::
 
     subsets/subset_000.npy ...   sorted global indices of each subset
     subsets/subsets.json         num, alpha, seed and the split's fingerprint
-    models/subset_000/seed_0/    fit.yaml, last.ckpt, done.json (one per model)
+    models/subset_000/seed_0/    fit.yaml, checkpoints/last.ckpt, done.json (one per model)
     measurements.npy             float64, M x S x Q (subsets x seeds x queries)
     measurements.json            the measurement config and the queries' hash
 """
@@ -36,7 +36,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, eps_fn, is_trained, train
+from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, checkpoint, eps_fn, is_trained, train
 from wherefrom.io import write_json, write_npy
 from wherefrom.model import load_module
 from wherefrom.task import DiffusionTask, Stream, mix_seed
@@ -73,7 +73,7 @@ def spearman_rows(predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """
     predicted, targets = np.atleast_2d(predicted), np.atleast_2d(targets)
     out = np.zeros(len(predicted))
-    for q, (p, t) in enumerate(zip(predicted, targets)):
+    for q, (p, t) in enumerate(zip(predicted, targets, strict=True)):
         if np.ptp(p) > 0 and np.ptp(t) > 0:
             out[q] = stats.spearmanr(p, t).statistic
     return out
@@ -91,8 +91,9 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) ->
     return spearman_rows(predicted, targets.T)
 
 
-def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig = BootstrapConfig()) -> tuple[float, float]:
+def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (NaN for fewer than 2 values)."""
+    cfg = cfg or BootstrapConfig()
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return (float("nan"), float("nan"))
@@ -114,14 +115,14 @@ class Correlation:
     per_query: list[float]
 
     @classmethod
-    def of(cls, per_query: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> Correlation:
+    def of(cls, per_query: np.ndarray, bootstrap: BootstrapConfig | None = None) -> Correlation:
         return cls(float(np.mean(per_query)), *bootstrap_ci(per_query, bootstrap), per_query=np.asarray(per_query).tolist())
 
     def summary(self) -> str:
         return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> Correlation:
+def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig | None = None) -> Correlation:
     """LDS (mean over queries) with a bootstrap confidence interval over queries."""
     return Correlation.of(lds_per_query(scores, masks, targets), bootstrap)
 
@@ -236,7 +237,7 @@ def measure(bench: Benchmark, queries: Tensor) -> np.ndarray:
     values = np.zeros((len(subsets), len(bench.model_seeds), len(queries)))
     for j in range(len(subsets)):
         for k, seed in enumerate(bench.model_seeds):
-            values[j, k] = measure_queries(load_module(model_dir(bench, j, seed) / "last.ckpt"), queries, bench.measure)
+            values[j, k] = measure_queries(load_module(checkpoint(model_dir(bench, j, seed))), queries, bench.measure)
         print(f"[lds] measured subset {j + 1}/{len(subsets)}", flush=True)
     write_npy(bench.out / "measurements.npy", values)
     write_json(bench.out / "measurements.json", {**asdict(bench.measure), "queries": queries_hash(queries), "num_queries": len(queries)})

@@ -41,7 +41,7 @@ class LeaveOneOut:
     samples: Tensor
     distances: np.ndarray
 
-    def correlation(self, scores: np.ndarray, bootstrap: BootstrapConfig = BootstrapConfig()) -> Correlation:
+    def correlation(self, scores: np.ndarray, bootstrap: BootstrapConfig | None = None) -> Correlation:
         """Per-query Spearman between a method's scores (Q x N) of the sampled indices and the distances."""
         scores = np.asarray(scores)
         if scores.ndim != 2 or scores.shape[0] != len(self.samples) or scores.shape[1] <= self.indices.max():
