@@ -1,0 +1,193 @@
+"""(EK-)FAC influence scores against ``g_q^T (F + lambda I)^{-1} g_x`` with the dense
+matrix and the gradients built explicitly (float64), projected vs exact mode, and the
+``factors`` / ``attribute`` commands end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_UNET
+from tests.trak_helpers import tiny_config
+from wherefrom import cli
+from wherefrom.attribution.features import featurize
+from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
+from wherefrom.attribution.influence import MEASURES, influence_scores, projection_scale
+from wherefrom.attribution.kfac import (
+    HEURISTIC_DAMPING,
+    FactorConfig,
+    KFACPreconditioner,
+    LayerEigen,
+    entry_names,
+    fit_factors,
+    layer_dims,
+    tracked_layers,
+)
+from wherefrom.attribution.projection import Projection
+from wherefrom.attribution.store import Store
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.model import DiffusionModel
+from wherefrom.task import Stream, predict_eps
+
+# ~1.3k parameters (attention included): the dense (F + lambda I) fits in memory
+MICRO_UNET = dict(TINY_UNET, block_out_channels=(2, 2), norm_num_groups=1, attention_head_dim=2)
+TRAIN = list(range(6))
+CONFIG = FeatureConfig(output="loss", timesteps=2, strategy="random", proj_dim=4096, projection="dense")
+
+
+def weight_bias_order(d_out: int, d_in: int) -> torch.Tensor:
+    """Position of each row-major ``[W, b]`` entry in the parameter layout ``(vec W, b)``."""
+    w = torch.arange(d_out * d_in).view(d_out, d_in)
+    return torch.cat([w, d_out * d_in + torch.arange(d_out).view(d_out, 1)], 1).reshape(-1)
+
+
+def random_eigen(d_out: int, d_in: int, gen: torch.Generator) -> LayerEigen:
+    a, g = torch.randn(d_in, d_in, generator=gen, dtype=torch.float64), torch.randn(d_out, d_out, generator=gen, dtype=torch.float64)
+    la, qa = torch.linalg.eigh(a @ a.T)
+    lg, qg = torch.linalg.eigh(g @ g.T)
+    return LayerEigen(qa, la, qg, lg)
+
+
+@pytest.mark.parametrize("ekfac", [False, True], ids=["kfac", "ekfac"])
+@pytest.mark.parametrize("damping", [None, 0.3], ids=["heuristic", "absolute"])
+def test_preconditioner_equals_dense_damped_solve(ekfac, damping):
+    gen = torch.Generator().manual_seed(0)
+    e = random_eigen(3, 5, gen)
+    corrected = torch.rand(3, 5, generator=gen, dtype=torch.float64) if ekfac else None
+    pre = KFACPreconditioner({"layer": e}, {"layer": corrected} if ekfac else None, damping)
+    q = torch.kron(e.qg, e.qa)
+    lam = corrected if ekfac else torch.outer(e.lg, e.la)
+    curvature = q @ torch.diag(lam.reshape(-1)) @ q.T  # = kron(G, A) for K-FAC
+    if not ekfac:
+        torch.testing.assert_close(curvature, torch.kron(e.qg @ torch.diag(e.lg) @ e.qg.T, e.qa @ torch.diag(e.la) @ e.qa.T))
+    lam_d = HEURISTIC_DAMPING * float(lam.mean()) if damping is None else damping
+    v = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    expected = torch.linalg.solve(curvature + lam_d * torch.eye(15, dtype=torch.float64), v.reshape(4, 15).T).T
+    torch.testing.assert_close(pre.apply("layer", v).reshape(4, 15), expected)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A micro UNet (float64, random weights), 6 training digits, factors with EK-FAC in a store."""
+    torch.manual_seed(0)
+    module = DiffusionModel(unet=MICRO_UNET, seed=3).double().eval()
+    dm = DigitsDataModule(subset=TRAIN)
+    dm.setup()
+    store = Store(tmp_path_factory.mktemp("store"), dm.fingerprint)
+    net = module.unet
+    fit_factors(net, "model", module.task, dm, np.asarray(TRAIN), store, FactorConfig(passes=2, ekfac=True), batch_size=4)
+    queries = (DigitsDataModule().images[100:103]).double()
+    return module, dm, store, queries
+
+
+def explicit_gradient(net, task, x0: torch.Tensor, index: int, name: str) -> torch.Tensor:
+    """``grad_theta (1/K) sum_k m(x_t, t, eps)`` of one image, one draw at a time."""
+    params = trainable_parameters(net)
+    total = 0
+    for draw, t in CONFIG.draws(task):
+        x_t, tt, eps = task.noisy(x0[None], torch.tensor([index]), name, draw, t, Stream.FEATURES)
+        total = total + task.measurement(name)(predict_eps(net, x_t, tt), eps, tt, task).sum() / CONFIG.timesteps
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(params.values()))])
+
+
+def dense_curvature(net, store: Store, ekfac: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F + lambda I`` over the parameters of K-FAC's layers, and those parameters' positions."""
+    params = trainable_parameters(net)
+    offsets, start = {}, 0
+    for name, p in params.items():
+        offsets[name] = start
+        start += p.numel()
+    eigen = store.load_tensors("eigen/model")
+    lam_ek = store.load_tensors("ekfac/model") if ekfac else None
+    blocks, positions = [], []
+    for name, layer in tracked_layers(net).items():
+        d_out, d_in = layer_dims(layer)
+        qa, la, qg, lg = (eigen[f"{name}/{k}"] for k in ("qa", "la", "qg", "lg"))
+        if ekfac:
+            lam = lam_ek[f"{name}/lambda"] / lam_ek[f"{name}/lambda_count"]
+            q = torch.kron(qg, qa)
+            block = q @ torch.diag(lam.reshape(-1)) @ q.T
+        else:
+            a, g = qa @ torch.diag(la) @ qa.T, qg @ torch.diag(lg) @ qg.T
+            lam, block = torch.outer(lg, la), torch.kron(g, a)
+        order = weight_bias_order(d_out, d_in - 1)
+        perm = torch.empty_like(order)
+        perm[order] = torch.arange(len(order))  # row-major [W, b] -> parameter layout
+        blocks.append(block[perm][:, perm] + HEURISTIC_DAMPING * lam.mean() * torch.eye(len(order), dtype=torch.float64))
+        w, b = offsets[f"{name}.weight"], offsets[f"{name}.bias"]
+        positions.append(torch.cat([torch.arange(w, w + d_out * (d_in - 1)), torch.arange(b, b + d_out)]))
+    return torch.block_diag(*blocks), torch.cat(positions)
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+@pytest.mark.parametrize("measurement", MEASURES)
+def test_influence_equals_dense_inverse(setup, method, measurement):
+    module, dm, store, queries = setup
+    net, task = module.unet, module.task
+    got = influence_scores(module, dm, queries, store, measurement, ekfac=method == "ekfac", config=CONFIG, batch_size=4)
+    assert got.shape == (len(queries), dm.num_images)
+    curvature, tracked = dense_curvature(net, store, method == "ekfac")
+    g_q = torch.stack([explicit_gradient(net, task, q, -(i + 1), measurement) for i, q in enumerate(queries)])[:, tracked]
+    g_x = torch.stack([explicit_gradient(net, task, dm.images[i].double(), i, "loss") for i in TRAIN])[:, tracked]
+    expected = g_q @ torch.linalg.solve(curvature, g_x.T)
+    np.testing.assert_allclose(got[:, TRAIN], expected.detach().numpy(), rtol=1e-8, atol=1e-12 * float(expected.abs().max()))
+    assert not got[:, len(TRAIN) :].any()  # images outside the split have no influence
+    assert np.abs(got[:, TRAIN]).min() > 0
+
+
+def test_projected_mode_projects_the_preconditioned_query(setup):
+    """``<P (F + lambda I)^{-1} g_q, P g_x> / D`` with the store's features ``P g_x``."""
+    module, dm, store, queries = setup
+    net, task = module.unet, module.task
+    featurize(net, "model", task, dm, store, CONFIG, batch_size=4)
+    got = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="projected", batch_size=4)
+    curvature, tracked = dense_curvature(net, store, ekfac=True)
+    g_q = torch.stack([explicit_gradient(net, task, q, -(i + 1), "square_norm") for i, q in enumerate(queries)])
+    pre = torch.zeros_like(g_q)
+    pre[:, tracked] = torch.linalg.solve(curvature, g_q[:, tracked].T).T
+    g_x = torch.stack([explicit_gradient(net, task, dm.images[i].double(), i, "loss") for i in TRAIN])
+    projection = Projection(CONFIG, net, "model")
+    expected = projection.project(pre.detach()) @ projection.project(g_x.detach()).T / CONFIG.proj_dim
+    np.testing.assert_allclose(got[:, TRAIN], expected.numpy(), rtol=1e-7, atol=1e-10 * float(expected.abs().max()))
+    assert not got[:, len(TRAIN) :].any()
+
+
+@pytest.mark.parametrize("kind, dim", [("dense", 4096), ("structured", 65536)])
+def test_projection_scale_preserves_inner_products(setup, kind, dim):
+    """``<P u, P v> / c`` estimates ``<u, v>`` over the parameters a projection covers."""
+    net = setup[0].unet
+    projection = Projection(FeatureConfig(proj_dim=dim, projection=kind), net, "model")
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(1, projection.num_params, generator=gen, dtype=torch.float64)
+    v = u + 0.5 * torch.randn(1, projection.num_params, generator=gen, dtype=torch.float64)
+    covered = torch.zeros(projection.num_params, dtype=torch.bool)
+    for layer in getattr(projection, "layers", []):
+        covered[layer.weight] = True
+        covered[layer.bias] = True
+    if kind == "dense":
+        covered[:] = True
+    estimate = float(projection.project(u) @ projection.project(v).T) / projection_scale(projection)
+    assert estimate == pytest.approx(float(u[0, covered] @ v[0, covered]), rel=0.1)
+
+
+def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli.main(["fit", "--config", str(tiny_config(tmp_path))])
+    ckpt, store = str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "store")
+    cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8"])
+    assert set(Store.open(store).entries("tensors")) == set(entry_names("model").values())
+    config = Store.open(store).config("factors/model")
+    assert config["curvature"] == "mc" and config["kfac"] == "expand" and config["ekfac"]
+    cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8"])  # same config: kept
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["factors", "--ckpt", ckpt, "--store", store, "--kfac", "reduce"])
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    out = tmp_path / "attr"
+    args = ["attribute", "--ckpt", ckpt, "--method", "ekfac", "--store", store, "--num-samples", "2", "--steps", "5", "--out", str(out)]
+    cli.main(args + ["--measurement", "elbo", "--top-k", "3"])
+    scores = np.load(out / "scores.npy")
+    assert scores.shape == (2, 1797) and np.abs(scores[:, :24]).min() > 0 and (out / "topk.png").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args + ["--measurement", "l1_norm"])
+    assert exit_.value.code == 2 and "--measurement" in capsys.readouterr().err

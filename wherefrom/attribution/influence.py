@@ -1,0 +1,199 @@
+"""K-FAC / EK-FAC influence scores (Mlodozeniec et al. 2024, arXiv 2410.13850, eq. 5 and Sec. 4).
+
+For a query ``q`` and a training image ``x``::
+
+    score(q, x) = grad m(q)^T (F + lambda I)^{-1} grad L(x)
+
+``m`` is the measurement (``loss``, ``elbo``, ``square_norm``, ``loss_at_time``)
+and ``L`` the training loss, each averaged over K seeded ``(t, eps)`` draws;
+``F`` is the block-diagonal (EK-)FAC curvature of :mod:`wherefrom.attribution.kfac`
+with its per-layer damping. Up-weighting ``x`` by ``e`` moves the optimum by
+``-e (F + lambda I)^{-1} grad L(x)`` (Koh & Liang 2017, eq. 1-2), so removing it
+(``e = -1/N``) raises ``m(q)`` by about ``score / N``: larger = more helpful to ``q``.
+
+Only query gradients are preconditioned (Q of them, not N). The sum runs over
+the parameters of the Linear/Conv2d layers K-FAC covers; other parameters
+(GroupNorm affines) get zero weight, as in the structured TRAK projection.
+
+* **exact**: training gradients are formed densely (small models).
+* **projected**: the store's TRAK features (output ``loss``, written by
+  ``wherefrom featurize --method trak``) are reused; the preconditioned query
+  gradient is projected with the same matrix, and ``<P u, P v> / c``
+  estimates ``<u, v>`` (``c = E|P u|^2 / |u|^2``, the projection's scale).
+
+Draws: query ``q`` uses global index ``-(q + 1)`` and training image ``i`` index
+``i``, both on the FEATURES stream with the draws of the features' config, so
+exact and projected mode estimate the same numbers.
+
+Ensembles: member ``i`` scores only the images it trained on; the ensemble's
+score is ``(1/n) sum_{i in S(x)} score_i(q, x)`` (its eps is the members' mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
+from wherefrom.attribution.kfac import KFACPreconditioner, layer_dims, load_preconditioner, training_split
+from wherefrom.attribution.projection import Projection
+from wherefrom.attribution.report import Attribution
+from wherefrom.attribution.store import Store, check_store
+from wherefrom.attribution.trak import network_for
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.task import DiffusionTask, Stream
+
+MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
+BLOCK_ROWS = 65536
+
+
+def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPreconditioner) -> Tensor:
+    """``(F + lambda I)^{-1} g`` for dense gradients ``B x P`` (:func:`trainable_parameters`
+    order); parameters outside K-FAC's layers get 0."""
+    offsets, start = {}, 0
+    for name, p in trainable_parameters(net).items():
+        offsets[name] = slice(start, start + p.numel())
+        start += p.numel()
+    if grads.shape[1] != start:
+        raise WherefromError(f"expected B x {start} gradients, got {tuple(grads.shape)}")
+    out = torch.zeros_like(grads)
+    modules = dict(net.named_modules())
+    for name in preconditioner.eigen:
+        layer = modules[name]
+        w, b = offsets.get(f"{name}.weight"), offsets.get(f"{name}.bias")
+        if w is None or (layer.bias is not None and b is None):
+            continue  # (partly) frozen layer: not part of the influence
+        d_out, _ = layer_dims(layer)
+        parts = [grads[:, w].reshape(len(grads), d_out, -1)] + ([grads[:, b].unsqueeze(-1)] if b is not None else [])
+        v = preconditioner.apply(name, torch.cat(parts, -1))
+        out[:, w] = v[..., : parts[0].shape[-1]].reshape(len(grads), -1)
+        if b is not None:
+            out[:, b] = v[..., -1]
+    return out
+
+
+def query_gradients(net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int) -> Tensor:
+    """``Q x P`` gradients of the measurement of each query (index ``-(q + 1)``)."""
+    device = next(net.parameters()).device
+    out = []
+    for s in range(0, len(queries), batch_size):
+        index = -torch.arange(s, min(s + batch_size, len(queries))) - 1
+        x0 = queries[s : s + batch_size].to(device)
+        out.append(per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES))
+    return torch.cat(out)
+
+
+def exact_scores(net: nn.Module, task: DiffusionTask, datamodule, indices: np.ndarray, pre: Tensor, config: FeatureConfig, batch_size: int) -> np.ndarray:
+    """``pre @ grad L(x)`` for every training index (``Q x N``; zero outside ``indices``)."""
+    device = pre.device
+    scores = np.zeros((len(pre), datamodule.num_images))
+    for batch in DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False):
+        x0 = batch["image"].to(device=device, dtype=pre.dtype)
+        g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES)
+        scores[:, batch["index"].numpy()] = (pre @ g.T).double().cpu().numpy()
+    return scores
+
+
+def projection_scale(projection: Projection) -> float:
+    """``c`` with ``E <P u, P v> = c <u, v>`` for i.i.d. N(0, 1) entries: the dimension for a dense
+    projection; ``k_out k_in`` (the same for every layer) for the structured one."""
+    if projection.kind is ProjectionKind.DENSE:
+        return float(projection.dim)
+    return projection.dim / len(projection.layers)
+
+
+def score_features(queries: Tensor, features: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
+    """``queries @ features^T`` (``Q x D`` by ``N x D``, read in row blocks; float32 stays float32)."""
+    out = np.empty((len(queries), len(features)), dtype=np.float64)
+    for s in range(0, len(features), block):
+        rows = torch.from_numpy(np.ascontiguousarray(features[s : s + block])).to(queries.device, queries.dtype)
+        out[:, s : s + block] = (queries @ rows.T).cpu().numpy()
+    return out
+
+
+def loss_features(store: Store, model_id: str) -> tuple[str, dict]:
+    """The store's TRAK training-loss features of ``model_id`` (projected mode needs ``output = loss``)."""
+    name = f"features/{model_id}"
+    if not store.has(name):
+        raise WherefromError(f"--grads projected needs {name} in {str(store.root)!r}; run `wherefrom featurize --method trak --out {store.root}`")
+    config = store.config(name)
+    if config["output"] != "loss":
+        raise FingerprintMismatchError(
+            f"{name} in {str(store.root)!r} holds gradients of {config['output']!r}, not of the training loss; "
+            "featurise with `--method trak` (output loss) for K-FAC's projected mode"
+        )
+    return name, config
+
+
+def influence_scores(
+    module,
+    datamodule,
+    queries: Tensor,
+    store: Store,
+    measurement: str = "loss",
+    ekfac: bool = False,
+    damping: float | None = None,
+    grads: str = "exact",
+    config: FeatureConfig | None = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids).
+
+    ``config`` sets the draws of exact mode (default: TRAK's, output ``loss``, K = 10
+    uniform timesteps); projected mode uses the stored features' config.
+    """
+    if measurement not in MEASURES:
+        raise WherefromError(f"--measurement must be one of {list(MEASURES)} for K-FAC influence, got {measurement!r}")
+    if grads not in ("exact", "projected"):
+        raise WherefromError(f"--grads must be 'exact' or 'projected', got {grads!r}")
+    config = config or FeatureConfig(output="loss")
+    nets = module.denoisers()
+    total = np.zeros((len(queries), datamodule.num_images))
+    for model_id, denoiser in nets.items():
+        split = training_split(module, model_id, datamodule.indices)
+        feature_config = config
+        if grads == "projected":
+            name, stored = loss_features(store, model_id)
+            net = network_for(module, store, model_id, stored)
+            feature_config = FeatureConfig.from_dict(stored)
+        else:
+            net = denoiser
+        was_training = net.training
+        net.eval()
+        try:
+            preconditioner = load_preconditioner(store, model_id, net, ekfac, damping)
+            g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size)
+            pre = precondition(net, g_q, preconditioner)
+            if grads == "exact":
+                part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size)
+            else:
+                projection = Projection(feature_config, net, model_id)
+                part = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
+                mask = np.zeros(datamodule.num_images, dtype=bool)
+                mask[split] = True
+                part[:, ~mask] = 0.0
+        finally:
+            net.train(was_training)
+        total += part
+    return total / len(nets)
+
+
+def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
+    """``wherefrom attribute --method kfac|ekfac --store STORE [--measurement M] [--grads exact|projected]``."""
+    if args.store is None:
+        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom factors`")
+    store = Store.open(args.store)
+    check_store(store, datamodule.fingerprint, module.codes_fingerprint)
+    config = FeatureConfig(output="loss", timesteps=args.timesteps)
+    scores = influence_scores(
+        module, datamodule, queries, store, args.measurement, ekfac=args.method == "ekfac",
+        damping=args.damping, grads=args.grads, config=config, batch_size=args.batch_size,
+    )  # fmt: skip
+    return Attribution(scores, queries, args.method)
+
+
+__all__ = ["MEASURES", "attribute", "exact_scores", "influence_scores", "precondition", "projection_scale", "query_gradients", "score_features"]
