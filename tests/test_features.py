@@ -10,14 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from trak.projectors import BasicProjector, ProjectionType
+from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
 from wherefrom.attribution.features import featurize, project_images
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads, trainable_parameters
-from wherefrom.attribution.projection import BLOCK_SIZE, Projection, projection_seed
+from wherefrom.attribution.projection import BLOCK_SIZE, Projection, default_projector, projection_seed
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
@@ -82,6 +82,28 @@ def test_projected_grads_equal_autograd_loop_and_explicit_matrix(projection, out
     assert torch.allclose(proj.project(ref), expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
     # another model id draws another matrix
     assert not torch.allclose(Projection(config, model.unet, "member1").project(ref), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_projections_match_cpu_and_trak():
+    model = _model64()
+    dm = DigitsDataModule(subset=SUBSET)
+    index = torch.tensor([4, 0, 17, 9])
+    x0 = dm.images[index].double()
+    structured = FeatureConfig(timesteps=2, proj_dim=300)
+    cpu = Projection(structured, model.unet, "model").projected_grads(model.task, x0, index, "square_norm", structured.draws(model.task))
+    gpu = model.unet.float().cuda()
+    on_gpu = Projection(structured, gpu, "model").projected_grads(model.task, x0.float().cuda(), index, "square_norm", structured.draws(model.task))
+    assert torch.allclose(on_gpu.double().cpu(), cpu, rtol=1e-3, atol=1e-4 * cpu.abs().max())  # the same matrices on both devices
+    grads = per_sample_grads(gpu, model.task, x0.float().cuda(), index, "square_norm", structured.draws(model.task))
+    num_params, seed = grads.shape[1], projection_seed(0, "model")
+    projectors = {"basic-cuda": BasicProjector(num_params, 512, seed, ProjectionType.normal, "cuda", BLOCK_SIZE)}
+    if default_projector("cuda") == "cuda":
+        projectors["cuda"] = CudaProjector(num_params, 512, seed, ProjectionType.normal, "cuda", 32)
+    for name, trak in projectors.items():
+        dense = Projection(FeatureConfig(timesteps=2, proj_dim=512, projection="dense", projector=name), gpu, "model")
+        expected = trak.project(grads, model_id=0)
+        assert torch.allclose(dense.projected_grads(model.task, x0.float().cuda(), index, "square_norm", structured.draws(model.task)), expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
 
 
 def test_features_invariant_to_batch_size_and_order(tmp_path):

@@ -6,7 +6,6 @@ import argparse
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET

@@ -65,7 +65,8 @@ class FeatureConfig:
         strategy: ``uniform`` (``t_k = k T / K``, D-TRAK's choice) or ``random``.
         proj_dim: projection dimension D (structured: an upper bound, see ``Projection.dim``).
         projection: ``structured`` (fast, per-layer) or ``dense`` (trak projector).
-        projector: the dense mode's trak projector, ``basic``, ``basic-cuda`` or ``cuda``.
+        projector: the dense mode's trak projector, ``basic``, ``basic-cuda`` or ``cuda``
+            (structured mode uses none and records ``basic``).
         seed: projection seed, mixed with the model id.
     """
 
@@ -90,6 +91,8 @@ class FeatureConfig:
             raise WherefromError(f"the number of timesteps K must be >= 1, got {self.timesteps}")
         if self.proj_dim < 1:
             raise WherefromError(f"the projection dimension must be >= 1, got {self.proj_dim}")
+        if self.projection == ProjectionKind.STRUCTURED.value:  # no trak projector involved: one config on every device
+            object.__setattr__(self, "projector", Projector.BASIC.value)
 
     def draws(self, task: DiffusionTask) -> list[tuple[int, int | None]]:
         """The K ``(draw id, t)`` pairs averaged per example."""
