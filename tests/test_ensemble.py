@@ -19,7 +19,7 @@ from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_seed
 from wherefrom.errors import WherefromError
-from wherefrom.model import DiffusionModel, build_unet, load_module
+from wherefrom.model import Attributable, DiffusionModel, build_unet, load_module
 from wherefrom.sampling import sample
 from wherefrom.task import DiffusionTask, predict_eps
 
@@ -270,7 +270,8 @@ def test_checkpoint_round_trip_and_sample_ablate_cli(tmp_path, capsys):
     fit.fit(model, DigitsDataModule(batch_size=4, subset=list(range(6))))
     fit.save_checkpoint(tmp_path / "ens.ckpt")
     loaded = load_module(tmp_path / "ens.ckpt")
-    assert isinstance(loaded, EncodedEnsemble) and loaded.codes_fingerprint == model.codes_fingerprint
+    assert isinstance(loaded, EncodedEnsemble) and isinstance(loaded, Attributable)
+    assert loaded.codes_fingerprint == model.codes_fingerprint
     assert list(loaded.denoisers()) == ["member0", "member1", "member2", "member3"]
     assert loaded.members_of(4) == model.codes.members_of(4)
     assert torch.equal(flat_params(loaded.members), flat_params(model.members))
