@@ -13,6 +13,13 @@ per-parameter, hence per member exactly the optimizer of a lone run; members
 with no rows in a step keep ``grad = None`` and are not stepped (no momentum
 drift, no weight decay), as in a lone run that never saw that batch.
 
+DDP with idle members: a member with no rows on a rank adds ``0 * sum(params)``
+to the loss instead of a forward pass, so plain ``strategy="ddp"`` works (DDP
+expects a gradient for every parameter on every rank). We prefer this to
+``ddp_find_unused_parameters_true``, which walks the autograd graph every step
+and makes a plain ``ddp`` config fail at the first idle member; the zero
+gradients of members idle on *all* ranks are reset to ``None`` before the step.
+
 ``member=i`` trains member ``i`` alone on its split (scale-out: one job per
 member); :func:`assemble` joins such checkpoints after checking that they share
 the codes fingerprint.
