@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -170,11 +171,32 @@ def _fold_bias(gram: Tensor, colsum: Tensor, count: float) -> Tensor:
     return torch.cat([top, bottom], 0)
 
 
-def _shifted(xc: Tensor, offsets: list[tuple[int, int]], rows: slice, cols: slice) -> Tensor:
-    """``xc[:, :, rows + dr, cols + dc]`` for each offset of a channel-first ``C x B x H x W``
-    tensor, stacked as ``(len * C) x (B * positions)`` (one copy with contiguous rows)."""
-    views = [xc[:, :, rows.start + dr : rows.stop + dr, cols.start + dc : cols.stop + dc] for dr, dc in offsets]
-    return torch.stack(views).reshape(len(offsets) * xc.shape[0], -1)
+class _ShiftCorrelator:
+    """``sum_{s in rows x cols} x[s] x[s + D]^T`` (over every example) for ranges of offsets ``D``,
+    as matmuls over overlapping views of one zero-padded copy of ``x``.
+
+    Layout ``C x rows x W' x B`` (examples innermost) with ``k_w - 1`` zero columns right of
+    every row and ``k_h`` zero rows above and below: the sources in a row and a column range
+    are one contiguous run, a row range is a batch of such runs, and a shift by ``D`` is a
+    shift by ``(D_r W' + D_c) B`` of the flat index; whatever leaves the image lands on zeros.
+    """
+
+    def __init__(self, x: Tensor, kh: int, kw: int) -> None:
+        self.c, self.b = x.shape[1], x.shape[0]
+        self.kh, self.row = kh, (x.shape[3] + kw - 1) * x.shape[0]
+        self.flat = F.pad(x.permute(1, 2, 3, 0), (0, 0, 0, kw - 1, kh, kh)).reshape(self.c, -1)
+
+    def __call__(self, rows: range, cols: range, dr: range, dc: range) -> Tensor:
+        """``(len(dr), len(dc), C, C)``."""
+        start = self.flat.storage_offset() + (self.kh + rows.start) * self.row + cols.start * self.b
+        shape, strides = (len(rows), self.c, len(cols) * self.b), (self.row, self.flat.shape[1], 1)
+        sources = self.flat.as_strided(shape, strides, start)
+        out = self.flat.new_empty(len(dr), len(dc), self.c, self.c)
+        for i, d_r in enumerate(dr):
+            for j, d_c in enumerate(dc):
+                shifted = self.flat.as_strided(shape, strides, start + d_r * self.row + d_c * self.b)
+                torch.sum(sources @ shifted.transpose(1, 2), 0, out=out[i, j])
+        return out
 
 
 def _conv_patch_gram(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -183,75 +205,72 @@ def _conv_patch_gram(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
     Entry ``[(c, d1), (c', d2)]`` is ``sum_{s in W(d1)} x[c, s] x[c', s + D]`` with
     ``D = d2 - d1`` and ``W(d1)`` the input positions kernel offset ``d1`` reads
-    (Toeplitz structure). So it is ``T_D = sum_{all s} x[s] x[s + D]^T`` minus the border
-    rows and columns outside ``W(d1)``, plus their corners (inclusion-exclusion; only the
-    few non-zero border terms are computed). ``T`` needs ``(2k-1)^2 / 2`` products
-    (``T_{-D} = T_D^T``) instead of the ``k^4 / 2`` blocks of ``U U^T``, each a matmul over
-    shifted views of one zero-padded, flattened copy of ``x``: with ``k - 1`` zero columns
-    on the right of every row and ``k - 1`` zero rows below every image, a shift by
-    ``D`` is a shift by ``D_r W' + D_c`` of the flat index, and whatever leaves the image
-    lands on zeros.
+    (Toeplitz structure). So it is ``T_D = sum_{all s} x[s] x[s + D]^T`` minus the
+    sources in the border rows and columns outside ``W(d1)``, plus their corners
+    (inclusion-exclusion). ``T`` needs ``(2k-1)^2 / 2`` products (``T_{-D} = T_D^T``)
+    instead of the ``k^4 / 2`` blocks of ``U U^T``, and the border terms only the few
+    offsets that stay inside the image; see :class:`_ShiftCorrelator`.
     """
     n, c, h, w = x.shape
     (kh, kw), (ph, pw) = conv.kernel_size, _padding(conv)
     ho, wo = _conv_out_size(conv, h, w)
-    flat = F.pad(x.transpose(0, 1), (0, kw - 1, 0, kh - 1)).reshape(c, -1)
-    length, row = flat.shape[1], w + kw - 1
-    full = x.new_zeros(2 * kh - 1, 2 * kw - 1, c, c)
-    for dr in range(kh):
-        for dc in range(-kw + 1, kw):
-            if dr > 0 or dc >= 0:
-                shift = dr * row + dc
-                t = flat[:, : length - shift] @ flat[:, shift:].T
-                full[kh - 1 + dr, kw - 1 + dc] = t
-                full[kh - 1 - dr, kw - 1 - dc] = t.T
-    # for the border corrections: channel-first, zero-padded on all sides
-    xc = F.pad(x.transpose(0, 1), (kw - 1, kw - 1, kh - 1, kh - 1)).contiguous()  # x[:, n, s] = xc[:, n, s + k - 1]
-    inner = (slice(kh - 1, kh - 1 + h), slice(kw - 1, kw - 1 + w))
-    base = x.transpose(0, 1)
-    r = torch.arange(kh)
-    q = torch.arange(kw)
-    dr_idx = (r[None, :] - r[:, None] + kh - 1).view(kh, 1, kh, 1)  # [d1r, d2r] -> D_r index
-    dc_idx = (q[None, :] - q[:, None] + kw - 1).view(1, kw, 1, kw)
-    blocks = full[dr_idx, dc_idx]  # (kh, kw, kh, kw, C, C): [d1r, d1c, d2r, d2c, c, c']
+    corr = _ShiftCorrelator(x, kh, kw)
+    full = x.new_empty(2 * kh - 1, 2 * kw - 1, c, c)  # T, indexed D + k - 1
+    for dr in range(kh):  # D > 0 lexicographically; T_{-D} = T_D^T
+        dc = range(0 if dr == 0 else -kw + 1, kw)
+        t = corr(range(h), range(w), range(dr, dr + 1), dc)[0]
+        full[kh - 1 + dr, kw - 1 + dc.start :] = t
+        full[kh - 1 - dr, : kw - dc.start] = t.flip(0).transpose(1, 2)
 
-    def outside(d: int, p: int, length: int, out: int) -> list[int]:
-        return [s for s in range(length) if not d - p <= s < d - p + out]  # sources offset d never reads
+    def border(p: int, size: int, out: int, k: int) -> dict[int, tuple[list[int], range]]:
+        """Border source -> (offsets d that miss it, the D that keep it inside the image)."""
+        miss: dict[int, list[int]] = {}
+        for d in range(k):  # offset d reads sources [d - p, d - p + out)
+            for s in range(size):
+                if not d - p <= s < d - p + out:
+                    miss.setdefault(s, []).append(d)
+        return {s: (ds, range(max(-max(ds), -s), min(k - 1 - min(ds), size - 1 - s) + 1)) for s, ds in miss.items()}
 
-    ex_rows = [outside(d, ph, h, ho) for d in range(kh)]
-    ex_cols = [outside(d, pw, w, wo) for d in range(kw)]
-    for d1r in range(kh):  # minus excluded rows: sum_j x[i, j] x[i + Dr, j + Dc]^T for all Dc
-        for i in ex_rows[d1r]:
-            for d2r in range(kh):
-                dr = d2r - d1r
-                if 0 <= i + dr < h:
-                    row_i = base[:, :, i].reshape(c, -1)
-                    shifted = _shifted(xc, [(dr, dc) for dc in range(-kw + 1, kw)], slice(kh - 1 + i, kh + i), inner[1])
-                    corr = (row_i @ shifted.T).view(c, 2 * kw - 1, c)[:, dc_idx.view(kw, kw)]  # (C, kw, kw, C)
-                    blocks[d1r, :, d2r] -= corr.permute(1, 2, 0, 3)
-    for d1c in range(kw):  # minus excluded columns
-        for j in ex_cols[d1c]:
-            for d2c in range(kw):
-                dc = d2c - d1c
-                if 0 <= j + dc < w:
-                    col = base[:, :, :, j].reshape(c, -1)
-                    shifted = _shifted(xc, [(dr, dc) for dr in range(-kh + 1, kh)], inner[0], slice(kw - 1 + j, kw + j))
-                    corr = (col @ shifted.T).view(c, 2 * kh - 1, c)[:, dr_idx.view(kh, kh)]  # (C, kh, kh, C)
-                    blocks[:, d1c, :, d2c] -= corr.permute(1, 2, 0, 3)
-    for d1r in range(kh):  # plus the corners subtracted twice
-        for d1c in range(kw):
-            for i in ex_rows[d1r]:
-                for j in ex_cols[d1c]:
-                    for d2r in range(kh):
-                        for d2c in range(kw):
-                            si, sj = i + d2r - d1r, j + d2c - d1c
-                            if 0 <= si < h and 0 <= sj < w:
-                                blocks[d1r, d1c, d2r, d2c] += x[:, :, i, j].T @ x[:, :, si, sj]
-    return blocks.permute(4, 0, 1, 5, 2, 3).reshape(c * kh * kw, c * kh * kw)
+    rows, cols = border(ph, h, ho, kh), border(pw, w, wo, kw)
+    every_dr, every_dc = range(-kh + 1, kh), range(-kw + 1, kw)
+    r, q = torch.arange(kh, device=x.device), torch.arange(kw, device=x.device)
+    dr_of, dc_of = r[None, :] - r[:, None] + kh - 1, q[None, :] - q[:, None] + kw - 1  # [d1, d2] -> D + k - 1
+    a = full[dr_of.view(kh, 1, kh, 1), dc_of.view(1, kw, 1, kw)]  # (kh, kw, kh, kw, C, C): [d1r, d1c, d2r, d2c]
+    for i, (d1s, dr) in rows.items():  # minus the sources in the rows offset d1 misses
+        if dr:
+            t = corr(range(i, i + 1), range(w), dr, every_dc)
+            for d1, d2 in ((d1, d2) for d1 in d1s for d2 in range(kh) if d2 - d1 in dr):
+                a[d1, :, d2] -= t[d2 - d1 - dr.start][dc_of]
+    for j, (d1s, dc) in cols.items():  # minus the columns it misses
+        if dc:
+            t = corr(range(h), range(j, j + 1), every_dr, dc)
+            for d1, d2 in ((d1, d2) for d1 in d1s for d2 in range(kw) if d2 - d1 in dc):
+                a[:, d1, :, d2] -= t[:, d2 - d1 - dc.start][dr_of]
+    for i, (r1s, dr) in rows.items():  # plus the corners, subtracted twice
+        for j, (c1s, dc) in cols.items():
+            if dr and dc:
+                t = corr(range(i, i + 1), range(j, j + 1), dr, dc)
+                for d1r, d1c, d2r, d2c in itertools.product(r1s, c1s, range(kh), range(kw)):
+                    if d2r - d1r in dr and d2c - d1c in dc:
+                        a[d1r, d1c, d2r, d2c] += t[d2r - d1r - dr.start, d2c - d1c - dc.start]
+    return a.permute(4, 0, 1, 5, 2, 3).reshape(c * kh * kw, c * kh * kw)
 
 
 def _fast_conv(conv: nn.Conv2d) -> bool:
     return conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+
+
+# On a GPU a small layer's statistics are bound by kernel launches, not arithmetic: the
+# Toeplitz Gram's ~30 small kernels lose to one im2col product there (digits UNet on an
+# H100: 2.17 s vs 1.39 s per expand pass). Below this many flops the GPU uses im2col.
+GPU_IM2COL_FLOPS = 1e10
+
+
+def _toeplitz_gram(conv: nn.Conv2d, x: Tensor, positions: int) -> bool:
+    """Whether :func:`_conv_patch_gram` beats forming the im2col patches for this layer."""
+    if not _fast_conv(conv) or conv.kernel_size == (1, 1):
+        return False
+    return x.device.type == "cpu" or 2 * positions * (conv.weight[0].numel()) ** 2 > GPU_IM2COL_FLOPS
 
 
 def activation_factor(layer: Layer, x: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
@@ -271,7 +290,7 @@ def activation_factor(layer: Layer, x: Tensor, approx: KFACApprox) -> tuple[Tens
         a = mean.T @ mean
         return (_fold_bias(a, mean.sum(0), n) if bias else a), n
     count = n * ho * wo
-    if _fast_conv(layer) and layer.kernel_size != (1, 1):
+    if _toeplitz_gram(layer, x, count):
         a = _conv_patch_gram(x, layer)
         colsum = _window_sums(x.sum(0), layer, ho, wo)
     else:
