@@ -131,6 +131,11 @@ def _padded(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.pad(x, (pw, pw, ph, ph), mode=mode) if ph or pw else x
 
 
+def _fast_conv(conv: nn.Conv2d) -> bool:
+    """Stride 1, dilation 1, zero padding: windows are rectangles and the Gram is Toeplitz."""
+    return conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+
+
 def _window_sums(x: Tensor, conv: nn.Conv2d, ho: int, wo: int) -> Tensor:
     """``sum_r x_pad[..., s_r + delta]`` over the output positions ``r``, for each kernel offset
     ``delta``: ``(..., C, H, W) -> (..., C * k_h * k_w)`` in the weight's (channel-major) order."""
@@ -146,10 +151,9 @@ def _window_sums(x: Tensor, conv: nn.Conv2d, ho: int, wo: int) -> Tensor:
     # stride 1, zero padding: each window is a rectangle of x, summed from 2D prefix sums
     (ph, pw), (h, w) = _padding(conv), x.shape[-2:]
     prefix = F.pad(x.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
-    r0 = (torch.arange(kh) - ph).clamp(0, h)
-    r1 = (torch.arange(kh) - ph + ho).clamp(0, h)
-    c0 = (torch.arange(kw) - pw).clamp(0, w)
-    c1 = (torch.arange(kw) - pw + wo).clamp(0, w)
+    r, q = torch.arange(kh, device=x.device), torch.arange(kw, device=x.device)
+    r0, r1 = (r - ph).clamp(0, h), (r - ph + ho).clamp(0, h)
+    c0, c1 = (q - pw).clamp(0, w), (q - pw + wo).clamp(0, w)
     rect = (
         prefix[..., r1[:, None], c1[None, :]]
         - prefix[..., r0[:, None], c1[None, :]]
@@ -254,10 +258,6 @@ def _conv_patch_gram(x: Tensor, conv: nn.Conv2d) -> Tensor:
                     if d2r - d1r in dr and d2c - d1c in dc:
                         a[d1r, d1c, d2r, d2c] += t[d2r - d1r - dr.start, d2c - d1c - dc.start]
     return a.permute(4, 0, 1, 5, 2, 3).reshape(c * kh * kw, c * kh * kw)
-
-
-def _fast_conv(conv: nn.Conv2d) -> bool:
-    return conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
 
 
 # On a GPU a small layer's statistics are bound by kernel launches, not arithmetic: the
