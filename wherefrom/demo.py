@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 
-from wherefrom.attribution.cli import METHODS
+from wherefrom.attribution.cli import METHODS, method_function
 from wherefrom.attribution.cli import parser as attribute_parser
 from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
@@ -69,21 +69,21 @@ class DemoConfig:
     so the cores are used by ``lds_workers`` processes training subset models.
     """
 
-    num_images: int = 250
-    members: int = 10
-    code_weight: int = 5
+    num_images: int = 70
+    members: int = 8
+    code_weight: int = 4
     channels: tuple[int, int] = (16, 32)
-    epochs: int = 60
-    batch_size: int = 64
+    epochs: int = 100
+    batch_size: int = 35
     lr: float = 2e-3
     num_samples: int = 8
-    steps: int = 25
+    steps: int = 20
     scheduler: str = "ddim"
     top_k: int = 8
     timesteps: int = 4
     proj_dim: int = 256
     lds_subsets: int = 16
-    lds_draws: int = 8
+    lds_draws: int = 32
     loo_indices: int = 32
     seed: int = 0
     threads: int = 1
@@ -226,11 +226,10 @@ def attribute_all(cfg: DemoConfig, out: Path, ckpt: Path, module, dm, queries: t
             ["--ckpt", str(ckpt), "--method", method, "--out", str(out / "methods" / method), "--top-k", str(cfg.top_k),
              "--seed", str(cfg.seed), "--steps", str(cfg.steps), "--scheduler", cfg.scheduler, "--store", str(out / "store" / STORE_OF.get(method, method)), *METHOD_ARGS.get(method, [])]
         )
-        mod, _, fn = METHODS[method].partition(":")
         log(f"attributing with {method}", start)
         try:
             with timer.phase(f"attribute:{method}"):
-                result = getattr(importlib.import_module(mod), fn)(module, dm, queries, args)
+                result = method_function(method)(module, dm, queries, args)
         except WherefromError as e:  # e.g. a method whose capture callback is not installed
             status[method] = f"skipped: {e}"
             log(f"{method} skipped: {e}", start)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
-from wherefrom.attribution.report import write_attribution
+from wherefrom.attribution.report import Attribution, write_attribution
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.errors import WherefromError
 
@@ -69,16 +70,22 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     return queries
 
 
+def method_function(method: str) -> Callable[..., Attribution]:
+    """The registered ``attribute(module, datamodule, queries, args)`` of ``method``."""
+    if method not in METHODS:
+        raise WherefromError(f"unknown --method {method!r}; choose one of {sorted(METHODS)}")
+    mod, _, fn = METHODS[method].partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
 def attribute_main(argv: list[str]) -> None:
     from wherefrom.model import load_datamodule, load_module
 
     args = parser().parse_args(argv)
-    if args.method not in METHODS:
-        raise WherefromError(f"unknown --method {args.method!r}; choose one of {sorted(METHODS)}")
+    attribute = method_function(args.method)
     module = load_module(args.ckpt)
     datamodule = load_datamodule(args.ckpt)
     queries = load_queries(args.queries, module, datamodule, args)
-    mod, _, fn = METHODS[args.method].partition(":")
-    result = getattr(importlib.import_module(mod), fn)(module, datamodule, queries, args)
+    result = attribute(module, datamodule, queries, args)
     out = write_attribution(args.out, result, datamodule.images, args.top_k)
     print(f"wrote {out / 'scores.npy'}, {out / 'topk.json'}, {out / 'topk.png'}")
