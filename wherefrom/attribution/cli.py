@@ -22,6 +22,7 @@ from wherefrom.errors import WherefromError
 # method -> "module:function"
 METHODS: dict[str, str] = {
     "random": "wherefrom.attribution.baseline:random_attribute",
+    "ablation": "wherefrom.ensemble.synthetic:attribute",
     "trak": "wherefrom.attribution.trak:attribute",
     "dtrak": "wherefrom.attribution.trak:attribute",
     "kfac": "wherefrom.attribution.influence:attribute",

@@ -1,0 +1,313 @@
+"""Synthetic ablation: attribution of every training image from one Jacobian
+(Dai, Yew & Gifford, "Where did you learn that?", section "Synthetic ablation").
+
+With the exogenous noise fixed (:mod:`wherefrom.sampling`), the final sample of
+query ``q`` is a function ``x0(a)`` of the member weights ``a`` (every step uses
+``eps = sum_i a_i eps_i``). Exact ablation of training image ``x`` reruns the
+chain at ``a'(x)``, the weights with the members in ``S(x)`` zeroed and the rest
+renormalised. Synthetic ablation linearises instead::
+
+    x0(a'(x)) ~ x0(a) + J (a'(x) - a),      J = d x0 / d a   (D x n per query)
+
+``J`` takes ``n`` forward-mode Jacobian-vector products through the whole chain
+(one per member weight), after which every training image costs ``O(n^2)``:
+with ``d(x) = a'(x) - a`` and the Gram matrix ``G = J^T J`` (n x n),
+
+    score(x) = ||J d(x)||_2 = sqrt(d(x)^T G d(x)),
+
+for all N images at once as ``sqrt(rowsum((D G) * D))`` with ``D`` the N x n
+matrix of the ``d(x)`` (larger = more influential). No loop over N, and the
+cost does not depend on the image size once ``G`` is formed.
+
+Forward mode keeps only the current ``x_t`` and its tangents, so memory does not
+grow with the number of steps. Fused SDPA kernels have no forward-AD (or vmap)
+rule, so the chain runs under ``sdpa_kernel(SDPBackend.MATH)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from wherefrom.attribution.report import Attribution
+from wherefrom.ensemble.codes import Codes
+from wherefrom.ensemble.sampler import EnsembleSampler
+from wherefrom.errors import WherefromError
+from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
+from wherefrom.io import save_grid, write_npy
+from wherefrom.sampling import EpsFn, sample
+from wherefrom.task import predict_eps
+
+# The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
+# rounding differs from the fused one; beyond this (images in [-1, 1]) they are other samples.
+QUERY_TOLERANCE = 1e-2
+
+
+class JacobianStrategy(str, enum.Enum):
+    """How the ``n`` tangents ``e_1..e_n`` of the member weights are pushed through the chain.
+
+    ``vmap``: ``torch.func.vmap`` over ``torch.func.jvp`` tangents; the primal is computed once
+    and every op applies to the n tangents as one batch. ``rows``: the tangents in the batch
+    dimension (each query repeated n times, row block j carrying ``e_j``); every row recomputes
+    the primal. ``sequential``: one JVP per tangent, the primal recomputed each time.
+    ``benchmarks/bench_synthetic.py`` times all three; ``vmap`` was fastest at realistic sizes.
+    """
+
+    VMAP = "vmap"
+    ROWS = "rows"
+    SEQUENTIAL = "sequential"
+
+
+@contextmanager
+def forward_ad_mode() -> Iterator[None]:
+    """No reverse-mode graph, and the MATH attention kernel (fused SDPA has no forward-AD/vmap rule)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def row_weighted_eps(members: Sequence[nn.Module], weights: Tensor) -> EpsFn:
+    """``(x_t, t) -> sum_i weights[b, i] eps_i(x_t, t)[b]``: member weights per row (B x n).
+
+    ``weights`` may be a dual tensor (forward AD); every member is evaluated.
+    """
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        w = weights.to(dtype=x.dtype, device=x.device)
+        out = w[:, 0].view(-1, 1, 1, 1) * predict_eps(members[0], x, t)
+        for i in range(1, len(members)):
+            out = out + w[:, i].view(-1, 1, 1, 1) * predict_eps(members[i], x, t)
+        return out
+
+    return eps
+
+
+def sample_rows(sampler: EnsembleSampler, queries: Sequence[int], weights: Tensor) -> Tensor:
+    """``x_0`` of query ``queries[b]`` with member weights ``weights[b]`` (B x n), all rows in one
+    chain with the sampler's settings and exogenous noise (row b equals ``sampler.sample([q], weights[b])``)."""
+    if weights.shape != (len(queries), sampler.n):
+        raise WherefromError(f"row weights must have shape ({len(queries)}, {sampler.n}), got {tuple(weights.shape)}")
+    s = sampler
+    eps = row_weighted_eps(s.members, weights)
+    return sample(eps, s.task, s.image_shape, list(queries), s.seed, s.steps, s.scheduler, s.clip_sample, s.dtype, s.device)
+
+
+def _weights(sampler: EnsembleSampler, weights: Tensor | None) -> Tensor:
+    a = sampler.uniform_weights() if weights is None else weights.detach().to(torch.float64).cpu()
+    if a.shape != (sampler.n,):
+        raise WherefromError(f"member weights must have shape ({sampler.n},), got {tuple(a.shape)}")
+    if not torch.isclose(a.sum(), torch.ones((), dtype=a.dtype)):
+        raise WherefromError(f"member weights must sum to 1 (ablation renormalises to that), got sum {float(a.sum()):.6g}")
+    return a
+
+
+def _jacobian_block(sampler: EnsembleSampler, queries: list[int], a: Tensor, strategy: JacobianStrategy) -> tuple[Tensor, Tensor]:
+    """``(x0, J)`` for one block of queries: ``Q x C x H x W`` and ``Q x D x n``."""
+    n, q = sampler.n, len(queries)
+    eye = torch.eye(n, dtype=a.dtype)
+
+    def chain(w: Tensor) -> Tensor:
+        return sampler.sample(queries, w, skip_zero=False)  # zero weights still get a derivative
+
+    if strategy is JacobianStrategy.VMAP:
+        # randomness="same": the seeded exogenous noise is identical for every tangent
+        x0, tangents = torch.func.vmap(lambda v: torch.func.jvp(chain, (a,), (v,)), out_dims=(None, 0), randomness="same")(eye)
+    elif strategy is JacobianStrategy.ROWS:
+        rows, row_tangents = a.expand(n * q, n).contiguous(), eye.repeat_interleave(q, dim=0)  # row j*q + k carries e_j
+        x0, tangents = torch.func.jvp(lambda w: sample_rows(sampler, queries * n, w), (rows,), (row_tangents,))
+        x0, tangents = x0[:q], tangents.reshape(n, q, *x0.shape[1:])
+    else:
+        cols = [torch.func.jvp(chain, (a,), (eye[j],)) for j in range(n)]
+        x0, tangents = cols[0][0], torch.stack([c[1] for c in cols])
+    return x0, tangents.flatten(2).permute(1, 2, 0)  # n x Q x D -> Q x D x n
+
+
+@dataclass(frozen=True)
+class Linearization:
+    """The final samples ``x0`` (Q x C x H x W) of ``queries`` as a linear function of the member
+    weights around ``weights``: ``x0(a') ~ x0 + J (a' - a)``, ``J`` = :attr:`jacobian` (Q x D x n)."""
+
+    queries: list[int]
+    x0: Tensor
+    jacobian: Tensor
+    weights: Tensor
+
+    def gram(self) -> Tensor:
+        """``G_q = J_q^T J_q`` (Q x n x n, float64)."""
+        j = self.jacobian.double()
+        return j.transpose(1, 2) @ j
+
+    def distances(self, deltas: Tensor, gram: Tensor | None = None) -> Tensor:
+        """``||J_q d||_2`` for every query q and weight change ``d`` (rows of ``deltas``, N x n): Q x N.
+
+        ``||J d||^2 = d^T G d``, so for all rows at once ``rowsum((D G_q) * D)`` — O(N n^2) per query.
+        """
+        g = self.gram() if gram is None else gram
+        d = deltas.to(torch.float64).to(g.device)
+        sq = torch.stack([((d @ g_q) * d).sum(1) for g_q in g])
+        return sq.clamp_min(0).sqrt()  # rounding can make d^T G d slightly negative for d in J's null space
+
+    def counterfactuals(self, deltas: Tensor) -> Tensor:
+        """Synthetic counterfactuals ``x0_q + J_q d_{q,k}`` for per-query weight changes ``deltas`` (Q x K x n): Q x K x C x H x W."""
+        d = deltas.to(self.jacobian)
+        moved = torch.einsum("qpn,qkn->qkp", self.jacobian, d)
+        return self.x0.unsqueeze(1) + moved.reshape(*d.shape[:2], *self.x0.shape[1:])
+
+
+def linearize(
+    sampler: EnsembleSampler,
+    queries: int | Sequence[int],
+    weights: Tensor | None = None,
+    *,
+    strategy: JacobianStrategy | str = JacobianStrategy.VMAP,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Linearization:
+    """``x0`` and ``J = d x0 / d a`` of the sampler's chain (its seed, steps, scheduler) for ``queries``
+    (``int`` q means ``0..q-1``) at member weights ``weights`` (default uniform), by forward-mode AD.
+
+    ``batch_size`` queries go through the chain together (default all); memory is
+    ``O(batch_size * n * activations)`` whatever the number of steps.
+    """
+    queries = list(range(queries)) if isinstance(queries, int) else [int(q) for q in queries]
+    if not queries:
+        raise WherefromError("linearize needs at least one query")
+    if batch_size is not None and batch_size < 1:
+        raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+    strategy = JacobianStrategy(strategy)
+    a = _weights(sampler, weights)
+    step = batch_size or len(queries)
+    x0, jac = [], []
+    with forward_ad_mode():
+        for start in tqdm(range(0, len(queries), step), desc="jacobian", disable=not progress):
+            x, j = _jacobian_block(sampler, queries[start : start + step], a, strategy)
+            x0.append(x)
+            jac.append(j)
+    return Linearization(queries, torch.cat(x0), torch.cat(jac), a)
+
+
+def jacobian(sampler: EnsembleSampler, queries: int | Sequence[int], weights: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """``J = d x0 / d a`` (Q x D x n) of the sampler's final samples; see :func:`linearize`."""
+    return linearize(sampler, queries, weights, **kwargs).jacobian
+
+
+def ablated_weights(weights: Tensor, bits: np.ndarray | Tensor) -> Tensor:
+    """``a'(x)`` for each code row (N x n bool): the members in ``S(x)`` zeroed, the rest rescaled to sum 1.
+
+    For uniform ``weights`` this is :meth:`EnsembleSampler.ablation_weights` (uniform over the kept members).
+    """
+    keep = ~torch.as_tensor(np.asarray(bits), dtype=torch.bool)
+    kept = weights.to(torch.float64).unsqueeze(0) * keep
+    total = kept.sum(1, keepdim=True)
+    if (total <= 0).any():
+        raise WherefromError("ablating a code removes every member with non-zero weight; nothing would remain to sample")
+    return kept / total
+
+
+def synthetic_scores(lin: Linearization, codes: Codes, num_images: int | None = None) -> np.ndarray:
+    """Q x ``num_images`` scores: the L2 distance between ``x0`` and the synthetic counterfactual
+    ``x0 + J (a'(x) - a)`` of every training index x (0 for indices outside the codes' split)."""
+    num_images = int(codes.indices[-1]) + 1 if num_images is None else num_images
+    if num_images <= codes.indices[-1]:
+        raise WherefromError(f"the codes cover global index {int(codes.indices[-1])} but num_images is {num_images}")
+    deltas = ablated_weights(lin.weights, codes.bits) - lin.weights
+    scores = np.zeros((len(lin.queries), num_images), dtype=np.float64)
+    scores[:, codes.indices] = lin.distances(deltas).cpu().numpy()
+    return scores
+
+
+def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Sequence[int], batch_size: int = 64) -> Tensor:
+    """Exact ablation of training index ``indices[b]`` for query ``queries[b]`` (B pairs): B x C x H x W,
+    each equal to ``sampler.ablate([indices[b]], [queries[b]])``, in batches of ``batch_size`` pairs."""
+    if len(queries) != len(indices):
+        raise WherefromError(f"need one training index per query, got {len(queries)} queries and {len(indices)} indices")
+    codes = _codes(sampler)
+    weights = ablated_weights(sampler.uniform_weights(), codes.bits[codes.rows(np.asarray(indices, dtype=np.int64))])
+    with torch.no_grad():
+        return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in range(0, len(queries), batch_size)])
+
+
+def _codes(sampler: EnsembleSampler) -> Codes:
+    if sampler.codes is None:
+        raise WherefromError("synthetic ablation needs the ensemble's codes; load an assembled or jointly trained ensemble checkpoint")
+    return sampler.codes
+
+
+# --- `wherefrom attribute --method ablation` ---------------------------------------------------------------
+
+
+def _rerank(name: str, candidates: np.ndarray, distances: np.ndarray) -> dict[str, list]:
+    order = np.argsort(-distances, kind="stable")
+    return {f"exact_{name}": distances.tolist(), f"{name}_order": candidates[order].tolist()}
+
+
+def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
+    """``wherefrom attribute --method ablation``: synthetic-ablation scores of every training image for the
+    ensemble's samples ``0..num_samples-1`` (``--seed``, ``--steps``, ``--scheduler``).
+
+    Also writes ``counterfactuals.npy``/``.png`` (each query, then its top-k synthetic counterfactuals).
+    ``--exact`` reruns the chain without the members of each top-k image and adds, per query, the exact
+    L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
+    """
+    if args.queries is not None:
+        raise WherefromError(
+            "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
+            "drop --queries and pass --num-samples and --seed"
+        )
+    if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
+        raise WherefromError("--method ablation needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
+    module.eval()
+    sampler = module.sampler(seed=args.seed, steps=args.steps, scheduler=args.scheduler)
+    codes = _codes(sampler)
+    lin = linearize(sampler, len(queries), batch_size=args.batch_size, progress=True)
+    gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
+    if gap > QUERY_TOLERANCE:
+        raise WherefromError(f"the queries differ from the sampler's own samples by {gap:.3g}; generate them with the same --seed, --steps and --scheduler")
+    lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
+    result = Attribution(synthetic_scores(lin, codes, datamodule.num_images), queries, "ablation")
+
+    top, _ = result.topk(args.top_k)
+    deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
+    synthetic = lin.counterfactuals(deltas)
+    rows = [torch.cat([lin.x0[q : q + 1], synthetic[q]]) for q in range(len(top))]
+    if args.exact:
+        pairs_q = np.repeat(np.arange(len(top)), top.shape[1])
+        exact = exact_ablation(sampler, pairs_q.tolist(), top.ravel().tolist(), args.batch_size).reshape(synthetic.shape)
+        x0 = lin.x0.unsqueeze(1).expand_as(exact).flatten(0, 1)
+        l2 = l2_distance(x0, exact.flatten(0, 1)).reshape(top.shape).double().cpu().numpy()
+        result.extra = [_rerank("l2", top[q], l2[q]) for q in range(len(top))]
+        if alexnet_weights_path().is_file():
+            lp = LPIPSDistance().to(x0.device)(x0, exact.flatten(0, 1)).reshape(top.shape).double().cpu().numpy()
+            for q, extra in enumerate(result.extra):
+                extra.update(_rerank("lpips", top[q], lp[q]))
+        else:
+            print(f"LPIPS re-ranking skipped: no backbone weights at {alexnet_weights_path()}")
+        write_npy(f"{args.out}/exact_counterfactuals.npy", exact.float().cpu().numpy())
+        rows = [r for q in range(len(top)) for r in (rows[q], torch.cat([lin.x0[q : q + 1], exact[q]]))]
+    write_npy(f"{args.out}/counterfactuals.npy", synthetic.float().cpu().numpy())
+    save_grid(torch.cat(rows).float().cpu(), f"{args.out}/counterfactuals.png", nrow=top.shape[1] + 1)
+    return result
+
+
+__all__ = [
+    "JacobianStrategy",
+    "Linearization",
+    "ablated_weights",
+    "attribute",
+    "exact_ablation",
+    "forward_ad_mode",
+    "jacobian",
+    "linearize",
+    "row_weighted_eps",
+    "sample_rows",
+    "synthetic_scores",
+]
