@@ -31,6 +31,7 @@ from wherefrom.attribution.kfac import (
 from wherefrom.attribution.store import Store
 from wherefrom.callbacks import KFACFactors
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.errors import WherefromError
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream, predict_eps
@@ -294,7 +295,7 @@ def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
         root = tmp_path / f"ddp{devices}"
         root.mkdir()
         callbacks = [kfac_callback(root / "after", passes=2, ekfac=True), kfac_callback(root / "during", mode="during")]
-        cfg = tiny_config(root, callbacks, lr=0.0, precision="64-true", epochs=2)
+        cfg = tiny_config(root, callbacks, lr=0.0, precision="64-true")
         if devices == 1:
             monkeypatch.chdir(root)  # LightningCLI writes its config.yaml to the working directory
             cli.main(["fit", "--config", str(cfg)])
@@ -313,7 +314,7 @@ def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
     factors = one["after"]["factors/model"]
     # every index exactly once per pass: 2 passes x 24 images
     assert float(factors["conv_in/G_count"]) == 2 * len(SUBSET)
-    assert float(one["during"]["factors/model"]["conv_in/G_count"]) == 2 * len(SUBSET)
+    assert float(one["during"]["factors/model"]["conv_in/G_count"]) == len(SUBSET)
 
 
 class StopAfterFirstEpoch(L.Callback):
@@ -349,3 +350,21 @@ def test_during_mode_survives_checkpoint_resume(tmp_path):
     assert once.keys() == resumed.keys()
     for key in once:
         assert torch.equal(once[key], resumed[key]), key
+
+
+def test_ensemble_members_get_factors_of_their_own_split(tmp_path):
+    """Each member of an encoded ensemble is a model id fitted on its code split only
+    (after training) or on the rows routed to it (during training)."""
+    model = EncodedEnsemble(n=7, w=3, unet=TINY_UNET, lr=1e-3, warmup=0.0, seed=5)
+    data = DigitsDataModule(batch_size=8, subset=SUBSET)
+    callbacks = [KFACFactors(str(tmp_path / "after")), KFACFactors(str(tmp_path / "during"), mode="during")]
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, callbacks=callbacks).fit(model, datamodule=data)  # fmt: skip
+    after, during = store_tensors(tmp_path / "after"), store_tensors(tmp_path / "during")
+    assert set(after) == {f"{kind}/member{i}" for kind in ("factors", "eigen") for i in range(7)}
+    for i in range(7):
+        split = len(model.codes.split(i))
+        assert 0 < split < len(SUBSET)
+        assert float(after[f"factors/member{i}"]["conv_in/G_count"]) == split
+        assert float(during[f"factors/member{i}"]["conv_in/G_count"]) == split
+    assert not torch.equal(after["factors/member0"]["conv_in/A"], after["factors/member1"]["conv_in/A"])

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
 from wherefrom.attribution.kfac import KFACPreconditioner, layer_dims, load_preconditioner, training_split
@@ -87,11 +88,14 @@ def query_gradients(net: nn.Module, task: DiffusionTask, queries: Tensor, measur
     return torch.cat(out)
 
 
-def exact_scores(net: nn.Module, task: DiffusionTask, datamodule, indices: np.ndarray, pre: Tensor, config: FeatureConfig, batch_size: int) -> np.ndarray:
+def exact_scores(
+    net: nn.Module, task: DiffusionTask, datamodule, indices: np.ndarray, pre: Tensor, config: FeatureConfig, batch_size: int, progress: bool = False
+) -> np.ndarray:
     """``pre @ grad L(x)`` for every training index (``Q x N``; zero outside ``indices``)."""
     device = pre.device
     scores = np.zeros((len(pre), datamodule.num_images))
-    for batch in DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False):
+    batches = DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False)
+    for batch in tqdm(batches, desc="training gradients", disable=not progress):
         x0 = batch["image"].to(device=device, dtype=pre.dtype)
         g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES)
         scores[:, batch["index"].numpy()] = (pre @ g.T).double().cpu().numpy()
@@ -140,6 +144,7 @@ def influence_scores(
     grads: str = "exact",
     config: FeatureConfig | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> np.ndarray:
     """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids).
 
@@ -169,7 +174,7 @@ def influence_scores(
             g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size)
             pre = precondition(net, g_q, preconditioner)
             if grads == "exact":
-                part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size)
+                part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
             else:
                 projection = Projection(feature_config, net, model_id)
                 part = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
@@ -191,7 +196,7 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
     config = FeatureConfig(output="loss", timesteps=args.timesteps)
     scores = influence_scores(
         module, datamodule, queries, store, args.measurement, ekfac=args.method == "ekfac",
-        damping=args.damping, grads=args.grads, config=config, batch_size=args.batch_size,
+        damping=args.damping, grads=args.grads, config=config, batch_size=args.batch_size, progress=True,
     )  # fmt: skip
     return Attribution(scores, queries, args.method)
 
