@@ -48,3 +48,5 @@ def test_bad_sizes_are_clear_errors():
         DemoConfig(num_images=5000)
     with pytest.raises(WherefromError, match="lds-subsets"):
         DemoConfig(lds_subsets=1)
+    with pytest.raises(WherefromError, match="scheduler"):
+        DemoConfig(scheduler="euler")

@@ -16,7 +16,7 @@
 
 Methods and callbacks are discovered at run time (``METHODS`` and
 :mod:`wherefrom.callbacks`), so the demo reports whatever is installed. The
-defaults take about 10 minutes on 2 CPU cores; the size options scale it up,
+defaults take about 10 CPU-minutes (about 8 minutes on 2 idle cores); the size options scale it up,
 ``--tiny`` shrinks it to seconds (tests).
 """
 
@@ -48,7 +48,7 @@ from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation import lds
-from wherefrom.evaluation.benchmark import Benchmark
+from wherefrom.evaluation.benchmark import Benchmark, SamplingConfig
 from wherefrom.evaluation.lds import Correlation
 from wherefrom.evaluation.loo import leave_one_out, sample_indices
 from wherefrom.io import save_grid, write_json, write_npy
@@ -62,10 +62,10 @@ OWNED = ("ensemble", "store", "methods", "lds", "loo")
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: ~10 minutes on 2 CPU cores).
+    """Sizes of the demo (defaults: about 8 minutes on 2 idle CPU cores).
 
     ``threads`` are torch's intra-op threads: the 8x8 models gain little from
-    more, and on a busy machine extra threads thrash (30x slower measured here),
+    more, and on a busy machine extra threads thrash (up to 30x slower measured on a loaded 2-core machine),
     so the cores are used by ``lds_workers`` processes training subset models.
     """
 
@@ -100,6 +100,7 @@ class DemoConfig:
             raise WherefromError(f"--threads and --lds-workers must be >= 1, got {self.threads} and {self.lds_workers}")
         if self.lds_subsets < 2 or self.loo_indices < 2:
             raise WherefromError("--lds-subsets and --loo-indices must be >= 2 (correlations need two points)")
+        SamplingConfig(self.seed, self.steps, self.scheduler)  # validates the scheduler
 
     @property
     def unet(self) -> dict[str, Any]:
@@ -323,8 +324,8 @@ def write_report(out: Path, cfg: DemoConfig, status: dict[str, str], results: di
         "",
         "## Samples",
         "",
-        "Generated queries (top) and the same noise after exactly ablating each query's most influential sampled training image "
-        "(largest leave-one-out distance; bottom):",
+        "Generated queries, then the same noise after exactly ablating each query's most influential sampled training image "
+        "(largest leave-one-out distance):",
         "",
         "![samples](samples.png)",
         "",
@@ -341,7 +342,8 @@ def write_report(out: Path, cfg: DemoConfig, status: dict[str, str], results: di
         "## Evaluation",
         "",
         f"LDS: Spearman correlation over {cfg.lds_subsets} random halves of the training images between the summed scores and the "
-        f"negated query loss of a model retrained on each half ({cfg.lds_draws} fixed noise draws). Leave-one-out: Spearman "
+        f"negated query loss of a model retrained on each half ({cfg.lds_draws} fixed noise draws; single models with the members' "
+        "recipe, as TRAK's ensembles are models trained on random halves). Leave-one-out: Spearman "
         f"correlation between the scores and the exact ensemble ablation distance (pixel L2) of {cfg.loo_indices} training images. "
         "Means over queries with 95% bootstrap intervals.",
         "",
