@@ -71,12 +71,18 @@ def test_fit_ddp_then_sample_is_deterministic(tiny_config):
         (("frobnicate",), "unknown command"),
     ],
 )
-def test_bad_input_gives_one_line_and_status_2(tiny_config, args, match):
+def test_bad_input_gives_one_line_and_status_2(tiny_config, args, match, capsys, monkeypatch):
+    # in-process through the real entry point (the DDP test above covers the process boundary)
+    from wherefrom.cli import main
+
     root = tiny_config.parent
     (root / "empty").mkdir(exist_ok=True)
-    r = run(*[a.format(cfg=tiny_config) for a in args], cwd=root)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [line for line in r.stderr.splitlines() if line.startswith("wherefrom")]
-    assert len(lines) == 1 and match in lines[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(cfg=tiny_config) for a in args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("wherefrom")]
+    assert len(lines) == 1 and match in lines[0], err[-2000:]
+    assert "wherefrom.errors" not in err  # no traceback of the error, just its message
     assert not (root / "x").exists()
