@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET, run_cli, tiny_config
@@ -368,3 +369,25 @@ def test_ensemble_members_get_factors_of_their_own_split(tmp_path):
         assert float(after[f"factors/member{i}"]["conv_in/G_count"]) == split
         assert float(during[f"factors/member{i}"]["conv_in/G_count"]) == split
     assert not torch.equal(after["factors/member0"]["conv_in/A"], after["factors/member1"]["conv_in/A"])
+
+
+@pytest.mark.usefixtures("float64")  # Lightning's 64-true draws its noise with float64 as the default dtype
+def test_during_mode_records_the_empirical_fisher_of_the_training_steps(tmp_path):
+    """The batch-mean loss's gradients, rescaled per example, equal ``empirical`` curvature
+    backpropagated at the training steps' own (t, eps) draws (lr = 0: fixed weights)."""
+    model = DiffusionModel(unet=TINY_UNET, lr=0.0, warmup=0.0)
+    data = DigitsDataModule(batch_size=8, subset=SUBSET)
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, precision="64-true", callbacks=[KFACFactors(str(tmp_path), mode="during")],
+              ).fit(model, datamodule=data)  # fmt: skip
+    got = store_tensors(tmp_path)["factors/model"]
+    collector = FactorCollector(model.unet, "expand")
+    with collector.attached(), collector.recording():
+        for batch in DataLoader(data.dataset(), batch_size=5):
+            x0, index = batch["image"].double(), batch["index"]
+            t, eps = model.task.draw(index, 0, x0.shape[1:], stream=Stream.TRAIN, dtype=x0.dtype)  # epoch 0's draws
+            backpropagate(predict_eps(model.unet, model.task.add_noise(x0, t, eps), t), eps, "empirical")
+    expected = collector.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12, msg=key)
