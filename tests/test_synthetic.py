@@ -34,15 +34,11 @@ from wherefrom.task import DiffusionTask
 SHAPE = (1, 8, 8)
 
 
-def unet_sampler(n: int = 3, steps: int = 4, scheduler: str = "ddpm", dtype: torch.dtype = torch.float64, **kwargs) -> EnsembleSampler:
+def unet_sampler(n: int = 3, steps: int = 4, scheduler: str = "ddpm", dtype: torch.dtype = torch.float64) -> EnsembleSampler:
     """Tiny attention UNets (TINY_UNET has AttnDownBlock2D/AttnUpBlock2D), codes for training indices 10.. (at most 6)."""
     members = [build_unet(TINY_UNET, seed=i).to(dtype).eval() for i in range(n)]
     codes = Codes.generate(np.arange(10, 10 + min(6, math.comb(n, n // 2))), n, n // 2, seed=0)
-    return EnsembleSampler(members, DiffusionTask(), SHAPE, codes, seed=3, steps=steps, scheduler=scheduler, dtype=dtype, **kwargs)
-
-
-def test_attention_blocks_are_present():
-    assert any(type(m).__name__ == "Attention" for m in build_unet(TINY_UNET, 0).modules())
+    return EnsembleSampler(members, DiffusionTask(), SHAPE, codes, seed=3, steps=steps, scheduler=scheduler, dtype=dtype)
 
 
 # --- Jacobian -------------------------------------------------------------------------------------------
@@ -52,6 +48,7 @@ def test_attention_blocks_are_present():
 def test_jvp_columns_equal_central_finite_differences(scheduler):
     """Float64, attention UNets, clipped x0 predictions (the real chain), at weights with a zero entry."""
     s = unet_sampler(scheduler=scheduler)
+    assert any(type(m).__name__ == "Attention" for m in s.members[0].modules())
     a = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)  # member 2 is skipped when sampling, not when differentiating
     lin = linearize(s, [0, 5], a)
     h = 1e-6
