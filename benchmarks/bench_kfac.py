@@ -11,13 +11,14 @@ Prints, on the same model, images and batch size:
   ``Q x D @ D x N`` matrix product of the same shape on the same features in host
   memory (goal >= 50%).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_kfac.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_kfac.py --ckpt runs/digits/last.ckpt
     python benchmarks/bench_kfac.py --device cuda --ckpt runs/digits/last.ckpt
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,20 +36,14 @@ from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel, load_module
 
 
-def pass_time(module: DiffusionModel, loader: DataLoader, approx: str, curvature: str, repeats: int) -> float:
-    """Best of ``repeats`` timed passes (after a warm-up on two batches)."""
+def pass_time(module: DiffusionModel, loader: DataLoader, approx: str, curvature: str, draw: int) -> float:
+    """One timed factor pass (after a warm-up on two batches)."""
     collector = FactorCollector(module.unet, approx)
-    times = []
     with collector.attached():
-        factor_pass(module.unet, module.task, [b for _, b in zip(range(2), loader)], collector, curvature, draw=0)
-        for r in range(repeats):
-            start = now()
-            factor_pass(module.unet, module.task, loader, collector, curvature, draw=r + 1)
-            times.append(now() - start)
-    start = now()
-    eigendecompose(collector.state_dict(), collector.layers)
-    print(f"  {approx:<14} pass {min(times):7.2f} s   (eigendecomposition {now() - start:.2f} s)")
-    return min(times)
+        factor_pass(module.unet, module.task, [b for _, b in zip(range(2), loader)], collector, curvature, draw=draw)
+        start = now()
+        factor_pass(module.unet, module.task, loader, collector, curvature, draw=draw)
+        return now() - start
 
 
 def scoring_ratio(num: int, dim: int, queries: int, device: str, repeats: int = 3) -> float:
@@ -82,8 +77,8 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=1797, help="the first NUM_IMAGES digits (default: all)")
     p.add_argument("--batch-size", type=int, default=128, help="training and factor batch, as in configs/digits.yaml")
     p.add_argument("--curvature", default="mc")
-    p.add_argument("--epochs", type=int, default=2, help="timed training epochs (after a warm-up one)")
-    p.add_argument("--repeats", type=int, default=2, help="timed factor passes per variant (best is kept)")
+    p.add_argument("--epochs", type=int, default=1, help="timed training epochs per round (after a warm-up one)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (training epoch, one pass of each variant)")
     p.add_argument("--score-n", type=int, default=32768, help="stored training features N for the scoring benchmark")
     p.add_argument("--score-dim", type=int, default=2048)
     p.add_argument("--score-queries", type=int, default=64)
@@ -95,16 +90,28 @@ def main() -> None:
     loader = DataLoader(dm.dataset(), batch_size=a.batch_size, shuffle=False)
     print(f"{a.num_images} digits, batch {a.batch_size}, {sum(p.numel() for p in module.unet.parameters())} parameters, "
           f"{len(kfac.tracked_layers(module.unet))} K-FAC layers, curvature {a.curvature}, on {a.device} ({torch.get_num_threads()} threads)")
-    t_epoch = epoch_time(module, dm, a.epochs)
-    print(f"  training epoch {t_epoch:7.2f} s")
-    t_expand = pass_time(module, loader, "expand", a.curvature, a.repeats)
-    t_reduce = pass_time(module, loader, "reduce", a.curvature, a.repeats)
-    with mock.patch.object(kfac, "_toeplitz_gram", lambda conv, x, positions: False):
-        print("  naive expand (im2col patches, U U^T):")
-        t_naive = pass_time(module, loader, "expand", a.curvature, a.repeats)
+    # rounds of (epoch, passes), back to back: on a shared machine the load drifts over minutes,
+    # so each round gives its own ratios and the median over rounds is reported
+    naive = mock.patch.object(kfac, "_toeplitz_gram", lambda conv, x, positions: False)
+    ratios: dict[str, list[float]] = {"expand": [], "reduce": [], "naive expand": []}
+    for r in range(a.rounds):
+        t_epoch = epoch_time(module, dm, a.epochs)
+        times = {"expand": pass_time(module, loader, "expand", a.curvature, r), "reduce": pass_time(module, loader, "reduce", a.curvature, r)}
+        with naive:  # the im2col patches of every conv and their Gram matrix U U^T
+            times["naive expand"] = pass_time(module, loader, "expand", a.curvature, r)
+        print(f"  round {r + 1}: epoch {t_epoch:6.2f} s, " + ", ".join(f"{k} pass {t:6.2f} s" for k, t in times.items()))
+        for k, t in times.items():
+            ratios[k].append(t / t_epoch)
+    collector = FactorCollector(module.unet, "expand")
+    with collector.attached():
+        factor_pass(module.unet, module.task, [b for _, b in zip(range(2), loader)], collector, a.curvature, draw=0)
+    start = now()
+    eigendecompose(collector.state_dict(), collector.layers)
+    print(f"  eigendecomposition (float64, all layers) {now() - start:.2f} s")
     ratio = scoring_ratio(a.score_n, a.score_dim, a.score_queries, a.device)
-    print(f"factor pass / training epoch: expand {t_expand / t_epoch:.2f} (goal <= 2), reduce {t_reduce / t_epoch:.2f} (goal <= 1.5), "
-          f"naive expand {t_naive / t_epoch:.2f}")
+    med = {k: statistics.median(v) for k, v in ratios.items()}
+    print(f"factor pass / training epoch (median of {a.rounds} rounds): expand {med['expand']:.2f} (goal <= 2), "
+          f"reduce {med['reduce']:.2f} (goal <= 1.5), naive expand {med['naive expand']:.2f}")
     print(f"scoring throughput / plain matmul: {ratio:.2f} (goal >= 0.5)")
 
 

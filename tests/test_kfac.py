@@ -169,13 +169,16 @@ def test_conv_activation_factor_equals_per_position_sum(conv_args):
     conv = nn.Conv2d(3, 2, **conv_args)
     x = torch.randn(2, 3, 7, 6)
     u = explicit_patches(x, conv)
-    a, count = activation_factor(conv, x, KFACApprox.EXPAND)
-    assert count == u.shape[0] * u.shape[1]
-    torch.testing.assert_close(a, sum(u[n, r, :, None] * u[n, r, None, :] for n in range(u.shape[0]) for r in range(u.shape[1])))
-    a, count = activation_factor(conv, x, KFACApprox.REDUCE)  # mean over positions, then outer product
-    assert count == len(x)
-    means = u.mean(1)
-    torch.testing.assert_close(a, sum(torch.outer(m, m) for m in means))
+
+    def folded(gram, colsum, count):  # [[sum a a^T, sum a], [sum a^T, count]]
+        return torch.cat([torch.cat([gram, colsum[:, None]], 1), torch.cat([colsum, colsum.new_tensor([count])])[None]])
+
+    parts = activation_factor(conv, x, KFACApprox.EXPAND)
+    assert parts[2] == u.shape[0] * u.shape[1]
+    torch.testing.assert_close(folded(*parts), sum(u[n, r, :, None] * u[n, r, None, :] for n in range(u.shape[0]) for r in range(u.shape[1])))
+    parts = activation_factor(conv, x, KFACApprox.REDUCE)  # mean over positions, then outer product
+    assert parts[2] == len(x)
+    torch.testing.assert_close(folded(*parts), sum(torch.outer(m, m) for m in u.mean(1)))
 
 
 @pytest.fixture

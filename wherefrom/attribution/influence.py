@@ -201,4 +201,4 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
     return Attribution(scores, queries, args.method)
 
 
-__all__ = ["MEASURES", "attribute", "exact_scores", "influence_scores", "precondition", "projection_scale", "query_gradients", "score_features"]
+__all__ = ["MEASURES", "attribute", "exact_scores", "influence_scores", "loss_features", "precondition", "projection_scale", "query_gradients", "score_features"]

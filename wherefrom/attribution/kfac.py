@@ -168,13 +168,6 @@ def _patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
 
 
-def _fold_bias(gram: Tensor, colsum: Tensor, count: float) -> Tensor:
-    """``sum [a; 1][a; 1]^T`` from ``sum a a^T``, ``sum a`` and the number of terms."""
-    top = torch.cat([gram, colsum[:, None]], 1)
-    bottom = torch.cat([colsum, colsum.new_tensor([count])])[None]
-    return torch.cat([top, bottom], 0)
-
-
 class _ShiftCorrelator:
     """``sum_{s in rows x cols} x[s] x[s + D]^T`` (over every example) for ranges of offsets ``D``,
     as matmuls over overlapping views of one zero-padded copy of ``x``.
@@ -273,30 +266,26 @@ def _toeplitz_gram(conv: nn.Conv2d, x: Tensor, positions: int) -> bool:
     return x.device.type == "cpu" or 2 * positions * (conv.weight[0].numel()) ** 2 > GPU_IM2COL_FLOPS
 
 
-def activation_factor(layer: Layer, x: Tensor, approx: KFACApprox) -> tuple[Tensor, int]:
-    """This batch's contribution to ``A`` (bias folded in) and to its count."""
+def activation_factor(layer: Layer, x: Tensor, approx: KFACApprox) -> tuple[Tensor, Tensor | None, int]:
+    """This batch's ``sum a a^T``, ``sum a`` (``None`` without a bias) and number of terms:
+    with the bias folded in, ``A += [[a a^T, a], [a^T, 1]]`` summed over the terms."""
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, R, d_in)
         if approx is KFACApprox.REDUCE:
             rows = rows.mean(1, keepdim=True)
         flat = rows.reshape(-1, rows.shape[-1])
-        a = flat.T @ flat
-        return (_fold_bias(a, flat.sum(0), flat.shape[0]) if bias else a), flat.shape[0]
+        return flat.T @ flat, flat.sum(0) if bias else None, flat.shape[0]
     n = x.shape[0]
     ho, wo = _conv_out_size(layer, x.shape[2], x.shape[3])
     if approx is KFACApprox.REDUCE:
         mean = _window_sums(x, layer, ho, wo) / (ho * wo)  # abar_n, (B, C k k)
-        a = mean.T @ mean
-        return (_fold_bias(a, mean.sum(0), n) if bias else a), n
+        return mean.T @ mean, mean.sum(0) if bias else None, n
     count = n * ho * wo
     if _toeplitz_gram(layer, x, count):
-        a = _conv_patch_gram(x, layer)
-        colsum = _window_sums(x.sum(0), layer, ho, wo)
-    else:
-        u = _patches(x, layer).reshape(count, -1)
-        a, colsum = u.T @ u, u.sum(0)
-    return (_fold_bias(a, colsum, count) if bias else a), count
+        return _conv_patch_gram(x, layer), _window_sums(x.sum(0), layer, ho, wo) if bias else None, count
+    u = _patches(x, layer).reshape(count, -1)
+    return u.T @ u, u.sum(0) if bias else None, count
 
 
 def _positions(layer: Layer, t: Tensor) -> Tensor:
@@ -371,7 +360,6 @@ class FactorCollector:
         eigen: dict[str, LayerEigen] | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        self.model = model
         self.approx = KFACApprox(approx)
         self.layers = tracked_layers(model)
         self.eigen = eigen
@@ -395,6 +383,18 @@ class FactorCollector:
             self.sums[key] += value
         else:
             self.sums[key] = value.to(self.dtype)
+
+    def _add_activations(self, name: str, gram: Tensor, colsum: Tensor | None, count: int) -> None:
+        """``A += [[gram, colsum], [colsum^T, count]]`` in place (the bias folded in, no concatenation)."""
+        key, d = f"{name}/A", gram.shape[0]
+        if key not in self.sums:
+            self.sums[key] = gram.new_zeros(self._shape(key), dtype=self.dtype)
+        acc = self.sums[key]
+        acc[:d, :d] += gram
+        if colsum is not None:
+            acc[:d, d] += colsum
+            acc[d, :d] += colsum
+            acc[d, d] += count
 
     def _count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0.0) + n
@@ -474,8 +474,8 @@ class FactorCollector:
             n = x.shape[0]
             with torch.no_grad():
                 if self.eigen is None:
-                    a, count = activation_factor(layer, x, self.approx)
-                    self._add(f"{name}/A", a)
+                    gram, colsum, count = activation_factor(layer, x, self.approx)
+                    self._add_activations(name, gram, colsum, count)
                     self._count(f"{name}/A_count", count)
                     self._count(f"{name}/G_count", n)
                     saved = None
@@ -816,3 +816,26 @@ def factors_main(argv: list[str]) -> None:
         fit_factors(net, model_id, module.task, datamodule, split, store, config, a.batch_size, progress=True)
     done = ", ".join(n for m in module.denoisers() for k, n in entry_names(m).items() if k != "ekfac" or a.ekfac)
     print(f"wrote {done} to {a.store}")
+
+
+__all__ = [
+    "HEURISTIC_DAMPING",
+    "Curvature",
+    "FactorCollector",
+    "FactorConfig",
+    "KFACApprox",
+    "KFACPreconditioner",
+    "LayerEigen",
+    "activation_factor",
+    "backpropagate",
+    "eigendecompose",
+    "entry_names",
+    "factor_pass",
+    "factors_main",
+    "fit_factors",
+    "gradient_factor",
+    "load_preconditioner",
+    "output_vectors",
+    "tracked_layers",
+    "training_split",
+]
