@@ -30,6 +30,7 @@ def tiny_config(root: Path, callbacks: list[dict] | None = None, lr: float = 1e-
         "seed_everything": 0,
         "trainer": {
             "max_epochs": epochs, "accelerator": "cpu", "devices": 1, "logger": False, "enable_model_summary": False,
+            "default_root_dir": str(root),  # LightningCLI saves config.yaml there, not in the cwd
             "enable_progress_bar": False, "precision": precision,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": str(root / "run"), "filename": "last", "enable_version_counter": False}},
