@@ -114,3 +114,16 @@ def test_timestep_strategies():
         task.timesteps("sometimes", 2)
     with pytest.raises(WherefromError, match="unknown measurement"):
         task.measurement("nope")
+
+
+def test_draws_do_not_depend_on_the_default_dtype():
+    task = DiffusionTask(seed=4)
+    idx = torch.arange(3)
+    ref = task.draw(idx, 0, (2, 2))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as under Lightning's precision="64-true"
+    try:
+        t64, e64 = task.draw(idx, 0, (2, 2), dtype=torch.float64)
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.equal(t64, ref[0]) and torch.equal(e64.float(), ref[1])

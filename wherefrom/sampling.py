@@ -32,7 +32,10 @@ class SchedulerType(str, enum.Enum):
 
 def exogenous_noise(seed: int, queries: Sequence[int], step: int, shape: Sequence[int]) -> Tensor:
     """Noise of each query at a step (``step = -1`` is the initial ``x_T``)."""
-    return torch.stack([torch.randn(tuple(shape), generator=generator_for(seed, int(Stream.SAMPLE), q, step)) for q in queries])
+    # float32 draws whatever the default dtype, so float64 runs see the same noise
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=generator_for(seed, int(Stream.SAMPLE), q, step), dtype=torch.float32) for q in queries]
+    )
 
 
 def sampling_timesteps(task: DiffusionTask, steps: int) -> list[int]:

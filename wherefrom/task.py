@@ -177,7 +177,7 @@ class DiffusionTask:
             g = generator_for(self.seed, int(stream), i, draw)
             ti = torch.randint(0, self.num_train_timesteps, (1,), generator=g)
             ts.append(ti if t is None else torch.tensor([t]))
-            noise.append(torch.randn(tuple(shape), generator=g))
+            noise.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))  # fixed dtype: same draws under any default dtype
         return (
             torch.cat(ts).to(device),
             torch.stack(noise).to(device=device, dtype=dtype),
