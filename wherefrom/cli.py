@@ -82,7 +82,11 @@ def sample_main(argv: list[str]) -> None:
     if a.ablate:
         if not hasattr(module, "ablation_weights"):
             raise WherefromError("--ablate needs an encoded-ensemble checkpoint; this one is a single model")
-        kwargs["weights"] = module.ablation_weights([int(i) for i in a.ablate.split(",")])
+        try:
+            ablate = [int(i) for i in a.ablate.split(",")]
+        except ValueError:
+            raise WherefromError(f"--ablate takes comma-separated training indices like 17,42, got {a.ablate!r}") from None
+        kwargs["weights"] = module.ablation_weights(ablate)
     images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
     out = Path(a.out)
     write_npy(out / "samples.npy", images.numpy().astype("float32"))
