@@ -21,7 +21,7 @@ cost does not depend on the image size once ``G`` is formed.
 
 Forward mode keeps only the current ``x_t`` and its tangents, so memory does not
 grow with the number of steps. Fused SDPA kernels have no forward-AD (or vmap)
-rule, so the chain runs under ``sdpa_kernel(SDPBackend.MATH)``.
+rule, so the chain runs under ``sdpa_kernel(SDPBackend.MATH)`` (:func:`forward_ad_mode`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
 from wherefrom.attribution.report import Attribution
@@ -68,11 +69,24 @@ class JacobianStrategy(str, enum.Enum):
     SEQUENTIAL = "sequential"
 
 
+def _contiguous_group_norm_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    # diffusers' attention blocks hand a permuted tensor to the next GroupNorm, and F.group_norm's
+    # forward AD / vmap rejected non-contiguous input before pytorch PR #186414 (DESIGN.md pitfalls)
+    if isinstance(module, nn.GroupNorm) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
 @contextmanager
 def forward_ad_mode() -> Iterator[None]:
-    """No reverse-mode graph, and the MATH attention kernel (fused SDPA has no forward-AD/vmap rule)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        yield
+    """No reverse-mode graph, the MATH attention kernel (fused SDPA has no forward-AD/vmap rule)
+    and contiguous GroupNorm inputs."""
+    handle = register_module_forward_pre_hook(_contiguous_group_norm_input)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        handle.remove()
 
 
 def row_weighted_eps(members: Sequence[nn.Module], weights: Tensor) -> EpsFn:
