@@ -15,6 +15,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from tests.conftest import TINY_UNET
+from tests.test_distances import alexnet_home  # noqa: F401 - fixture: a random AlexNet in a torch hub cache
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
@@ -228,8 +229,9 @@ def cli(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_attribute_cli_writes_scores_counterfactuals_and_exact_reranking(ensemble_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub"))  # no LPIPS backbone: re-rank by exact L2 only
+@pytest.mark.parametrize("lpips", [False, True])
+def test_attribute_cli_writes_scores_counterfactuals_and_exact_reranking(ensemble_ckpt, alexnet_home, lpips, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(alexnet_home if lpips else tmp_path / "no_hub"))  # LPIPS re-ranking iff its backbone is there
     out = tmp_path / "attr"
     args = ("attribute", "--ckpt", str(ensemble_ckpt), "--method", "ablation", "--num-samples", "2", "--seed", "1", "--steps", "3")
     code, err = cli(capsys, *args, "--top-k", "3", "--exact", "--out", str(out))
@@ -247,7 +249,9 @@ def test_attribute_cli_writes_scores_counterfactuals_and_exact_reranking(ensembl
             exact = [float((sampler.ablate([x], [q]) - sampler.sample([q])).norm()) for x in row["indices"]]
         np.testing.assert_allclose(row["exact_l2"], exact, rtol=1e-3)
         assert row["l2_order"] == [row["indices"][i] for i in np.argsort(-np.array(exact), kind="stable")]
-        assert "exact_lpips" not in row
+        assert ("exact_lpips" in row) == lpips
+        if lpips:
+            assert row["lpips_order"] == [row["indices"][i] for i in np.argsort(-np.array(row["exact_lpips"]), kind="stable")]
     counterfactuals = np.load(out / "counterfactuals.npy")
     assert counterfactuals.shape == (2, 3, 1, 8, 8) and np.load(out / "exact_counterfactuals.npy").shape == (2, 3, 1, 8, 8)
 
