@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from wherefrom.cli import main as cli_main
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
@@ -26,3 +28,13 @@ TINY_UNET = dict(
 @pytest.fixture
 def tiny_unet() -> dict:
     return dict(TINY_UNET)
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """Run ``wherefrom ARGS`` in-process; returns (exit status, captured stderr)."""
+    try:
+        cli_main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

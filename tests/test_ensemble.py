@@ -14,8 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from tests.conftest import TINY_UNET
-from wherefrom.cli import main as cli_main
+from tests.conftest import TINY_UNET, cli
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_seed
 from wherefrom.errors import WherefromError
@@ -253,15 +252,6 @@ def test_weights_are_differentiable_by_forward_mode():
 
 
 # --- checkpoints, per-member runs, assembly, CLI -------------------------------------------------------------
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    try:
-        cli_main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_checkpoint_round_trip_and_sample_ablate_cli(tmp_path, capsys):

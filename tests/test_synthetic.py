@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, cli
 from tests.test_distances import alexnet_home  # noqa: F401 - fixture: a random AlexNet in a torch hub cache
-from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.ensemble.synthetic import (
@@ -218,15 +217,6 @@ def ensemble_ckpt(tmp_path_factory):
     fit.fit(model, DigitsDataModule(batch_size=4, subset=list(range(2, 8))))
     fit.save_checkpoint(root / "ens.ckpt")
     return root / "ens.ckpt"
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    try:
-        cli_main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lpips", [False, True])
