@@ -46,8 +46,17 @@ def read_indices(spec: IndexSpec, what: str) -> np.ndarray | None:
     return arr.astype(np.int64).reshape(-1)
 
 
-def select_indices(n: int, subset: IndexSpec = None, exclude: IndexSpec = None) -> np.ndarray:
-    """Sorted global indices of ``range(n)`` restricted to ``subset`` minus ``exclude``."""
+def random_pool(n: int, size: int | None, seed: int) -> np.ndarray:
+    """``size`` sorted indices of ``range(n)`` drawn without replacement from ``seed`` (all when ``None``)."""
+    if size is None:
+        return np.arange(n)
+    if not 1 <= size <= n:
+        raise WherefromError(f"pool_size must be in [1, {n}] (the source has {n} training images), got {size}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def select_indices(n: int, subset: IndexSpec = None, exclude: IndexSpec = None, pool: np.ndarray | None = None) -> np.ndarray:
+    """Sorted global indices of ``range(n)`` (or of ``pool``) restricted to ``subset`` minus ``exclude``."""
     sub, exc = read_indices(subset, "subset"), read_indices(exclude, "exclude")
     for name, arr in (("subset", sub), ("exclude", exc)):
         if arr is None:
@@ -61,7 +70,12 @@ def select_indices(n: int, subset: IndexSpec = None, exclude: IndexSpec = None) 
         both = np.intersect1d(sub, exc)
         if both.size:
             raise WherefromError(f"indices {both[:5].tolist()} are in both subset and exclude; remove them from one of the two")
-    keep = np.arange(n) if sub is None else np.sort(sub)
+    pool = np.arange(n) if pool is None else pool
+    if sub is not None:
+        outside = np.setdiff1d(sub, pool)
+        if outside.size:
+            raise WherefromError(f"subset has indices outside the pool_size draw (e.g. {outside[:5].tolist()}); subset from the pool's indices")
+    keep = pool if sub is None else np.sort(sub)
     if exc is not None:
         keep = np.setdiff1d(keep, exc)
     if keep.size == 0:
@@ -128,6 +142,9 @@ class ImageDataModule(L.LightningDataModule):
         val_size: the last ``val_size`` images of the source form the held-out
             ``val`` split (queries); they are not part of the global index space.
         shuffle: shuffle training batches.
+        pool_size, pool_seed: train on ``pool_size`` images drawn at random (from
+            ``pool_seed``) before ``subset``/``exclude``; the others keep their
+            global indices and serve as held-out queries (:attr:`held_out`).
     """
 
     source_name = "images"
@@ -140,6 +157,8 @@ class ImageDataModule(L.LightningDataModule):
         exclude: list[int] | str | None = None,
         val_size: int = 0,
         shuffle: bool = True,
+        pool_size: int | None = None,
+        pool_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -149,6 +168,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError(f"val_size must be >= 0, got {val_size}")
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.subset, self.exclude, self.val_size = subset, exclude, val_size
+        self.pool_size, self.pool_seed = pool_size, pool_seed
         self._images: Tensor | None = None
 
     def load_images(self) -> np.ndarray | Tensor:
@@ -163,7 +183,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError(f"val_size={self.val_size} leaves no training images out of {len(images)}")
         cut = len(images) - self.val_size
         self._images, self._val = images[:cut], images[cut:]
-        self.indices = select_indices(cut, self.subset, self.exclude)
+        self.indices = select_indices(cut, self.subset, self.exclude, random_pool(cut, self.pool_size, self.pool_seed))
 
     # --- what downstream stages use -------------------------------------------
     @property
@@ -176,6 +196,12 @@ class ImageDataModule(L.LightningDataModule):
     def val_images(self) -> Tensor:
         self.setup()
         return self._val
+
+    @property
+    def held_out(self) -> np.ndarray:
+        """Global indices outside the ``pool_size`` draw (never trained on by any split of the pool)."""
+        self.setup()
+        return np.setdiff1d(np.arange(self.num_images), random_pool(self.num_images, self.pool_size, self.pool_seed))
 
     @property
     def num_images(self) -> int:

@@ -133,6 +133,39 @@ class CounterfactualConfig:
 
 
 @dataclass
+class NoiseCeilingConfig:
+    """Retrain the first ``num`` subsets with another training ``seed``: the LDS of one
+    seed's measurements against the other's bounds what any attribution can reach."""
+
+    seed: int = 1
+    num: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num != 0 and self.num < 2:
+            raise WherefromError(f"noise_ceiling.num must be 0 (off) or >= 2 subsets, got {self.num}")
+
+
+@dataclass
+class QueriesConfig:
+    """How many held-out real and generated queries to report on, and to tune on.
+
+    Real queries are drawn (from ``seed``) among the images outside the training
+    pool; generated ones are the attributed model's samples with ``sampling.seed``
+    (reporting) and ``sampling.seed + 1`` (tuning)."""
+
+    real: int = 64
+    generated: int = 32
+    tuning_real: int = 64
+    tuning_generated: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        counts = [self.real, self.generated, self.tuning_real, self.tuning_generated]
+        if min(counts) < 0 or sum(counts) == 0:
+            raise WherefromError(f"queries counts must be >= 0 and not all 0, got {counts}")
+
+
+@dataclass
 class Benchmark:
     """A benchmark config file, parsed and validated.
 
@@ -151,8 +184,14 @@ class Benchmark:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
+    noise_ceiling: NoiseCeilingConfig = field(default_factory=NoiseCeilingConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
 
     def __post_init__(self) -> None:
+        if self.noise_ceiling.num and self.noise_ceiling.seed in self.model_seeds:
+            raise WherefromError(f"noise_ceiling.seed {self.noise_ceiling.seed} is one of model_seeds {self.model_seeds}; pick another seed")
+        if self.noise_ceiling.num > self.subsets.num:
+            raise WherefromError(f"noise_ceiling.num ({self.noise_ceiling.num}) exceeds subsets.num ({self.subsets.num})")
         if not self.model_seeds or len(set(self.model_seeds)) != len(self.model_seeds):
             raise WherefromError(f"model_seeds must be a non-empty list of distinct seeds, got {self.model_seeds}")
         for key in ("model", "data"):
@@ -185,6 +224,8 @@ class Benchmark:
             bootstrap=_section(BootstrapConfig, cfg.get("bootstrap"), "bootstrap"),
             sampling=_section(SamplingConfig, cfg.get("sampling"), "sampling"),
             counterfactual=_section(CounterfactualConfig, cfg.get("counterfactual"), "counterfactual"),
+            noise_ceiling=_section(NoiseCeilingConfig, cfg.get("noise_ceiling"), "noise_ceiling"),
+            queries=_section(QueriesConfig, cfg.get("queries"), "queries"),
         )
 
     @classmethod
@@ -291,6 +332,8 @@ __all__ = [
     "BootstrapConfig",
     "CounterfactualConfig",
     "MeasureConfig",
+    "NoiseCeilingConfig",
+    "QueriesConfig",
     "SamplingConfig",
     "SubsetConfig",
     "checkpoint",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.benchmark import Benchmark
+from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
 from wherefrom.io import write_json, write_npy
 
 
@@ -50,6 +50,7 @@ def lds_main(argv: list[str]) -> None:
     t = sub.add_parser("train", help="train the model(s) of every subset (or of --subset-id J) through `wherefrom fit`")
     _common(t)
     t.add_argument("--subset-id", type=int, nargs="+", default=None, help="only these subsets (one job per subset)")
+    t.add_argument("--workers", type=int, default=1, help="parallel training processes on this machine (one thread each)")
     m = sub.add_parser("measure", help="measure every subset model on the queries (ground truth)")
     _common(m)
     m.add_argument("--queries", required=True, help="samples.npy (the attributed queries) or 'val'")
@@ -62,7 +63,12 @@ def lds_main(argv: list[str]) -> None:
         subsets = lds.write_subsets(bench)
         print(f"wrote {len(subsets)} subsets of {subsets.shape[1]} images to {lds.subsets_dir(bench)}")
     elif a.step == "train":
-        ckpts = lds.train_subsets(bench, a.subset_id)
+        if a.workers < 1:
+            raise WherefromError(f"--workers must be >= 1, got {a.workers}")
+        if a.subset_id is None:
+            print(f"[lds] attributed model: {'done' if is_trained(lds.full_model_dir(bench)) else 'training'} ({lds.full_model_dir(bench)})", flush=True)
+            train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
+        ckpts = lds.train_subsets(bench, a.subset_id, a.workers, Path(a.config))
         print(f"{len(ckpts)} subset models ready under {bench.out / 'models'}")
     elif a.step == "measure":
         queries = load_queries(a.queries, None, bench.datamodule(), None)

@@ -191,20 +191,60 @@ def read_subsets(bench: Benchmark) -> tuple[np.ndarray, int]:
     return subsets, int(meta["n"])
 
 
-def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None) -> list[Path]:
+def full_model_dir(bench: Benchmark) -> Path:
+    """The attributed model: the fit recipe on the whole training split, first model seed."""
+    return bench.out / "models" / "full" / f"seed_{bench.model_seeds[0]}"
+
+
+def subset_seeds(bench: Benchmark, j: int) -> list[int]:
+    """The training seeds of subset ``j``: every model seed, plus the noise-ceiling seed
+    for the first ``noise_ceiling.num`` subsets."""
+    return list(bench.model_seeds) + ([bench.noise_ceiling.seed] if j < bench.noise_ceiling.num else [])
+
+
+def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None, workers: int = 1, config: Path | None = None) -> list[Path]:
     """Train the model(s) of each subset (all, or ``subset_ids`` for one job per
-    subset); finished models are skipped, so an interrupted run resumes."""
+    subset); finished models are skipped, so an interrupted run resumes.
+
+    ``workers > 1`` runs that many ``wherefrom lds train --subset-id ...`` processes
+    (one thread each) over the subsets round-robin; ``config`` is the benchmark file
+    they read.
+    """
     subsets = write_subsets(bench)
-    ids = range(len(subsets)) if subset_ids is None else subset_ids
+    ids = list(range(len(subsets))) if subset_ids is None else list(subset_ids)
+    bad = [j for j in ids if not 0 <= j < len(subsets)]
+    if bad:
+        raise WherefromError(f"--subset-id {bad[0]} is outside [0, {len(subsets)}); the benchmark has {len(subsets)} subsets")
+    if workers > 1:
+        if config is None:
+            raise WherefromError("parallel workers need the benchmark config file they read")
+        _train_in_workers(bench, config, ids, workers)
     ckpts = []
     for j in ids:
-        if not 0 <= j < len(subsets):
-            raise WherefromError(f"--subset-id {j} is outside [0, {len(subsets)}); the benchmark has {len(subsets)} subsets")
-        for seed in bench.model_seeds:
+        for seed in subset_seeds(bench, j):
             root = model_dir(bench, j, seed)
-            print(f"[lds] subset {j + 1}/{len(subsets)}, seed {seed}: {'done' if is_trained(root) else 'training'} ({root})", flush=True)
-            ckpts.append(train(bench, root, seed, subset=str((subsets_dir(bench) / f"subset_{j:03d}.npy").resolve())))
+            if workers <= 1:
+                print(f"[lds] subset {j + 1}/{len(subsets)}, seed {seed}: {'done' if is_trained(root) else 'training'} ({root})", flush=True)
+                train(bench, root, seed, subset=str((subsets_dir(bench) / f"subset_{j:03d}.npy").resolve()))
+            ckpts.append(checkpoint(root))
     return ckpts
+
+
+def _train_in_workers(bench: Benchmark, config: Path, ids: list[int], workers: int) -> None:
+    """Round-robin ``ids`` over ``workers`` single-threaded child processes; raise if one fails."""
+    import os
+    import subprocess
+    import sys
+
+    todo = [j for j in ids if not all(is_trained(model_dir(bench, j, s)) for s in subset_seeds(bench, j))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = []
+    for w in range(min(workers, len(todo))):
+        argv = [sys.executable, "-m", "wherefrom.cli", "lds", "train", "--config", str(config), "--out", str(bench.out)]
+        procs.append(subprocess.Popen([*argv, "--subset-id", *map(str, todo[w::workers])], env=env))
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise WherefromError(f"{len(failed)} training worker(s) failed (see their output above); rerun the same command to resume")
 
 
 @torch.no_grad()
