@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, ProjectionKind
+from wherefrom.attribution.gradients import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind
 from wherefrom.attribution.projection import Projection, default_projector
 from wherefrom.attribution.store import Store
 from wherefrom.errors import WherefromError
@@ -185,6 +185,7 @@ def featurize_main(argv: list[str]) -> None:
     p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K draws averaged per image")
     p.add_argument("--strategy", choices=[s.value for s in TimestepStrategy], default=FeatureConfig.strategy)
     p.add_argument("--projection", choices=[k.value for k in ProjectionKind], default=FeatureConfig.projection)
+    p.add_argument("--allocation", choices=[k.value for k in Allocation], default=FeatureConfig.allocation, help="structured: how D is split over layers")
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -197,6 +198,7 @@ def featurize_main(argv: list[str]) -> None:
         proj_dim=a.proj_dim,
         projection=a.projection,
         projector=default_projector(a.device),
+        allocation=a.allocation,
         seed=a.seed,
     )
     module = load_module(a.ckpt).to(a.device)

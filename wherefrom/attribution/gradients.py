@@ -41,6 +41,13 @@ class ProjectionKind(str, enum.Enum):
     STRUCTURED = "structured"  # per-layer Kronecker projection of activations and output gradients (LoGra)
 
 
+class Allocation(str, enum.Enum):
+    """How the structured projection splits its dimension D over the L layers."""
+
+    UNIFORM = "uniform"  # D / L per layer (LoGra)
+    PROPORTIONAL = "proportional"  # D P_l / P per layer: each layer's share of the parameters, as in a dense projection
+
+
 class Projector(str, enum.Enum):
     """The dense mode's trak projector. Each draws a different matrix (torch's CPU and
     CUDA generators differ), so the config records which one made the features."""
@@ -67,6 +74,8 @@ class FeatureConfig:
         projection: ``structured`` (fast, per-layer) or ``dense`` (trak projector).
         projector: the dense mode's trak projector, ``basic``, ``basic-cuda`` or ``cuda``
             (structured mode uses none and records ``basic``).
+        allocation: how the structured mode splits D over layers, ``uniform`` or
+            ``proportional`` (dense mode records ``uniform``).
         seed: projection seed, mixed with the model id.
     """
 
@@ -76,10 +85,11 @@ class FeatureConfig:
     proj_dim: int = 2048
     projection: str = ProjectionKind.STRUCTURED.value
     projector: str = Projector.BASIC.value
+    allocation: str = Allocation.UNIFORM.value
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"strategy": TimestepStrategy, "projection": ProjectionKind, "projector": Projector}
+        choices = {"strategy": TimestepStrategy, "projection": ProjectionKind, "projector": Projector, "allocation": Allocation}
         for name, kind in choices.items():
             value = getattr(self, name)
             if value not in {k.value for k in kind}:
@@ -93,6 +103,8 @@ class FeatureConfig:
             raise WherefromError(f"the projection dimension must be >= 1, got {self.proj_dim}")
         if self.projection == ProjectionKind.STRUCTURED.value:  # no trak projector involved: one config on every device
             object.__setattr__(self, "projector", Projector.BASIC.value)
+        else:  # no per-layer split
+            object.__setattr__(self, "allocation", Allocation.UNIFORM.value)
 
     def draws(self, task: DiffusionTask) -> list[tuple[int, int | None]]:
         """The K ``(draw id, t)`` pairs averaged per example."""
@@ -104,6 +116,8 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> FeatureConfig:
         """The config from a manifest entry (extra keys, e.g. the weights hash, are ignored)."""
+        if config.get("projection") == ProjectionKind.STRUCTURED.value and "allocation" not in config:
+            raise WherefromError("these structured features were made by an older wherefrom (other projection matrices); featurise again with --overwrite")
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
 
 
@@ -149,4 +163,4 @@ def per_sample_grads(
     return torch.cat([grads[n].reshape(len(x0), -1) for n in params], 1)
 
 
-__all__ = ["METHOD_OUTPUTS", "Draws", "FeatureConfig", "ProjectionKind", "Projector", "noisy_inputs", "per_sample_grads", "trainable_parameters"]
+__all__ = ["METHOD_OUTPUTS", "Allocation", "Draws", "FeatureConfig", "ProjectionKind", "Projector", "noisy_inputs", "per_sample_grads", "trainable_parameters"]

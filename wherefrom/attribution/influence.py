@@ -103,11 +103,9 @@ def exact_scores(
 
 
 def projection_scale(projection: Projection) -> float:
-    """``c`` with ``E <P u, P v> = c <u, v>`` for i.i.d. N(0, 1) entries: the dimension for a dense
-    projection; ``k_out k_in`` (the same for every layer) for the structured one."""
-    if projection.kind is ProjectionKind.DENSE:
-        return float(projection.dim)
-    return projection.dim / len(projection.layers)
+    """``c`` with ``E <P u, P v> = c <u, v>``: the dimension for a dense projection (i.i.d.
+    N(0, 1) entries); 1 for the structured one (scaled orthonormal factors)."""
+    return float(projection.dim) if projection.kind is ProjectionKind.DENSE else 1.0
 
 
 def score_features(queries: Tensor, features: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:

@@ -18,9 +18,16 @@ stored training features.
   Forward hooks project the inputs (a convolution with kernel ``P_in``), a
   backward w.r.t. the layer outputs gives ``g``; no per-sample gradient is formed.
   Parameters outside ``Linear``/``Conv2d`` layers (e.g. GroupNorm affines) get
-  zero weight. Each of the L layers gets ``k_out x k_in`` with
-  ``k_out = floor(sqrt(D / L))``, ``k_in = floor(D / (L k_out))``, so
-  ``dim = L k_out k_in <= D``.
+  zero weight. ``P_in``, ``P_out`` are scaled orthonormal: ``P = sqrt(n / k) Q``
+  with ``Q`` the first k columns of a Haar-random orthogonal n x n matrix, so
+  ``E[P P^T] = I`` (inner products are unbiased with scale 1) and at full
+  dimensions (``k = n``) ``P P^T = I``: the features' inner products are then the
+  exact gradient inner products of those layers.
+  The budget D is split by :class:`Allocation`: ``uniform`` gives each of the L
+  layers ``D / L``; ``proportional`` gives layer l ``D P_l / P`` (its share of the
+  parameters, as a dense projection would). A layer's share ``D_l`` becomes
+  ``k_out x k_in`` with ``k_out = min(out, floor(sqrt(D_l)))``,
+  ``k_in = min(in, floor(D_l / k_out))``, so ``dim <= D``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.attribution.gradients import (
+    Allocation,
     Draws,
     FeatureConfig,
     ProjectionKind,
@@ -45,6 +53,19 @@ from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predi
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix
 CUDA_MAX_BATCH = 32  # trak CudaProjector's largest kernel batch
+
+
+def layer_shape(share: float, fan_in: int, fan_out: int) -> tuple[int, int]:
+    """``(k_in, k_out)`` of a layer given ``share`` numbers of the budget (at least 1 x 1)."""
+    k_out = max(1, min(fan_out, int(share**0.5)))
+    return max(1, min(fan_in, int(share // k_out))), k_out
+
+
+def scaled_orthonormal(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """``sqrt(n / k) Q`` with ``Q`` (n x k) the first k columns of a Haar-random orthogonal
+    matrix (QR of a Gaussian with the signs of R's diagonal fixed; Mezzadri 2007), float64."""
+    q, r = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())) * (n / k) ** 0.5
 
 
 def projection_seed(seed: int, model_id: str) -> int:
@@ -169,20 +190,19 @@ class Projection:
             found.append((prefix, module))
         if not found:
             raise WherefromError(f"model {self.model_id!r} has no trainable Linear/Conv2d layer; use --projection dense")
-        k_out = max(1, int((proj_dim / len(found)) ** 0.5))
-        k_in = max(1, proj_dim // (len(found) * k_out))
+        fans = [(module.weight[0].numel() + (f"{prefix}bias" in offsets), module.weight.shape[0]) for prefix, module in found]
+        total = sum(i * o for i, o in fans)
+        uniform = Allocation(self.config.allocation) is Allocation.UNIFORM
         layers = []
-        for number, (prefix, module) in enumerate(found):
-            bias = offsets.get(f"{prefix}bias")
-            fan_in = module.weight[0].numel() + (bias is not None)
-            # i.i.d. N(0, 1) entries (LoGra / TRAK), drawn in float64 so every dtype uses the same matrix
+        for number, ((prefix, module), (fan_in, fan_out)) in enumerate(zip(found, fans)):
+            share = proj_dim / len(found) if uniform else proj_dim * fan_in * fan_out / total
+            k_in, k_out = layer_shape(share, fan_in, fan_out)
             p_in, p_out = (
-                torch.randn(shape, generator=generator_for(self.seed, number, side), dtype=torch.float64)
-                for side, shape in enumerate([(fan_in, k_in), (module.weight.shape[0], k_out)])
+                scaled_orthonormal(n, k, generator_for(self.seed, number, side)) for side, (n, k) in enumerate([(fan_in, k_in), (fan_out, k_out)])
             )
             layers.append(
                 LayerProjection(
-                    prefix.rstrip("."), module, p_in.to(self.device, self.dtype), p_out.to(self.device, self.dtype), offsets[f"{prefix}weight"], bias
+                    prefix.rstrip("."), module, p_in.to(self.device, self.dtype), p_out.to(self.device, self.dtype), offsets[f"{prefix}weight"], offsets.get(f"{prefix}bias")
                 )
             )
         return layers

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,11 +38,42 @@ DAMPING = 1e-2
 BLOCK_ROWS = 8192
 
 
+def damping_value(damping: float, trace: Tensor, rank: int) -> Tensor:
+    """``lambda = damping * tr(K) / rank``: ``damping`` times the mean *nonzero* eigenvalue of
+    the feature kernel (``rank = min(D, N)``), the same scale for any D, N or output function."""
+    return damping * trace / max(rank, 1)
+
+
+def kernel_scores(cross: Tensor | np.ndarray, gram: Tensor | np.ndarray, damping: float = DAMPING) -> np.ndarray:
+    """TRAK scores from inner products: ``phi_q Phi^T (Phi Phi^T + lambda I)^{-1}`` (float64),
+
+    equal to ``phi_q (Phi^T Phi + lambda I)^{-1} Phi^T`` by the push-through identity; ``cross``
+    is ``Q x N`` (``phi_q Phi^T``), ``gram`` ``N x N`` (``Phi Phi^T``), ``lambda`` as in
+    :func:`damping_value` with rank N (use when N < D, e.g. unprojected gradients).
+    """
+    cross, gram = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (cross, gram))
+    if damping <= 0:
+        raise WherefromError(f"damping must be > 0 for the kernel form (N x N Gram), got {damping}")
+    lam = damping_value(damping, torch.trace(gram), len(gram))
+    chol, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=torch.float64))
+    if info:
+        raise WherefromError("the feature Gram matrix is singular (all-zero features?); pass a positive damping")
+    return torch.cholesky_solve(cross.T, chol).T.numpy()
+
+
+def _blocks(phi: np.ndarray, block: int) -> Iterator[tuple[int, Tensor]]:
+    """``(start, rows)`` of a (memory-mapped) feature matrix in float64 row blocks."""
+    for s in range(0, len(phi), block):
+        yield s, torch.from_numpy(np.asarray(phi[s : s + block], dtype=np.float64))
+
+
 def trak_scores(train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarray], damping: float = DAMPING, block: int = BLOCK_ROWS) -> np.ndarray:
     """``Q x N`` scores, the mean over model ids of ``phi_q (Phi^T Phi + lambda I)^-1 Phi^T`` (float64).
 
     ``train[m]`` is model id m's N x D features (a memmap is read in ``block`` rows),
-    ``queries[m]`` its Q x D query features.
+    ``queries[m]`` its Q x D query features. All-zero rows (images outside the split)
+    score 0; when fewer rows than D are nonzero the solve runs on their Gram matrix
+    (:func:`kernel_scores`), which gives the same numbers.
     """
     if len(train) != len(queries) or not train:
         raise WherefromError("need one query feature matrix per training feature matrix (at least one model id)")
@@ -52,20 +83,23 @@ def trak_scores(train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarr
     for phi, phi_q in zip(train, queries):
         n, d = phi.shape
         phi_q = torch.as_tensor(np.asarray(phi_q), dtype=torch.float64)
-        kernel = torch.zeros(d, d, dtype=torch.float64)
-        for s in range(0, n, block):
-            b = torch.from_numpy(np.asarray(phi[s : s + block], dtype=np.float64))
-            kernel += b.T @ b
-        lam = damping * torch.trace(kernel) / d
-        # X = (Phi^T Phi + lambda I)^{-1} phi_q^T  (D x Q), by Cholesky
-        chol, info = torch.linalg.cholesky_ex(kernel + lam * torch.eye(d, dtype=torch.float64))
-        if info:
-            raise WherefromError("the feature kernel is singular (all-zero features?); pass a positive damping")
-        x = torch.cholesky_solve(phi_q.T, chol)
-        part = np.empty((len(phi_q), n))
-        for s in range(0, n, block):
-            b = torch.from_numpy(np.asarray(phi[s : s + block], dtype=np.float64))
-            part[:, s : s + block] = (b @ x).T.numpy()
+        nonzero = np.flatnonzero(np.concatenate([(b != 0).any(1).numpy() for _, b in _blocks(phi, block)]))
+        part = np.zeros((len(phi_q), n))
+        if 0 < len(nonzero) < d and damping > 0:
+            live = torch.from_numpy(np.asarray(phi[nonzero], dtype=np.float64))
+            part[:, nonzero] = kernel_scores(phi_q @ live.T, live @ live.T, damping)
+        else:
+            kernel = torch.zeros(d, d, dtype=torch.float64)
+            for _, b in _blocks(phi, block):
+                kernel += b.T @ b
+            lam = damping_value(damping, torch.trace(kernel), min(d, len(nonzero)))
+            # X = (Phi^T Phi + lambda I)^{-1} phi_q^T  (D x Q), by Cholesky
+            chol, info = torch.linalg.cholesky_ex(kernel + lam * torch.eye(d, dtype=torch.float64))
+            if info:
+                raise WherefromError("the feature kernel is singular (all-zero features?); pass a positive damping")
+            x = torch.cholesky_solve(phi_q.T, chol)
+            for i, b in _blocks(phi, block):
+                part[:, i : i + block] = (b @ x).T.numpy()
         scores = part if scores is None else scores + part
     return scores / len(train)
 
@@ -132,4 +166,4 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
     return Attribution(trak_scores(train, query), queries, args.method)
 
 
-__all__ = ["DAMPING", "attribute", "feature_entries", "network_for", "query_features", "trak_scores"]
+__all__ = ["DAMPING", "attribute", "damping_value", "kernel_scores", "feature_entries", "network_for", "query_features", "trak_scores"]

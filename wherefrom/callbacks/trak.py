@@ -41,7 +41,7 @@ class TRAKFeatures(L.Callback):
         store: the store folder.
         method: ``dtrak`` (output ``square_norm``) or ``trak`` (output ``loss``).
         output: override the output function (a measurement name).
-        timesteps, strategy, proj_dim, projection, seed: see :class:`~wherefrom.attribution.gradients.FeatureConfig`.
+        timesteps, strategy, proj_dim, projection, allocation, seed: see :class:`~wherefrom.attribution.gradients.FeatureConfig`.
         projector: the dense mode's trak projector (default: ``cuda`` with fast_jl on a GPU, else ``basic``).
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).
@@ -58,6 +58,7 @@ class TRAKFeatures(L.Callback):
         proj_dim: int = FeatureConfig.proj_dim,
         projection: str = FeatureConfig.projection,
         projector: str | None = None,
+        allocation: str = FeatureConfig.allocation,
         seed: int = 0,
         every_n_epochs: int = 0,
         batch_size: int = 64,
@@ -70,7 +71,10 @@ class TRAKFeatures(L.Callback):
         self.store, self.every_n_epochs, self.batch_size, self.overwrite = store, every_n_epochs, batch_size, overwrite
         self.projector = projector
         # validated now, so a bad argument fails before training
-        self.config = FeatureConfig(output or METHOD_OUTPUTS[method], timesteps, strategy, proj_dim, projection, projector or "basic", seed)
+        self.config = FeatureConfig(
+            output=output or METHOD_OUTPUTS[method], timesteps=timesteps, strategy=strategy, proj_dim=proj_dim,
+            projection=projection, projector=projector or "basic", allocation=allocation, seed=seed,
+        )  # fmt: skip
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

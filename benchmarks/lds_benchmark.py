@@ -1,0 +1,321 @@
+"""The standard LDS benchmark (issue 10): every method on held-out real and generated
+queries, with 95% intervals, a pixel-similarity baseline, random and the noise ceiling.
+
+    python benchmarks/lds_benchmark.py --config configs/lds_digits500.yaml all --workers 2
+    python benchmarks/lds_benchmark.py --config configs/lds_digits500.yaml report      # the table again
+
+Stages (each resumes where it stopped; ``all`` runs them in order):
+
+* ``train``     the attributed model, the M subset models and the noise-ceiling seed
+                (``wherefrom lds train --workers W``).
+* ``queries``   held-out real digits (outside the training pool) and the attributed
+                model's samples: a *report* set and a disjoint *tuning* set of each.
+* ``measure``   every subset model's loss on every query over ``measure.draws`` shared
+                draws (one cached file per model).
+* ``attribute`` every method's scores on all queries (one cached file per method).
+* ``tune``      the tuning curves that chose the defaults (tuning queries only).
+* ``report``    the LDS table of the report queries (markdown, and ``results.json``).
+
+Defaults are chosen by ``tune`` on the tuning queries; ``report`` reads only the
+report queries. Files live under the benchmark's ``out`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wherefrom.attribution.baseline import random_scores
+from wherefrom.attribution.features import featurize
+from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
+from wherefrom.attribution.influence import precondition, query_gradients
+from wherefrom.attribution.kfac import FactorConfig, fit_factors, load_preconditioner
+from wherefrom.attribution.store import Store
+from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
+from wherefrom.errors import WherefromError
+from wherefrom.evaluation import lds
+from wherefrom.evaluation.benchmark import Benchmark, checkpoint, is_trained, train
+from wherefrom.io import save_grid, write_json, write_npy
+from wherefrom.model import load_module
+from wherefrom.task import Stream
+
+SETS = ("report_real", "report_generated", "tuning_real", "tuning_generated")
+
+
+# --- queries ---------------------------------------------------------------------------
+
+
+def make_queries(bench: Benchmark) -> dict[str, np.ndarray]:
+    """The four query sets (cached in ``out/queries``)."""
+    folder = bench.out / "queries"
+    if all((folder / f"{s}.npy").is_file() for s in SETS):
+        return {s: np.load(folder / f"{s}.npy") for s in SETS}
+    q = bench.queries
+    dm = bench.datamodule()
+    dm.setup()
+    held_out = np.random.default_rng(q.seed).permutation(dm.held_out)
+    if len(held_out) < q.real + q.tuning_real:
+        raise WherefromError(f"{len(held_out)} held-out images cannot give {q.real} + {q.tuning_real} real queries; lower pool_size or the counts")
+    module = load_module(checkpoint(lds.full_model_dir(bench)))
+    s = bench.sampling
+    out = {
+        "report_real": dm.images[held_out[: q.real]].numpy(),
+        "tuning_real": dm.images[held_out[q.real : q.real + q.tuning_real]].numpy(),
+        "report_generated": module.generate(q.generated, seed=s.seed, steps=s.steps, scheduler=s.scheduler, progress=True).numpy(),
+        "tuning_generated": module.generate(q.tuning_generated, seed=s.seed + 1, steps=s.steps, scheduler=s.scheduler, progress=True).numpy(),
+    }
+    for name, images in out.items():
+        write_npy(folder / f"{name}.npy", images.astype(np.float32))
+        save_grid(torch.from_numpy(images), folder / f"{name}.png")
+    write_json(folder / "queries.json", {"held_out": held_out[: q.real + q.tuning_real].tolist(), "sampling": vars(s)})
+    return out
+
+
+def all_queries(bench: Benchmark) -> tuple[torch.Tensor, dict[str, slice]]:
+    """Every query set stacked (one attribution per method) and each set's rows."""
+    sets = make_queries(bench)
+    rows, start = {}, 0
+    for name in SETS:
+        rows[name] = slice(start, start + len(sets[name]))
+        start += len(sets[name])
+    return torch.from_numpy(np.concatenate([sets[s] for s in SETS])), rows
+
+
+# --- ground truth ----------------------------------------------------------------------
+
+
+def measure_all(bench: Benchmark) -> tuple[np.ndarray, np.ndarray | None]:
+    """Measurements ``M x Q`` (mean over model seeds) and the ceiling seed's ``C x Q``."""
+    queries, _ = all_queries(bench)
+    subsets, _ = lds.read_subsets(bench)
+    cache = bench.out / "measurements"
+
+    def one(j: int, seed: int) -> np.ndarray:
+        path = cache / f"subset_{j:03d}_seed_{seed}.npy"
+        if not path.is_file():
+            root = lds.model_dir(bench, j, seed)
+            if not is_trained(root):
+                raise WherefromError(f"subset model {root} is not trained yet; run the `train` stage first")
+            write_npy(path, lds.measure_queries(load_module(checkpoint(root)), queries, bench.measure))
+        return np.load(path)
+
+    values = []
+    for j in range(len(subsets)):
+        values.append(np.mean([one(j, s) for s in bench.model_seeds], axis=0))
+        print(f"[measure] subset {j + 1}/{len(subsets)}", end="\r", flush=True)
+    print()
+    ceiling = np.stack([one(j, bench.noise_ceiling.seed) for j in range(bench.noise_ceiling.num)]) if bench.noise_ceiling.num else None
+    return np.stack(values), ceiling
+
+
+# --- methods ---------------------------------------------------------------------------
+
+
+class Context:
+    """The attributed model, its data and the stacked queries, with cached dense gradients."""
+
+    def __init__(self, bench: Benchmark) -> None:
+        self.bench = bench
+        self.module = load_module(checkpoint(lds.full_model_dir(bench)))
+        self.dm = bench.datamodule()
+        self.dm.setup()
+        self.queries, self.rows = all_queries(bench)
+        self.net = self.module.unet
+        self.split = self.dm.indices
+        self.n = self.dm.num_images
+        self._grads: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def store(self, name: str) -> Store:
+        return Store(self.bench.out / "stores" / name, self.dm.fingerprint)
+
+    def features(self, config: FeatureConfig) -> tuple[np.ndarray, torch.Tensor]:
+        """Stored training features (split rows) and query features of ``config``."""
+        key = f"{config.output}_{config.projection}_{config.proj_dim}_k{config.timesteps}_s{config.seed}"
+        store = self.store(key)
+        featurize(self.net, "model", self.module.task, self.dm, store, config, batch_size=64, progress=True)
+        cached = store.root / "queries.npy"
+        if not cached.is_file():
+            write_npy(cached, query_features(self.net, self.module, "model", config, self.queries).double().numpy())
+        return store.read_array("features/model")[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
+
+    def dense_grads(self, output: str, timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unprojected per-sample gradients (training split, queries) of ``output`` (float32)."""
+        key = (output, timesteps)
+        if key not in self._grads:
+            config = FeatureConfig(output=output, timesteps=timesteps)
+            draws = config.draws(self.module.task)
+
+            def grads(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                return torch.cat([per_sample_grads(self.net, self.module.task, images[s : s + 32], index[s : s + 32], output, draws, Stream.FEATURES) for s in range(0, len(images), 32)])
+
+            train_g = grads(self.dm.images[self.split], torch.from_numpy(self.split))
+            query_g = grads(self.queries, -torch.arange(len(self.queries)) - 1)
+            self._grads[key] = (train_g, query_g)
+        return self._grads[key]
+
+    def full(self, split_scores: np.ndarray) -> np.ndarray:
+        """Q x N scores from Q x split scores (zero outside the training split)."""
+        out = np.zeros((len(split_scores), self.n))
+        out[:, self.split] = split_scores
+        return out
+
+
+def normalised(phi: np.ndarray) -> np.ndarray:
+    """Unit-norm rows (ReTrac-style renormalisation, Xie et al. 2024, Sec. 4)."""
+    return phi / np.maximum(np.linalg.norm(phi, axis=1, keepdims=True), 1e-300)
+
+
+def trak_method(output: str, damping: float, normalize: bool = False, **feature: object) -> Callable[[Context], np.ndarray]:
+    def run(ctx: Context) -> np.ndarray:
+        phi, phi_q = ctx.features(FeatureConfig(output=output, **feature))
+        if normalize:
+            phi = normalised(phi)
+        return ctx.full(trak_scores([phi], [phi_q], damping))
+
+    return run
+
+
+def unprojected_method(output: str, damping: float, timesteps: int = 10, normalize: bool = False) -> Callable[[Context], np.ndarray]:
+    """TRAK on unprojected gradients via the N x N Gram matrix (push-through identity)."""
+
+    def run(ctx: Context) -> np.ndarray:
+        g, g_q = ctx.dense_grads(output, timesteps)
+        g64 = g.double()
+        if normalize:
+            g64 = g64 / g64.norm(dim=1, keepdim=True)
+        return ctx.full(kernel_scores(g_q.double() @ g64.T, g64 @ g64.T, damping))
+
+    return run
+
+
+def kfac_method(ekfac: bool, measurement: str, damping: float | None, passes: int, timesteps: int = 10) -> Callable[[Context], np.ndarray]:
+    """(EK-)FAC influence with exact training gradients (the library's exact mode), the
+    dense training gradients cached across damping values."""
+
+    def run(ctx: Context) -> np.ndarray:
+        store = ctx.store(f"factors_p{passes}")
+        fit_factors(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
+        pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping)
+        config = FeatureConfig(output="loss", timesteps=timesteps)
+        g_q = query_gradients(ctx.net, ctx.module.task, ctx.queries, measurement, config, 64)
+        train_g, _ = ctx.dense_grads("loss", timesteps)
+        return ctx.full((precondition(ctx.net, g_q, pre_cond).double() @ train_g.double().T).numpy())
+
+    return run
+
+
+def pixel_method(ctx: Context) -> np.ndarray:
+    """-||x_q - x_i||^2: the pixel-similarity baseline."""
+    x = ctx.dm.images[ctx.split].flatten(1).double()
+    q = ctx.queries.flatten(1).double()
+    return ctx.full(-torch.cdist(q, x).pow(2).numpy())
+
+
+def random_method(ctx: Context) -> np.ndarray:
+    return random_scores(len(ctx.queries), ctx.n, seed=0).astype(np.float64)
+
+
+# The benchmark's methods at their frozen library defaults (chosen by `tune`).
+METHODS: dict[str, Callable[[Context], np.ndarray]] = {
+    "dtrak": trak_method("square_norm", DAMPING),
+    "dtrak-dense": trak_method("square_norm", DAMPING, projection="dense"),
+    "dtrak-unprojected": unprojected_method("square_norm", DAMPING),
+    "trak": trak_method("loss", DAMPING),
+    "trak-dense": trak_method("loss", DAMPING, projection="dense"),
+    "kfac": kfac_method(False, "loss", None, FactorConfig.passes),
+    "ekfac": kfac_method(True, "loss", None, FactorConfig.passes),
+    "pixel": pixel_method,
+    "random": random_method,
+}
+
+
+def attribute_all(bench: Benchmark, methods: dict[str, Callable[[Context], np.ndarray]], folder: str = "scores") -> dict[str, np.ndarray]:
+    """Scores (all queries x N) of every method, cached as ``out/<folder>/<name>.npy``."""
+    out, ctx = {}, None
+    for name, fn in methods.items():
+        path = bench.out / folder / f"{name}.npy"
+        if not path.is_file():
+            ctx = ctx or Context(bench)
+            start = time.perf_counter()
+            write_npy(path, fn(ctx))
+            print(f"[attribute] {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        out[name] = np.load(path)
+    return out
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def grade(bench: Benchmark, scores: dict[str, np.ndarray], targets: np.ndarray, sets: list[str]) -> dict[str, dict[str, lds.Correlation]]:
+    """LDS of each method on each query set (targets: M x all queries, larger = better)."""
+    _, rows = all_queries(bench)
+    subsets, n = lds.read_subsets(bench)
+    masks = lds.subset_masks(subsets, n)
+    return {m: {s: lds.lds(sc[rows[s]], masks, targets[:, rows[s]], bench.bootstrap) for s in sets} for m, sc in scores.items()}
+
+
+def noise_ceiling(bench: Benchmark, values: np.ndarray, ceiling: np.ndarray, sets: list[str]) -> dict[str, lds.Correlation]:
+    """Spearman over the ceiling subsets of seed A's measurements against seed B's, per query."""
+    _, rows = all_queries(bench)
+    first = values[: len(ceiling)]
+    return {s: lds.Correlation.of(lds.spearman_rows(-first[:, rows[s]].T, -ceiling[:, rows[s]].T), bench.bootstrap) for s in sets}
+
+
+def table(results: dict[str, dict[str, lds.Correlation]], sets: list[str], ceiling: dict[str, lds.Correlation] | None) -> str:
+    head = "| method | " + " | ".join(f"LDS, {s.replace('_', ' ')} [95% CI]" for s in sets) + " |"
+    lines = [head, "|---" * (len(sets) + 1) + "|"]
+    for m, r in results.items():
+        lines.append(f"| {m} | " + " | ".join(r[s].summary() for s in sets) + " |")
+    if ceiling:
+        lines.append("| *noise ceiling (seed vs seed)* | " + " | ".join(ceiling[s].summary() for s in sets) + " |")
+    return "\n".join(lines)
+
+
+def report(bench: Benchmark) -> str:
+    values, ceiling = measure_all(bench)
+    scores = attribute_all(bench, METHODS)
+    sets = ["report_real", "report_generated"]
+    results = grade(bench, scores, -values, sets)
+    ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
+    text = table(results, sets, ceil)
+    write_json(bench.out / "results.json", {m: {s: vars(c) for s, c in r.items()} for m, r in results.items()} | {"noise_ceiling": {s: vars(c) for s, c in (ceil or {}).items()}})
+    (bench.out / "results.md").write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="benchmark config, e.g. configs/lds_digits500.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
+    p.add_argument("stage", choices=["train", "queries", "measure", "attribute", "tune", "report", "all"])
+    p.add_argument("--workers", type=int, default=1, help="parallel training processes (train stage)")
+    a = p.parse_args(argv)
+    bench = Benchmark.from_file(a.config, a.out)
+    start = time.perf_counter()
+    if a.stage in ("train", "all"):
+        train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
+        lds.train_subsets(bench, workers=a.workers, config=Path(a.config))
+    if a.stage in ("queries", "all"):
+        make_queries(bench)
+    if a.stage in ("measure", "all"):
+        measure_all(bench)
+    if a.stage in ("attribute", "all"):
+        attribute_all(bench, METHODS)
+    if a.stage == "tune":
+        from tune_defaults import tune  # benchmarks/tune_defaults.py
+
+        tune(bench)
+    if a.stage in ("report", "all"):
+        print(report(bench))
+    print(f"[{a.stage}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
