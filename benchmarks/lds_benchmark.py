@@ -36,7 +36,7 @@ from wherefrom.attribution.baseline import random_scores
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
 from wherefrom.attribution.influence import precondition, query_gradients
-from wherefrom.attribution.kfac import FactorConfig, fit_factors, load_preconditioner
+from wherefrom.attribution.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
 from wherefrom.errors import WherefromError
@@ -195,14 +195,16 @@ def unprojected_method(output: str, damping: float, timesteps: int = 10, normali
     return run
 
 
-def kfac_method(ekfac: bool, measurement: str, damping: float | None, passes: int, timesteps: int = 10) -> Callable[[Context], np.ndarray]:
+def kfac_method(
+    ekfac: bool, measurement: str, damping: float | None, passes: int, timesteps: int = 10, relative: float = HEURISTIC_DAMPING
+) -> Callable[[Context], np.ndarray]:
     """(EK-)FAC influence with exact training gradients (the library's exact mode), the
     dense training gradients cached across damping values."""
 
     def run(ctx: Context) -> np.ndarray:
         store = ctx.store(f"factors_p{passes}")
         fit_factors(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
-        pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping)
+        pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping, relative)
         config = FeatureConfig(output="loss", timesteps=timesteps)
         g_q = query_gradients(ctx.net, ctx.module.task, ctx.queries, measurement, config, 64)
         train_g, _ = ctx.dense_grads("loss", timesteps)

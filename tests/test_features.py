@@ -213,3 +213,44 @@ def test_mismatched_store_and_bad_input_fail_clearly(runs, tmp_path, capsys):
     assert "timesteps K must be >= 1" in _cli_error(capsys, *args, "--timesteps", "0")
     with pytest.raises(WherefromError, match="structured projection needs groups=1"):
         Projection(FeatureConfig(), torch.nn.Conv2d(4, 4, 3, groups=2), "model")
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "proportional"])
+def test_structured_projection_at_full_dimensions_preserves_inner_products_exactly(allocation):
+    """With every layer at full dimensions (k = n) the scaled orthonormal factors are
+    rotations: feature inner products equal the unprojected gradients' inner products
+    over the covered (Linear/Conv2d) parameters, whatever the allocation."""
+    model = _model64()
+    config = FeatureConfig(output="square_norm", timesteps=2, strategy="random", proj_dim=10**7, allocation=allocation)
+    proj = Projection(config, model.unet, "model")
+    assert all(layer.p_in.shape[0] == layer.p_in.shape[1] and layer.p_out.shape[0] == layer.p_out.shape[1] for layer in proj.layers)
+    index = torch.tensor([4, 0, 17])
+    x0 = DigitsDataModule(subset=SUBSET).images[index].double()
+    draws = config.draws(model.task)
+    grads = per_sample_grads(model.unet, model.task, x0, index, config.output, draws)
+    covered = torch.zeros(proj.num_params, dtype=torch.bool)
+    for layer in proj.layers:
+        covered[layer.weight] = True
+        covered[layer.bias] = True
+    assert 0 < int((~covered).sum())  # GroupNorm affines are outside the projection
+    exact = grads[:, covered] @ grads[:, covered].T
+    feats = proj.projected_grads(model.task, x0, index, config.output, draws)
+    torch.testing.assert_close(feats @ feats.T, exact, rtol=1e-10, atol=1e-12 * float(exact.abs().max()))
+
+
+def test_structured_allocation_follows_the_budget():
+    """uniform: D / L per layer; proportional: each layer's share of the parameters; never above D."""
+    unet = _model64().unet
+    for allocation in ("uniform", "proportional"):
+        proj = Projection(FeatureConfig(proj_dim=400, allocation=allocation), unet, "model")
+        dims = [layer.dim for layer in proj.layers]
+        assert proj.dim == sum(dims) <= 400
+        if allocation == "uniform":
+            assert max(dims) <= 400 // len(dims)
+        else:
+            sizes = [layer.p_in.shape[0] * layer.p_out.shape[0] for layer in proj.layers]
+            assert dims[int(np.argmax(sizes))] == max(dims)
+    with pytest.raises(WherefromError, match="allocation must be one of"):
+        FeatureConfig(allocation="bogus")
+    with pytest.raises(WherefromError, match="older wherefrom"):
+        FeatureConfig.from_dict({k: v for k, v in FeatureConfig().to_dict().items() if k != "allocation"})

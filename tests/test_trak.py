@@ -13,7 +13,7 @@ from wherefrom import cli
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.store import Store
-from wherefrom.attribution.trak import DAMPING, attribute, query_features, trak_scores
+from wherefrom.attribution.trak import DAMPING, attribute, kernel_scores, query_features, trak_scores
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.model import DiffusionModel
@@ -32,9 +32,15 @@ def test_scores_equal_closed_form_blockwise_and_averaged():
     # default damping is relative to the kernel's mean eigenvalue; scores average over model ids
     expected = np.mean([_closed_form(p, q, DAMPING * np.trace(p.T @ p) / 6) for p, q in zip(phis, queries)], axis=0)
     np.testing.assert_allclose(trak_scores(phis, queries, block=7), expected, rtol=1e-10)
-    # D > N: the kernel is singular, the damped solve is still exact
+    # D > N: solved on the N x N Gram matrix (push-through identity); lambda is relative to the mean
+    # nonzero eigenvalue, tr / min(N, D); all-zero rows (outside the split) score 0
     wide, q = rng.normal(size=(5, 9)), rng.normal(size=(2, 9))
-    np.testing.assert_allclose(trak_scores([wide], [q], damping=1e-3), _closed_form(wide, q, 1e-3 * np.trace(wide.T @ wide) / 9), rtol=1e-8)
+    padded = np.concatenate([wide[:2], np.zeros((3, 9)), wide[2:]])
+    expected = _closed_form(wide, q, 1e-3 * np.trace(wide.T @ wide) / 5)
+    got = trak_scores([padded], [q], damping=1e-3, block=4)
+    np.testing.assert_allclose(got[:, [0, 1, 5, 6, 7]], expected, rtol=1e-8)
+    assert not got[:, 2:5].any()
+    np.testing.assert_allclose(kernel_scores(q @ wide.T, wide @ wide.T, 1e-3), expected, rtol=1e-8)
     with pytest.raises(WherefromError, match="singular"):
         trak_scores([np.zeros((3, 2))], [np.ones((1, 2))])
 

@@ -609,18 +609,21 @@ class KFACPreconditioner:
     Args:
         eigen: per-layer eigendecompositions.
         corrected: per-layer EK-FAC eigenvalues ``d_out x d_in`` (``None`` = K-FAC).
-        damping: absolute ``lambda`` for every layer; ``None`` = 0.1 x each layer's mean eigenvalue.
+        damping: absolute ``lambda`` for every layer; ``None``: ``relative`` x each layer's mean eigenvalue.
+        relative: the per-layer damping factor used when ``damping`` is ``None``.
     """
 
-    def __init__(self, eigen: dict[str, LayerEigen], corrected: dict[str, Tensor] | None = None, damping: float | None = None) -> None:
-        if damping is not None and damping < 0:
-            raise WherefromError(f"damping must be >= 0, got {damping}")
+    def __init__(
+        self, eigen: dict[str, LayerEigen], corrected: dict[str, Tensor] | None = None, damping: float | None = None, relative: float = HEURISTIC_DAMPING
+    ) -> None:
+        if (damping is not None and damping < 0) or relative < 0:
+            raise WherefromError(f"damping must be >= 0, got {damping if damping is not None else relative}")
         self.eigen = eigen
         self.inverse: dict[str, Tensor] = {}
         self.damping: dict[str, float] = {}
         for name, e in eigen.items():
             lam = corrected[name].double() if corrected is not None else torch.outer(e.lg, e.la)
-            d = HEURISTIC_DAMPING * float(lam.mean()) if damping is None else damping
+            d = relative * float(lam.mean()) if damping is None else damping
             if d <= 0 and bool((lam <= 0).any()):
                 raise WherefromError(f"layer {name!r} has zero curvature eigenvalues; use a damping > 0")
             self.damping[name] = d
@@ -772,7 +775,9 @@ def _to(e: LayerEigen, device: torch.device) -> LayerEigen:
     return LayerEigen(*(t.to(device) for t in (e.qa, e.la, e.qg, e.lg)))
 
 
-def load_preconditioner(store: Store, model_id: str, net: nn.Module, ekfac: bool, damping: float | None = None) -> KFACPreconditioner:
+def load_preconditioner(
+    store: Store, model_id: str, net: nn.Module, ekfac: bool, damping: float | None = None, relative: float = HEURISTIC_DAMPING
+) -> KFACPreconditioner:
     """The (EK-)FAC preconditioner of ``model_id`` from ``store``, checked against ``net``'s weights."""
     names = entry_names(model_id)
     if not store.has(names["eigen"]):
@@ -787,7 +792,7 @@ def load_preconditioner(store: Store, model_id: str, net: nn.Module, ekfac: bool
     device = next(net.parameters()).device
     eigen = {n: _to(e, device) for n, e in eigen_from_tensors(store.load_tensors(names["eigen"])).items()}
     corrected = correction_tensors(store.load_tensors(names["ekfac"]), eigen) if ekfac else None
-    return KFACPreconditioner(eigen, {n: c.to(device) for n, c in corrected.items()} if corrected else None, damping)
+    return KFACPreconditioner(eigen, {n: c.to(device) for n, c in corrected.items()} if corrected else None, damping, relative)
 
 
 def factors_main(argv: list[str]) -> None:

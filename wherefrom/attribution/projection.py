@@ -65,7 +65,9 @@ def scaled_orthonormal(n: int, k: int, generator: torch.Generator) -> Tensor:
     """``sqrt(n / k) Q`` with ``Q`` (n x k) the first k columns of a Haar-random orthogonal
     matrix (QR of a Gaussian with the signs of R's diagonal fixed; Mezzadri 2007), float64."""
     q, r = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())) * (n / k) ** 0.5
+    signs = torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    # a fresh row-major tensor: QR's column-major output keeps odd strides on size-1 dims
+    return torch.empty(n, k, dtype=torch.float64).copy_(q * signs * (n / k) ** 0.5)
 
 
 def projection_seed(seed: int, model_id: str) -> int:

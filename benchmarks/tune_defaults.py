@@ -1,0 +1,64 @@
+"""The tuning curves that chose the attribution defaults (issue 10), on the tuning queries only.
+
+    python benchmarks/lds_benchmark.py --config configs/lds_digits500.yaml tune
+
+Every curve varies one setting around the defaults and grades it by LDS on the
+*tuning* query sets (held-out digits and samples disjoint from the report sets,
+another sampling seed). The table goes to ``out/tuning.md`` and ``out/tuning.json``;
+the report queries are never read here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lds_benchmark import Context, attribute_all, grade, kfac_method, measure_all, trak_method, unprojected_method
+from wherefrom.evaluation.benchmark import Benchmark
+from wherefrom.io import write_json
+
+DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+KFAC_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+SETS = ["tuning_real", "tuning_generated"]
+
+
+def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
+    """curve name -> {variant name: method}."""
+    out: dict[str, dict[str, Callable[[Context], np.ndarray]]] = {}
+    for method, output in (("dtrak", "square_norm"), ("trak", "loss")):
+        out[f"{method}: damping (structured, D=2048)"] = {f"{method} structured lambda={d:g}": trak_method(output, d) for d in DAMPINGS}
+        out[f"{method}: damping (dense, D=2048)"] = {f"{method} dense lambda={d:g}": trak_method(output, d, projection="dense") for d in DAMPINGS}
+        out[f"{method}: damping (unprojected)"] = {f"{method} unprojected lambda={d:g}": unprojected_method(output, d) for d in DAMPINGS}
+        out[f"{method}: renormalised (ReTrac) unprojected"] = {f"{method} unprojected normalised lambda={d:g}": unprojected_method(output, d, normalize=True) for d in DAMPINGS}
+        out[f"{method}: projection dimension and allocation (structured, lambda=1)"] = {
+            f"{method} structured {a} D={dim} lambda={d:g}": trak_method(output, d, proj_dim=dim, allocation=a)
+            for a in ("uniform", "proportional")
+            for dim in (2048, 8192, 32768)
+            for d in (0.1, 1.0)
+        }
+        out[f"{method}: timesteps K (structured, D=2048)"] = {f"{method} structured K={k} lambda={d:g}": trak_method(output, d, timesteps=k) for k in (10, 100) for d in (0.1, 1.0)}
+    for ekfac in (False, True):
+        name = "ekfac" if ekfac else "kfac"
+        out[f"{name}: damping x measurement (1 factor pass)"] = {
+            f"{name} passes=1 {m} lambda={d:g}": kfac_method(ekfac, m, None, 1, relative=d) for m in ("loss", "elbo", "square_norm") for d in KFAC_DAMPINGS
+        }
+        out[f"{name}: factor passes (draws per image)"] = {f"{name} passes={p} loss lambda={d:g}": kfac_method(ekfac, "loss", None, p, relative=d) for p in (1, 8) for d in KFAC_DAMPINGS}
+    return out
+
+
+def tune(bench: Benchmark) -> str:
+    scores = {curve: attribute_all(bench, methods, folder="tuning_scores") for curve, methods in curves().items()}
+    values, _ = measure_all(bench)
+    lines, results = [], {}
+    for curve, methods in curves().items():
+        graded = grade(bench, scores[curve], -values, SETS)
+        lines += [f"\n### {curve}\n", "| variant | " + " | ".join(f"LDS, {s.replace('_', ' ')}" for s in SETS) + " |", "|---|---|---|"]
+        for m, r in graded.items():
+            lines.append(f"| {m} | " + " | ".join(r[s].summary() for s in SETS) + " |")
+            results[m] = {s: {"mean": r[s].mean, "ci": [r[s].ci_low, r[s].ci_high]} for s in SETS}
+    text = "\n".join(lines)
+    (bench.out / "tuning.md").write_text(text + "\n")
+    write_json(bench.out / "tuning.json", results)
+    print(text)
+    return text
