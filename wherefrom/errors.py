@@ -14,3 +14,7 @@ class FingerprintMismatchError(WherefromError):
 
 class CheckpointError(WherefromError):
     """A checkpoint is missing, unreadable, or belongs to another architecture."""
+
+
+class StoreDamagedError(WherefromError):
+    """A store file does not match its manifest (truncated, overwritten, missing)."""

@@ -190,6 +190,7 @@ def featurize_main(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a store or entry made for other data, config or weights")
+    p.add_argument("--repair", action="store_true", help="recompute exactly the rows of a damaged store (truncated or corrupted files)")
     a = p.parse_args(argv)
     config = FeatureConfig(
         output=a.output or METHOD_OUTPUTS[a.method],
@@ -203,7 +204,7 @@ def featurize_main(argv: list[str]) -> None:
     )
     module = load_module(a.ckpt).to(a.device)
     datamodule = load_datamodule(a.ckpt)
-    store = Store(a.out, datamodule.fingerprint, module.codes_fingerprint, overwrite=a.overwrite)
+    store = Store(a.out, datamodule.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair)
     for model_id, net in module.denoisers().items():
         featurize(net, model_id, module.task, datamodule, store, config, a.batch_size, progress=True)
     print(f"wrote {', '.join(entry_name(m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.out}")

@@ -4,22 +4,34 @@ Layout of a store directory::
 
     manifest.json            fingerprints, and each entry's kind, shape and config
     <name>.npy               a row-per-global-index array (memmap-able)
+    <name>.crc.npy           the CRC-32 of each row's bytes (uint32)
     <name>.done.npy          its done-mask (uint8, one byte per row)
-    <name>.safetensors       a group of tensors (e.g. Kronecker factors)
+    <name>.safetensors       a group of tensors (e.g. Kronecker factors); its
+                             SHA-256 is in the manifest entry
 
-Crash safety: rows are written data first (flushed and fsynced), then their
-done-mask bytes. A kill at any point leaves rows either done with final bytes or
-not done; a rerun recomputes exactly the rows that are not done. The manifest
-and safetensors files are replaced atomically (temp file, fsync, ``os.replace``).
+Crash safety: rows are written data first, then their checksums, then their
+done-mask bytes (each flushed and fsynced). A kill at any point leaves rows
+either done with final bytes or not done; a rerun recomputes exactly the rows
+that are not done. The manifest and safetensors files are replaced atomically
+(temp file, fsync, ``os.replace``).
+
+Integrity: nothing is trusted before it is checked. Every array file's header
+and size must match the manifest, every done row its checksum, every tensor
+file its hash; a damaged entry raises :class:`StoreDamagedError` (never zero-
+filled or resized), and ``repair=True`` (``--repair``) marks exactly the damaged
+rows not done so the writing command recomputes them. :meth:`Store.open` is
+read-only: it memory-maps arrays with ``mode="r"`` and writes nothing.
 
 Only one process (DDP global rank 0) may write a store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +39,11 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
 from wherefrom.io import atomic_path, write_json
 
-FORMAT = 1
+FORMAT = 2
+SUFFIXES = {"array": (".npy", ".crc.npy", ".done.npy"), "tensors": (".safetensors",)}
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,15 +51,109 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
-class StoreArray:
-    """A row-per-index array in a store with a done-mask."""
+def row_crcs(rows: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's bytes (uint32)."""
+    rows = np.ascontiguousarray(rows)
+    flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))
+    return np.fromiter((zlib.crc32(r.tobytes()) for r in flat), dtype=np.uint32, count=len(rows))
 
-    def __init__(self, base: Path, shape: tuple[int, ...], dtype: str) -> None:
+
+def _npy_damage(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
+    """Why the ``.npy`` file at ``path`` does not hold a C-order ``shape``/``dtype`` array, or ``None``."""
+    if not path.is_file():
+        return "is missing"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        return f"has no valid .npy header ({e})"
+    have_shape, fortran, have_dtype = header
+    if tuple(have_shape) != shape or str(have_dtype) != dtype or fortran:
+        return f"holds a {tuple(have_shape)} {have_dtype} array, not the manifest's {shape} {dtype}"
+    size, want = path.stat().st_size, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return None if size == want else f"has {size} bytes instead of {want} (truncated or appended to)"
+
+
+def _salvage(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The whole rows that survive in a damaged ``.npy`` with a matching header (flat; empty if none)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            if tuple(header[0]) != shape or str(header[2]) != dtype or header[1]:
+                return np.zeros(0, dtype)
+            raw = f.read()
+    except (ValueError, OSError, SyntaxError):
+        return np.zeros(0, dtype)
+    row = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+    rows = min(len(raw) // row, shape[0])
+    return np.frombuffer(raw[: rows * row], dtype=dtype)
+
+
+class StoreArray:
+    """A row-per-index array in a store with per-row checksums and a done-mask.
+
+    Args:
+        base: the path without suffix; ``shape``/``dtype``: the manifest's.
+        read_only: memory-map read-only (``Store.open``).
+        repair: rebuild damaged files and mark damaged rows not done instead of raising.
+    """
+
+    def __init__(self, base: Path, shape: tuple[int, ...], dtype: str, read_only: bool = False, repair: bool = False) -> None:
         self.path = base
-        self.data = np.lib.format.open_memmap(str(base) + ".npy", mode="r+")
-        self.done = np.lib.format.open_memmap(str(base) + ".done.npy", mode="r+")
-        if self.data.shape != shape or str(self.data.dtype) != dtype:
-            raise WherefromError(f"store array {base.name} is {self.data.shape}/{self.data.dtype}, expected {shape}/{dtype}; rerun with overwrite")
+        files = {kind: Path(str(base) + suffix) for kind, suffix in zip(("data", "crc", "done"), SUFFIXES["array"])}
+        specs = {"data": (shape, dtype), "crc": ((shape[0],), "uint32"), "done": ((shape[0],), "uint8")}
+        damage = {kind: _npy_damage(files[kind], *specs[kind]) for kind in files}
+        if any(damage.values()):
+            kind, why = next((k, w) for k, w in damage.items() if w)
+            if not repair:
+                raise StoreDamagedError(
+                    f"store array {base.name}: {files[kind].name} {why}; rerun the command that wrote it with --repair to recompute the damaged rows"
+                )
+            self._rebuild(files, specs, damage)
+        mode = "r" if read_only else "r+"
+        self.data, self.crc, self.done = (np.lib.format.open_memmap(str(files[k]), mode=mode) for k in ("data", "crc", "done"))
+        bad = self._bad_rows()
+        if bad.size:
+            if not repair:
+                raise StoreDamagedError(
+                    f"store array {base.name}: {bad.size} done rows fail their checksum (e.g. rows {bad[:5].tolist()}); "
+                    "rerun the command that wrote it with --repair to recompute them"
+                )
+            self.done[bad] = 0
+            self._sync(self.done)
+
+    @staticmethod
+    def _rebuild(files: dict[str, Path], specs: dict[str, tuple], damage: dict[str, str | None]) -> None:
+        """Recreate damaged files at full size, keeping the bytes that survive; the checksums
+        then mark every row whose bytes did not survive as not done."""
+        for kind, why in damage.items():
+            if not why:
+                continue
+            shape, dtype = specs[kind]
+            kept = np.zeros(shape, dtype=dtype)
+            salvaged = _salvage(files[kind], shape, dtype)
+            kept.reshape(-1)[: salvaged.size] = salvaged
+            if kind == "done":
+                kept[:] = 1  # the checksums decide which rows are really done
+            with atomic_path(files[kind]) as tmp:
+                np.lib.format.open_memmap(str(tmp), mode="w+", dtype=dtype, shape=shape)[:] = kept
+
+    def _bad_rows(self, block: int = 65536) -> np.ndarray:
+        """Done rows whose bytes do not match their checksum."""
+        bad = []
+        for s in range(0, len(self.done), block):
+            done = np.flatnonzero(self.done[s : s + block]) + s
+            if done.size:
+                bad.append(done[row_crcs(self.data[done]) != self.crc[done]])
+        return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+    @staticmethod
+    def _sync(array: np.memmap) -> None:
+        array.flush()
+        _fsync(array.filename)
 
     @property
     def complete(self) -> bool:
@@ -57,21 +164,22 @@ class StoreArray:
         return np.flatnonzero(self.done == 0)
 
     def write(self, rows: np.ndarray | Tensor, values: np.ndarray | Tensor) -> None:
-        """Write ``values`` at ``rows``; data reaches disk before the done-mask does."""
+        """Write ``values`` at ``rows``: data, then checksums, then the done-mask reach disk."""
         rows = np.asarray(rows, dtype=np.int64)
         values = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
-        self.data[rows] = values.astype(self.data.dtype, copy=False)
-        self.data.flush()
-        _fsync(self.data.filename)
+        values = np.ascontiguousarray(values.astype(self.data.dtype, copy=False))
+        self.data[rows] = values
+        self._sync(self.data)
+        self.crc[rows] = row_crcs(values)
+        self._sync(self.crc)
         self.done[rows] = 1
-        self.done.flush()
-        _fsync(self.done.filename)
+        self._sync(self.done)
 
     def read(self) -> np.ndarray:
-        """The whole array; raises if some rows are still missing."""
+        """The whole array (checked on open); raises if some rows are still missing."""
         if not self.complete:
             raise WherefromError(f"store array {self.path.name} has {len(self.missing())} rows not computed; rerun the command that writes it to resume")
-        return np.asarray(self.data)
+        return self.data
 
 
 def _fsync(filename: str | os.PathLike) -> None:
@@ -93,9 +201,13 @@ class Store:
             with another config, instead of raising.
     """
 
-    def __init__(self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False, repair: bool = False
+    ) -> None:
         self.root = Path(root)
-        self.overwrite = overwrite
+        if self.root.exists() and not self.root.is_dir():
+            raise WherefromError(f"store {str(self.root)!r} is a file, not a folder; pass a folder path")
+        self.overwrite, self.repair, self.read_only = overwrite, repair, False
         self.manifest = self._read_manifest()
         want = {"fingerprint": fingerprint, "codes_fingerprint": codes_fingerprint}
         if self.manifest is not None:
@@ -115,24 +227,34 @@ class Store:
 
     @classmethod
     def open(cls, root: str | Path) -> Store:
-        """Open an existing store read-only-ish, whatever its fingerprint."""
-        path = Path(root) / "manifest.json"
-        if not path.is_file():
+        """Open an existing store read-only, whatever its fingerprint: nothing is written."""
+        if not (Path(root) / "manifest.json").is_file():
             raise WherefromError(f"{str(root)!r} is not a wherefrom store (no manifest.json); create it with `wherefrom featurize`")
-        m = json.loads(path.read_text())
-        return cls(root, m["fingerprint"], m.get("codes_fingerprint"))
+        store = cls.__new__(cls)
+        store.root, store.overwrite, store.repair, store.read_only = Path(root), False, False, True
+        store.manifest = store._read_manifest()
+        return store
 
     # --- manifest ------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
         path = self.root / "manifest.json"
         if not path.is_file():
             return None
-        m = json.loads(path.read_text())
+        try:
+            m = json.loads(path.read_text())
+            if not isinstance(m, dict) or not isinstance(m.get("entries"), dict) or "fingerprint" not in m:
+                raise ValueError("not a store manifest")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreDamagedError(
+                f"store manifest {str(path)!r} is damaged ({e}); it is only ever replaced atomically, so restore it from a backup or recompute into a new folder"
+            ) from None
         if m.get("format") != FORMAT:
-            raise WherefromError(f"store {str(self.root)!r} has format {m.get('format')}, this wherefrom reads {FORMAT}")
+            raise WherefromError(f"store {str(self.root)!r} has format {m.get('format')}, this wherefrom reads {FORMAT}; recompute it into a new folder")
         return m
 
     def _save(self) -> None:
+        if self.read_only:
+            raise WherefromError(f"store {str(self.root)!r} was opened read-only")
         write_json(self.root / "manifest.json", self.manifest)
 
     def _clear(self) -> None:
@@ -183,10 +305,8 @@ class Store:
     def delete(self, name: str) -> None:
         entry = self.manifest["entries"].pop(name)
         self._save()
-        base = self.root / name
-        suffixes = (".npy", ".done.npy") if entry["kind"] == "array" else (".safetensors",)
-        for s in suffixes:
-            Path(str(base) + s).unlink(missing_ok=True)
+        for suffix in SUFFIXES[entry["kind"]]:
+            Path(str(self.root / name) + suffix).unlink(missing_ok=True)
 
     # --- arrays --------------------------------------------------------------------
     def array(self, name: str, shape: tuple[int, ...], config: dict[str, Any], dtype: str = "float32") -> StoreArray:
@@ -196,16 +316,19 @@ class Store:
         if not self._check_entry(name, "array", config, shape=list(shape), dtype=dtype):
             base.parent.mkdir(parents=True, exist_ok=True)
             # files first, then the manifest entry: a crash in between just recreates them
-            np.lib.format.open_memmap(str(base) + ".npy", mode="w+", dtype=dtype, shape=shape).flush()
-            np.lib.format.open_memmap(str(base) + ".done.npy", mode="w+", dtype=np.uint8, shape=(shape[0],)).flush()
+            for suffix, (dt, sh) in zip(SUFFIXES["array"], [(dtype, shape), (np.uint32, shape[:1]), (np.uint8, shape[:1])]):
+                with atomic_path(str(base) + suffix) as tmp:
+                    np.lib.format.open_memmap(str(tmp), mode="w+", dtype=dt, shape=sh).flush()
             self.manifest["entries"][name] = {"kind": "array", "shape": list(shape), "dtype": dtype, "config": _jsonable(config)}
             self._save()
-        return StoreArray(base, shape, dtype)
+        return StoreArray(base, shape, dtype, repair=self.repair)
 
     def read_array(self, name: str) -> np.ndarray:
         entry = self.manifest["entries"].get(name)
         if entry is None or entry["kind"] != "array":
             raise WherefromError(f"store {str(self.root)!r} has no array {name!r} (has {sorted(self.entries('array'))})")
+        if self.read_only:
+            return StoreArray(self.root / name, tuple(entry["shape"]), entry["dtype"], read_only=True).read()
         return self.array(name, tuple(entry["shape"]), entry["config"], entry["dtype"]).read()
 
     # --- tensor groups ---------------------------------------------------------------
@@ -215,7 +338,8 @@ class Store:
         path = Path(str(self.root / name) + ".safetensors")
         with atomic_path(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        self.manifest["entries"][name] = {"kind": "tensors", "config": _jsonable(config)}
+            digest = _sha256(tmp)
+        self.manifest["entries"][name] = {"kind": "tensors", "config": _jsonable(config), "sha256": digest}
         self._save()
 
     def has(self, name: str, config: dict[str, Any] | None = None) -> bool:
@@ -226,7 +350,21 @@ class Store:
         entry = self.manifest["entries"].get(name)
         if entry is None or entry["kind"] != "tensors":
             raise WherefromError(f"store {str(self.root)!r} has no tensors {name!r} (has {sorted(self.entries('tensors'))}); run `wherefrom factors` first")
-        return load_file(str(self.root / name) + ".safetensors")
+        path = Path(str(self.root / name) + ".safetensors")
+        if not path.is_file() or _sha256(path) != entry["sha256"]:
+            raise StoreDamagedError(
+                f"store tensors {name!r} ({path.name}) are {'missing' if not path.is_file() else 'damaged (hash mismatch)'}; "
+                "recompute them with the command that wrote them and --overwrite"
+            )
+        return load_file(str(path))
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_store(store: Store, fingerprint: str, codes_fingerprint: str | None = None) -> None:
@@ -238,4 +376,4 @@ def check_store(store: Store, fingerprint: str, codes_fingerprint: str | None = 
         )
 
 
-__all__ = ["Store", "StoreArray", "check_store"]
+__all__ = ["FORMAT", "Store", "StoreArray", "check_store", "row_crcs"]
