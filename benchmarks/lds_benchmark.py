@@ -130,7 +130,7 @@ class Context:
         self.net = self.module.unet
         self.split = self.dm.indices
         self.n = self.dm.num_images
-        self._grads: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._grads: dict[tuple, tuple] = {}  # dense gradients and their Gram matrices, per (output, K)
 
     def store(self, name: str) -> Store:
         return Store(self.bench.out / "stores" / name, self.dm.fingerprint)
@@ -160,6 +160,14 @@ class Context:
             self._grads[key] = (train_g, query_g)
         return self._grads[key]
 
+    def grams(self, output: str, timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+        """``g_q G^T`` (Q x split) and ``G G^T`` (split x split) of unprojected gradients (float64)."""
+        key = ("gram", output, timesteps)
+        if key not in self._grads:
+            g, g_q = (x.double() for x in self.dense_grads(output, timesteps))
+            self._grads[key] = ((g_q @ g.T).numpy(), (g @ g.T).numpy())
+        return self._grads[key]
+
     def full(self, split_scores: np.ndarray) -> np.ndarray:
         """Q x N scores from Q x split scores (zero outside the training split)."""
         out = np.zeros((len(split_scores), self.n))
@@ -186,11 +194,11 @@ def unprojected_method(output: str, damping: float, timesteps: int = 10, normali
     """TRAK on unprojected gradients via the N x N Gram matrix (push-through identity)."""
 
     def run(ctx: Context) -> np.ndarray:
-        g, g_q = ctx.dense_grads(output, timesteps)
-        g64 = g.double()
+        cross, gram = ctx.grams(output, timesteps)
         if normalize:
-            g64 = g64 / g64.norm(dim=1, keepdim=True)
-        return ctx.full(kernel_scores(g_q.double() @ g64.T, g64 @ g64.T, damping))
+            norms = np.sqrt(np.diag(gram))
+            cross, gram = cross / norms, gram / np.outer(norms, norms)
+        return ctx.full(kernel_scores(cross, gram, damping))
 
     return run
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import ArgumentParser, WherefromError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -34,19 +35,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _ours(error: BaseException) -> WherefromError | None:
+    """The WherefromError in an exception's chain (jsonargparse wraps constructor errors)."""
+    while error is not None:
+        if isinstance(error, WherefromError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def lightning_main(argv: list[str]) -> None:
+    """LightningCLI; its parse errors, our constructors' errors and a missing
+    ``--ckpt_path`` become one-line :class:`WherefromError` s."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        with warnings.catch_warnings():  # argv is passed explicitly (main, in-process tests, the LDS recipe)
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            LightningCLI(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=argv,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False},
+            )
+    except WherefromError:
+        raise
+    except argparse.ArgumentError as e:
+        cmd = argv[0] if argv and not argv[0].startswith("-") else "fit"
+        raise WherefromError(f"{' '.join(str(e).split())}; see `wherefrom {cmd} --help`") from None
+    except FileNotFoundError as e:
+        raise WherefromError(f"{e}; pass an existing checkpoint to --ckpt_path (or drop it to start from scratch)") from None
+    except ValueError as e:  # jsonargparse wraps the errors of our constructors
+        ours = _ours(e)
+        if ours is None:
+            raise
+        raise ours from None
 
 
 def load_sampler_module(ckpt: str):
@@ -62,10 +90,10 @@ def load_sampler_module(ckpt: str):
 
 
 def sample_main(argv: list[str]) -> None:
-    from wherefrom.io import save_grid, write_npy
-    from wherefrom.sampling import SchedulerType
+    from wherefrom.io import check_out_dir, save_grid, write_npy
+    from wherefrom.sampling import SchedulerType, sampling_timesteps
 
-    p = argparse.ArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
+    p = ArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
     p.add_argument("--ckpt", required=True, help="a .ckpt from `wherefrom fit` or a diffusers export folder")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -75,9 +103,11 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--ablate", default=None, help="ensembles only: comma-separated training indices to ablate exactly")
     a = p.parse_args(argv)
-    if a.num_samples < 1:
-        raise WherefromError(f"--num-samples must be >= 1, got {a.num_samples}")
+    if a.num_samples < 1 or a.batch_size < 1:
+        raise WherefromError(f"--num-samples and --batch-size must be >= 1, got {a.num_samples} and {a.batch_size}")
+    check_out_dir(a.out)
     module = load_sampler_module(a.ckpt)
+    sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
     kwargs = {}
     if a.ablate:
         if not hasattr(module, "ablation_weights"):
@@ -95,14 +125,20 @@ def sample_main(argv: list[str]) -> None:
 
 
 def export_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
+    from wherefrom.io import check_out_dir
+
+    p = ArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replacing same-named files)")
     a = p.parse_args(argv)
+    out = check_out_dir(a.out)
+    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise WherefromError(f"--out {a.out!r} is not empty; export into a new folder or pass --overwrite")
     module = load_sampler_module(a.ckpt)
     if not hasattr(module, "save_pretrained"):
         raise WherefromError("only single-model checkpoints export to one diffusers UNet")
-    module.save_pretrained(a.out)
+    module.save_pretrained(out)
     print(f"wrote diffusers UNet to {a.out}")
 
 

@@ -22,7 +22,6 @@ defaults take about 10 CPU-minutes (about 8 minutes on 2 idle cores); the size o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -46,7 +45,8 @@ from wherefrom.attribution.cli import METHODS, method_function
 from wherefrom.attribution.cli import parser as attribute_parser
 from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.errors import WherefromError
+from wherefrom.ensemble.codes import validate_codes
+from wherefrom.errors import ArgumentParser, WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, SamplingConfig
 from wherefrom.evaluation.lds import Correlation
@@ -56,8 +56,9 @@ from wherefrom.io import save_grid, write_json, write_npy
 DIGITS = 1797
 # the order of the report; methods registered later are appended
 METHOD_ORDER = ("ablation", "trak", "dtrak", "kfac", "ekfac", "random")
-# subfolders of --out that a run owns (and removes before starting)
+# subfolders of --out that a run owns (a rerun into the same --out replaces them)
 OWNED = ("ensemble", "store", "methods", "lds", "loo")
+MARKER = ".wherefrom-demo"  # written into --out by a demo run: marks the folder as the demo's own
 
 
 @dataclass
@@ -101,6 +102,7 @@ class DemoConfig:
         if self.lds_subsets < 2 or self.loo_indices < 2:
             raise WherefromError("--lds-subsets and --loo-indices must be >= 2 (correlations need two points)")
         SamplingConfig(self.seed, self.steps, self.scheduler)  # validates the scheduler
+        validate_codes(self.num_images, self.members, self.code_weight)  # C(n, w) distinct codes for the images
 
     @property
     def unet(self) -> dict[str, Any]:
@@ -373,14 +375,30 @@ def write_report(out: Path, cfg: DemoConfig, status: dict[str, str], results: di
     return path
 
 
-def run(cfg: DemoConfig, out: str | Path) -> Path:
-    """Run the demo into ``out``; returns the report's path."""
-    out = Path(out)
-    start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
+def prepare_out(out: Path, overwrite: bool = False) -> None:
+    """Make ``out`` ready for a run without losing anything the demo did not write.
+
+    A new or empty folder is used as is; a previous demo run's folder (it holds
+    :data:`MARKER`) has its :data:`OWNED` subfolders replaced; any other non-empty
+    folder, or a file, is refused unless ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise WherefromError(f"--out {str(out)!r} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise WherefromError(f"--out {str(out)!r} holds files the demo did not write; pick a new folder or pass --overwrite to write into it")
     for name in OWNED:
         shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `wherefrom demo`; its subfolders are replaced by the next run into this folder\n")
+
+
+def run(cfg: DemoConfig, out: str | Path, overwrite: bool = False) -> Path:
+    """Run the demo into ``out``; returns the report's path. ``cfg`` is validated on
+    construction, so nothing in ``out`` is touched for a bad option."""
+    out = Path(out)
+    start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    prepare_out(out, overwrite)
     timer = Timer()
 
     log(f"training an encoded ensemble ({cfg.members} members, w={cfg.code_weight}) on {cfg.num_images} digits", start)
@@ -430,7 +448,7 @@ def run(cfg: DemoConfig, out: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="wherefrom demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="wherefrom demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (report.md and everything it shows)")
     p.add_argument("--tiny", action="store_true", help="seconds-sized run (for tests); size options still apply")
     defaults = DemoConfig()
@@ -440,11 +458,12 @@ def main(argv: list[str]) -> None:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None, help=f"default {getattr(defaults, f.name)}")
     p.add_argument("--channels", type=int, nargs=2, default=None, help=f"UNet block channels, default {defaults.channels}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that a demo run did not make")
     a = vars(p.parse_args(argv))
-    out, tiny, quiet = a.pop("out"), a.pop("tiny"), a.pop("quiet")
+    out, tiny, quiet, overwrite = a.pop("out"), a.pop("tiny"), a.pop("quiet"), a.pop("overwrite")
     values = {**(TINY if tiny else {}), **{k: v for k, v in a.items() if v is not None}}
     if "channels" in values:
         values["channels"] = tuple(values["channels"])
     if quiet:
         values["progress"] = False
-    run(DemoConfig(**values), out)
+    run(DemoConfig(**values), out, overwrite)

@@ -3,6 +3,9 @@ says what was wrong and what to do; the CLI prints it on one line and exits 2.""
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class WherefromError(ValueError):
     """Bad user input or an inconsistent artifact (store, checkpoint, split)."""
@@ -18,3 +21,11 @@ class CheckpointError(WherefromError):
 
 class StoreDamagedError(WherefromError):
     """A store file does not match its manifest (truncated, overwritten, missing)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` for wherefrom's commands: a usage error raises a one-line
+    :class:`WherefromError` (the CLI prints it and exits 2) instead of printing the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise WherefromError(f"{message}; see `{self.prog} --help`")

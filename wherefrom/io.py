@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wherefrom.errors import WherefromError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -40,6 +42,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def load_array(path: str | Path, what: str, key: str | None = None) -> np.ndarray:
+    """A user's ``.npy`` (or ``key`` of an ``.npz``), never unpickled; a missing,
+    truncated or pickled file raises one-line :class:`WherefromError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise WherefromError(f"{what} file {str(path)!r} does not exist")
+    try:
+        if key is None:
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as z:
+            if key not in z:
+                raise WherefromError(f"{what} file {str(path)!r} has no array {key!r} (has {list(z.keys())})")
+            return z[key]
+    except (ValueError, OSError, EOFError) as e:
+        if isinstance(e, WherefromError):
+            raise
+        raise WherefromError(f"{what} file {str(path)!r} is not a readable .npy/.npz array ({' '.join(str(e).split())[:120]}); write it with numpy.save") from None
+
+
+def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+    """Raise before any work if an output folder path is an existing file (or lies under one)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise WherefromError(f"{what} {str(path)!r}: {str(p)!r} is a file, not a folder; pass a folder path")
+            break
+    return path
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -226,9 +226,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass the .ckpt written by `wherefrom fit`")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {' '.join(str(e).split())[:150]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a Lightning checkpoint; pass the .ckpt written by `wherefrom fit`")
+    return ckpt
 
 
 def load_module(path: str | Path) -> L.LightningModule:

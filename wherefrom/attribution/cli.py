@@ -16,8 +16,9 @@ import numpy as np
 from torch import Tensor
 
 from wherefrom.attribution.report import Attribution, write_attribution
+from wherefrom.io import check_out_dir, load_array
 from wherefrom.datamodules.base import to_model_range
-from wherefrom.errors import WherefromError
+from wherefrom.errors import ArgumentParser, WherefromError
 
 # method -> "module:function"
 METHODS: dict[str, str] = {
@@ -28,10 +29,12 @@ METHODS: dict[str, str] = {
     "kfac": "wherefrom.attribution.influence:attribute",
     "ekfac": "wherefrom.attribution.influence:attribute",
 }
+# methods that score from a store (features or factors), checked before any query is generated
+NEEDS_STORE = {"trak": "featurize", "dtrak": "featurize", "kfac": "factors", "ekfac": "factors"}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
+    p = ArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
     p.add_argument("--method", required=True, help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
@@ -62,10 +65,9 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
         if len(val) == 0:
             raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
         return val
-    path = Path(spec)
-    if not path.is_file():
+    if not Path(spec).is_file():
         raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
-    queries = to_model_range(np.load(path), f"queries {spec}")
+    queries = to_model_range(load_array(spec, "queries"), f"queries {spec}")
     if tuple(queries.shape[1:]) != tuple(datamodule.image_shape):
         raise WherefromError(f"queries have shape {tuple(queries.shape[1:])} but the training images are {tuple(datamodule.image_shape)}")
     return queries
@@ -83,7 +85,10 @@ def attribute_main(argv: list[str]) -> None:
     from wherefrom.model import load_datamodule, load_module
 
     args = parser().parse_args(argv)
+    check_out_dir(args.out)
     attribute = method_function(args.method)
+    if args.method in NEEDS_STORE and args.store is None:
+        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom {NEEDS_STORE[args.method]}`")
     module = load_module(args.ckpt)
     datamodule = load_datamodule(args.ckpt)
     queries = load_queries(args.queries, module, datamodule, args)

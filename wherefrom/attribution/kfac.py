@@ -48,7 +48,6 @@ it uses only training-set curvature, never an evaluation set. An absolute
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import enum
 import itertools
@@ -65,7 +64,7 @@ from tqdm.auto import tqdm
 
 from wherefrom.attribution.features import Comm, LocalComm, gather, on_rank_zero, weights_hash
 from wherefrom.attribution.store import Store
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import ArgumentParser, FingerprintMismatchError, WherefromError
 from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
 
 _MC_TAG = 1  # extra seed word separating the MC pseudo-target noise from the (t, eps) draws
@@ -799,7 +798,7 @@ def factors_main(argv: list[str]) -> None:
     """``wherefrom factors``: K-FAC factors of a finished run into a store."""
     from wherefrom.model import load_datamodule, load_module
 
-    p = argparse.ArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
+    p = ArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
     p.add_argument("--store", required=True, help="store folder (shared with `wherefrom featurize`)")
     p.add_argument("--curvature", choices=[c.value for c in Curvature], default=FactorConfig.curvature)

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from wherefrom.errors import WherefromError
+from wherefrom.io import load_array
 
 IndexSpec = Sequence[int] | str | Path | None
 
@@ -33,12 +34,17 @@ def read_indices(spec: IndexSpec, what: str) -> np.ndarray | None:
         path = Path(spec)
         if not path.is_file():
             raise WherefromError(f"{what} file {str(path)!r} does not exist; pass a list of indices or an existing .npy/.json/.txt file")
-        if path.suffix == ".npy":
-            arr = np.load(path)
-        elif path.suffix == ".json":
-            arr = np.asarray(json.loads(path.read_text()))
-        else:
-            arr = np.asarray(path.read_text().split(), dtype=np.int64)
+        try:
+            if path.suffix == ".npy":
+                arr = load_array(path, what)
+            elif path.suffix == ".json":
+                arr = np.asarray(json.loads(path.read_text()))
+            else:
+                arr = np.asarray(path.read_text().split(), dtype=np.int64)
+        except (ValueError, UnicodeDecodeError) as e:
+            if isinstance(e, WherefromError):
+                raise
+            raise WherefromError(f"{what} file {str(path)!r} must hold integer indices (.npy, a .json list, or whitespace-separated text): {' '.join(str(e).split())[:100]}") from None
     else:
         arr = np.asarray(list(spec))
     if arr.size and not np.issubdtype(arr.dtype, np.integer):

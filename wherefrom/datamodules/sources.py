@@ -9,6 +9,7 @@ from PIL import Image
 
 from wherefrom.datamodules.base import ImageDataModule
 from wherefrom.errors import WherefromError
+from wherefrom.io import load_array
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -79,13 +80,8 @@ class ArrayDataModule(ImageDataModule):
     def load_images(self) -> np.ndarray:
         if not self.path.is_file():
             raise WherefromError(f"array file {str(self.path)!r} does not exist; pass --data.path to a .npy or .npz file")
-        if self.path.suffix == ".npz":
-            with np.load(self.path) as z:
-                if self.key not in z:
-                    raise WherefromError(f"{str(self.path)!r} has no array {self.key!r} (has {list(z.keys())}); set --data.key")
-                return z[self.key]
-        if self.path.suffix == ".npy":
-            return np.load(self.path)
+        if self.path.suffix in (".npy", ".npz"):
+            return load_array(self.path, "array", self.key if self.path.suffix == ".npz" else None)
         raise WherefromError(f"array file {str(self.path)!r} must end in .npy or .npz")
 
 

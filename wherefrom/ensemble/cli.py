@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import ArgumentParser, WherefromError
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="wherefrom ensemble", description="Encoded-ensemble utilities.")
+    p = ArgumentParser(prog="wherefrom ensemble", description="Encoded-ensemble utilities.")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     asm = sub.add_parser(
         "assemble",

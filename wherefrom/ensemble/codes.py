@@ -56,7 +56,8 @@ def code_weight(n: int, w: int | None = None) -> int:
     return w
 
 
-def _validate(num_images: int, n: int, w: int | None) -> int:
+def validate_codes(num_images: int, n: int, w: int | None) -> int:
+    """The code weight for ``num_images`` images with ``n`` members; raise when C(n, w) codes are too few."""
     w = code_weight(n, w)
     if num_images < 1:
         raise WherefromError("codes need at least one training image")
@@ -157,7 +158,7 @@ class Codes:
     def generate(cls, indices: np.ndarray, n: int, w: int | None = None, seed: int = 0, data_fingerprint: str = "") -> Codes:
         """Distinct, balanced, seeded weight-``w`` codes (default ``w = n // 2``) for the training ``indices``."""
         indices = np.sort(np.asarray(indices, dtype=np.int64))
-        w = _validate(len(indices), n, w)
+        w = validate_codes(len(indices), n, w)
         rng = np.random.default_rng(mix_seed(seed, n, w, len(indices)))
         total = math.comb(n, w)
         if total <= max(_ENUMERATE_BELOW, 2 * len(indices)):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,9 +317,7 @@ def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Pat
     with atomic_path(root / "fit.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.perf_counter()
-    with warnings.catch_warnings():  # LightningCLI(args=...) warns when called inside another command
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        lightning_main(["fit", "--config", str(root / "fit.yaml")])
+    lightning_main(["fit", "--config", str(root / "fit.yaml")])
     if not ckpt.is_file():
         raise WherefromError(f"fit finished without writing {ckpt}; check trainer.max_epochs/limit_train_batches in the fit config")
     write_json(root / DONE, {"seconds": time.perf_counter() - start, "seed": seed})

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import ArgumentParser, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
-from wherefrom.io import write_json, write_npy
+from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,9 +34,11 @@ def load_scores(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise WherefromError(f"scores file {str(path)!r} does not exist; pass the scores.npy written by `wherefrom attribute`")
-    scores = np.load(path)
-    if scores.ndim != 2:
-        raise WherefromError(f"{str(path)!r} must be a Q x N array of scores, got shape {scores.shape}")
+    scores = load_array(path, "scores")
+    if scores.ndim != 2 or not np.issubdtype(scores.dtype, np.number):
+        raise WherefromError(f"{str(path)!r} must be a numeric Q x N array of scores, got shape {scores.shape} ({scores.dtype})")
+    if not np.isfinite(scores).all():
+        raise WherefromError(f"{str(path)!r} holds {int((~np.isfinite(scores)).sum())} non-finite scores (NaN/inf); recompute them, e.g. with a larger damping")
     return scores
 
 
@@ -44,7 +46,7 @@ def lds_main(argv: list[str]) -> None:
     from wherefrom.attribution.cli import load_queries
     from wherefrom.evaluation import lds
 
-    p = argparse.ArgumentParser(prog="wherefrom lds", description="Linear datamodelling score (Park et al. 2023).")
+    p = ArgumentParser(prog="wherefrom lds", description="Linear datamodelling score (Park et al. 2023).")
     sub = p.add_subparsers(dest="step", required=True)
     _common(sub.add_parser("subsets", help="draw the random subsets and write them as index files"))
     t = sub.add_parser("train", help="train the model(s) of every subset (or of --subset-id J) through `wherefrom fit`")
@@ -89,7 +91,7 @@ def lds_main(argv: list[str]) -> None:
 def counterfactual_main(argv: list[str]) -> None:
     from wherefrom.evaluation import counterfactual
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="wherefrom counterfactual",
         description="Retrain without each query's top-k training images (and k random ones), regenerate from the same noise, compare.",
     )
@@ -119,7 +121,7 @@ def loo_main(argv: list[str]) -> None:
     from wherefrom.evaluation.loo import leave_one_out, sample_indices
     from wherefrom.model import load_datamodule, load_module
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="wherefrom loo",
         description="Grade attribution methods against an encoded ensemble's exact leave-one-out (no retraining).",
     )
@@ -135,6 +137,7 @@ def loo_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.num_indices < 2:
         raise WherefromError(f"--num-indices must be >= 2 (a correlation over indices), got {a.num_indices}")
+    check_out_dir(a.out)
     scores = {method_name(Path(f)): load_scores(f) for f in a.scores}
     module, dm = load_module(a.ckpt), load_datamodule(a.ckpt)
     dm.setup()

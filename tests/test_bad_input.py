@@ -1,0 +1,148 @@
+"""Bad input over the whole CLI: exit status 2, one line saying what to do, no traceback,
+and nothing lost: every file that existed before the failed command is byte-identical after it."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY_UNET, cli
+from tests.trak_helpers import SUBSET
+from wherefrom.attribution.features import featurize
+from wherefrom.attribution.gradients import FeatureConfig
+from wherefrom.attribution.store import Store
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.model import DiffusionModel
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny checkpoint, its store, and a collection of bad files, under one folder."""
+    root = tmp_path_factory.mktemp("bad")
+    L.seed_everything(0)
+    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
+    dm = DigitsDataModule(batch_size=8, subset=SUBSET)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(root / "model.ckpt")
+    featurize(model.unet, "model", model.task, dm, Store(root / "store", dm.fingerprint), FeatureConfig(timesteps=1, proj_dim=32))
+    # a copy of the store whose features were truncated (disk full) and one whose manifest was cut short
+    for name in ("truncated", "badmanifest"):
+        (root / name).mkdir()
+        for f in (root / "store").rglob("*"):
+            if f.is_file():
+                target = root / name / f.relative_to(root / "store")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(f.read_bytes())
+    feats = root / "truncated" / "features" / "model.npy"
+    feats.write_bytes(feats.read_bytes()[:-100])
+    manifest = root / "badmanifest" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:30])
+    np.save(root / "queries.npy", dm.images[:2].numpy())
+    np.save(root / "wrongshape.npy", np.zeros((2, 3, 8, 8), np.float32))
+    (root / "truncated.npy").write_bytes((root / "queries.npy").read_bytes()[:90])
+    np.save(root / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(root / "nan_scores.npy", np.full((2, 1797), np.nan))
+    torch.save(torch.zeros(3), root / "tensor.ckpt")
+    (root / "garbage.ckpt").write_bytes(b"\x80\x04not a pickle")
+    (root / "words.txt").write_text("1 2 three 4")
+    (root / "afile").write_text("not a folder")
+    (root / "exported").mkdir()
+    (root / "exported" / "config.json").write_text('{"mine": true}')
+    with open(root / "notes.pkl", "wb") as f:
+        pickle.dump({"user": "data"}, f)
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# (argv with {root} for the fixture folder, a fragment of the expected message)
+CASES = [
+    ("frobnicate", "unknown command"),
+    ("sample --ckpt {root}/missing.ckpt --out {root}/s", "does not exist"),
+    ("sample --ckpt {root}/tensor.ckpt --out {root}/s", "holds a Tensor, not a Lightning checkpoint"),
+    ("sample --ckpt {root}/garbage.ckpt --out {root}/s", "cannot read checkpoint"),
+    ("sample --ckpt {root}/model.ckpt --steps 0 --out {root}/s", "steps must be in [1, 1000]"),
+    ("sample --ckpt {root}/model.ckpt --num-samples 0 --out {root}/s", "--num-samples and --batch-size must be >= 1"),
+    ("sample --ckpt {root}/model.ckpt --out {root}/afile", "is a file, not a folder"),
+    ("sample --ckpt {root}/model.ckpt --out {root}/afile/sub", "is a file, not a folder"),
+    ("sample --ckpt {root}/model.ckpt --ablate 1,2 --out {root}/s", "needs an encoded-ensemble checkpoint"),
+    ("sample --ckpt {root}/model.ckpt --bogus 1 --out {root}/s", "unrecognized arguments: --bogus 1; see `wherefrom sample --help`"),
+    ("sample --out {root}/s", "the following arguments are required: --ckpt"),
+    ("export --ckpt {root}/model.ckpt --out {root}/exported", "is not empty"),
+    ("attribute --ckpt {root}/model.ckpt --method nope --out {root}/a", "unknown --method 'nope'"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --out {root}/a", "needs --store"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/truncated.npy --out {root}/a", "not a readable .npy"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/pickled.npy --out {root}/a", "not a readable .npy"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/wrongshape.npy --out {root}/a", "have shape (3, 8, 8)"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/truncated --queries {root}/queries.npy --out {root}/a", "truncated"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/badmanifest --queries {root}/queries.npy --out {root}/a", "manifest"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/queries.npy --out {root}/afile", "is a file"),
+    ("attribute --ckpt {root}/model.ckpt --method trak --store {root}/store --queries {root}/queries.npy --out {root}/a", "featurised with output"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/truncated --proj-dim 32 --timesteps 1", "with --repair"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/store --proj-dim 64 --timesteps 1", "different config"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/afile", "is a file, not a folder"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/f --proj-dim 0", "projection dimension must be >= 1"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/f --timesteps 0", "timesteps K must be >= 1"),
+    ("featurize --ckpt {root}/model.ckpt --out {root}/f --projection bogus", "invalid choice: 'bogus'"),
+    ("factors --ckpt {root}/model.ckpt --store {root}/f --batch-size 0", "--batch-size must be >= 1"),
+    ("factors --ckpt {root}/model.ckpt --store {root}/f --passes 0", "passes must be >= 1"),
+    ("factors --ckpt {root}/model.ckpt --store {root}/badmanifest", "manifest"),
+    ("lds score --config {root}/missing.yaml --scores {root}/nan_scores.npy", "does not exist"),
+    ("lds score --config " + str(CONFIGS / "lds_digits.yaml") + " --out {root}/l --scores {root}/nan_scores.npy", "non-finite scores"),
+    ("lds train --config " + str(CONFIGS / "lds_digits.yaml") + " --out {root}/l --workers 0", "--workers must be >= 1"),
+    ("lds frob --config x", "invalid choice: 'frob'"),
+    ("loo --ckpt {root}/model.ckpt --scores {root}/nan_scores.npy --out {root}/o --num-indices 1", "--num-indices must be >= 2"),
+    ("fit --config " + str(CONFIGS / "digits.yaml") + " --model.init_args.warmup 1.5", "warmup is a fraction of the training steps"),
+    ("fit --config " + str(CONFIGS / "digits.yaml") + " --data.init_args.batch_size 0", "batch_size must be >= 1"),
+    ("fit --config " + str(CONFIGS / "digits.yaml") + " --trainer.max_epohs 1", "unrecognized arguments: --trainer.max_epohs 1; see `wherefrom fit --help`"),
+    ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.w 16", "code weight w must be in [1, n - 1]"),
+    ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.member 16", "member must be in [0, n)"),
+    ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.n 1", "number of members n must be in"),
+    ("fit --config {root}/missing.yaml", "does not exist"),
+    ("demo --out {root}/d --num-images 1", "--num-images must be in"),
+    ("demo --out {root}/d --members 4 --code-weight 2", "distinct codes"),
+    ("demo --out {root}/d --scheduler bogus", "sampling.scheduler must be one of"),
+    ("demo --out {root}/afile", "is a file"),
+    ("demo --out {root}/exported --tiny", "holds files the demo did not write"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[c[0].split(" --")[0] + f"#{i}" for i, c in enumerate(CASES)])
+def test_bad_input_gets_one_line_exit_2_and_loses_nothing(world, capsys, argv, message):
+    before = _snapshot(world)
+    code, err = cli(capsys, *argv.format(root=world).split())
+    lines = [line for line in err.splitlines() if line.strip() and not _noise(line)]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("wherefrom ") and message in lines[0], err
+    assert "Traceback" not in err
+    assert _snapshot(world) == before  # nothing that existed was changed, deleted or appended to
+    for made in ("s", "a", "f", "o", "d", "l"):  # and no output folder was started
+        assert not (world / made).exists()
+
+
+def _noise(line: str) -> bool:
+    """Lightning's banner lines (seed, accelerator) on stderr, not part of our message."""
+    return line.startswith(("Seed set to", "GPU available", "TPU available", "HPU available", "💡", "Restoring states"))
+
+
+def test_fit_with_a_missing_ckpt_path_is_one_line(world, capsys, tmp_path):
+    code, err = cli(capsys, "fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
+                    "--trainer.logger", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(world / "missing.ckpt"))  # fmt: skip
+    assert code == 2 and "pass an existing checkpoint to --ckpt_path" in err and "Traceback" not in err
+
+
+def test_subset_file_with_a_word_is_one_line(world):
+    from wherefrom.errors import WherefromError
+
+    with pytest.raises(WherefromError, match="must hold integer indices"):
+        DigitsDataModule(subset=str(world / "words.txt")).setup()
