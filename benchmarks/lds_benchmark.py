@@ -137,7 +137,7 @@ class Context:
 
     def features(self, config: FeatureConfig) -> tuple[np.ndarray, torch.Tensor]:
         """Stored training features (split rows) and query features of ``config``."""
-        key = f"{config.output}_{config.projection}_{config.proj_dim}_k{config.timesteps}_s{config.seed}"
+        key = f"{config.output}_{config.projection}_{config.allocation}_{config.proj_dim}_k{config.timesteps}_s{config.seed}"
         store = self.store(key)
         featurize(self.net, "model", self.module.task, self.dm, store, config, batch_size=64, progress=True)
         cached = store.root / "queries.npy"

@@ -257,3 +257,32 @@ def test_attribute_rejects_external_queries_and_mismatched_samples(ensemble_ckpt
         attribute(module, DigitsDataModule(subset=list(range(2, 8))), torch.zeros(2, *SHAPE), ns)
     with pytest.raises(WherefromError, match="sum to 1"):
         linearize(module.sampler(steps=2), 1, torch.ones(4))
+
+
+# --- signed scores: the query's measurement under each image's ablation ----------------------------------
+
+
+@pytest.mark.parametrize("measurement", ["loss", "elbo"])
+def test_measurement_scores_equal_the_exactly_ablated_ensembles_measurement(measurement):
+    """m(a'(x)) - m(a) from the quadratic form == the measurement of the ensemble with x's members
+    dropped (EnsembleSampler.ablation_weights), evaluated directly on the same draws (float64)."""
+    from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+
+    s = unet_sampler(n=4)
+    queries = DigitsDataModule().images[[3, 40]].double()
+    quad = quadratic_measurement(s, queries, measurement, draws=3, seed=2)
+    scores = measurement_scores(quad, s.uniform_weights(), s.codes, num_images=20)
+    task = DiffusionTask(seed=2)
+    draws = [(d, None) for d in range(3)]
+
+    def measured(weights: Tensor) -> Tensor:
+        with torch.no_grad():
+            return task.measure(s.eps_fn(weights), queries, torch.arange(2), measurement, draws).double()
+
+    base = measured(s.uniform_weights())
+    torch.testing.assert_close(quad(s.uniform_weights()), base, rtol=1e-10, atol=0)
+    for x in s.codes.indices:
+        torch.testing.assert_close(torch.from_numpy(scores[:, x]), measured(s.ablation_weights([int(x)])) - base, rtol=1e-8, atol=1e-12)
+    assert not scores[:, :10].any() and np.abs(scores[:, s.codes.indices]).min() > 0
+    with pytest.raises(WherefromError, match="loss-like"):
+        quadratic_measurement(s, queries, "square_norm")

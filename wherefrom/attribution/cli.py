@@ -24,6 +24,7 @@ from wherefrom.errors import ArgumentParser, WherefromError
 METHODS: dict[str, str] = {
     "random": "wherefrom.attribution.baseline:random_attribute",
     "ablation": "wherefrom.ensemble.synthetic:attribute",
+    "ablation-loss": "wherefrom.ensemble.synthetic:loss_attribute",
     "trak": "wherefrom.attribution.trak:attribute",
     "dtrak": "wherefrom.attribution.trak:attribute",
     "kfac": "wherefrom.attribution.influence:attribute",
@@ -45,11 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="denoising steps when generating queries")
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--store", default=None, help="feature/factor store (TRAK, D-TRAK, K-FAC)")
-    p.add_argument("--measurement", default="loss", help="K-FAC measurement: loss, elbo, square_norm, loss_at_time")
+    p.add_argument("--measurement", default="loss", help="K-FAC: loss, elbo, square_norm, loss_at_time; ablation-loss: loss or elbo")
     p.add_argument("--exact", action="store_true", help="ablation: also run exact ablation for the top-k")
     p.add_argument("--grads", choices=["exact", "projected"], default="exact", help="K-FAC: dense training gradients, or the store's TRAK (loss) features")
     p.add_argument("--damping", type=float, default=None, help="K-FAC: absolute damping (default: 0.1 x each layer's mean eigenvalue)")
-    p.add_argument("--timesteps", type=int, default=10, help="K-FAC exact mode: seeded (t, eps) draws per gradient")
+    p.add_argument("--timesteps", type=int, default=10, help="K-FAC exact mode: seeded (t, eps) draws per gradient; ablation-loss: draws per query")
     p.add_argument("--batch-size", type=int, default=64)
     return p
 
