@@ -160,6 +160,14 @@ class Context:
             self._grads[key] = (train_g, query_g)
         return self._grads[key]
 
+    def measurement_grads(self, measurement: str, timesteps: int) -> torch.Tensor:
+        """Query gradients of a K-FAC measurement (the library's :func:`query_gradients`), cached."""
+        key = ("measurement", measurement, timesteps)
+        if key not in self._grads:
+            config = FeatureConfig(output="loss", timesteps=timesteps)
+            self._grads[key] = query_gradients(self.net, self.module.task, self.queries, measurement, config, 64)
+        return self._grads[key]
+
     def grams(self, output: str, timesteps: int) -> tuple[np.ndarray, np.ndarray]:
         """``g_q G^T`` (Q x split) and ``G G^T`` (split x split) of unprojected gradients (float64)."""
         key = ("gram", output, timesteps)
@@ -213,8 +221,7 @@ def kfac_method(
         store = ctx.store(f"factors_p{passes}")
         fit_factors(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
         pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping, relative)
-        config = FeatureConfig(output="loss", timesteps=timesteps)
-        g_q = query_gradients(ctx.net, ctx.module.task, ctx.queries, measurement, config, 64)
+        g_q = ctx.measurement_grads(measurement, timesteps)
         train_g, _ = ctx.dense_grads("loss", timesteps)
         return ctx.full((precondition(ctx.net, g_q, pre_cond).double() @ train_g.double().T).numpy())
 

@@ -101,6 +101,7 @@ CASES = [
     ("lds score --config " + str(CONFIGS / "lds_digits.yaml") + " --out {root}/l --scores {root}/nan_scores.npy", "non-finite scores"),
     ("lds train --config " + str(CONFIGS / "lds_digits.yaml") + " --out {root}/l --workers 0", "--workers must be >= 1"),
     ("lds frob --config x", "invalid choice: 'frob'"),
+    ("lds subsets --config " + str(CONFIGS / "lds_digits.yaml") + " --out {root}/afile", "is a file, not a folder"),
     ("loo --ckpt {root}/model.ckpt --scores {root}/nan_scores.npy --out {root}/o --num-indices 1", "--num-indices must be >= 2"),
     ("fit --config " + str(CONFIGS / "digits.yaml") + " --model.init_args.warmup 1.5", "warmup is a fraction of the training steps"),
     ("fit --config " + str(CONFIGS / "digits.yaml") + " --data.init_args.batch_size 0", "batch_size must be >= 1"),

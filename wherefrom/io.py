@@ -29,7 +29,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace``
     it into place, so readers see either the old file or the complete new one."""
-    path = Path(path)
+    path = Path(check_out_dir(Path(path).parent, "output folder")) / Path(path).name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
