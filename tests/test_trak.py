@@ -68,12 +68,13 @@ def featurised(tmp_path_factory):
 
 def test_attribute_scores_stored_features_against_fresh_query_features(featurised):
     root, model, dm, config, queries = featurised
-    args = argparse.Namespace(method="dtrak", store=str(root / "store"), batch_size=1)
+    args = argparse.Namespace(method="dtrak", store=str(root / "store"), batch_size=1, damping=None, normalize=False)
     result = attribute(model, dm, queries, args)
     assert result.scores.shape == (2, dm.num_images) and result.method == "dtrak"
     phi = Store.open(root / "store").read_array("features/model")
     phi_q = query_features(model.unet, model, "model", config, queries, batch_size=1)  # the same batches as attribute's
-    np.testing.assert_allclose(result.scores, trak_scores([phi], [phi_q]), rtol=1e-10, atol=1e-12 * np.abs(result.scores).max())
+    # the same computation, then stored as float32 scores: equal to float32 rounding (eps = 2^-23)
+    np.testing.assert_allclose(result.scores, trak_scores([phi], [phi_q]), rtol=2**-23, atol=1e-12 * np.abs(result.scores).max())
     outside = np.setdiff1d(np.arange(dm.num_images), SUBSET)
     assert not result.scores[:, outside].any() and np.abs(result.scores[:, SUBSET]).min() > 0
     # query noise is seeded by -(q + 1): a query's features do not depend on its batch (float64: exact up to rounding;
@@ -94,3 +95,13 @@ def test_attribute_command_writes_the_common_outputs(featurised, capsys):
     scores = np.load(root / "out" / "scores.npy")
     assert scores.shape == (2, 1797) and (root / "out" / "topk.png").is_file() and (root / "out" / "topk.json").is_file()
     assert set(np.argsort(-scores, axis=1)[:, :3].ravel()) <= set(SUBSET)
+
+
+def test_normalised_scores_equal_the_closed_form_on_unit_rows():
+    """ReTrac-style renormalisation: the closed form on unit-norm training rows, in both solve paths."""
+    rng = np.random.default_rng(1)
+    for n, d in ((23, 6), (5, 9)):  # D x D kernel and N x N Gram paths
+        phi, q = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, size=(n, 1)), rng.normal(size=(3, d))
+        unit = phi / np.linalg.norm(phi, axis=1, keepdims=True)
+        lam = 0.1 * np.trace(unit.T @ unit) / min(n, d)
+        np.testing.assert_allclose(trak_scores([phi], [q], 0.1, block=4, normalize=True), _closed_form(unit, q, lam), rtol=1e-8)

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--measurement", default="loss", help="K-FAC: loss, elbo, square_norm, loss_at_time; ablation-loss: loss or elbo")
     p.add_argument("--exact", action="store_true", help="ablation: also run exact ablation for the top-k")
     p.add_argument("--grads", choices=["exact", "projected"], default="exact", help="K-FAC: dense training gradients, or the store's TRAK (loss) features")
-    p.add_argument("--damping", type=float, default=None, help="K-FAC: absolute damping (default: 0.1 x each layer's mean eigenvalue)")
+    p.add_argument("--damping", type=float, default=None, help="relative damping: TRAK/D-TRAK x the feature kernel's mean nonzero eigenvalue, K-FAC x each layer's mean eigenvalue (default: each method's)")
+    p.add_argument("--normalize", action="store_true", help="TRAK/D-TRAK: unit-normalise training features first (ReTrac-style, opt-in)")
     p.add_argument("--timesteps", type=int, default=10, help="K-FAC exact mode: seeded (t, eps) draws per gradient; ablation-loss: draws per query")
     p.add_argument("--batch-size", type=int, default=64)
     return p

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
-from wherefrom.attribution.kfac import KFACPreconditioner, layer_dims, load_preconditioner, training_split
+from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution
 from wherefrom.attribution.store import Store, check_store
@@ -139,6 +139,7 @@ def influence_scores(
     measurement: str = "loss",
     ekfac: bool = False,
     damping: float | None = None,
+    relative: float = HEURISTIC_DAMPING,
     grads: str = "exact",
     config: FeatureConfig | None = None,
     batch_size: int = 64,
@@ -147,7 +148,8 @@ def influence_scores(
     """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids).
 
     ``config`` sets the draws of exact mode (default: TRAK's, output ``loss``, K = 10
-    uniform timesteps); projected mode uses the stored features' config.
+    uniform timesteps); projected mode uses the stored features' config. ``damping`` is an
+    absolute lambda for every layer; when ``None``, each layer gets ``relative`` x its mean eigenvalue.
     """
     if measurement not in MEASURES:
         raise WherefromError(f"--measurement must be one of {list(MEASURES)} for K-FAC influence, got {measurement!r}")
@@ -168,7 +170,7 @@ def influence_scores(
         was_training = net.training
         net.eval()
         try:
-            preconditioner = load_preconditioner(store, model_id, net, ekfac, damping)
+            preconditioner = load_preconditioner(store, model_id, net, ekfac, damping, relative)
             g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size)
             pre = precondition(net, g_q, preconditioner)
             if grads == "exact":
@@ -194,7 +196,7 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
     config = FeatureConfig(output="loss", timesteps=args.timesteps)
     scores = influence_scores(
         module, datamodule, queries, store, args.measurement, ekfac=args.method == "ekfac",
-        damping=args.damping, grads=args.grads, config=config, batch_size=args.batch_size, progress=True,
+        relative=HEURISTIC_DAMPING if args.damping is None else args.damping, grads=args.grads, config=config, batch_size=args.batch_size, progress=True,
     )  # fmt: skip
     return Attribution(scores, queries, args.method)
 

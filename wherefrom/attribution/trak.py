@@ -61,19 +61,29 @@ def kernel_scores(cross: Tensor | np.ndarray, gram: Tensor | np.ndarray, damping
     return torch.cholesky_solve(cross.T, chol).T.numpy()
 
 
-def _blocks(phi: np.ndarray, block: int) -> Iterator[tuple[int, Tensor]]:
-    """``(start, rows)`` of a (memory-mapped) feature matrix in float64 row blocks."""
+def _rows(phi: np.ndarray, normalize: bool = False) -> Tensor:
+    """Feature rows in float64; ``normalize`` scales every nonzero row to unit norm
+    (Diffusion-ReTrac's renormalisation of training gradients, Xie et al. 2024)."""
+    rows = torch.from_numpy(np.asarray(phi, dtype=np.float64))
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300) if normalize else rows
+
+
+def _blocks(phi: np.ndarray, block: int, normalize: bool = False) -> Iterator[tuple[int, Tensor]]:
+    """``(start, rows)`` of a (memory-mapped) feature matrix in float64 row blocks (see :func:`_rows`)."""
     for s in range(0, len(phi), block):
-        yield s, torch.from_numpy(np.asarray(phi[s : s + block], dtype=np.float64))
+        yield s, _rows(phi[s : s + block], normalize)
 
 
-def trak_scores(train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarray], damping: float = DAMPING, block: int = BLOCK_ROWS) -> np.ndarray:
+def trak_scores(
+    train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarray], damping: float = DAMPING, block: int = BLOCK_ROWS, normalize: bool = False
+) -> np.ndarray:
     """``Q x N`` scores, the mean over model ids of ``phi_q (Phi^T Phi + lambda I)^-1 Phi^T`` (float64).
 
     ``train[m]`` is model id m's N x D features (a memmap is read in ``block`` rows),
     ``queries[m]`` its Q x D query features. All-zero rows (images outside the split)
     score 0; when fewer rows than D are nonzero the solve runs on their Gram matrix
-    (:func:`kernel_scores`), which gives the same numbers.
+    (:func:`kernel_scores`), which gives the same numbers. ``normalize`` unit-normalises the
+    training rows first (opt-in; see :func:`_blocks`).
     """
     if len(train) != len(queries) or not train:
         raise WherefromError("need one query feature matrix per training feature matrix (at least one model id)")
@@ -86,11 +96,11 @@ def trak_scores(train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarr
         nonzero = np.flatnonzero(np.concatenate([(b != 0).any(1).numpy() for _, b in _blocks(phi, block)]))
         part = np.zeros((len(phi_q), n))
         if 0 < len(nonzero) < d and damping > 0:
-            live = torch.from_numpy(np.asarray(phi[nonzero], dtype=np.float64))
+            live = _rows(phi[nonzero], normalize)
             part[:, nonzero] = kernel_scores(phi_q @ live.T, live @ live.T, damping)
         else:
             kernel = torch.zeros(d, d, dtype=torch.float64)
-            for _, b in _blocks(phi, block):
+            for _, b in _blocks(phi, block, normalize):
                 kernel += b.T @ b
             lam = damping_value(damping, torch.trace(kernel), min(d, len(nonzero)))
             # X = (Phi^T Phi + lambda I)^{-1} phi_q^T  (D x Q), by Cholesky
@@ -98,7 +108,7 @@ def trak_scores(train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarr
             if info:
                 raise WherefromError("the feature kernel is singular (all-zero features?); pass a positive damping")
             x = torch.cholesky_solve(phi_q.T, chol)
-            for i, b in _blocks(phi, block):
+            for i, b in _blocks(phi, block, normalize):
                 part[:, i : i + block] = (b @ x).T.numpy()
         scores = part if scores is None else scores + part
     return scores / len(train)
@@ -163,7 +173,8 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
         query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, args.batch_size))
         net.train(was_training)
         train.append(store.read_array(name))
-    return Attribution(trak_scores(train, query), queries, args.method)
+    damping = DAMPING if args.damping is None else args.damping
+    return Attribution(trak_scores(train, query, damping, normalize=args.normalize), queries, args.method)
 
 
 __all__ = ["DAMPING", "attribute", "damping_value", "kernel_scores", "feature_entries", "network_for", "query_features", "trak_scores"]
