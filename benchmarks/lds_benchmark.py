@@ -7,7 +7,8 @@ queries, with 95% intervals, a pixel-similarity baseline, random and the noise c
 Stages (each resumes where it stopped; ``all`` runs them in order):
 
 * ``train``     the attributed model, the M subset models and the noise-ceiling seed
-                (``wherefrom lds train --workers W``).
+                (``wherefrom lds train --workers W``), and an encoded ensemble on the
+                same split (n=12, w=6) for the signed ensemble scores.
 * ``queries``   held-out real digits (outside the training pool) and the attributed
                 model's samples: a *report* set and a disjoint *tuning* set of each.
 * ``measure``   every subset model's loss on every query over ``measure.draws`` shared
@@ -23,7 +24,7 @@ report queries. Files live under the benchmark's ``out`` folder.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -228,6 +229,29 @@ def kfac_method(
     return run
 
 
+ENSEMBLE = {"n": 12, "w": 6}  # C(12, 6) = 924 codes >= 500 images; each member trains on a random half, like a subset model
+
+
+def ensemble_checkpoint(bench: Benchmark) -> Path:
+    """An encoded ensemble on the attributed model's split with the same recipe (trained once)."""
+    root = bench.out / "models" / "ensemble"
+    if not is_trained(root):
+        fit = {**bench.fit, "model": {"class_path": "wherefrom.EncodedEnsemble", "init_args": {**bench.fit["model"].get("init_args", {}), **ENSEMBLE}}}
+        train(dataclasses.replace(bench, fit=fit), root, bench.model_seeds[0])
+    return checkpoint(root)
+
+
+def ensemble_loss_method(ctx: Context) -> np.ndarray:
+    """Signed ensemble scores: the exact rise of each query's loss when an image's members are
+    dropped, over 128 draws of another seed than the ground truth's."""
+    from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+
+    ensemble = load_module(ensemble_checkpoint(ctx.bench))
+    sampler = ensemble.sampler()
+    quad = quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1)
+    return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n)
+
+
 def pixel_method(ctx: Context) -> np.ndarray:
     """-||x_q - x_i||^2: the pixel-similarity baseline."""
     x = ctx.dm.images[ctx.split].flatten(1).double()
@@ -248,6 +272,7 @@ METHODS: dict[str, Callable[[Context], np.ndarray]] = {
     "trak-dense": trak_method("loss", DAMPING, projection="dense"),
     "kfac": kfac_method(False, "loss", None, FactorConfig.passes),
     "ekfac": kfac_method(True, "loss", None, FactorConfig.passes),
+    "ablation-loss (ensemble)": ensemble_loss_method,
     "pixel": pixel_method,
     "random": random_method,
 }
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("train", "all"):
         train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
         lds.train_subsets(bench, workers=a.workers, config=Path(a.config))
+        ensemble_checkpoint(bench)
     if a.stage in ("queries", "all"):
         make_queries(bench)
     if a.stage in ("measure", "all"):

@@ -38,12 +38,21 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
             for d in (0.1, 1.0)
         }
         out[f"{method}: timesteps K (structured, D=2048)"] = {f"{method} structured K={k} lambda={d:g}": trak_method(output, d, timesteps=k) for k in (10, 100) for d in (0.1, 1.0)}
+        # round 2, after round 1 showed K as the largest lever: K x damping with the better allocation
+        out[f"{method}: timesteps K x damping (structured proportional, D=2048)"] = {
+            f"{method} structured proportional K={k} lambda={d:g}": trak_method(output, d, timesteps=k, allocation="proportional")
+            for k in (10, 50, 100)
+            for d in (0.03, 0.1, 0.3, 1.0)
+        }
     for ekfac in (False, True):
         name = "ekfac" if ekfac else "kfac"
         out[f"{name}: damping x measurement (1 factor pass)"] = {
             f"{name} passes=1 {m} lambda={d:g}": kfac_method(ekfac, m, None, 1, relative=d) for m in ("loss", "elbo", "square_norm") for d in KFAC_DAMPINGS
         }
         out[f"{name}: factor passes (draws per image)"] = {f"{name} passes={p} loss lambda={d:g}": kfac_method(ekfac, "loss", None, p, relative=d) for p in (1, 8) for d in KFAC_DAMPINGS}
+        out[f"{name}: gradient draws K=100 (8 factor passes)"] = {
+            f"{name} passes=8 K=100 loss lambda={d:g}": kfac_method(ekfac, "loss", None, 8, timesteps=100, relative=d) for d in (0.1, 1.0, 10.0, 100.0)
+        }
     return out
 
 
