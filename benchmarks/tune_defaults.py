@@ -19,6 +19,7 @@ from wherefrom.evaluation.benchmark import Benchmark
 from wherefrom.io import write_json
 
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+ROUND1 = dict(timesteps=10, allocation="uniform", proj_dim=2048)  # the defaults before tuning, pinned
 KFAC_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 SETS = ["tuning_real", "tuning_generated"]
 
@@ -27,20 +28,20 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
     """curve name -> {variant name: method}."""
     out: dict[str, dict[str, Callable[[Context], np.ndarray]]] = {}
     for method, output in (("dtrak", "square_norm"), ("trak", "loss")):
-        out[f"{method}: damping (structured, D=2048)"] = {f"{method} structured lambda={d:g}": trak_method(output, d) for d in DAMPINGS}
-        out[f"{method}: damping (dense, D=2048)"] = {f"{method} dense lambda={d:g}": trak_method(output, d, projection="dense") for d in DAMPINGS}
+        out[f"{method}: damping (structured, D=2048)"] = {f"{method} structured lambda={d:g}": trak_method(output, d, **ROUND1) for d in DAMPINGS}
+        out[f"{method}: damping (dense, D=2048)"] = {f"{method} dense lambda={d:g}": trak_method(output, d, projection="dense", timesteps=10) for d in DAMPINGS}
         out[f"{method}: damping (unprojected)"] = {f"{method} unprojected lambda={d:g}": unprojected_method(output, d) for d in DAMPINGS}
         out[f"{method}: renormalised (ReTrac) unprojected"] = {f"{method} unprojected normalised lambda={d:g}": unprojected_method(output, d, normalize=True) for d in DAMPINGS}
         out[f"{method}: projection dimension and allocation (structured, lambda=1)"] = {
-            f"{method} structured {a} D={dim} lambda={d:g}": trak_method(output, d, proj_dim=dim, allocation=a)
+            f"{method} structured {a} D={dim} lambda={d:g}": trak_method(output, d, proj_dim=dim, allocation=a, timesteps=10)
             for a in ("uniform", "proportional")
             for dim in (2048, 8192, 32768)
             for d in (0.1, 1.0)
         }
-        out[f"{method}: timesteps K (structured, D=2048)"] = {f"{method} structured K={k} lambda={d:g}": trak_method(output, d, timesteps=k) for k in (10, 100) for d in (0.1, 1.0)}
+        out[f"{method}: timesteps K (structured, D=2048)"] = {f"{method} structured K={k} lambda={d:g}": trak_method(output, d, **{**ROUND1, "timesteps": k}) for k in (10, 100) for d in (0.1, 1.0)}
         # round 2, after round 1 showed K as the largest lever: K x damping with the better allocation
         out[f"{method}: timesteps K x damping (structured proportional, D=2048)"] = {
-            f"{method} structured proportional K={k} lambda={d:g}": trak_method(output, d, timesteps=k, allocation="proportional")
+            f"{method} structured proportional K={k} lambda={d:g}": trak_method(output, d, timesteps=k, allocation="proportional", proj_dim=2048)
             for k in (10, 50, 100)
             for d in (0.03, 0.1, 0.3, 1.0)
         }

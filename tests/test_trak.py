@@ -31,7 +31,7 @@ def test_scores_equal_closed_form_blockwise_and_averaged():
     # one model id, explicit damping, blocks smaller than N
     np.testing.assert_allclose(trak_scores(phis[:1], queries[:1], damping=0.5, block=5), _closed_form(phis[0], queries[0], 0.5 * np.trace(phis[0].T @ phis[0]) / 6), rtol=1e-10)
     # default damping is relative to the kernel's mean eigenvalue; scores average over model ids
-    expected = np.mean([_closed_form(p, q, DAMPING * np.trace(p.T @ p) / 6) for p, q in zip(phis, queries)], axis=0)
+    expected = np.mean([_closed_form(p, q, DAMPING["dtrak"] * np.trace(p.T @ p) / 6) for p, q in zip(phis, queries)], axis=0)
     np.testing.assert_allclose(trak_scores(phis, queries, block=7), expected, rtol=1e-10)
     # D > N: solved on the N x N Gram matrix (push-through identity); lambda is relative to the mean
     # nonzero eigenvalue, tr / min(N, D); all-zero rows (outside the split) score 0

@@ -9,12 +9,15 @@ the same config as the training features, and for each model id ``m``::
 averaged over the M model ids (checkpoints and/or ensemble members). ``Phi_m``
 (N x D) is read in row blocks, so memory is ``O(D^2 + Q N + block D)``.
 
-Default damping: ``lambda_m = DAMPING * tr(Phi_m^T Phi_m) / D``, i.e. 1% of the
-mean eigenvalue of the feature kernel. It is scale-free (features of different
-output functions differ by orders of magnitude), keeps the solve well posed when
-``D >= N`` (a rank-deficient kernel), and shrinks only directions carrying
-under 1% of the average energy. It was fixed a priori, not tuned on any
-evaluation set.
+Damping: ``lambda_m = damping * tr(Phi_m^T Phi_m) / min(N, D)``, i.e. ``damping``
+times the mean *nonzero* eigenvalue of the feature kernel. It is scale-free
+(features of different output functions differ by orders of magnitude), means the
+same for any D or N (dense, structured or unprojected gradients), and keeps the
+solve well posed when ``D >= N``. The defaults, :data:`DAMPING` (D-TRAK 0.1, TRAK
+1.0), were chosen on the LDS benchmark's tuning queries
+(``benchmarks/tune_defaults.py``; curves in ``benchmarks/results/tuning_digits500.md``):
+D-TRAK peaks at 0.03-0.1 and loses 0.05-0.1 LDS at 1; TRAK is flat from 0.3 to 1
+and loses 0.06 at 0.03.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from wherefrom.attribution.report import Attribution
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 
-DAMPING = 1e-2
+DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)
 BLOCK_ROWS = 8192
 
 
@@ -44,7 +47,7 @@ def damping_value(damping: float, trace: Tensor, rank: int) -> Tensor:
     return damping * trace / max(rank, 1)
 
 
-def kernel_scores(cross: Tensor | np.ndarray, gram: Tensor | np.ndarray, damping: float = DAMPING) -> np.ndarray:
+def kernel_scores(cross: Tensor | np.ndarray, gram: Tensor | np.ndarray, damping: float = DAMPING["dtrak"]) -> np.ndarray:
     """TRAK scores from inner products: ``phi_q Phi^T (Phi Phi^T + lambda I)^{-1}`` (float64),
 
     equal to ``phi_q (Phi^T Phi + lambda I)^{-1} Phi^T`` by the push-through identity; ``cross``
@@ -75,7 +78,7 @@ def _blocks(phi: np.ndarray, block: int, normalize: bool = False) -> Iterator[tu
 
 
 def trak_scores(
-    train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarray], damping: float = DAMPING, block: int = BLOCK_ROWS, normalize: bool = False
+    train: Sequence[np.ndarray], queries: Sequence[Tensor | np.ndarray], damping: float = DAMPING["dtrak"], block: int = BLOCK_ROWS, normalize: bool = False
 ) -> np.ndarray:
     """``Q x N`` scores, the mean over model ids of ``phi_q (Phi^T Phi + lambda I)^-1 Phi^T`` (float64).
 
@@ -173,7 +176,7 @@ def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> 
         query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, args.batch_size))
         net.train(was_training)
         train.append(store.read_array(name))
-    damping = DAMPING if args.damping is None else args.damping
+    damping = DAMPING[args.method] if args.damping is None else args.damping
     return Attribution(trak_scores(train, query, damping, normalize=args.normalize), queries, args.method)
 
 
