@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.report import Attribution, write_attribution
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.datamodules.base import to_model_range
@@ -51,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grads", choices=["exact", "projected"], default="exact", help="K-FAC: dense training gradients, or the store's TRAK (loss) features")
     p.add_argument("--damping", type=float, default=None, help="relative damping: TRAK/D-TRAK x the feature kernel's mean nonzero eigenvalue, K-FAC x each layer's mean eigenvalue (default: each method's)")
     p.add_argument("--normalize", action="store_true", help="TRAK/D-TRAK: unit-normalise training features first (ReTrac-style, opt-in)")
-    p.add_argument("--timesteps", type=int, default=10, help="K-FAC exact mode: seeded (t, eps) draws per gradient; ablation-loss: draws per query")
+    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K-FAC exact mode: seeded (t, eps) draws per gradient; ablation-loss: draws per query")
     p.add_argument("--batch-size", type=int, default=64)
     return p
 

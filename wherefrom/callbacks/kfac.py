@@ -60,7 +60,7 @@ class KFACFactors(L.Callback):
         mode: str = "after",
         curvature: str | None = None,
         kfac: str = KFACApprox.EXPAND.value,
-        passes: int = 1,
+        passes: int = FactorConfig.passes,
         ekfac: bool = False,
         batch_size: int = 64,
         overwrite: bool = False,
