@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--ckpt", default=None, help="a digits checkpoint (default: the default UNet, freshly initialised)")
     p.add_argument("--num-images", type=int, default=256, help="featurise the first NUM_IMAGES digits")
     p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak")
-    p.add_argument("--timesteps", type=int, default=10)
+    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps)
     p.add_argument("--proj-dim", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=64, help="featurisation batch (images)")
     p.add_argument("--train-batch-size", type=int, default=128, help="training batch, as in configs/digits.yaml")
