@@ -54,6 +54,9 @@ def world(tmp_path_factory) -> Path:
     (root / "garbage.ckpt").write_bytes(b"\x80\x04not a pickle")
     (root / "words.txt").write_text("1 2 three 4")
     (root / "afile").write_text("not a folder")
+    (root / "demo_prev" / "store").mkdir(parents=True)  # a previous demo run's output
+    (root / "demo_prev" / ".wherefrom-demo").write_text("demo")
+    (root / "demo_prev" / "store" / "manifest.json").write_text("{}")
     (root / "exported").mkdir()
     (root / "exported" / "config.json").write_text('{"mine": true}')
     with open(root / "notes.pkl", "wb") as f:
@@ -111,6 +114,7 @@ CASES = [
     ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.n 1", "number of members n must be in"),
     ("fit --config {root}/missing.yaml", "does not exist"),
     ("demo --out {root}/d --num-images 1", "--num-images must be in"),
+    ("demo --out {root}/demo_prev --members 4 --code-weight 2", "distinct codes"),  # a previous run's folders survive a typo
     ("demo --out {root}/d --members 4 --code-weight 2", "distinct codes"),
     ("demo --out {root}/d --scheduler bogus", "sampling.scheduler must be one of"),
     ("demo --out {root}/afile", "is a file"),

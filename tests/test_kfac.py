@@ -361,7 +361,7 @@ def test_ensemble_members_get_factors_of_their_own_split(tmp_path):
     (after training) or on the rows routed to it (during training)."""
     model = EncodedEnsemble(n=7, w=3, unet=TINY_UNET, lr=1e-3, warmup=0.0, seed=5)
     data = DigitsDataModule(batch_size=8, subset=SUBSET)
-    callbacks = [KFACFactors(str(tmp_path / "after")), KFACFactors(str(tmp_path / "during"), mode="during")]
+    callbacks = [KFACFactors(str(tmp_path / "after"), passes=1), KFACFactors(str(tmp_path / "during"), mode="during")]
     L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, callbacks=callbacks).fit(model, datamodule=data)  # fmt: skip
     after, during = store_tensors(tmp_path / "after"), store_tensors(tmp_path / "during")
