@@ -6,18 +6,16 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_UNET, cli
-from tests.trak_helpers import SUBSET
+from tests.conftest import cli
+from tests.trak_helpers import tiny_checkpoint
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.model import DiffusionModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,12 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def world(tmp_path_factory) -> Path:
     """A tiny checkpoint, its store, and a collection of bad files, under one folder."""
     root = tmp_path_factory.mktemp("bad")
-    L.seed_everything(0)
-    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
-    dm = DigitsDataModule(batch_size=8, subset=SUBSET)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(root / "model.ckpt")
+    model, dm = tiny_checkpoint(root)
     featurize(model.unet, "model", model.task, dm, Store(root / "store", dm.fingerprint), FeatureConfig(timesteps=1, proj_dim=32))
     # a copy of the store whose features were truncated (disk full) and one whose manifest was cut short
     for name in ("truncated", "badmanifest"):

@@ -19,7 +19,6 @@ from tests.test_distances import alexnet_home  # noqa: F401 - fixture: a random 
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.ensemble.synthetic import (
-    JacobianStrategy,
     ablated_weights,
     attribute,
     exact_ablation,

@@ -8,16 +8,13 @@ import copy
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_UNET
-from tests.trak_helpers import SUBSET
+from tests.trak_helpers import SUBSET, tiny_checkpoint
 from wherefrom import cli
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DAMPING, attribute, kernel_scores, query_features, trak_scores
-from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.model import DiffusionModel
 
 
 def _closed_form(phi: np.ndarray, phi_q: np.ndarray, lam: float) -> np.ndarray:
@@ -49,15 +46,8 @@ def test_scores_equal_closed_form_blockwise_and_averaged():
 @pytest.fixture(scope="module")
 def featurised(tmp_path_factory):
     """A tiny model (trained a few steps) saved as a checkpoint, its D-TRAK store, and queries."""
-    import lightning as L
-
     root = tmp_path_factory.mktemp("trak")
-    L.seed_everything(0)
-    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
-    dm = DigitsDataModule(batch_size=8, subset=SUBSET)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(root / "model.ckpt")
+    model, dm = tiny_checkpoint(root)
     config = FeatureConfig(timesteps=2, proj_dim=128)
     store = Store(root / "store", dm.fingerprint)
     featurize(model.unet, "model", model.task, dm, store, config, batch_size=16)

@@ -42,3 +42,19 @@ def tiny_config(root: Path, callbacks: list[dict] | None = None, lr: float = 1e-
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def tiny_checkpoint(root: Path):
+    """A tiny model trained one epoch (lr 3e-3) on SUBSET, saved as ``root/model.ckpt``; returns (model, datamodule)."""
+    import lightning as L
+
+    from wherefrom.datamodules import DigitsDataModule
+    from wherefrom.model import DiffusionModel
+
+    L.seed_everything(0)
+    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
+    dm = DigitsDataModule(batch_size=8, subset=SUBSET)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(root / "model.ckpt")
+    return model, dm

@@ -12,7 +12,6 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from torch import Tensor
 
 from wherefrom.attribution.gradients import FeatureConfig
