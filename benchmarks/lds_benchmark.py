@@ -298,13 +298,18 @@ METHODS: dict[str, Callable[[Context], np.ndarray]] = {
 }
 
 
+_CONTEXTS: dict[Path, Context] = {}  # one per benchmark folder: dense gradients are computed once per run
+
+
 def attribute_all(bench: Benchmark, methods: dict[str, Callable[[Context], np.ndarray]], folder: str = "scores") -> dict[str, np.ndarray]:
     """Scores (all queries x N) of every method, cached as ``out/<folder>/<name>.npy``."""
-    out, ctx = {}, None
+    out = {}
     for name, fn in methods.items():
         path = bench.out / folder / f"{name.replace('/', '_')}.npy"
         if not path.is_file():
-            ctx = ctx or Context(bench)
+            if bench.out not in _CONTEXTS:
+                _CONTEXTS[bench.out] = Context(bench)
+            ctx = _CONTEXTS[bench.out]
             start = time.perf_counter()
             write_npy(path, fn(ctx))
             print(f"[attribute] {name}: {time.perf_counter() - start:.1f} s", flush=True)

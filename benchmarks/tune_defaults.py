@@ -52,7 +52,7 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
         }
         out[f"{name}: factor passes (draws per image)"] = {f"{name} passes={p} loss lambda={d:g}": kfac_method(ekfac, "loss", None, p, relative=d) for p in (1, 8) for d in KFAC_DAMPINGS}
         out[f"{name}: gradient draws K=100 (8 factor passes)"] = {
-            f"{name} passes=8 K=100 loss lambda={d:g}": kfac_method(ekfac, "loss", None, 8, timesteps=100, relative=d) for d in (0.1, 1.0, 10.0, 100.0)
+            f"{name} passes=8 K=100 loss lambda={d:g}": kfac_method(ekfac, "loss", None, 8, timesteps=100, relative=d) for d in (0.01, 0.03, 0.1, 1.0, 10.0, 100.0)
         }
     return out
 
