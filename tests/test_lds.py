@@ -13,6 +13,7 @@ import yaml
 
 from tests.conftest import TINY_UNET
 from wherefrom.cli import main as cli_main
+from wherefrom.datamodules import DigitsDataModule
 from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds
@@ -166,3 +167,46 @@ def test_pipeline_train_measure_score(bench_config, tmp_path, capsys):
     with pytest.raises(SystemExit):  # wrong number of queries
         np.save(tmp_path / "m" / "scores.npy", scores[:3])
         cli_main(["lds", "score", "--config", str(bench_config), "--scores", str(tmp_path / "m" / "scores.npy")])
+
+
+def test_parallel_workers_train_every_model_and_the_noise_ceiling_seed(bench_config, tmp_path):
+    """`lds train --workers 2`: the attributed model, every subset and the ceiling seed of the first
+    subsets, each exactly as a sequential in-process run trains it (same weights, one thread each)."""
+    cfg = yaml.safe_load(bench_config.read_text())
+    cfg["noise_ceiling"] = {"seed": 7, "num": 2}
+    bench_config.write_text(yaml.safe_dump(cfg))
+    bench = Benchmark.from_file(bench_config)
+    assert [lds.subset_seeds(bench, j) for j in range(3)] == [[0, 7], [0, 7], [0]]
+    cli_main(["lds", "train", "--config", str(bench_config), "--workers", "2"])
+    trained = sorted(str(p.parent.relative_to(bench.out / "models")) for p in (bench.out / "models").rglob("done.json"))
+    assert trained == ["full/seed_0", "subset_000/seed_0", "subset_000/seed_7", "subset_001/seed_0", "subset_001/seed_7", "subset_002/seed_0"]
+    sequential = Benchmark.from_file(bench_config, out=tmp_path / "sequential")
+    lds.train_subsets(sequential, [1])
+    for seed in (0, 7):
+        a, b = (load_module(checkpoint(lds.model_dir(x, 1, seed))).state_dict() for x in (bench, sequential))
+        assert all(torch.equal(a[k], b[k]) for k in a), seed
+    for bad, match in (({"seed": 0, "num": 2}, "is one of model_seeds"), ({"num": 9}, "exceeds subsets.num"), ({"num": 1}, ">= 2 subsets")):
+        with pytest.raises(WherefromError, match=match):
+            Benchmark.from_dict({**cfg, "noise_ceiling": bad}, base=bench_config.parent)
+    with pytest.raises(WherefromError, match="not all 0"):
+        Benchmark.from_dict({**cfg, "queries": {"real": 0, "generated": 0, "tuning_real": 0, "tuning_generated": 0}}, base=bench_config.parent)
+
+
+def _split(dm: DigitsDataModule) -> np.ndarray:
+    dm.setup()
+    return dm.indices
+
+
+def test_pool_draws_a_random_training_set_and_keeps_the_rest_held_out():
+    dm = DigitsDataModule(pool_size=50, pool_seed=3)
+    dm.setup()
+    assert len(dm.indices) == 50 and len(dm.held_out) == 1797 - 50 and not np.intersect1d(dm.indices, dm.held_out).size
+    np.testing.assert_array_equal(dm.indices, _split(DigitsDataModule(pool_size=50, pool_seed=3)))
+    assert not np.array_equal(dm.indices, _split(DigitsDataModule(pool_size=50, pool_seed=4)))
+    inside = DigitsDataModule(pool_size=50, pool_seed=3, subset=dm.indices[:7].tolist())
+    inside.setup()
+    np.testing.assert_array_equal(inside.indices, dm.indices[:7])
+    with pytest.raises(WherefromError, match="outside the pool_size draw"):
+        DigitsDataModule(pool_size=50, pool_seed=3, subset=[int(dm.held_out[0])]).setup()
+    with pytest.raises(WherefromError, match="pool_size must be in"):
+        DigitsDataModule(pool_size=5000).setup()
