@@ -146,27 +146,24 @@ class Context:
             write_npy(cached, query_features(self.net, self.module, "model", config, self.queries).double().numpy())
         return store.read_array("features/model")[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
 
-    def dense_grads(self, output: str, timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unprojected per-sample gradients (training split, queries) of ``output`` (float32)."""
-        key = (output, timesteps)
+    def query_grads(self, output: str, timesteps: int) -> torch.Tensor:
+        """Unprojected gradients of ``output`` for every query (the library's :func:`query_gradients`:
+        index ``-(q + 1)``, the draws of K uniform timesteps), cached."""
+        key = ("query", output, timesteps)
         if key not in self._grads:
-            config = FeatureConfig(output=output, timesteps=timesteps)
-            draws = config.draws(self.module.task)
-
-            def grads(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                return torch.cat([per_sample_grads(self.net, self.module.task, images[s : s + 32], index[s : s + 32], output, draws, Stream.FEATURES) for s in range(0, len(images), 32)])
-
-            train_g = grads(self.dm.images[self.split], torch.from_numpy(self.split))
-            query_g = grads(self.queries, -torch.arange(len(self.queries)) - 1)
-            self._grads[key] = (train_g, query_g)
+            self._grads[key] = query_gradients(self.net, self.module.task, self.queries, output, FeatureConfig(timesteps=timesteps), 32)
         return self._grads[key]
 
-    def measurement_grads(self, measurement: str, timesteps: int) -> torch.Tensor:
-        """Query gradients of a K-FAC measurement (the library's :func:`query_gradients`), cached."""
-        key = ("measurement", measurement, timesteps)
+    def dense_grads(self, output: str, timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unprojected per-sample gradients (training split, queries) of ``output`` (float32)."""
+        key = ("dense", output, timesteps)
         if key not in self._grads:
-            config = FeatureConfig(output="loss", timesteps=timesteps)
-            self._grads[key] = query_gradients(self.net, self.module.task, self.queries, measurement, config, 64)
+            draws = FeatureConfig(timesteps=timesteps).draws(self.module.task)
+            images, index = self.dm.images[self.split], torch.from_numpy(self.split)
+            train_g = torch.cat(
+                [per_sample_grads(self.net, self.module.task, images[s : s + 32], index[s : s + 32], output, draws, Stream.FEATURES) for s in range(0, len(images), 32)]
+            )
+            self._grads[key] = (train_g, self.query_grads(output, timesteps))
         return self._grads[key]
 
     def grams(self, output: str, timesteps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,17 +181,10 @@ class Context:
         return out
 
 
-def normalised(phi: np.ndarray) -> np.ndarray:
-    """Unit-norm rows (ReTrac-style renormalisation, Xie et al. 2024, Sec. 4)."""
-    return phi / np.maximum(np.linalg.norm(phi, axis=1, keepdims=True), 1e-300)
-
-
 def trak_method(output: str, damping: float, normalize: bool = False, **feature: object) -> Callable[[Context], np.ndarray]:
     def run(ctx: Context) -> np.ndarray:
         phi, phi_q = ctx.features(FeatureConfig(output=output, **feature))
-        if normalize:
-            phi = normalised(phi)
-        return ctx.full(trak_scores([phi], [phi_q], damping))
+        return ctx.full(trak_scores([phi], [phi_q], damping, normalize=normalize))
 
     return run
 
@@ -222,7 +212,7 @@ def kfac_method(
         store = ctx.store(f"factors_p{passes}")
         fit_factors(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
         pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping, relative)
-        g_q = ctx.measurement_grads(measurement, timesteps)
+        g_q = ctx.query_grads(measurement, timesteps)
         train_g, _ = ctx.dense_grads("loss", timesteps)
         return ctx.full((precondition(ctx.net, g_q, pre_cond).double() @ train_g.double().T).numpy())
 

@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.errors import ArgumentParser, WherefromError, one_line
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -67,7 +67,7 @@ def lightning_main(argv: list[str]) -> None:
         raise
     except argparse.ArgumentError as e:
         cmd = argv[0] if argv and not argv[0].startswith("-") else "fit"
-        raise WherefromError(f"{' '.join(str(e).split())}; see `wherefrom {cmd} --help`") from None
+        raise WherefromError(f"{one_line(e, 1000)}; see `wherefrom {cmd} --help`") from None
     except FileNotFoundError as e:
         raise WherefromError(f"{e}; pass an existing checkpoint to --ckpt_path (or drop it to start from scratch)") from None
     except ValueError as e:  # jsonargparse wraps the errors of our constructors

@@ -51,7 +51,7 @@ from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, SamplingConfig
 from wherefrom.evaluation.lds import Correlation
 from wherefrom.evaluation.loo import leave_one_out, sample_indices
-from wherefrom.io import save_grid, write_json, write_npy
+from wherefrom.io import check_out_dir, save_grid, write_json, write_npy
 
 DIGITS = 1797
 # the order of the report; methods registered later are appended
@@ -382,8 +382,7 @@ def prepare_out(out: Path, overwrite: bool = False) -> None:
     :data:`MARKER`) has its :data:`OWNED` subfolders replaced; any other non-empty
     folder, or a file, is refused unless ``overwrite``.
     """
-    if out.exists() and not out.is_dir():
-        raise WherefromError(f"--out {str(out)!r} is a file; pass a folder")
+    check_out_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
         raise WherefromError(f"--out {str(out)!r} holds files the demo did not write; pick a new folder or pass --overwrite to write into it")
     for name in OWNED:

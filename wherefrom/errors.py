@@ -7,6 +7,11 @@ import argparse
 from typing import NoReturn
 
 
+def one_line(error: BaseException, limit: int = 150) -> str:
+    """An exception's message on one line (whitespace collapsed), cut to ``limit`` characters."""
+    return " ".join(str(error).split())[:limit]
+
+
 class WherefromError(ValueError):
     """Bad user input or an inconsistent artifact (store, checkpoint, split)."""
 

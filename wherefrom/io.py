@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import WherefromError, one_line
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,7 +29,8 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and ``os.replace``
     it into place, so readers see either the old file or the complete new one."""
-    path = Path(check_out_dir(Path(path).parent, "output folder")) / Path(path).name
+    path = Path(path)
+    check_out_dir(path.parent, "output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -51,16 +52,16 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> np.ndarra
     if not path.is_file():
         raise WherefromError(f"{what} file {str(path)!r} does not exist")
     try:
+        loaded = np.load(path, allow_pickle=False)
         if key is None:
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as z:
-            if key not in z:
-                raise WherefromError(f"{what} file {str(path)!r} has no array {key!r} (has {list(z.keys())})")
-            return z[key]
+            return loaded
+        with loaded as z:
+            if key in z:
+                return z[key]
+            keys = list(z.keys())
     except (ValueError, OSError, EOFError) as e:
-        if isinstance(e, WherefromError):
-            raise
-        raise WherefromError(f"{what} file {str(path)!r} is not a readable .npy/.npz array ({' '.join(str(e).split())[:120]}); write it with numpy.save") from None
+        raise WherefromError(f"{what} file {str(path)!r} is not a readable .npy/.npz array ({one_line(e, 120)}); write it with numpy.save") from None
+    raise WherefromError(f"{what} file {str(path)!r} has no array {key!r} (has {keys})")
 
 
 def check_out_dir(path: str | Path, what: str = "--out") -> Path:

@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 
-from wherefrom.errors import CheckpointError, WherefromError
+from wherefrom.errors import CheckpointError, WherefromError, one_line
 from wherefrom.sampling import EpsFn, generate
 from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
 
@@ -228,7 +228,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {' '.join(str(e).split())[:150]})") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a Lightning checkpoint; pass the .ckpt written by `wherefrom fit`")
     return ckpt

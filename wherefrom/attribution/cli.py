@@ -16,9 +16,9 @@ from torch import Tensor
 
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.report import Attribution, write_attribution
-from wherefrom.io import check_out_dir, load_array
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.io import check_out_dir, load_array
 
 # method -> "module:function"
 METHODS: dict[str, str] = {

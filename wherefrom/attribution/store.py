@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
-from wherefrom.io import atomic_path, write_json
+from wherefrom.io import atomic_path, check_out_dir, write_json
 
 FORMAT = 2
 SUFFIXES = {"array": (".npy", ".crc.npy", ".done.npy"), "tensors": (".safetensors",)}
@@ -58,20 +58,24 @@ def row_crcs(rows: np.ndarray) -> np.ndarray:
     return np.fromiter((zlib.crc32(r.tobytes()) for r in flat), dtype=np.uint32, count=len(rows))
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, str, int]:
+    """``(shape, fortran_order, dtype, data offset)`` from a ``.npy`` file's header (raises ``ValueError``/``OSError``)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+        return tuple(shape), fortran, str(dtype), f.tell()
+
+
 def _npy_damage(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
     """Why the ``.npy`` file at ``path`` does not hold a C-order ``shape``/``dtype`` array, or ``None``."""
     if not path.is_file():
         return "is missing"
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
-            offset = f.tell()
+        have_shape, fortran, have_dtype, offset = _npy_header(path)
     except (ValueError, OSError, SyntaxError) as e:
         return f"has no valid .npy header ({e})"
-    have_shape, fortran, have_dtype = header
-    if tuple(have_shape) != shape or str(have_dtype) != dtype or fortran:
-        return f"holds a {tuple(have_shape)} {have_dtype} array, not the manifest's {shape} {dtype}"
+    if have_shape != shape or have_dtype != dtype or fortran:
+        return f"holds a {have_shape} {have_dtype} array, not the manifest's {shape} {dtype}"
     size, want = path.stat().st_size, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     return None if size == want else f"has {size} bytes instead of {want} (truncated or appended to)"
 
@@ -79,11 +83,11 @@ def _npy_damage(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
 def _salvage(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """The whole rows that survive in a damaged ``.npy`` with a matching header (flat; empty if none)."""
     try:
+        have_shape, fortran, have_dtype, offset = _npy_header(path)
+        if have_shape != shape or have_dtype != dtype or fortran:
+            return np.zeros(0, dtype)
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
-            if tuple(header[0]) != shape or str(header[2]) != dtype or header[1]:
-                return np.zeros(0, dtype)
+            f.seek(offset)
             raw = f.read()
     except (ValueError, OSError, SyntaxError):
         return np.zeros(0, dtype)
@@ -204,9 +208,7 @@ class Store:
     def __init__(
         self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False, repair: bool = False
     ) -> None:
-        self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise WherefromError(f"store {str(self.root)!r} is a file, not a folder; pass a folder path")
+        self.root = check_out_dir(root, "store")
         self.overwrite, self.repair, self.read_only = overwrite, repair, False
         self.manifest = self._read_manifest()
         want = {"fingerprint": fingerprint, "codes_fingerprint": codes_fingerprint}

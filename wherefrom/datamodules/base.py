@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import WherefromError, one_line
 from wherefrom.io import load_array
 
 IndexSpec = Sequence[int] | str | Path | None
@@ -34,17 +34,16 @@ def read_indices(spec: IndexSpec, what: str) -> np.ndarray | None:
         path = Path(spec)
         if not path.is_file():
             raise WherefromError(f"{what} file {str(path)!r} does not exist; pass a list of indices or an existing .npy/.json/.txt file")
-        try:
-            if path.suffix == ".npy":
-                arr = load_array(path, what)
-            elif path.suffix == ".json":
-                arr = np.asarray(json.loads(path.read_text()))
-            else:
-                arr = np.asarray(path.read_text().split(), dtype=np.int64)
-        except (ValueError, UnicodeDecodeError) as e:
-            if isinstance(e, WherefromError):
-                raise
-            raise WherefromError(f"{what} file {str(path)!r} must hold integer indices (.npy, a .json list, or whitespace-separated text): {' '.join(str(e).split())[:100]}") from None
+        if path.suffix == ".npy":
+            arr = load_array(path, what)
+        else:
+            try:
+                text = path.read_text()
+                arr = np.asarray(json.loads(text)) if path.suffix == ".json" else np.asarray(text.split(), dtype=np.int64)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise WherefromError(
+                    f"{what} file {str(path)!r} must hold integer indices (.npy, a .json list, or whitespace-separated text): {one_line(e, 100)}"
+                ) from None
     else:
         arr = np.asarray(list(spec))
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
