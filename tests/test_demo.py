@@ -1,4 +1,5 @@
-"""A tiny end-to-end demo run writes every file its report shows, for every method that ran."""
+"""A tiny end-to-end demo run writes every file its report shows, for every registered attributor,
+and a bad option touches nothing."""
 
 from __future__ import annotations
 
@@ -8,39 +9,67 @@ import re
 import numpy as np
 import pytest
 
-from wherefrom.attribution.cli import METHODS
-from wherefrom.cli import main as cli_main
+from tests.conftest import cli
+from wherefrom.attribution.api import ATTRIBUTORS
+from wherefrom.datamodules import DigitsDataModule
 from wherefrom.demo import DemoConfig
 from wherefrom.errors import WherefromError
 
 
-def test_tiny_demo_writes_the_whole_report(tmp_path):
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tiny_demo_writes_the_whole_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    cli_main(["demo", "--out", str(out), "--tiny"])
+    code, err = cli(capsys, "demo", "--out", str(out), "--tiny")
+    assert code == 0, err
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
 
     # every image the report links exists and is a PNG
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert {"samples.png", "ablated.png", "evaluation.png"} <= set(links)
+    assert {"counterfactuals.png", "evaluation.png"} <= set(links)
     for link in links:
         assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
 
-    # every registered method ran (its capture callback exists), with a top-k grid, a table row and both scores
-    assert results["status"] == {m: "ok" for m in METHODS}
-    ran = list(results["status"])
-    assert "random" in ran and set(ran) == set(results["methods"])
-    for m in ran:
-        assert f"methods/{m}/topk.png" in links
-        assert np.load(out / "methods" / m / "scores.npy").shape == (2, 20)
-        row = next(line for line in report.splitlines() if line.startswith(f"| {m} |"))
-        assert row.count("[") == 2
-        for key in ("lds", "loo"):
-            assert -1 <= results["methods"][m][key]["mean"] <= 1
-    # the subset models and the leave-one-out distances behind the numbers
-    assert np.load(out / "lds" / "measurements.npy").shape == (3, 1, 2)
-    assert np.load(out / "loo" / "distances.npy").shape == (2, 3)
-    assert results["total_seconds"] > 0 and "| **total** |" in report
+    pool = DigitsDataModule(pool_size=20, pool_seed=0)
+    pool.setup()
+    pool = set(pool.indices.tolist())
+    # every registered attributor ran on both query sets (synthetic ablation: on the ensemble's own samples only)
+    expected = {f"{m}/{s}": "ok" for m in ATTRIBUTORS for s in ("generated", "real") if (m, s) != ("ablation", "real")}
+    assert {k: v for k, v in results["status"].items() if k != "ablation/real"} == expected
+    for qset in ("generated", "real"):
+        assert set(results["methods"][qset]) == {m for m in ATTRIBUTORS if (m, qset) != ("ablation", "real")}
+        for m, r in results["methods"][qset].items():
+            assert f"methods/{qset}/{m}/topk.png" in links
+            assert np.load(out / "methods" / qset / m / "scores.npy").shape == (3, 1797)
+            row = next(line for line in report.splitlines() if line.startswith(f"| {m} |") and "[" in line)
+            assert row.count("[") >= 3  # loss rise, (distance,) LDS and the class fraction, each with an interval
+            assert len(r["loss_rise_per_query"]) == 3 and -1 <= r["lds"]["mean"] <= 1
+            assert set(np.ravel(r["removed"])) <= pool  # top-k ranks the training images only
+    assert results["winner"]["generated"] in ATTRIBUTORS and "won." in report
+    assert {"ensemble samples", "real held-out digits"} <= set(results["quality"])
+    # the subset models behind the LDS and the fit's LightningCLI config
+    assert np.load(out / "lds" / "measurements.npy").shape == (3, 1, 6)
+    assert (out / "ensemble" / "fit.yaml").is_file() and results["total_seconds"] > 0 and "| **total** |" in report
+
+    # a rerun into the demo's own folder replaces its outputs; an invalid option leaves it byte-identical
+    before = snapshot(out)
+    code, err = cli(capsys, "demo", "--out", str(out), "--tiny", "--code-weight", "9")
+    assert code == 2 and err.count("\n") == 1 and snapshot(out) == before
+
+
+def test_a_bad_option_never_touches_a_users_folder(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "store").mkdir(parents=True)
+    (out / "store" / "keep.txt").write_text("user data")
+    for bad in (["--removal-k", "0"], ["--batch-size", "7", "--devices", "2"], ["--real-queries", "5000"]):
+        code, err = cli(capsys, "demo", "--out", str(out), "--tiny", *bad)
+        assert code == 2 and "Traceback" not in err
+    code, err = cli(capsys, "demo", "--out", str(out), "--tiny")
+    assert code == 2 and "--overwrite" in err
+    assert snapshot(out) == {"store/keep.txt": b"user data"}
 
 
 def test_bad_sizes_are_clear_errors():

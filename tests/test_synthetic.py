@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from argparse import Namespace
 
 import lightning as L
 import numpy as np
@@ -20,7 +19,7 @@ from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.ensemble.synthetic import (
     ablated_weights,
-    attribute,
+    SyntheticAblation,
     exact_ablation,
     linearize,
     synthetic_scores,
@@ -251,9 +250,8 @@ def test_attribute_rejects_external_queries_and_mismatched_samples(ensemble_ckpt
     code, err = cli(capsys, *args, "--queries", str(tmp_path / "q.npy"))
     assert code == 2 and "needs the sampler's exogenous noise" in err and "Traceback" not in err
     module = EncodedEnsemble.load_from_checkpoint(ensemble_ckpt, map_location="cpu")
-    ns = Namespace(queries=None, seed=0, steps=2, scheduler="ddpm", batch_size=8, top_k=2, exact=False, out=str(tmp_path / "o"))
-    with pytest.raises(WherefromError, match="differ from the sampler's own samples"):
-        attribute(module, DigitsDataModule(subset=list(range(2, 8))), torch.zeros(2, *SHAPE), ns)
+    with pytest.raises(WherefromError, match="differ from the ensemble's own samples"):
+        SyntheticAblation(steps=2, batch_size=8, top_k=2).attribute(module, DigitsDataModule(subset=list(range(2, 8))), torch.zeros(2, *SHAPE))
     with pytest.raises(WherefromError, match="sum to 1"):
         linearize(module.sampler(steps=2), 1, torch.ones(4))
 

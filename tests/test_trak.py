@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
@@ -13,7 +12,7 @@ from wherefrom import cli
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.store import Store
-from wherefrom.attribution.trak import DAMPING, attribute, kernel_scores, query_features, trak_scores
+from wherefrom.attribution.trak import DAMPING, DTRAK, TRAK, kernel_scores, query_features, trak_scores
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 
 
@@ -58,8 +57,7 @@ def featurised(tmp_path_factory):
 
 def test_attribute_scores_stored_features_against_fresh_query_features(featurised):
     root, model, dm, config, queries = featurised
-    args = argparse.Namespace(method="dtrak", store=str(root / "store"), batch_size=1, damping=None, normalize=False)
-    result = attribute(model, dm, queries, args)
+    result = DTRAK(store=str(root / "store"), batch_size=1).attribute(model, dm, queries)
     assert result.scores.shape == (2, dm.num_images) and result.method == "dtrak"
     phi = Store.open(root / "store").read_array("features/model")
     phi_q = query_features(model.unet, model, "model", config, queries, batch_size=1)  # the same batches as attribute's
@@ -73,9 +71,9 @@ def test_attribute_scores_stored_features_against_fresh_query_features(featurise
     one, two = (query_features(net64, model, "model", config, queries.double(), batch_size=b) for b in (1, 2))
     np.testing.assert_allclose(one, two, rtol=1e-10, atol=1e-12 * float(one.abs().max()))
     with pytest.raises(FingerprintMismatchError, match="output 'square_norm', not 'loss'"):
-        attribute(model, dm, queries, argparse.Namespace(method="trak", store=str(root / "store"), batch_size=4))
-    with pytest.raises(WherefromError, match="needs --store"):
-        attribute(model, dm, queries, argparse.Namespace(method="dtrak", store=None, batch_size=4))
+        TRAK(store=str(root / "store"), batch_size=4).attribute(model, dm, queries)
+    with pytest.raises(WherefromError, match="needs a store"):
+        DTRAK(batch_size=4).attribute(model, dm, queries)
 
 
 def test_attribute_command_writes_the_common_outputs(featurised, capsys):

@@ -1,30 +1,30 @@
-"""``wherefrom demo --out DIR``: the whole pipeline on the embedded digits, on a laptop CPU.
+"""``wherefrom demo --out DIR``: the whole pipeline on the embedded digits, checked by its own numbers.
 
-1. Train an encoded ensemble on the first ``num_images`` digits (the rest are
-   held out), capturing TRAK / D-TRAK features and K-FAC factors through the
-   drop-in callbacks during the same fit.
-2. Generate ``num_samples`` queries with fixed exogenous noise.
-3. Attribute them with every registered method (ablation, trak, dtrak, kfac,
-   ekfac, random); each writes ``DIR/methods/<method>/{scores.npy,topk.json,topk.png}``.
-4. A small LDS (Park et al. 2023): ``lds_subsets`` random halves of the
-   training images, one single model each with the members' recipe (TRAK's own
-   ensembles are models trained on random halves, like the members), measured
-   on the queries.
-5. The ensemble's exact leave-one-out for ``loo_indices`` training indices.
-6. ``DIR/report.md``: sample grids, each method's top-k grid, a bar chart of
-   every method's LDS and leave-one-out correlation, and a table of times.
+1. Train an encoded ensemble on ``num_images`` digits drawn at random (the rest are
+   held out) with ``wherefrom fit`` from a generated LightningCLI config: the drop-in
+   callbacks capture TRAK / D-TRAK features and K-FAC factors during the same fit,
+   on ``devices`` CPU processes (DDP, gloo).
+2. Queries: ``num_samples`` of the ensemble's samples (fixed exogenous noise) and
+   ``real_queries`` held-out real digits. A digit classifier (:mod:`wherefrom.evaluation.quality`)
+   says how many samples are recognisable digits.
+3. Attribute both query sets with every registered attributor through the Python API
+   (:data:`wherefrom.attribution.ATTRIBUTORS`), writing ``DIR/methods/<set>/<method>/``.
+4. Evaluate without retraining (:mod:`wherefrom.evaluation.removal`): remove each query's
+   top-``removal_k`` training images from the ensemble (drop every member that saw one)
+   and measure the exact rise of the query's loss and, for samples, how far the sample
+   moves, against ``removal_k`` random images; optionally an LDS over ``lds_subsets``
+   retrained halves.
+5. ``DIR/report.md``: which method won and by how much, every figure with its 95% interval,
+   the sample-quality fractions, top-k and counterfactual grids, and the time per stage.
 
-Methods and callbacks are discovered at run time (``METHODS`` and
-:mod:`wherefrom.callbacks`), so the demo reports whatever is installed. The
-defaults take about 10 CPU-minutes (about 8 minutes on 2 idle cores); the size options scale it up,
-``--tiny`` shrinks it to seconds (tests).
+The defaults take under 10 minutes on 2 idle CPU cores; the size options scale it up
+to the LDS benchmark (``--num-images 500 --lds-subsets 64 ...``), ``--tiny`` shrinks it to
+seconds (tests).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import os
 import shutil
 import subprocess
@@ -36,71 +36,82 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
-from wherefrom.attribution.cli import METHODS, method_function
-from wherefrom.attribution.cli import parser as attribute_parser
-from wherefrom.attribution.report import write_attribution
+from wherefrom.attribution.api import ATTRIBUTORS, attributor
+from wherefrom.attribution.report import Attribution, write_attribution
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble.codes import validate_codes
+from wherefrom.ensemble.synthetic import quadratic_measurement
 from wherefrom.errors import ArgumentParser, WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, SamplingConfig
 from wherefrom.evaluation.lds import Correlation
-from wherefrom.evaluation.loo import leave_one_out, sample_indices
+from wherefrom.evaluation.quality import Fraction, digit_labels, recognised
+from wherefrom.evaluation.removal import Estimate, Removal, random_sets, remove
 from wherefrom.io import check_out_dir, save_grid, write_json, write_npy
+from wherefrom.task import mix_seed
 
 DIGITS = 1797
-# the order of the report; methods registered later are appended
-METHOD_ORDER = ("ablation", "trak", "dtrak", "kfac", "ekfac", "random")
+# the order of the report; attributors registered later are appended
+METHOD_ORDER = ("ablation", "ablation-loss", "trak", "dtrak", "kfac", "ekfac", "pixel", "random")
+BASELINES = ("pixel", "random")
+QUERY_SETS = ("generated", "real")
 # subfolders of --out that a run owns (a rerun into the same --out replaces them)
-OWNED = ("ensemble", "store", "methods", "lds", "loo")
+OWNED = ("ensemble", "store", "methods", "lds", "evaluation")
 MARKER = ".wherefrom-demo"  # written into --out by a demo run: marks the folder as the demo's own
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults: about 8 minutes on 2 idle CPU cores).
+    """Sizes of the demo (defaults: under 10 minutes on 2 idle CPU cores).
 
-    ``threads`` are torch's intra-op threads: the 8x8 models gain little from
-    more, and on a busy machine extra threads thrash (up to 30x slower measured on a loaded 2-core machine),
-    so the cores are used by ``lds_workers`` processes training subset models.
+    ``num_images`` training digits are drawn at random (``seed``); C(members, code_weight) must
+    cover them with distinct codes. ``batch_size`` is the global batch (split over ``devices``).
+    ``timesteps`` are the seeded draws per TRAK gradient, ``measure_draws`` those of every
+    loss in the evaluation (a different seed than the attributors').
     """
 
     num_images: int = 70
     members: int = 8
     code_weight: int = 4
-    channels: tuple[int, int] = (16, 32)
-    epochs: int = 100
-    batch_size: int = 35
+    channels: tuple[int, int] = (32, 64)
+    epochs: int = 600
+    batch_size: int = 70
     lr: float = 2e-3
-    num_samples: int = 8
-    steps: int = 20
+    num_samples: int = 32
+    real_queries: int = 32
+    steps: int = 50
     scheduler: str = "ddim"
     top_k: int = 8
-    timesteps: int = 4
+    removal_k: int = 1
+    timesteps: int = 32
     proj_dim: int = 256
-    lds_subsets: int = 16
-    lds_draws: int = 32
-    loo_indices: int = 32
+    measure_draws: int = 64
+    lds_subsets: int = 0
     seed: int = 0
-    threads: int = 1
-    lds_workers: int = 2
+    devices: int = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
         if not 2 <= self.num_images < DIGITS:
             raise WherefromError(f"--num-images must be in [2, {DIGITS}), got {self.num_images}")
-        for name in ("epochs", "batch_size", "num_samples", "steps", "top_k", "timesteps", "proj_dim", "lds_draws"):
+        for name in ("epochs", "batch_size", "num_samples", "steps", "top_k", "removal_k", "timesteps", "proj_dim", "measure_draws", "devices"):
             if getattr(self, name) < 1:
                 raise WherefromError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 1 or self.lds_workers < 1:
-            raise WherefromError(f"--threads and --lds-workers must be >= 1, got {self.threads} and {self.lds_workers}")
-        if self.lds_subsets < 2 or self.loo_indices < 2:
-            raise WherefromError("--lds-subsets and --loo-indices must be >= 2 (correlations need two points)")
+        if self.real_queries < 0 or self.real_queries > DIGITS - self.num_images:
+            raise WherefromError(f"--real-queries must be in [0, {DIGITS - self.num_images}] (the held-out digits), got {self.real_queries}")
+        if self.removal_k > self.num_images:
+            raise WherefromError(f"--removal-k must be <= --num-images ({self.num_images}), got {self.removal_k}")
+        if self.lds_subsets == 1 or self.lds_subsets < 0:
+            raise WherefromError("--lds-subsets must be 0 (no LDS) or >= 2 (correlations need two points)")
+        if self.batch_size % self.devices:
+            raise WherefromError(f"--batch-size ({self.batch_size}) must be a multiple of --devices ({self.devices}): each process takes an equal share")
+        if min(self.channels) < 1:
+            raise WherefromError(f"--channels must be positive, got {self.channels}")
         SamplingConfig(self.seed, self.steps, self.scheduler)  # validates the scheduler
         validate_codes(self.num_images, self.members, self.code_weight)  # C(n, w) distinct codes for the images
 
@@ -116,17 +127,16 @@ class DemoConfig:
 
 
 TINY = dict(
-    num_images=20, members=6, code_weight=3, channels=(8, 16), epochs=1, batch_size=10, num_samples=2, steps=3,
-    top_k=3, timesteps=1, proj_dim=16, lds_subsets=3, lds_draws=2, loo_indices=3, lds_workers=1, progress=False,
+    num_images=20, members=6, code_weight=3, channels=(8, 16), epochs=2, batch_size=10, num_samples=3, real_queries=3,
+    steps=3, top_k=3, timesteps=2, proj_dim=16, measure_draws=2, lds_subsets=3, devices=1, progress=False,
 )
 
 
 class Timer:
-    """Wall-clock seconds per named phase; phases can be bracketed around callbacks."""
+    """Wall-clock seconds per named phase."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._open: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -134,179 +144,214 @@ class Timer:
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def bracket(self, name: str, callback: L.Callback) -> list[L.Callback]:
-        """``[start, callback, stop]``: Lightning calls every hook on the callbacks in list
-        order, so the time between the two edges of each hook is the callback's."""
-        return [_Edge(self, name, True), callback, _Edge(self, name, False)]
-
-    def mark(self, name: str, start: bool) -> None:
-        if start:
-            self._open[name] = time.perf_counter()
-        elif name in self._open:
-            self.add(name, time.perf_counter() - self._open.pop(name))
-
-
-class _Edge(L.Callback):
-    def __init__(self, timer: Timer, name: str, start: bool) -> None:
-        self.timer, self.name, self.start = timer, name, start
-
-    @property
-    def state_key(self) -> str:
-        return f"Timer[{self.name},{self.start}]"
-
-
-def _edge_hook(self: _Edge, *args: Any, **kwargs: Any) -> None:
-    self.timer.mark(self.name, self.start)
-
-
-for _hook in (
-    "setup", "on_fit_start", "on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_before_backward",
-    "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_train_end", "on_fit_end",
-):
-    setattr(_Edge, _hook, _edge_hook)
-
-
-def capture_callbacks(cfg: DemoConfig, store: Path) -> dict[str, L.Callback]:
-    """The attribution callbacks that exist in this installation, by capture name.
-    K-FAC shares TRAK's store: its projected mode reuses the loss-gradient features."""
-    callbacks = importlib.import_module("wherefrom.callbacks")
-    found: dict[str, L.Callback] = {}
-    if hasattr(callbacks, "TRAKFeatures"):
-        for method in ("trak", "dtrak"):
-            found[method] = callbacks.TRAKFeatures(
-                str(store / STORE_OF[method]), method=method, timesteps=cfg.timesteps, proj_dim=cfg.proj_dim, seed=cfg.seed
-            )
-    if hasattr(callbacks, "KFACFactors"):
-        found["kfac"] = callbacks.KFACFactors(str(store / STORE_OF["kfac"]), ekfac=True)
-    return found
-
-
-# the captures each method's scores are computed from, and the store it reads
-CAPTURES_OF = {"trak": ("trak",), "dtrak": ("dtrak",), "kfac": ("kfac", "trak"), "ekfac": ("kfac", "trak")}
-STORE_OF = {"trak": "trak", "dtrak": "dtrak", "kfac": "trak", "ekfac": "trak"}
-# method-specific options of `wherefrom attribute`
-METHOD_ARGS = {"kfac": ["--grads", "projected"], "ekfac": ["--grads", "projected"]}
-
-
-def available_methods() -> list[str]:
-    return [m for m in METHOD_ORDER if m in METHODS] + sorted(set(METHODS) - set(METHOD_ORDER))
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def log(msg: str, start: float) -> None:
     print(f"[demo {time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
 
-def train_ensemble(cfg: DemoConfig, out: Path, timer: Timer) -> tuple[L.LightningModule, DigitsDataModule, Path, list[str]]:
-    """Fit the encoded ensemble with the capture callbacks; returns module, data, checkpoint, captures."""
-    from wherefrom.ensemble import EncodedEnsemble
-
-    dm = DigitsDataModule(batch_size=cfg.batch_size, val_size=DIGITS - cfg.num_images)
-    module = EncodedEnsemble(n=cfg.members, w=cfg.code_weight, unet=cfg.unet, lr=cfg.lr, warmup=0.05, seed=cfg.seed)
-    captures = capture_callbacks(cfg, out / "store")
-    callbacks = [cb for name, c in captures.items() for cb in timer.bracket(f"capture:{name}", c)]
-    L.seed_everything(cfg.seed, verbose=False)
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=cfg.progress, callbacks=callbacks, default_root_dir=out / "ensemble",
-    )
-    with timer.phase("train ensemble (incl. captures)"):
-        trainer.fit(module, datamodule=dm)
-    ckpt = out / "ensemble" / "ensemble.ckpt"
-    trainer.save_checkpoint(ckpt)
-    return module.eval(), dm, ckpt, list(captures)
+def datamodule(cfg: DemoConfig, batch_size: int | None = None) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=batch_size or cfg.batch_size, pool_size=cfg.num_images, pool_seed=cfg.seed)
 
 
-def attribute_all(cfg: DemoConfig, out: Path, ckpt: Path, module, dm, queries: torch.Tensor, timer: Timer, start: float) -> dict[str, str]:
-    """Run every registered method; returns ``{method: "ok" or the reason it was skipped}``."""
-    status = {}
-    for method in available_methods():
-        args = attribute_parser().parse_args(
-            ["--ckpt", str(ckpt), "--method", method, "--out", str(out / "methods" / method), "--top-k", str(cfg.top_k),
-             "--seed", str(cfg.seed), "--steps", str(cfg.steps), "--scheduler", cfg.scheduler, "--store", str(out / "store" / STORE_OF.get(method, method)), *METHOD_ARGS.get(method, [])]
-        )
-        log(f"attributing with {method}", start)
-        try:
-            with timer.phase(f"attribute:{method}"):
-                result = method_function(method)(module, dm, queries, args)
-        except WherefromError as e:  # e.g. a method whose capture callback is not installed
-            status[method] = f"skipped: {e}"
-            log(f"{method} skipped: {e}", start)
-            continue
-        write_attribution(args.out, result, dm.images, cfg.top_k)
-        status[method] = "ok"
-    return status
+def fit_config(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """The LightningCLI config of the ensemble's fit, with the capture callbacks (K-FAC shares
+    TRAK's store: its projected mode reuses the loss-gradient features)."""
+    features = dict(timesteps=cfg.timesteps, proj_dim=cfg.proj_dim, seed=cfg.seed)
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(out / "ensemble"), "filename": "last", "enable_version_counter": False, "every_n_epochs": cfg.epochs}},
+        {"class_path": "wherefrom.callbacks.TRAKFeatures", "init_args": {"store": str(out / "store" / "trak"), "method": "trak", **features}},
+        {"class_path": "wherefrom.callbacks.TRAKFeatures", "init_args": {"store": str(out / "store" / "dtrak"), "method": "dtrak", **features}},
+        {"class_path": "wherefrom.callbacks.KFACFactors", "init_args": {"store": str(out / "store" / "trak"), "ekfac": True}},
+    ]  # fmt: skip
+    return {
+        "seed_everything": cfg.seed,
+        "trainer": {"max_epochs": cfg.epochs, "accelerator": "cpu", "devices": cfg.devices, "strategy": "ddp" if cfg.devices > 1 else "auto",
+                    "logger": False, "enable_progress_bar": cfg.progress, "enable_model_summary": False,
+                    "default_root_dir": str(out / "ensemble"), "callbacks": callbacks},
+        "model": {"class_path": "wherefrom.EncodedEnsemble",
+                  "init_args": {"n": cfg.members, "w": cfg.code_weight, "unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05, "seed": cfg.seed}},
+        "data": {"class_path": "wherefrom.DigitsDataModule",
+                 "init_args": {"batch_size": cfg.batch_size // cfg.devices, "pool_size": cfg.num_images, "pool_seed": cfg.seed}},
+    }  # fmt: skip
+
+
+def run_command(args: list[str], log_path: Path, show: bool, threads: int = 1) -> subprocess.Popen:
+    """``python -m wherefrom.cli ARGS`` with ``threads`` torch threads per process; output to
+    ``log_path`` (and the terminal when ``show``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:  # the child keeps its own copy of the descriptor
+        target = None if show else log_file
+        return subprocess.Popen([sys.executable, "-m", "wherefrom.cli", *args], env=env, stdout=target, stderr=subprocess.STDOUT if target else None)
+
+
+def wait(proc: subprocess.Popen, what: str, log_path: Path) -> None:
+    if proc.wait() != 0:
+        tail = log_path.read_text()[-1500:] if log_path.stat().st_size else "(see the output above)"
+        raise WherefromError(f"{what} failed with exit code {proc.returncode} (log {log_path}): {tail}")
+
+
+def train_ensemble(cfg: DemoConfig, out: Path):
+    """``wherefrom fit`` of the ensemble with the capture callbacks; returns the module (eval mode)."""
+    from wherefrom.model import load_module
+
+    config = out / "ensemble" / "fit.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(fit_config(cfg, out), sort_keys=False))
+    log_path = out / "ensemble" / "fit.log"
+    wait(run_command(["fit", "--config", str(config)], log_path, cfg.progress), "the ensemble's fit", log_path)
+    return load_module(out / "ensemble" / "last.ckpt")
 
 
 def lds_benchmark(cfg: DemoConfig, out: Path) -> Path:
-    """Write the LDS benchmark config: subset models are single DiffusionModels with
-    the members' recipe (UNet, lr, epochs, rows per step)."""
+    """The LDS benchmark config: subset models are single DiffusionModels with the members'
+    recipe (UNet, lr, epochs, rows per step), as TRAK's ensembles are models trained on random halves."""
     fit = {
         "seed_everything": cfg.seed,
         "trainer": {"max_epochs": cfg.epochs, "accelerator": "cpu", "devices": 1, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05}},
         "data": {"class_path": "wherefrom.DigitsDataModule",
-                 "init_args": {"batch_size": cfg.member_batch_size, "val_size": DIGITS - cfg.num_images}},
-    }
+                 "init_args": {"batch_size": cfg.member_batch_size, "pool_size": cfg.num_images, "pool_seed": cfg.seed}},
+    }  # fmt: skip
     bench = {
         "out": str(out / "lds"), "fit": fit, "model_seeds": [cfg.seed],
         "subsets": {"num": cfg.lds_subsets, "alpha": 0.5, "seed": cfg.seed},
-        "measure": {"draws": cfg.lds_draws, "seed": cfg.seed},
+        "measure": {"draws": cfg.measure_draws, "seed": cfg.seed + 1},
         "sampling": {"seed": cfg.seed, "steps": cfg.steps, "scheduler": cfg.scheduler},
-    }
+    }  # fmt: skip
     path = out / "lds" / "benchmark.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(bench, sort_keys=False))
     return path
 
 
-def train_subset_models(cfg: DemoConfig, config: Path, bench: Benchmark) -> None:
-    """``wherefrom lds train`` in ``lds_workers`` processes, each with a share of the subsets."""
-    lds.write_subsets(bench)
-    workers = min(cfg.lds_workers, cfg.lds_subsets)
-    if workers == 1:
-        lds.train_subsets(bench)
-        return
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads)}
-    procs = []
-    with contextlib.ExitStack() as stack:
-        for w in range(workers):
-            ids = [str(j) for j in range(w, cfg.lds_subsets, workers)]
-            log_path = bench.out / f"train_worker{w}.log"
-            log_file = stack.enter_context(open(log_path, "w"))
-            cmd = [sys.executable, "-m", "wherefrom.cli", "lds", "train", "--config", str(config), "--subset-id", *ids]
-            procs.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_path))
-        for proc, _ in procs:
-            proc.wait()
-    failed = [path for proc, path in procs if proc.returncode != 0]
-    if failed:
-        raise WherefromError(f"an LDS training worker failed (log {failed[0]}): {failed[0].read_text()[-1500:]}")
+def make_queries(cfg: DemoConfig, module, dm: DigitsDataModule) -> tuple[dict[str, Tensor], dict[str, np.ndarray]]:
+    """The two query sets and each query's class (the classifier's for samples, the true one for real digits)."""
+    generated = module.generate(cfg.num_samples, seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler)
+    real_ids = np.sort(np.random.default_rng(mix_seed(cfg.seed, 1)).choice(dm.held_out, size=cfg.real_queries, replace=False))
+    queries = {"generated": generated, "real": dm.images[torch.as_tensor(real_ids, dtype=torch.long)]}
+    classes = {"generated": digit_labels(generated), "real": dm.labels[real_ids]}
+    return {k: v for k, v in queries.items() if len(v)}, classes
 
 
-def bar_chart(results: dict[str, dict[str, Correlation]], path: Path) -> None:
-    """Grouped bars (LDS, leave-one-out) per method with bootstrap intervals."""
+def demo_attributors(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Every registered attributor, configured for the demo's stores and chain; others get their defaults."""
+    kfac = dict(store=str(out / "store" / "trak"), grads="projected")
+    options: dict[str, dict[str, Any]] = {
+        "random": dict(seed=cfg.seed),
+        "ablation": dict(seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler, top_k=cfg.top_k),
+        "ablation-loss": dict(timesteps=cfg.measure_draws, seed=cfg.seed),
+        "trak": dict(store=str(out / "store" / "trak")),
+        "dtrak": dict(store=str(out / "store" / "dtrak")),
+        "kfac": kfac,
+        "ekfac": kfac,
+    }
+    names = [m for m in METHOD_ORDER if m in ATTRIBUTORS] + sorted(set(ATTRIBUTORS) - set(METHOD_ORDER))
+    return {name: attributor(name, **options.get(name, {})) for name in names}
+
+
+@dataclass
+class MethodResult:
+    """One method on one query set: the removal effects of its top-k and the top-1 class check."""
+
+    attribution: Attribution
+    removal: Removal
+    top1_class: Fraction
+    seconds: float
+    lds: Correlation | None = None
+
+    def loss(self) -> Estimate:
+        return Estimate.of(self.removal.loss)
+
+    def distance(self) -> Estimate | None:
+        return None if self.removal.distance is None else Estimate.of(self.removal.distance)
+
+
+def attribute_and_remove(cfg: DemoConfig, module, dm, methods: dict[str, Any], queries: dict[str, Tensor], classes: dict[str, np.ndarray],
+                         timer: Timer, out: Path, start: float) -> tuple[dict[str, dict[str, MethodResult]], dict[str, str]]:
+    """Every method on every query set, written to ``out/methods/<set>/<method>``, then its top-k removed."""
+    sampler = module.sampler(seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler)
+    results: dict[str, dict[str, MethodResult]] = {s: {} for s in queries}
+    status: dict[str, str] = {}
+    for qset, q in queries.items():
+        with timer.phase("evaluation: query losses"):
+            measurement = quadratic_measurement(sampler, q, "loss", cfg.measure_draws, seed=cfg.seed + 1)
+        for name, method in methods.items():
+            if name == "ablation" and qset != "generated":
+                status[f"{name}/{qset}"] = "generated queries only (it attributes the ensemble's own samples)"
+                continue
+            log(f"{qset} queries: {name}", start)
+            t0 = time.perf_counter()
+            try:
+                result = method.attribute(module, dm, q)
+            except WherefromError as e:  # e.g. an attributor that needs a store the demo does not make
+                status[f"{name}/{qset}"] = f"skipped: {e}"
+                log(f"{name} skipped: {e}", start)
+                continue
+            seconds = time.perf_counter() - t0
+            timer.seconds[f"attribute:{name}"] = timer.seconds.get(f"attribute:{name}", 0.0) + seconds
+            write_attribution(out / "methods" / qset / name, result, dm.images, cfg.top_k)
+            top, _ = result.topk(cfg.removal_k)
+            with timer.phase("evaluation: removal"):
+                removal = remove(sampler, measurement, top, q if qset == "generated" else None)
+            same = int((dm.labels[top[:, 0]] == classes[qset]).sum())
+            results[qset][name] = MethodResult(result, removal, Fraction(same, len(q)), seconds)
+            status[f"{name}/{qset}"] = "ok"
+    return results, status
+
+
+def add_lds(cfg: DemoConfig, config: Path, queries: dict[str, Tensor], results: dict[str, dict[str, MethodResult]]) -> None:
+    """Measure every subset model on both query sets and attach each method's LDS."""
+    bench = Benchmark.from_file(config)
+    sets = list(queries)
+    values = lds.measure(bench, torch.cat([queries[s] for s in sets]))
+    subsets, n = lds.read_subsets(bench)
+    masks, targets = lds.subset_masks(subsets, n), -values.mean(axis=1)
+    offset = 0
+    for s in sets:
+        cols = slice(offset, offset + len(queries[s]))
+        offset += len(queries[s])
+        for r in results[s].values():
+            r.lds = lds.lds(r.attribution.scores.astype(np.float64), masks, targets[:, cols], bench.bootstrap)
+
+
+def winner(results: dict[str, MethodResult]) -> str:
+    """The method whose top-k removal raises the queries' loss the most (mean over queries)."""
+    return max(results, key=lambda m: results[m].loss().mean)
+
+
+def counterfactual_grid(queries: Tensor, results: dict[str, MethodResult], best: str, path: Path) -> dict[str, Fraction]:
+    """Queries, then the ensemble without the winner's top-k, then without k random images; and how many
+    of each row the digit classifier recognises."""
+    rows = {"samples": queries, best: results[best].removal.samples, "random": results["random"].removal.samples}
+    save_grid(torch.cat([r.float().cpu() for r in rows.values()]), path, nrow=len(queries))
+    return {k: recognised(v) for k, v in rows.items()}
+
+
+def bar_chart(results: dict[str, dict[str, MethodResult]], path: Path) -> None:
+    """The rise of the query loss when each method's top-k is removed, per query set, with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(results)
-    kinds = [("lds", "LDS (Spearman)"), ("loo", "leave-one-out (Spearman)")]
+    sets = list(results)
+    methods = list(dict.fromkeys(m for s in sets for m in results[s]))
     x = np.arange(len(methods))
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.5))
-    for k, (key, label) in enumerate(kinds):
-        vals = [results[m][key] for m in methods]
-        mean = np.array([v.mean for v in vals])
-        err = np.nan_to_num(np.abs(np.array([[v.mean - v.ci_low, v.ci_high - v.mean] for v in vals]).T))
-        ax.bar(x + (k - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, label=label)
+    width = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2, 3.5))
+    for k, s in enumerate(sets):
+        est = [results[s][m].loss() if m in results[s] else Estimate(np.nan, np.nan, np.nan, 0) for m in methods]
+        mean = np.array([e.mean for e in est])
+        err = np.nan_to_num(np.abs(np.array([[e.mean - e.ci_low, e.ci_high - e.mean] for e in est]).T))
+        ax.bar(x + (k - (len(sets) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=f"{s} queries")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, methods)
-    ax.set_ylabel("mean over queries (95% CI)")
+    ax.set_xticks(x, methods, rotation=20)
+    ax.set_ylabel("loss rise when top-k removed\n(mean, 95% CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,65 +359,112 @@ def bar_chart(results: dict[str, dict[str, Correlation]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, cfg: DemoConfig, status: dict[str, str], results: dict[str, dict[str, Correlation]],
-                 timer: Timer, captures: list[str], total: float) -> Path:
-    ok = [m for m, s in status.items() if s == "ok"]
+def verdict(qset: str, results: dict[str, MethodResult], k: int) -> list[str]:
+    """Which method won on ``qset``, by how much, against random and pixel similarity, in plain words."""
+    best = winner(results)
+    b, r = results[best].loss(), results["random"].loss()
+    pixel = results.get("pixel")
+    lines = [
+        f"**{qset} queries: {best} won.** Removing each query's top-{k} by {best} raised the query's loss by {b.summary()} "
+        f"on average, {b.mean / r.mean:.1f}x removing {k} random images ({r.summary()}); its interval "
+        + ("excludes" if b.excludes(r.mean) else "does **not** exclude")
+        + " random's mean."
+    ]
+    if pixel is not None and best != "pixel":
+        p = pixel.loss()
+        lines.append(f"Pixel similarity's top-{k} raised it by {p.summary()}; {best} is " + ("above" if b.ci_low > p.mean else "not clearly above") + " it.")
+    grad = {m: res for m, res in results.items() if m not in BASELINES and not m.startswith("ablation")}
+    if grad:
+        g = max(grad, key=lambda m: grad[m].loss().mean)
+        lines.append(f"Best gradient method: {g}, {grad[g].loss().summary()}.")
+    return lines
+
+
+def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, MethodResult]], status: dict[str, str],
+                 quality: dict[str, Fraction], timer: Timer, total: float) -> Path:
+    k = cfg.removal_k
     lines = [
         "# wherefrom demo",
         "",
-        f"Encoded ensemble of {cfg.members} members (code weight {cfg.code_weight}) trained {cfg.epochs} epochs on the first "
-        f"{cfg.num_images} embedded digits; {cfg.num_samples} queries sampled with {cfg.scheduler.upper()}, {cfg.steps} steps, seed {cfg.seed}. "
-        f"Total time {total:.0f} s.",
+        f"An encoded ensemble of {cfg.members} members (code weight {cfg.code_weight}: each training image is seen by "
+        f"{cfg.code_weight} members) trained {cfg.epochs} epochs on {cfg.num_images} digits drawn at random from the 1797 embedded ones; "
+        f"{cfg.num_samples} generated queries ({cfg.scheduler.upper()}, {cfg.steps} steps, seed {cfg.seed}) and {cfg.real_queries} held-out "
+        f"real digits. Total time {total:.0f} s on {cfg.devices} process(es).",
+        "",
+        "## Verdict",
+        "",
+        f"The test: remove a query's top-{k} training image(s) from the ensemble by dropping every member that saw them. The remaining "
+        "members never saw them, so the query's loss under the reduced ensemble (and, for a sample, the sample redrawn with the same noise) "
+        f"is the exact counterfactual without retraining. A method that found what made the query raises its loss more than removing {k} "
+        f"random image(s) does. Loss = the denoising loss over {cfg.measure_draws} seeded draws (other draws than the attributors'). "
+        "Every figure is a mean over queries with its 95% bootstrap interval.",
+        "",
+    ]
+    for qset, res in results.items():
+        if "random" in res:
+            lines += verdict(qset, res, k) + [""]
+    lines += ["![evaluation](evaluation.png)", ""]
+    for qset, res in results.items():
+        has_distance = qset == "generated"
+        has_lds = any(r.lds is not None for r in res.values())
+        head = f"| method | loss rise, top-{k} removed | " + (f"sample moved (L2), top-{k} removed | " if has_distance else "")
+        head += ("LDS | " if has_lds else "") + "top-1 has the query's class (sanity) | seconds |"
+        lines += [f"### {qset} queries", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for m, r in res.items():
+            row = f"| {m} | {r.loss().summary()} | " + (f"{r.distance().summary('.3f')} | " if has_distance else "")
+            row += (f"{r.lds.summary()} | " if has_lds else "") + f"{r.top1_class.summary()} | {r.seconds:.1f} |"
+            lines.append(row)
+        lines.append("")
+    lines += [
+        "The class column is a cheap sanity figure, not an evaluation: a sample's class is the digit classifier's guess.",
+        "" if not any(r.lds for res in results.values() for r in res.values()) else
+        f"LDS: Spearman over {cfg.lds_subsets} random halves between summed scores and the negated loss of a single model "
+        "retrained on each half (the members' recipe).",
         "",
         "## Samples",
         "",
-        "Generated queries, then the same noise after exactly ablating each query's most influential sampled training image "
-        "(largest leave-one-out distance):",
+        "Generated queries (top row), the same noise after removing the winner's top-k (middle) and after removing k random images (bottom):",
         "",
-        "![samples](samples.png)",
+        "![counterfactuals](counterfactuals.png)",
         "",
-        "![ablated](ablated.png)",
+        "Recognised as digits (a classifier fitted on the 1797 real digits gives one class probability >= 0.7; real held-out digits score 100%):",
         "",
-        "## Top-k training images per method",
-        "",
-        "Each row: the query, then its most influential training images.",
-        "",
+        "| images | recognised [95% CI] |",
+        "|---|---|",
     ]
-    for m in ok:
-        lines += [f"### {m}", "", f"![{m}](methods/{m}/topk.png)", ""]
-    lines += [
-        "## Evaluation",
-        "",
-        f"LDS: Spearman correlation over {cfg.lds_subsets} random halves of the training images between the summed scores and the "
-        f"negated query loss of a model retrained on each half ({cfg.lds_draws} fixed noise draws; single models with the members' "
-        "recipe, as TRAK's ensembles are models trained on random halves). Leave-one-out: Spearman "
-        f"correlation between the scores and the exact ensemble ablation distance (pixel L2) of {cfg.loo_indices} training images. "
-        "Means over queries with 95% bootstrap intervals.",
-        "",
-        "![evaluation](evaluation.png)",
-        "",
-        "| method | LDS [95% CI] | leave-one-out [95% CI] | capture (s) | attribute (s) | total (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in ok:
-        cap = sum(timer.seconds.get(f"capture:{c}", 0.0) for c in CAPTURES_OF.get(m, ()))
-        att = timer.seconds[f"attribute:{m}"]
-        r = results[m]
-        lines.append(f"| {m} | {r['lds'].summary()} | {r['loo'].summary()} | {cap:.1f} | {att:.1f} | {cap + att:.1f} |")
-    lines += ["", "Capture = time inside the callbacks a method reads, during the ensemble's fit (K-FAC's projected mode reuses TRAK's "
-              "features, so kfac and ekfac count both; captures are shared, not additive); ablation needs none: the ensemble is its "
-              "own statistic.", ""]
+    lines += [f"| {name} | {f.summary()} |" for name, f in quality.items()]
+    lines += ["", "## Top-k training images per method", "", "Each row: the query, then its most influential training images.", ""]
+    for qset, res in results.items():
+        for m in res:
+            lines += [f"### {m}, {qset} queries", "", f"![{m} {qset}](methods/{qset}/{m}/topk.png)", ""]
     skipped = {m: s for m, s in status.items() if s != "ok"}
     if skipped:
-        lines += ["Skipped methods: " + "; ".join(f"{m} ({s})" for m, s in skipped.items()), ""]
+        lines += ["Not run: " + "; ".join(f"{m} ({s})" for m, s in skipped.items()), ""]
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {sec:.1f} |" for name, sec in timer.seconds.items() if not name.startswith(("attribute:", "capture:"))]
+    lines += [f"| {name} | {sec:.1f} |" for name, sec in timer.seconds.items()]
     lines += [f"| **total** | {total:.1f} |", ""]
-    if captures:
-        lines += [f"Captured during training: {', '.join(captures)}.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def results_json(cfg: DemoConfig, results: dict[str, dict[str, MethodResult]], status: dict[str, str], quality: dict[str, Fraction],
+                 timer: Timer, total: float) -> dict[str, Any]:
+    def method(r: MethodResult) -> dict[str, Any]:
+        d = {"loss_rise": dataclasses.asdict(r.loss()), "top1_class": r.top1_class.to_dict(), "seconds": r.seconds,
+             "removed": r.removal.sets.tolist(), "loss_rise_per_query": r.removal.loss.tolist()}
+        if r.removal.distance is not None:
+            d["distance"] = dataclasses.asdict(r.distance())
+        if r.lds is not None:
+            d["lds"] = dataclasses.asdict(r.lds)
+        return d
+
+    return {
+        "config": dataclasses.asdict(cfg), "status": status, "seconds": timer.seconds, "total_seconds": total,
+        "quality": {k: v.to_dict() for k, v in quality.items()},
+        "winner": {s: winner(res) for s, res in results.items() if res},
+        "methods": {s: {m: method(r) for m, r in res.items()} for s, res in results.items()},
+    }  # fmt: skip
 
 
 def prepare_out(out: Path, overwrite: bool = False) -> None:
@@ -385,8 +477,9 @@ def prepare_out(out: Path, overwrite: bool = False) -> None:
     check_out_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
         raise WherefromError(f"--out {str(out)!r} holds files the demo did not write; pick a new folder or pass --overwrite to write into it")
-    for name in OWNED:
-        shutil.rmtree(out / name, ignore_errors=True)
+    if (out / MARKER).is_file():
+        for name in OWNED:
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `wherefrom demo`; its subfolders are replaced by the next run into this folder\n")
 
@@ -396,52 +489,54 @@ def run(cfg: DemoConfig, out: str | Path, overwrite: bool = False) -> Path:
     construction, so nothing in ``out`` is touched for a bad option."""
     out = Path(out)
     start = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
     prepare_out(out, overwrite)
     timer = Timer()
+    torch.set_num_threads(1)
+    dm = datamodule(cfg)
 
-    log(f"training an encoded ensemble ({cfg.members} members, w={cfg.code_weight}) on {cfg.num_images} digits", start)
-    module, dm, ckpt, captures = train_ensemble(cfg, out, timer)
+    lds_proc = None
+    if cfg.lds_subsets:  # the subset models train in the background, beside the ensemble
+        config = lds_benchmark(cfg, out)
+        lds.write_subsets(Benchmark.from_file(config))
+        ids = [str(j) for j in range(cfg.lds_subsets)]
+        lds_proc = run_command(["lds", "train", "--config", str(config), "--subset-id", *ids], out / "lds" / "train.log", False)
+        log(f"LDS: training {cfg.lds_subsets} subset models in the background", start)
+
+    log(f"training an encoded ensemble ({cfg.members} members, w={cfg.code_weight}) on {cfg.num_images} digits, "
+        f"{cfg.devices} process(es), capturing TRAK/D-TRAK features and K-FAC factors", start)  # fmt: skip
+    with timer.phase("train ensemble (incl. captures)"):
+        module = train_ensemble(cfg, out)
+    torch.set_num_threads(max(1, min(cfg.devices, os.cpu_count() or 1)) if lds_proc is None else 1)
 
     log(f"generating {cfg.num_samples} samples", start)
     with timer.phase("generate samples"):
-        queries = module.generate(cfg.num_samples, seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler)
-    write_npy(out / "samples.npy", queries.numpy().astype(np.float32))
-    save_grid(queries, out / "samples.png", nrow=cfg.num_samples)
+        queries, classes = make_queries(cfg, module, dm)
+    for name, q in queries.items():
+        write_npy(out / f"{name}.npy", q.numpy().astype(np.float32))
+        save_grid(q, out / f"{name}.png", nrow=min(len(q), 16))
 
-    status = attribute_all(cfg, out, ckpt, module, dm, queries, timer, start)
-    ok = [m for m, s in status.items() if s == "ok"]
-    scores = {m: np.load(out / "methods" / m / "scores.npy") for m in ok}
+    methods = demo_attributors(cfg, out)
+    results, status = attribute_and_remove(cfg, module, dm, methods, queries, classes, timer, out, start)
 
-    config = lds_benchmark(cfg, out)
-    bench = Benchmark.from_file(config)
-    log(f"LDS: training {cfg.lds_subsets} subset models ({min(cfg.lds_workers, cfg.lds_subsets)} processes)", start)
-    with timer.phase("LDS: train subset models"):
-        train_subset_models(cfg, config, bench)
-    with timer.phase("LDS: measure"):
-        lds.measure(bench, queries)
-    with timer.phase("LDS: score"):
-        lds_results = {m: lds.score(bench, s) for m, s in scores.items()}
+    if lds_proc is not None:
+        with timer.phase("LDS: wait for subset models"):
+            wait(lds_proc, "LDS subset training", out / "lds" / "train.log")
+        with timer.phase("LDS: measure"):
+            add_lds(cfg, out / "lds" / "benchmark.yaml", queries, results)
 
-    log(f"leave-one-out: exact ablation of {cfg.loo_indices} training images", start)
-    with timer.phase("leave-one-out: exact ablation"):
-        indices = sample_indices(dm.indices, cfg.loo_indices, cfg.seed)
-        loo = leave_one_out(module, indices, cfg.num_samples, cfg.seed, cfg.steps, cfg.scheduler, progress=cfg.progress)
-        sampler = module.sampler(seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler)
-        top = loo.indices[loo.distances.argmax(1)]
-        ablated = torch.cat([sampler.sample([q], sampler.ablation_weights([int(i)])) for q, i in enumerate(top)])
-    save_grid(ablated, out / "ablated.png", nrow=cfg.num_samples)
-    write_npy(out / "loo" / "distances.npy", loo.distances)
-    results = {m: {"lds": lds_results[m], "loo": loo.correlation(s)} for m, s in scores.items()}
-
+    quality = {}
+    if "generated" in results and "random" in results["generated"]:
+        gen = results["generated"]
+        best = winner(gen)
+        quality = counterfactual_grid(queries["generated"], gen, best, out / "counterfactuals.png")
+        quality = {"ensemble samples": quality["samples"], f"without {best}'s top-{cfg.removal_k}": quality[best],
+                   f"without {cfg.removal_k} random": quality["random"]}  # fmt: skip
+        if "real" in queries:
+            quality["real held-out digits"] = recognised(queries["real"])
     bar_chart(results, out / "evaluation.png")
     total = time.perf_counter() - start
-    write_json(out / "results.json", {
-        "config": dataclasses.asdict(cfg), "status": status, "seconds": timer.seconds, "total_seconds": total,
-        "loo_indices": loo.indices.tolist(),
-        "methods": {m: {k: dataclasses.asdict(v) for k, v in r.items()} for m, r in results.items()},
-    })
-    report = write_report(out, cfg, status, results, timer, captures, total)
+    write_json(out / "results.json", results_json(cfg, results, status, quality, timer, total))
+    report = write_report(out, cfg, results, status, quality, timer, total)
     log(f"wrote {report}", start)
     return report
 

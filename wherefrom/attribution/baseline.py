@@ -1,14 +1,17 @@
-"""The random baseline: seeded i.i.d. normal scores, the floor every method must beat
-(LDS and leave-one-out correlation ~ 0 in expectation)."""
+"""The baselines every method must beat: seeded random scores (LDS ~ 0 in expectation)
+and pixel similarity ``-||x_q - x_i||^2`` (strong on 8x8 digits: LDS about 0.38 on the
+LDS benchmark, see ``benchmarks/results/lds_digits500.md``)."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from wherefrom.attribution.report import Attribution
+from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.task import mix_seed
 
 
@@ -17,6 +20,36 @@ def random_scores(num_queries: int, num_train: int, seed: int) -> np.ndarray:
     return np.stack([np.random.default_rng(mix_seed(seed, q)).standard_normal(num_train) for q in range(num_queries)]).astype(np.float32)
 
 
-def random_attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
-    """``wherefrom attribute --method random`` (seeded by ``--seed``)."""
-    return Attribution(random_scores(len(queries), datamodule.num_images, args.seed), queries, "random")
+def pixel_scores(queries: Tensor, images: Tensor, indices: np.ndarray) -> np.ndarray:
+    """``-||x_q - x_i||^2`` (float64) for the training ``indices``; 0 in the other columns (not ranked)."""
+    scores = np.zeros((len(queries), len(images)))
+    q, x = queries.flatten(1).double().cpu(), images[torch.as_tensor(indices)].flatten(1).double()
+    scores[:, indices] = -torch.cdist(q, x).pow(2).numpy()
+    return scores
+
+
+@dataclass
+class Random:
+    """Seeded i.i.d. standard-normal scores (row q depends only on ``(seed, q)``)."""
+
+    seed: int = 0
+
+    name: ClassVar[str] = "random"
+    needs: ClassVar[Needs] = Needs.NOTHING
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
+
+
+@dataclass
+class Pixel:
+    """Pixel similarity: a training image scores ``-||x_q - x_i||^2``."""
+
+    name: ClassVar[str] = "pixel"
+    needs: ClassVar[Needs] = Needs.NOTHING
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
+
+
+__all__ = ["Pixel", "Random", "pixel_scores", "random_scores"]

@@ -1,59 +1,98 @@
-"""``wherefrom attribute``: one command for every attribution method.
+"""``wherefrom attribute``: one command for every registered attributor.
 
-A method is a function ``attribute(module, datamodule, queries, args) -> Attribution``
-registered in :data:`METHODS`; this module resolves the checkpoint, the
-training data and the queries, and writes the common outputs.
+The per-method options are the attributors' dataclass fields
+(:data:`wherefrom.attribution.api.ATTRIBUTORS`), declared once each: a field several
+methods share (``--damping``, ``--batch-size``) is one flag, choices come from the
+enums, and a flag the chosen method does not take is refused. This module resolves
+the checkpoint, the training data and the queries, and writes the common outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable
+import dataclasses
+import enum
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from wherefrom.attribution.gradients import FeatureConfig
-from wherefrom.attribution.report import Attribution, write_attribution
+from wherefrom.attribution.api import ATTRIBUTORS, attributor
+from wherefrom.attribution.report import Attributor, Needs, write_attribution
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.errors import ArgumentParser, WherefromError
 from wherefrom.io import check_out_dir, load_array
+from wherefrom.sampling import SchedulerType
 
-# method -> "module:function"
-METHODS: dict[str, str] = {
-    "random": "wherefrom.attribution.baseline:random_attribute",
-    "ablation": "wherefrom.ensemble.synthetic:attribute",
-    "ablation-loss": "wherefrom.ensemble.synthetic:loss_attribute",
-    "trak": "wherefrom.attribution.trak:attribute",
-    "dtrak": "wherefrom.attribution.trak:attribute",
-    "kfac": "wherefrom.attribution.influence:attribute",
-    "ekfac": "wherefrom.attribution.influence:attribute",
-}
-# methods that score from a store (features or factors), checked before any query is generated
-NEEDS_STORE = {"trak": "featurize", "dtrak": "featurize", "kfac": "factors", "ekfac": "factors"}
+# options of the command itself (query generation, output); attributors with a field of the same name receive it
+COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k")
+# the command that writes what each kind of attributor reads, for the missing-store message
+WRITER = {Needs.FEATURES: "featurize", Needs.FACTORS: "factors"}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(hint: Any) -> Any:
+    """The argparse type of a dataclass field's hint (``X | None`` -> ``X``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def method_options() -> dict[str, tuple[Any, list[str], dict[str, Any]]]:
+    """``{field: (type, methods that take it, {method: default})}`` over every registered attributor."""
+    options: dict[str, tuple[Any, list[str], dict[str, Any]]] = {}
+    for name, cls in ATTRIBUTORS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ, methods, defaults = options.setdefault(f.name, (_field_type(hints[f.name]), [], {}))
+            methods.append(name)
+            defaults[name] = f.default.value if isinstance(f.default, enum.Enum) else f.default
+    return options
 
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
-    p.add_argument("--method", required=True, help="attribution method")
+    p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--queries", default=None, help="samples.npy (N x C x H x W in [-1, 1]) or 'val'; default: generate --num-samples with --seed")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=100, help="denoising steps when generating queries")
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--store", default=None, help="feature/factor store (TRAK, D-TRAK, K-FAC)")
-    p.add_argument("--measurement", default="loss", help="K-FAC: loss, elbo, square_norm, loss_at_time; ablation-loss: loss or elbo")
-    p.add_argument("--exact", action="store_true", help="ablation: also run exact ablation for the top-k")
-    p.add_argument("--grads", choices=["exact", "projected"], default="exact", help="K-FAC: dense training gradients, or the store's TRAK (loss) features")
-    p.add_argument("--damping", type=float, default=None, help="relative damping: TRAK/D-TRAK x the feature kernel's mean nonzero eigenvalue, K-FAC x each layer's mean eigenvalue (default: each method's)")
-    p.add_argument("--normalize", action="store_true", help="TRAK/D-TRAK: unit-normalise training features first (ReTrac-style, opt-in)")
-    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K-FAC exact mode: seeded (t, eps) draws per gradient; ablation-loss: draws per query")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")
+    for name, (typ, methods, defaults) in method_options().items():
+        if name in COMMAND_OPTIONS:
+            continue
+        shown = ", ".join(f"{m} {defaults[m]}" for m in methods)
+        if typ is bool:
+            group.add_argument(flag(name), action="store_true", default=None, help=f"{', '.join(methods)}")
+        elif isinstance(typ, type) and issubclass(typ, enum.Enum):
+            group.add_argument(flag(name), choices=[e.value for e in typ], default=None, help=f"default: {shown}")
+        else:
+            group.add_argument(flag(name), type=typ, default=None, help=f"default: {shown}")
     return p
+
+
+def make_attributor(args: argparse.Namespace) -> Attributor:
+    """The attributor of ``--method`` with the options given on the command line (a flag it does not take is refused)."""
+    cls = ATTRIBUTORS[args.method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in method_options() and k not in COMMAND_OPTIONS and v is not None}
+    stray = sorted(set(given) - fields)
+    if stray:
+        raise WherefromError(f"{flag(stray[0])} does not apply to --method {args.method}; its options are {', '.join(map(flag, sorted(fields))) or 'none'}")
+    options = {**given, **{k: getattr(args, k) for k in COMMAND_OPTIONS if k in fields}}
+    made = attributor(args.method, **options)
+    if cls.needs in WRITER and getattr(made, "store", None) is None:
+        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom {WRITER[cls.needs]}`")
+    return made
 
 
 def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace) -> Tensor:
@@ -62,6 +101,11 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
         if args.num_samples < 1:
             raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
         return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True)
+    if args.method == "ablation":
+        raise WherefromError(
+            "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
+            "drop --queries and pass --num-samples and --seed"
+        )
     if spec == "val":
         val = datamodule.val_images
         if len(val) == 0:
@@ -75,25 +119,15 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     return queries
 
 
-def method_function(method: str) -> Callable[..., Attribution]:
-    """The registered ``attribute(module, datamodule, queries, args)`` of ``method``."""
-    if method not in METHODS:
-        raise WherefromError(f"unknown --method {method!r}; choose one of {sorted(METHODS)}")
-    mod, _, fn = METHODS[method].partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
 def attribute_main(argv: list[str]) -> None:
     from wherefrom.model import load_datamodule, load_module
 
     args = parser().parse_args(argv)
     check_out_dir(args.out)
-    attribute = method_function(args.method)
-    if args.method in NEEDS_STORE and args.store is None:
-        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom {NEEDS_STORE[args.method]}`")
+    method = make_attributor(args)
     module = load_module(args.ckpt)
     datamodule = load_datamodule(args.ckpt)
     queries = load_queries(args.queries, module, datamodule, args)
-    result = attribute(module, datamodule, queries, args)
+    result = method.attribute(module, datamodule, queries)
     out = write_attribution(args.out, result, datamodule.images, args.top_k)
-    print(f"wrote {out / 'scores.npy'}, {out / 'topk.json'}, {out / 'topk.png'}")
+    print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

@@ -31,7 +31,9 @@ score is ``(1/n) sum_{i in S(x)} score_i(q, x)`` (its eps is the members' mean).
 
 from __future__ import annotations
 
-import argparse
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from tqdm.auto import tqdm
 from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
 from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.report import Attribution
+from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import FingerprintMismatchError, WherefromError
@@ -187,18 +189,65 @@ def influence_scores(
     return total / len(nets)
 
 
-def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
-    """``wherefrom attribute --method kfac|ekfac --store STORE [--measurement M] [--grads exact|projected]``."""
-    if args.store is None:
-        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom factors`")
-    store = Store.open(args.store)
-    check_store(store, datamodule.fingerprint, module.codes_fingerprint)
-    config = FeatureConfig(output="loss", timesteps=args.timesteps)
-    scores = influence_scores(
-        module, datamodule, queries, store, args.measurement, ekfac=args.method == "ekfac",
-        relative=HEURISTIC_DAMPING if args.damping is None else args.damping, grads=args.grads, config=config, batch_size=args.batch_size, progress=True,
-    )  # fmt: skip
-    return Attribution(scores, queries, args.method)
+class Grads(str, enum.Enum):
+    """Where K-FAC's training gradients come from."""
+
+    EXACT = "exact"  # formed densely from the checkpoint (small models)
+    PROJECTED = "projected"  # the store's TRAK training-loss features (any size)
 
 
-__all__ = ["MEASURES", "attribute", "exact_scores", "influence_scores", "loss_features", "precondition", "projection_scale", "query_gradients", "score_features"]
+@dataclass
+class KFAC:
+    """K-FAC influence (Mlodozeniec et al. 2024) from a factor store.
+
+    Args:
+        store: the folder written by ``wherefrom factors`` or the KFACFactors callback.
+        measurement: the query function ``m``: one of :data:`MEASURES`.
+        damping: relative damping, x each layer's mean eigenvalue.
+        grads: dense training gradients, or the store's TRAK (loss) features (:class:`Grads`).
+        timesteps: seeded ``(t, eps)`` draws per gradient in exact mode.
+        batch_size: gradient batch.
+    """
+
+    store: str | None = None
+    measurement: str = "loss"
+    damping: float = HEURISTIC_DAMPING
+    grads: Grads = Grads.EXACT
+    timesteps: int = FeatureConfig.timesteps
+    batch_size: int = 64
+
+    name: ClassVar[str] = "kfac"
+    needs: ClassVar[Needs] = Needs.FACTORS
+    ekfac: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.measurement not in MEASURES:
+            raise WherefromError(f"measurement must be one of {list(MEASURES)} for K-FAC influence, got {self.measurement!r}")
+        try:
+            self.grads = Grads(self.grads)
+        except ValueError:
+            raise WherefromError(f"grads must be one of {[g.value for g in Grads]}, got {self.grads!r}") from None
+        if self.damping <= 0 or self.timesteps < 1 or self.batch_size < 1:
+            raise WherefromError(f"damping must be > 0 and timesteps, batch_size >= 1; got {self.damping}, {self.timesteps}, {self.batch_size}")
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        if self.store is None:
+            raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom factors` (or the KFACFactors callback)")
+        store = Store.open(self.store)
+        check_store(store, data.fingerprint, module.codes_fingerprint)
+        scores = influence_scores(
+            module, data, queries, store, self.measurement, ekfac=self.ekfac, relative=self.damping, grads=self.grads.value,
+            config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True,
+        )  # fmt: skip
+        return Attribution(scores, queries, self.name, split=data.indices)
+
+
+@dataclass
+class EKFAC(KFAC):
+    """EK-FAC influence: K-FAC with eigenvalue correction (George et al. 2018)."""
+
+    name: ClassVar[str] = "ekfac"
+    ekfac: ClassVar[bool] = True
+
+
+__all__ = ["EKFAC", "KFAC", "MEASURES", "Grads", "exact_scores", "influence_scores", "loss_features", "precondition", "projection_scale", "query_gradients", "score_features"]

@@ -1,15 +1,19 @@
-"""Writing attribution results: ``scores.npy``, ``topk.json`` and ``topk.png``.
+"""What every attribution method returns and how it is written.
 
-Every method (ablation, TRAK, D-TRAK, K-FAC, EK-FAC) returns an
-:class:`Attribution`; :func:`write_attribution` writes the same three files
-for all of them, so reports and evaluation read one format.
+Every method is an *attributor*: a typed dataclass with
+``attribute(module, data, queries) -> Attribution`` (:class:`Attributor`), registered in
+:data:`wherefrom.attribution.ATTRIBUTORS` with what it needs (:class:`Needs`).
+:func:`write_attribution` writes the same files for all of them (``scores.npy``,
+``topk.json``, ``topk.png`` and any per-query image rows), so reports and evaluation
+read one format.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,34 +23,65 @@ from wherefrom.errors import WherefromError
 from wherefrom.io import save_grid, write_json, write_npy
 
 
+class Needs(str, enum.Enum):
+    """What an attributor reads besides the module, its data and the queries."""
+
+    NOTHING = "nothing"
+    FEATURES = "features"  # a store of TRAK features (`wherefrom featurize` or the TRAKFeatures callback)
+    FACTORS = "factors"  # a store of K-FAC factors (`wherefrom factors` or the KFACFactors callback)
+    ENSEMBLE = "ensemble"  # an encoded ensemble with its codes (the module itself)
+
+
 @dataclass
 class Attribution:
     """Scores of Q queries against all N training indices (larger = more influential).
 
-    ``extra`` holds method-specific per-query results that go into ``topk.json``
-    (e.g. exact-ablation distances for the top-k), one dict per query.
+    ``split``: the global indices the model trained on; only these are ranked by
+    :meth:`topk` (``None``: all N). ``extra``: method-specific per-query results that go
+    into ``topk.json`` (e.g. exact-ablation distances), one dict per query.
+    ``artifacts``: named per-query image rows (``Q x R x C x H x W``), written as
+    ``<name>.npy`` and ``<name>.png`` (each query, then its R images).
     """
 
     scores: np.ndarray
     queries: Tensor
     method: str
+    split: np.ndarray | None = None
     extra: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
         if self.scores.ndim != 2 or self.scores.shape[0] != len(self.queries):
             raise ValueError(f"scores must be Q x N with Q = {len(self.queries)} queries, got {self.scores.shape}")
+        if self.split is not None:
+            self.split = np.sort(np.asarray(self.split, dtype=np.int64))
+        for name, rows in self.artifacts.items():
+            if rows.dim() != 5 or len(rows) != len(self.queries):
+                raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
 
     def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices (Q x k) and scores of the k most influential training images per query."""
-        k = min(k, self.scores.shape[1])
-        idx = np.argsort(-self.scores, axis=1, kind="stable")[:, :k]
+        """Global indices (Q x k) and scores of the k most influential training images per query."""
+        cols = np.arange(self.scores.shape[1]) if self.split is None else self.split
+        k = min(k, len(cols))
+        order = np.argsort(-self.scores[:, cols], axis=1, kind="stable")[:, :k]
+        idx = cols[order]
         return idx, np.take_along_axis(self.scores, idx, axis=1)
 
 
+@runtime_checkable
+class Attributor(Protocol):
+    """One attribution method: its options are the dataclass fields, ``name`` its CLI name."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Needs]
+
+    def attribute(self, module: Any, data: Any, queries: Tensor) -> Attribution: ...
+
+
 def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10) -> Path:
-    """Write ``scores.npy`` (float32, Q x N), ``topk.json`` and ``topk.png`` (each
-    query beside its top-k training images, one row per query)."""
+    """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
+    its top-k training images, one row per query) and every artifact of ``result``."""
     if top_k < 1:
         raise WherefromError(f"--top-k must be >= 1, got {top_k}")
     if result.scores.shape[1] != len(train_images):
@@ -61,6 +96,11 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
             row.update(result.extra[q])
         rows.append(row)
     write_json(out / "topk.json", {"method": result.method, "top_k": int(idx.shape[1]), "queries": rows})
-    grid = torch.cat([torch.cat([result.queries[q : q + 1].float().cpu(), train_images[idx[q]].float()]) for q in range(len(idx))])
+    queries = result.queries.float().cpu()
+    grid = torch.cat([torch.cat([queries[q : q + 1], train_images[idx[q]].float()]) for q in range(len(idx))])
     save_grid(grid, out / "topk.png", nrow=idx.shape[1] + 1)
+    for name, images in result.artifacts.items():
+        images = images.float().cpu()
+        write_npy(out / f"{name}.npy", images.numpy())
+        save_grid(torch.cat([torch.cat([queries[q : q + 1], images[q]]) for q in range(len(images))]), out / f"{name}.png", nrow=images.shape[1] + 1)
     return out

@@ -22,9 +22,11 @@ and loses 0.06 at 0.03.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from wherefrom.attribution.features import project_images, weights_hash
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.report import Attribution
+from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 
@@ -162,22 +164,60 @@ def query_features(net: nn.Module, module, model_id: str, config: FeatureConfig,
     return torch.cat(out)
 
 
-def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
-    """``wherefrom attribute --method trak|dtrak --store STORE``: scores from stored features."""
-    if args.store is None:
-        raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom featurize`")
-    store = Store.open(args.store)
+def store_scores(module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int) -> np.ndarray:
+    """TRAK / D-TRAK scores (Q x N) of ``queries`` from the store's ``method`` features, averaged over its model ids."""
+    store = Store.open(store)
     check_store(store, datamodule.fingerprint, module.codes_fingerprint)
     train, query = [], []
-    for name, config in feature_entries(store, METHOD_OUTPUTS[args.method]).items():
+    for name, config in feature_entries(store, METHOD_OUTPUTS[method]).items():
         net = network_for(module, store, config["model_id"], config)
         was_training = net.training
         net.eval()
-        query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, args.batch_size))
+        query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, batch_size))
         net.train(was_training)
         train.append(store.read_array(name))
-    damping = DAMPING[args.method] if args.damping is None else args.damping
-    return Attribution(trak_scores(train, query, damping, normalize=args.normalize), queries, args.method)
+    return trak_scores(train, query, damping, normalize=normalize)
 
 
-__all__ = ["DAMPING", "attribute", "damping_value", "kernel_scores", "feature_entries", "network_for", "query_features", "trak_scores"]
+@dataclass
+class TRAK:
+    """TRAK (Park et al. 2023) with the training-loss output function, from a feature store.
+
+    Args:
+        store: the folder written by ``wherefrom featurize --method trak`` or the TRAKFeatures callback.
+        damping: relative damping (x the feature kernel's mean nonzero eigenvalue, see :func:`damping_value`).
+        normalize: unit-normalise training features first (ReTrac-style, opt-in).
+        batch_size: query featurisation batch.
+    """
+
+    store: str | None = None
+    damping: float = DAMPING["trak"]
+    normalize: bool = False
+    batch_size: int = 64
+
+    name: ClassVar[str] = "trak"
+    needs: ClassVar[Needs] = Needs.FEATURES
+
+    def __post_init__(self) -> None:
+        if self.damping <= 0:
+            raise WherefromError(f"damping must be > 0, got {self.damping}")
+        if self.batch_size < 1:
+            raise WherefromError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        if self.store is None:
+            raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
+        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size)
+        return Attribution(scores, queries, self.name, split=data.indices)
+
+
+@dataclass
+class DTRAK(TRAK):
+    """D-TRAK (Zheng et al., ICLR 2024): TRAK with the square-norm output function ``mean(eps_theta^2)``."""
+
+    damping: float = DAMPING["dtrak"]
+
+    name: ClassVar[str] = "dtrak"
+
+
+__all__ = ["DAMPING", "DTRAK", "TRAK", "store_scores", "damping_value", "kernel_scores", "feature_entries", "network_for", "query_features", "trak_scores"]

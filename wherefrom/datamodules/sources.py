@@ -27,6 +27,13 @@ class DigitsDataModule(ImageDataModule):
 
         return (load_digits().images[:, None].astype(np.float32) / 8.0) - 1.0
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The digit class of every training image (full index space, like :attr:`images`)."""
+        from sklearn.datasets import load_digits
+
+        return load_digits().target[: self.num_images]
+
 
 class FolderDataModule(ImageDataModule):
     """Every image file under ``root`` (recursively, sorted by path).

@@ -26,12 +26,11 @@ rule, so the chain runs under ``sdpa_kernel(SDPBackend.MATH)`` (:func:`forward_a
 
 from __future__ import annotations
 
-import argparse
 import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,13 +39,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.report import Attribution
+from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
-from wherefrom.io import save_grid, write_npy
-from wherefrom.sampling import EpsFn, sample
+from wherefrom.sampling import EpsFn, SchedulerType, sample
 from wherefrom.task import predict_eps
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
@@ -262,6 +260,11 @@ class QuadraticMeasurement:
         quad = torch.einsum("...i,qij,...j->q...", a, self.gram, a)
         return self.const.view(-1, *[1] * (a.dim() - 1)) - 2 * torch.einsum("...i,qi->q...", a, self.cross) + quad
 
+    def per_query(self, weights: Tensor) -> Tensor:
+        """``m_q(a_q)`` for one weight vector per query (``Q x n``): ``Q``."""
+        a = weights.to(torch.float64)
+        return self.const - 2 * (a * self.cross).sum(1) + torch.einsum("qi,qij,qj->q", a, self.gram, a)
+
 
 @torch.no_grad()
 def quadratic_measurement(sampler: EnsembleSampler, queries: Tensor, measurement: str = "loss", draws: int = 64, seed: int = 0) -> QuadraticMeasurement:
@@ -327,72 +330,103 @@ def _rerank(name: str, candidates: np.ndarray, distances: np.ndarray) -> dict[st
     return {f"exact_{name}": distances.tolist(), f"{name}_order": candidates[order].tolist()}
 
 
-def attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
-    """``wherefrom attribute --method ablation``: synthetic-ablation scores of every training image for the
-    ensemble's samples ``0..num_samples-1`` (``--seed``, ``--steps``, ``--scheduler``).
+def _ensemble(module, name: str):
+    if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
+        raise WherefromError(f"{name} needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
+    return module.eval()
 
-    Also writes ``counterfactuals.npy``/``.png`` (each query, then its top-k synthetic counterfactuals).
-    ``--exact`` reruns the chain without the members of each top-k image and adds, per query, the exact
-    L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
+
+@dataclass
+class SyntheticAblation:
+    """Synthetic ablation (Dai, Yew & Gifford): every training image's effect on the ensemble's
+    own samples, from one Jacobian of the sampling chain in the member weights.
+
+    The queries must be the ensemble's samples ``0..Q-1`` with this ``seed``, ``steps`` and
+    ``scheduler`` (the chain's exogenous noise). The result carries the top-k synthetic
+    counterfactuals (artifact ``counterfactuals``); ``exact`` also reruns the chain without the
+    members of each top-k image (artifact ``exact_counterfactuals``) and adds, per query, the
+    exact L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
     """
-    if args.queries is not None:
-        raise WherefromError(
-            "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
-            "drop --queries and pass --num-samples and --seed"
-        )
-    if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
-        raise WherefromError("--method ablation needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
-    module.eval()
-    sampler = module.sampler(seed=args.seed, steps=args.steps, scheduler=args.scheduler)
-    codes = _codes(sampler)
-    lin = linearize(sampler, len(queries), batch_size=args.batch_size, progress=True)
-    gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
-    if gap > QUERY_TOLERANCE:
-        raise WherefromError(f"the queries differ from the sampler's own samples by {gap:.3g}; generate them with the same --seed, --steps and --scheduler")
-    lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
-    result = Attribution(synthetic_scores(lin, codes, datamodule.num_images), queries, "ablation")
 
-    top, _ = result.topk(args.top_k)
-    deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
-    synthetic = lin.counterfactuals(deltas)
-    rows = [torch.cat([lin.x0[q : q + 1], synthetic[q]]) for q in range(len(top))]
-    if args.exact:
-        pairs_q = np.repeat(np.arange(len(top)), top.shape[1])
-        exact = exact_ablation(sampler, pairs_q.tolist(), top.ravel().tolist(), args.batch_size).reshape(synthetic.shape)
-        x0 = lin.x0.unsqueeze(1).expand_as(exact).flatten(0, 1)
-        l2 = l2_distance(x0, exact.flatten(0, 1)).reshape(top.shape).double().cpu().numpy()
-        result.extra = [_rerank("l2", top[q], l2[q]) for q in range(len(top))]
-        if alexnet_weights_path().is_file():
-            lp = LPIPSDistance().to(x0.device)(x0, exact.flatten(0, 1)).reshape(top.shape).double().cpu().numpy()
-            for q, extra in enumerate(result.extra):
-                extra.update(_rerank("lpips", top[q], lp[q]))
-        else:
-            print(f"LPIPS re-ranking skipped: no backbone weights at {alexnet_weights_path()}")
-        write_npy(f"{args.out}/exact_counterfactuals.npy", exact.float().cpu().numpy())
-        rows = [r for q in range(len(top)) for r in (rows[q], torch.cat([lin.x0[q : q + 1], exact[q]]))]
-    write_npy(f"{args.out}/counterfactuals.npy", synthetic.float().cpu().numpy())
-    save_grid(torch.cat(rows).float().cpu(), f"{args.out}/counterfactuals.png", nrow=top.shape[1] + 1)
-    return result
+    seed: int = 0
+    steps: int = 100
+    scheduler: SchedulerType = SchedulerType.DDPM
+    exact: bool = False
+    top_k: int = 10
+    batch_size: int = 64
+
+    name: ClassVar[str] = "ablation"
+    needs: ClassVar[Needs] = Needs.ENSEMBLE
+
+    def __post_init__(self) -> None:
+        self.scheduler = SchedulerType(self.scheduler)
+        if min(self.steps, self.top_k, self.batch_size) < 1:
+            raise WherefromError(f"steps, top_k and batch_size must be >= 1, got {self.steps}, {self.top_k}, {self.batch_size}")
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        module = _ensemble(module, self.name)
+        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler)
+        codes = _codes(sampler)
+        lin = linearize(sampler, len(queries), batch_size=self.batch_size, progress=True)
+        gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
+        if gap > QUERY_TOLERANCE:
+            raise WherefromError(
+                f"the queries differ from the ensemble's own samples by {gap:.3g}; synthetic ablation attributes the ensemble's "
+                "samples: generate them with the same seed, steps and scheduler"
+            )
+        lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
+        result = Attribution(synthetic_scores(lin, codes, data.num_images), queries, self.name, split=data.indices)
+        top, _ = result.topk(self.top_k)
+        deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
+        result.artifacts["counterfactuals"] = lin.counterfactuals(deltas)
+        if self.exact:
+            pairs_q = np.repeat(np.arange(len(top)), top.shape[1])
+            exact = exact_ablation(sampler, pairs_q.tolist(), top.ravel().tolist(), self.batch_size)
+            x0 = lin.x0[torch.as_tensor(pairs_q)]
+            l2 = l2_distance(x0, exact).reshape(top.shape).double().cpu().numpy()
+            result.extra = [_rerank("l2", top[q], l2[q]) for q in range(len(top))]
+            if alexnet_weights_path().is_file():
+                lp = LPIPSDistance().to(x0.device)(x0, exact).reshape(top.shape).double().cpu().numpy()
+                for q, extra in enumerate(result.extra):
+                    extra.update(_rerank("lpips", top[q], lp[q]))
+            else:
+                print(f"LPIPS re-ranking skipped: no backbone weights at {alexnet_weights_path()}")
+            result.artifacts["exact_counterfactuals"] = exact.reshape(*top.shape, *exact.shape[1:])
+        return result
 
 
-def loss_attribute(module, datamodule, queries: Tensor, args: argparse.Namespace) -> Attribution:
-    """``wherefrom attribute --method ablation-loss``: signed scores, the rise of each query's
-    ``--measurement`` (loss or elbo, over ``--timesteps`` seeded draws) when an image's members are dropped."""
-    if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
-        raise WherefromError("--method ablation-loss needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
-    module.eval()
-    sampler = module.sampler()
-    quad = quadratic_measurement(sampler, queries, args.measurement, args.timesteps, seed=args.seed)
-    return Attribution(measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), datamodule.num_images), queries, "ablation-loss")
+@dataclass
+class AblationLoss:
+    """Signed encoded-ensemble scores: the rise of each query's ``measurement`` (loss or elbo, over
+    ``timesteps`` seeded draws) when an image's members are dropped, exact for all N images from
+    one quadratic form per query (:func:`quadratic_measurement`)."""
+
+    measurement: str = "loss"
+    timesteps: int = 100
+    seed: int = 0
+
+    name: ClassVar[str] = "ablation-loss"
+    needs: ClassVar[Needs] = Needs.ENSEMBLE
+
+    def __post_init__(self) -> None:
+        if self.measurement not in ("loss", "elbo"):
+            raise WherefromError(f"measurement must be 'loss' or 'elbo' for ablation-loss, got {self.measurement!r}")
+        if self.timesteps < 1:
+            raise WherefromError(f"timesteps must be >= 1, got {self.timesteps}")
+
+    def attribute(self, module, data, queries: Tensor) -> Attribution:
+        sampler = _ensemble(module, self.name).sampler()
+        quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed)
+        scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)
+        return Attribution(scores, queries, self.name, split=data.indices)
 
 
 __all__ = [
+    "AblationLoss",
     "JacobianStrategy",
     "Linearization",
     "QuadraticMeasurement",
     "ablated_weights",
-    "attribute",
-    "loss_attribute",
     "measurement_scores",
     "quadratic_measurement",
     "exact_ablation",
@@ -402,4 +436,5 @@ __all__ = [
     "row_weighted_eps",
     "sample_rows",
     "synthetic_scores",
+    "SyntheticAblation",
 ]
