@@ -36,22 +36,39 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field_type(hint: Any) -> Any:
-    """The argparse type of a dataclass field's hint (``X | None`` -> ``X``)."""
+@dataclasses.dataclass
+class Option:
+    """One flag of ``wherefrom attribute``: a field shared by the attributors in ``methods``."""
+
+    type: Any
+    choices: list[str] | None
+    methods: list[str]
+    defaults: dict[str, Any]
+
+
+def _field_type(hint: Any) -> tuple[Any, list[str] | None]:
+    """The argparse type and choices of a dataclass field's hint (``X | None`` -> ``X``; enums and ``Literal`` give choices)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    if typing.get_origin(hint) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(hint)]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return str, [e.value for e in hint]
+    return hint, None
 
 
-def method_options() -> dict[str, tuple[Any, list[str], dict[str, Any]]]:
-    """``{field: (type, methods that take it, {method: default})}`` over every registered attributor."""
-    options: dict[str, tuple[Any, list[str], dict[str, Any]]] = {}
+def method_options() -> dict[str, Option]:
+    """Every field of every registered attributor, once (choices: the union over the methods that take it)."""
+    options: dict[str, Option] = {}
     for name, cls in ATTRIBUTORS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            typ, methods, defaults = options.setdefault(f.name, (_field_type(hints[f.name]), [], {}))
-            methods.append(name)
-            defaults[name] = f.default.value if isinstance(f.default, enum.Enum) else f.default
+            typ, choices = _field_type(hints[f.name])
+            opt = options.setdefault(f.name, Option(typ, choices, [], {}))
+            if choices:
+                opt.choices = list(dict.fromkeys([*(opt.choices or []), *choices]))
+            opt.methods.append(name)
+            opt.defaults[name] = f.default.value if isinstance(f.default, enum.Enum) else f.default
     return options
 
 
@@ -67,16 +84,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="denoising steps when generating queries")
     p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
     group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")
-    for name, (typ, methods, defaults) in method_options().items():
+    for name, opt in method_options().items():
         if name in COMMAND_OPTIONS:
             continue
-        shown = ", ".join(f"{m} {defaults[m]}" for m in methods)
-        if typ is bool:
-            group.add_argument(flag(name), action="store_true", default=None, help=f"{', '.join(methods)}")
-        elif isinstance(typ, type) and issubclass(typ, enum.Enum):
-            group.add_argument(flag(name), choices=[e.value for e in typ], default=None, help=f"default: {shown}")
+        shown = "; ".join(f"{m} {opt.defaults[m]}" for m in opt.methods)
+        if opt.type is bool:
+            group.add_argument(flag(name), action="store_true", default=None, help=f"{', '.join(opt.methods)}")
         else:
-            group.add_argument(flag(name), type=typ, default=None, help=f"default: {shown}")
+            group.add_argument(flag(name), type=opt.type, choices=opt.choices, default=None, help=f"default: {shown}")
     return p
 
 

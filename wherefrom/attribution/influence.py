@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -210,7 +210,7 @@ class KFAC:
     """
 
     store: str | None = None
-    measurement: str = "loss"
+    measurement: Literal["loss", "elbo", "square_norm", "loss_at_time"] = "loss"
     damping: float = HEURISTIC_DAMPING
     grads: Grads = Grads.EXACT
     timesteps: int = FeatureConfig.timesteps

@@ -30,7 +30,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -401,7 +401,7 @@ class AblationLoss:
     ``timesteps`` seeded draws) when an image's members are dropped, exact for all N images from
     one quadratic form per query (:func:`quadratic_measurement`)."""
 
-    measurement: str = "loss"
+    measurement: Literal["loss", "elbo"] = "loss"
     timesteps: int = 100
     seed: int = 0
 
