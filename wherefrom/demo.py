@@ -79,13 +79,13 @@ class DemoConfig:
     members: int = 8
     code_weight: int = 4
     channels: tuple[int, int] = (32, 64)
-    epochs: int = 600
+    epochs: int = 500
     batch_size: int = 70
     lr: float = 2e-3
     num_samples: int = 32
     real_queries: int = 32
-    steps: int = 50
-    scheduler: str = "ddim"
+    steps: int = 100
+    scheduler: str = "ddpm"
     top_k: int = 8
     removal_k: int = 1
     timesteps: int = 32

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -144,6 +145,32 @@ class DiffusionTask:
         )
         self.betas = self.scheduler.betas.double()
         self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+
+    # settings of a diffusers scheduler that change the training target or the schedule, and the values honoured
+    HONOURED = {"prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False}
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any, seed: int = 0) -> DiffusionTask:
+        """The task of a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``, ...) a model was trained with.
+
+        Only the noise schedule enters (``num_train_timesteps``, ``beta_start``, ``beta_end``,
+        ``beta_schedule``); a setting that would change the training target or the schedule in a way
+        this task does not model (``prediction_type`` other than ``epsilon``, custom ``trained_betas``,
+        zero-SNR rescaling) is refused rather than silently ignored.
+        """
+        config = getattr(scheduler, "config", None)
+        if config is None or "num_train_timesteps" not in config:
+            raise WherefromError(f"{type(scheduler).__name__} is not a diffusers noise scheduler (it has no config.num_train_timesteps)")
+        for key, value in cls.HONOURED.items():
+            got = config.get(key, value)
+            if (got is not None) if value is None else (got != value):
+                raise WherefromError(
+                    f"{type(scheduler).__name__} has {key}={got!r}; wherefrom's attribution models {key}={value!r} only "
+                    "(eps-prediction DDPM with a named beta schedule)"
+                )
+        steps = int(config["num_train_timesteps"])
+        schedule = (float(config["beta_start"]), float(config["beta_end"]), str(config["beta_schedule"]))
+        return cls(steps, *schedule, seed=seed, measure_time=min(100, steps // 10))
 
     # --- schedule ------------------------------------------------------------
     def elbo_weight(self, t: Tensor) -> Tensor:

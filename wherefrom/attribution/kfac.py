@@ -734,7 +734,7 @@ def fit_factors(
         if clash and not store.overwrite:
             raise FingerprintMismatchError(
                 f"store {str(store.root)!r} holds {clash[0]} made with config {store.config(clash[0])}, not {meta}; "
-                "use another store or pass --overwrite"
+                f"use another store or pass {store.names[1]}"
             )
         return False
 

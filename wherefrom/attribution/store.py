@@ -203,13 +203,17 @@ class Store:
         codes_fingerprint: the ensemble's codes fingerprint (``None`` for single models).
         overwrite: replace a store made for another split/codes, and entries made
             with another config, instead of raising.
+        repair: recompute damaged rows instead of refusing them.
+        names: how the messages name the ``root`` and ``overwrite`` options to the user
+            (the CLI's flags; a callback passes its own arguments).
     """
 
     def __init__(
-        self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False, repair: bool = False
-    ) -> None:
+        self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False, repair: bool = False,
+        names: tuple[str, str] = ("--store", "--overwrite"),
+    ) -> None:  # fmt: skip
         self.root = check_out_dir(root, "store")
-        self.overwrite, self.repair, self.read_only = overwrite, repair, False
+        self.overwrite, self.repair, self.read_only, self.names = overwrite, repair, False, names
         self.manifest = self._read_manifest()
         want = {"fingerprint": fingerprint, "codes_fingerprint": codes_fingerprint}
         if self.manifest is not None:
@@ -218,7 +222,7 @@ class Store:
                 if not overwrite:
                     raise FingerprintMismatchError(
                         f"store {str(self.root)!r} was made for dataset/codes {have}, not {want}; "
-                        "point --store at a new folder or pass --overwrite to replace it"
+                        f"point {names[0]} at a new folder or pass {names[1]} to replace it"
                     )
                 self._clear()
                 self.manifest = None
@@ -233,7 +237,7 @@ class Store:
         if not (Path(root) / "manifest.json").is_file():
             raise WherefromError(f"{str(root)!r} is not a wherefrom store (no manifest.json); create it with `wherefrom featurize`")
         store = cls.__new__(cls)
-        store.root, store.overwrite, store.repair, store.read_only = Path(root), False, False, True
+        store.root, store.overwrite, store.repair, store.read_only, store.names = Path(root), False, False, True, ("--store", "--overwrite")
         store.manifest = store._read_manifest()
         return store
 
@@ -299,7 +303,7 @@ class Store:
             detail = ", ".join(f"{k} {a!r} (stored) vs {b!r}" for k, (a, b) in diff.items())
             raise FingerprintMismatchError(
                 f"store entry {name!r} in {str(self.root)!r} was made with a different config: {detail}; "
-                "use another --store folder or pass --overwrite to recompute it"
+                f"use another {self.names[0]} folder or pass {self.names[1]} to recompute it"
             )
         self.delete(name)
         return False

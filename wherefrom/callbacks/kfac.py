@@ -1,8 +1,8 @@
 """``KFACFactors``: K-FAC / EK-FAC factors of a run, written to a store by a Lightning callback.
 
-Drop-in for any LightningModule following :class:`wherefrom.model.Attributable`
-(``task``, ``denoisers()``, ``codes_fingerprint``) with a wherefrom datamodule
-(``fingerprint``, ``indices``, ``dataset(indices)``). Each denoiser (model id)
+Drop-in for any Lightning pipeline: the networks, the noise schedule and the data are
+found as :mod:`wherefrom.callbacks.target` describes, and checked before the first
+training step. Each denoiser (model id)
 gets ``factors/<id>``, ``eigen/<id>`` and optionally ``ekfac/<id>`` (see
 :mod:`wherefrom.attribution.kfac`); an encoded ensemble's member uses only the
 images of its code split.
@@ -28,6 +28,7 @@ Only global rank 0 writes the store.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,7 +37,9 @@ import torch
 from wherefrom.attribution.features import gather, on_rank_zero
 from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, training_split
 from wherefrom.attribution.store import Store
+from wherefrom.callbacks.target import Target, resolve_data, resolve_target
 from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask
 
 
 class KFACFactors(L.Callback):
@@ -52,6 +55,8 @@ class KFACFactors(L.Callback):
         ekfac: also measure EK-FAC eigenvalues after training.
         batch_size: images per batch of the dedicated passes.
         overwrite: replace a store/entries made for other data, config or weights.
+        denoiser: attribute path of the network on the module (default: ``denoisers()`` or its single diffusers UNet).
+        task: the noise schedule (default: ``module.task`` or its diffusers scheduler's).
     """
 
     def __init__(
@@ -64,25 +69,39 @@ class KFACFactors(L.Callback):
         ekfac: bool = False,
         batch_size: int = 64,
         overwrite: bool = False,
+        denoiser: str | None = None,
+        task: DiffusionTask | None = None,
     ) -> None:
         if batch_size < 1:
             raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
         default = Curvature.EMPIRICAL.value if mode == "during" else Curvature.MC.value
         self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
-        self.store, self.batch_size, self.overwrite = store, batch_size, overwrite
+        self.store, self.batch_size, self.overwrite, self.denoiser, self.task = store, batch_size, overwrite, denoiser, task
+        self._target: Target | None = None
+        self._data: Any = None
+        self._store: Store | None = None
         self.collectors: dict[str, FactorCollector] = {}
         self._loaded: dict[str, dict[str, torch.Tensor]] | None = None
         self._output_size = 1  # D, the entries of one eps prediction
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(store=self.store, mode=self.config.mode)
+        return self._generate_state_key(store=str(Path(self.store).resolve()), mode=self.config.mode)
+
+    def _open_store(self) -> None:
+        """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
+        owner = type(self).__name__
+        self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
+                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
 
     # --- during training -------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """Find the data and open the store now, so a mismatch fails before the first step."""
+        self._data = resolve_data(trainer, type(self).__name__)
+        on_rank_zero(trainer.strategy, self._open_store)
         if self.config.mode != "during":
             return
-        for model_id, net in pl_module.denoisers().items():
+        for model_id, net in self._target.denoisers.items():
             collector = FactorCollector(net, self.config.kfac)
             collector.grad_scale = lambda n, trainer=trainer: self._grad_scale(trainer, n)
             if self._loaded is not None and trainer.is_global_zero:  # the summed state lives on rank 0
@@ -127,24 +146,17 @@ class KFACFactors(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit":
+            self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
 
     # --- after training --------------------------------------------------------------------
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        dm = trainer.datamodule
-        if dm is None:
-            raise WherefromError("KFACFactors needs the trainer's datamodule (fit with datamodule=...)")
         self._detach()
-        store = None
-
-        def open_store() -> None:
-            nonlocal store
-            store = Store(self.store, dm.fingerprint, pl_module.codes_fingerprint, overwrite=self.overwrite)
-
-        on_rank_zero(trainer.strategy, open_store)
-        for model_id, net in pl_module.denoisers().items():
-            split = training_split(pl_module, model_id, dm.indices)
+        on_rank_zero(trainer.strategy, self._open_store)
+        for model_id, net in self._target.denoisers.items():
+            split = training_split(pl_module, model_id, self._data.indices)
             fit_factors(
-                net, model_id, pl_module.task, dm, split, store, self.config, self.batch_size,
+                net, model_id, self._target.task, self._data, split, self._store, self.config, self.batch_size,
                 comm=trainer.strategy, progress=trainer.is_global_zero, collector=self.collectors.get(model_id),
             )  # fmt: skip
         self.collectors = {}

@@ -1,18 +1,9 @@
 """``TRAKFeatures``: TRAK / D-TRAK features of a run, written to a store by a Lightning callback.
 
-Drop-in for any LightningModule following this small protocol
-(:class:`wherefrom.model.Attributable`):
-
-* ``module.task`` -- a :class:`~wherefrom.task.DiffusionTask` (noise schedule,
-  seeded draws, output functions);
-* ``module.denoisers()`` -- ``{model_id: network}`` with ``network(x_t, t)``
-  returning eps (a tensor, or an object with ``.sample`` like diffusers'
-  ``UNet2DModel``); one entry for a single model, one per ensemble member;
-* ``module.codes_fingerprint`` -- ``None`` (or the ensemble's codes fingerprint);
-
-and a datamodule with ``fingerprint`` (str), ``num_images`` (N, the global
-index space), ``indices`` (the split's global indices) and ``dataset(indices)``
-yielding ``{"index", "image"}`` (every :class:`~wherefrom.datamodules.ImageDataModule`).
+Drop-in for any Lightning pipeline: the networks, the noise schedule and the data are
+found as :mod:`wherefrom.callbacks.target` describes (wherefrom's own modules and
+datamodules, or a user's module with one diffusers UNet and scheduler trained from a
+plain DataLoader of ``{"index", "image"}``), and checked before the first training step.
 
 Model ids: after training, the denoisers' ids (``model``, ``member0``, ...);
 with ``every_n_epochs = k``, also ``<id>@epoch<e>`` after every k-th epoch
@@ -22,6 +13,7 @@ with ``every_n_epochs = k``, also ``<id>@epoch<e>`` after every k-th epoch
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,7 +23,9 @@ from wherefrom.attribution.features import featurize, on_rank_zero, weights_hash
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.store import Store
+from wherefrom.callbacks.target import Target, resolve_data, resolve_target
 from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask
 
 
 class TRAKFeatures(L.Callback):
@@ -46,6 +40,8 @@ class TRAKFeatures(L.Callback):
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).
         overwrite: replace a store/entries made for other data, config or weights.
+        denoiser: attribute path of the network on the module (default: ``denoisers()`` or its single diffusers UNet).
+        task: the noise schedule (default: ``module.task`` or its diffusers scheduler's).
     """
 
     def __init__(
@@ -63,18 +59,42 @@ class TRAKFeatures(L.Callback):
         every_n_epochs: int = 0,
         batch_size: int = 64,
         overwrite: bool = False,
+        denoiser: str | None = None,
+        task: DiffusionTask | None = None,
     ) -> None:
         if method not in METHOD_OUTPUTS:
             raise WherefromError(f"method must be one of {sorted(METHOD_OUTPUTS)}, got {method!r}")
         if every_n_epochs < 0 or batch_size < 1:
             raise WherefromError(f"every_n_epochs must be >= 0 and batch_size >= 1, got {every_n_epochs} and {batch_size}")
         self.store, self.every_n_epochs, self.batch_size, self.overwrite = store, every_n_epochs, batch_size, overwrite
-        self.projector = projector
+        self.projector, self.denoiser, self.task = projector, denoiser, task
+        self._target: Target | None = None
+        self._data: Any = None
+        self._store: Store | None = None
         # validated now, so a bad argument fails before training
         self.config = FeatureConfig(
             output=output or METHOD_OUTPUTS[method], timesteps=timesteps, strategy=strategy, proj_dim=proj_dim,
             projection=projection, projector=projector or "basic", allocation=allocation, seed=seed,
         )  # fmt: skip
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(store=str(Path(self.store).resolve()), output=self.config.output)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the data and open the store now, so a mismatch fails before the first step."""
+        self._data = resolve_data(trainer, type(self).__name__)
+        on_rank_zero(trainer.strategy, self._open_store)
+
+    def _open_store(self) -> None:
+        """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
+        owner = type(self).__name__
+        self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
+                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -86,26 +106,18 @@ class TRAKFeatures(L.Callback):
         self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module: Any, suffix: str = "") -> None:
-        """Featurise every denoiser of ``pl_module`` as model id ``<id><suffix>`` (all ranks call this)."""
-        dm = trainer.datamodule
-        if dm is None:
-            raise WherefromError("TRAKFeatures needs the trainer's datamodule (fit with datamodule=...)")
-        strategy = trainer.strategy
+        """Featurise every denoiser as model id ``<id><suffix>`` (all ranks call this), and save the
+        weights the features were made from, so the store is self-contained."""
+        target, data, strategy = self._target, self._data, trainer.strategy
         config = FeatureConfig(**{**self.config.to_dict(), "projector": self.projector or default_projector(pl_module.device)})
-        store = None
-
-        def open_store() -> None:
-            nonlocal store
-            store = Store(self.store, dm.fingerprint, pl_module.codes_fingerprint, overwrite=self.overwrite)
-
-        on_rank_zero(strategy, open_store)
+        on_rank_zero(strategy, self._open_store)
+        store = self._store
         with torch.inference_mode(False), torch.enable_grad():
-            for name, net in pl_module.denoisers().items():
+            for name, net in target.denoisers.items():
                 model_id = name + suffix
-                if suffix:
-                    meta = {"model_id": model_id, "weights": weights_hash(net)}
-                    on_rank_zero(strategy, lambda: store.save_tensors(f"weights/{model_id}", net.state_dict(), meta))
-                featurize(net, model_id, pl_module.task, dm, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero)
+                meta = {"model_id": model_id, "weights": weights_hash(net)}
+                on_rank_zero(strategy, lambda: store.save_tensors(f"weights/{model_id}", net.state_dict(), meta))
+                featurize(net, model_id, target.task, data, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero)
 
 
 __all__ = ["TRAKFeatures"]
