@@ -83,6 +83,9 @@ def test_attribute_command_writes_the_common_outputs(featurised, capsys):
     scores = np.load(root / "out" / "scores.npy")
     assert scores.shape == (2, 1797) and (root / "out" / "topk.png").is_file() and (root / "out" / "topk.json").is_file()
     assert set(np.argsort(-scores, axis=1)[:, :3].ravel()) <= set(SUBSET)
+    # the Python API gives the very same scores as the command
+    _, model, dm, _, queries = featurised
+    assert np.array_equal(DTRAK(store=str(root / "store")).attribute(model, dm, queries).scores, scores)
 
 
 def test_normalised_scores_equal_the_closed_form_on_unit_rows():

@@ -5,10 +5,21 @@ Roles:
 - data: :mod:`wherefrom.datamodules` (``DigitsDataModule`` is the offline default)
 - training: :class:`DiffusionModel` (single model), :class:`EncodedEnsemble` (encoded ensemble)
 - sampling: :func:`generate`
+- attribution: typed attributors behind one protocol (``DTRAK(store=...).attribute(module, data, queries)``),
+  their :data:`ATTRIBUTORS` registry, the :class:`Attribution` they return and the :class:`Store` they read
+- capture: the drop-in callbacks :class:`TRAKFeatures` and :class:`KFACFactors`
 """
 
+from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
+from wherefrom.attribution.baseline import Pixel, Random
+from wherefrom.attribution.influence import EKFAC, KFAC
+from wherefrom.attribution.report import Attribution, Attributor, Needs, write_attribution
+from wherefrom.attribution.store import Store
+from wherefrom.attribution.trak import DTRAK, TRAK
+from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
+from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.model import Attributable, DiffusionModel, load_module
 from wherefrom.sampling import generate
@@ -35,6 +46,26 @@ __all__ = [
     "assemble",
     # sampling
     "generate",
+    # attribution
+    "Attribution",
+    "Attributor",
+    "Needs",
+    "ATTRIBUTORS",
+    "attributor",
+    "register",
+    "write_attribution",
+    "AblationLoss",
+    "DTRAK",
+    "EKFAC",
+    "KFAC",
+    "Pixel",
+    "Random",
+    "SyntheticAblation",
+    "TRAK",
+    "Store",
+    # capture callbacks
+    "KFACFactors",
+    "TRAKFeatures",
     # errors
     "CheckpointError",
     "FingerprintMismatchError",

@@ -84,7 +84,7 @@ class DemoConfig:
     lr: float = 2e-3
     num_samples: int = 32
     real_queries: int = 32
-    steps: int = 100
+    steps: int = 50
     scheduler: str = "ddpm"
     top_k: int = 8
     removal_k: int = 1
@@ -161,7 +161,7 @@ def fit_config(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     features = dict(timesteps=cfg.timesteps, proj_dim=cfg.proj_dim, seed=cfg.seed)
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(out / "ensemble"), "filename": "last", "enable_version_counter": False, "every_n_epochs": cfg.epochs}},
+         "init_args": {"dirpath": str(out / "ensemble" / "checkpoints"), "filename": "last", "enable_version_counter": False, "every_n_epochs": cfg.epochs}},
         {"class_path": "wherefrom.callbacks.TRAKFeatures", "init_args": {"store": str(out / "store" / "trak"), "method": "trak", **features}},
         {"class_path": "wherefrom.callbacks.TRAKFeatures", "init_args": {"store": str(out / "store" / "dtrak"), "method": "dtrak", **features}},
         {"class_path": "wherefrom.callbacks.KFACFactors", "init_args": {"store": str(out / "store" / "trak"), "ekfac": True}},
@@ -203,7 +203,7 @@ def train_ensemble(cfg: DemoConfig, out: Path):
     config.write_text(yaml.safe_dump(fit_config(cfg, out), sort_keys=False))
     log_path = out / "ensemble" / "fit.log"
     wait(run_command(["fit", "--config", str(config)], log_path, cfg.progress), "the ensemble's fit", log_path)
-    return load_module(out / "ensemble" / "last.ckpt")
+    return load_module(out / "ensemble" / "checkpoints" / "last.ckpt")
 
 
 def lds_benchmark(cfg: DemoConfig, out: Path) -> Path:

@@ -32,11 +32,16 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 @dataclass
 class Target:
-    """The networks (``{model_id: net}``), the diffusion task and the codes fingerprint of a module."""
+    """The networks (``{model_id: net}``) and the diffusion task of ``module``."""
 
     denoisers: dict[str, nn.Module]
     task: DiffusionTask
-    codes_fingerprint: str | None
+    module: Any
+
+    @property
+    def codes_fingerprint(self) -> str | None:
+        """The module's encoded-ensemble codes (read when needed: an ensemble assigns them in its own ``setup``)."""
+        return getattr(self.module, "codes_fingerprint", None)
 
 
 def _find(module: nn.Module, accept, what: str, owner: str, argument: str) -> Any:
@@ -81,7 +86,7 @@ def resolve_target(module: Any, owner: str, denoiser: str | None = None, task: D
             task = DiffusionTask.from_scheduler(scheduler)
         except WherefromError as e:
             raise WherefromError(f"{owner}: {e}; pass {owner}(task=DiffusionTask(...)) if the model was trained otherwise") from None
-    return Target(nets, task, getattr(module, "codes_fingerprint", None))
+    return Target(nets, task, module)
 
 
 class _ByIndex(Dataset):
