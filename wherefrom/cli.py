@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("wherefrom.cli:sample_main", "generate samples from a checkpoint"),
     "export": ("wherefrom.cli:export_main", "export a checkpoint's UNet in diffusers format"),
     "featurize": ("wherefrom.attribution.features:featurize_main", "TRAK / D-TRAK features of a run into a store"),
-    "factors": ("wherefrom.attribution.kfac:factors_main", "K-FAC / EK-FAC factors of a run into a store"),
+    "factors": ("wherefrom.attribution.kfac.command:factors_main", "K-FAC / EK-FAC factors of a run into a store"),
     "attribute": ("wherefrom.attribution.cli:attribute_main", "score training images' influence on queries"),
     "lds": ("wherefrom.evaluation.cli:lds_main", "linear datamodelling score: subsets, train, measure, score"),
     "counterfactual": ("wherefrom.evaluation.cli:counterfactual_main", "retrain without each query's top influences and compare"),

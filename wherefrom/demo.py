@@ -51,7 +51,7 @@ from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, SamplingConfig
 from wherefrom.evaluation.lds import Correlation
 from wherefrom.evaluation.quality import Fraction, digit_labels, recognised
-from wherefrom.evaluation.removal import Estimate, Removal, random_sets, remove
+from wherefrom.evaluation.removal import Estimate, Removal, remove
 from wherefrom.io import check_out_dir, save_grid, write_json, write_npy
 from wherefrom.task import mix_seed
 

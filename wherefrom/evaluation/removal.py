@@ -28,7 +28,6 @@ from wherefrom.ensemble.synthetic import QuadraticMeasurement, sample_rows
 from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import l2_distance
 from wherefrom.evaluation.lds import bootstrap_ci
-from wherefrom.task import mix_seed
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,6 @@ class Estimate:
 
     def summary(self, fmt: str = "+.3g") -> str:
         return f"{self.mean:{fmt}} [{self.ci_low:{fmt}}, {self.ci_high:{fmt}}]"
-
-
-def random_sets(split: np.ndarray, num_queries: int, k: int, seed: int) -> np.ndarray:
-    """``num_queries x k`` distinct training indices per query, drawn from ``(seed, query)``."""
-    split = np.asarray(split, dtype=np.int64)
-    return np.stack([np.random.default_rng(mix_seed(seed, q)).choice(split, size=k, replace=False) for q in range(num_queries)])
 
 
 def removal_weights(codes: Codes, sets: np.ndarray, weights: Tensor) -> tuple[Tensor, np.ndarray]:
@@ -114,4 +107,4 @@ def remove(
     return Removal(np.asarray(sets), loss, distance, ablated.cpu())
 
 
-__all__ = ["Estimate", "Removal", "random_sets", "remove", "removal_weights"]
+__all__ = ["Estimate", "Removal", "remove", "removal_weights"]

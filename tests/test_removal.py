@@ -1,0 +1,42 @@
+"""Exact removal on an encoded ensemble equals ablating by hand: the loss of the reduced ensemble
+on the same draws, and the sample redrawn with the same noise (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.test_synthetic import unet_sampler
+from wherefrom.ensemble.synthetic import quadratic_measurement
+from wherefrom.evaluation.distances import l2_distance
+from wherefrom.evaluation.removal import Estimate, remove
+from wherefrom.task import DiffusionTask, Stream
+
+
+def test_removal_equals_the_hand_ablated_ensemble():
+    s = unet_sampler(n=4)  # the 6 codes of weight 2 over 4 members, for indices 10..15
+    queries = s.sample([0, 1, 2])
+    quad = quadratic_measurement(s, queries, "loss", draws=3, seed=5)
+    bits = {int(i): s.codes.bits[s.codes.rows([int(i)])][0] for i in s.codes.indices}
+    complement = next(i for i, b in bits.items() if not (b & bits[10]).any())
+    sets = np.array([[10, 10], [11, 12], [10, complement]])  # query 2 would drop every member: infeasible
+    got = remove(s, quad, sets, queries, [0, 1, 2])
+    assert got.feasible.tolist() == [True, True, False] and np.isnan(got.distance[2])
+    task, draws = DiffusionTask(seed=5), [(d, None) for d in range(3)]
+
+    def loss(weights, q):
+        return float(task.measure(s.eps_fn(weights), queries[q : q + 1], torch.tensor([q]), "loss", draws, stream=Stream.MEASURE)[0])
+
+    for q in (0, 1):
+        removed = sorted(set(sets[q].tolist()))
+        np.testing.assert_allclose(got.loss[q], loss(s.ablation_weights(removed), q) - loss(None, q), rtol=1e-9, atol=1e-12)
+        ablated = s.ablate(removed, [q])
+        torch.testing.assert_close(got.samples[q : q + 1], ablated, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.distance[q], float(l2_distance(queries[q : q + 1], ablated)[0]), rtol=1e-12)
+
+
+def test_estimate_leaves_out_infeasible_queries():
+    e = Estimate.of(np.array([1.0, np.nan, 3.0]))
+    assert e.count == 2 and e.mean == 2.0 and e.ci_low <= 2.0 <= e.ci_high
+    assert e.excludes(10.0) and not e.excludes(2.0)
+    assert Estimate.of(np.array([np.nan])).count == 0

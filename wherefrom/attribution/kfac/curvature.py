@@ -1,0 +1,88 @@
+"""The curvature pass: output vectors ``r`` with ``E[r r^T] = S S^T`` (type-2, MC, empirical; see
+:mod:`wherefrom.attribution.kfac`) backpropagated through the network over seeded draws."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from wherefrom.attribution.kfac.collector import FactorCollector
+from wherefrom.attribution.kfac.factors import MC_TAG, Curvature
+from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
+
+
+def output_vectors(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None) -> Iterator[Tensor]:
+    """The vectors ``r`` to backpropagate from the output for ``l = ||f - y||^2 / D``
+    (see the module docstring): one for ``mc``/``empirical``, ``D`` for ``type-2``."""
+    curvature = Curvature(curvature)
+    d = output[0].numel()
+    if curvature is Curvature.MC:
+        if noise is None:
+            raise ValueError("mc curvature needs the pseudo-target noise")
+        yield math.sqrt(2 / d) * noise
+    elif curvature is Curvature.EMPIRICAL:
+        yield (2 / math.sqrt(d)) * (output.detach() - target)
+    else:
+        for c in range(d):
+            column = output.new_zeros(output.shape[0], d)
+            column[:, c] = math.sqrt(2 / d)
+            yield column.view_as(output)
+
+
+def backpropagate(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None) -> None:
+    """Backpropagate every curvature vector through the graph of ``output`` (the hooks record ``G``)."""
+    vectors = output_vectors(output, target, curvature, noise)
+    v = next(vectors)
+    for following in vectors:  # keep the graph for all but the last vector
+        torch.autograd.backward(output, v, retain_graph=True)
+        v = following
+    torch.autograd.backward(output, v)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters without ``requires_grad`` and the model in eval mode: a factor pass needs
+    only output gradients, so autograd skips every weight-gradient kernel."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def mc_noise(task: DiffusionTask, index: Tensor, draw: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Seeded pseudo-target noise ``z`` per example, a pure function of (seed, index, draw)."""
+    z = [torch.randn(shape, generator=generator_for(task.seed, int(Stream.FACTORS), i, draw, MC_TAG)) for i in index.tolist()]
+    return torch.stack(z).to(device=like.device, dtype=like.dtype)
+
+
+def factor_pass(
+    denoiser: nn.Module,
+    task: DiffusionTask,
+    batches: Iterable[dict[str, Tensor]],
+    collector: FactorCollector,
+    curvature: Curvature | str,
+    draw: int,
+) -> None:
+    """One pass over ``batches``: fresh seeded ``(t, eps)`` (stream FACTORS, draw id
+    ``draw``), forward, and the curvature backward; ``collector`` records the statistics."""
+    device = collector.model_device()
+    dtype = next(iter(collector.layers.values())).weight.dtype
+    with frozen(denoiser), collector.recording():
+        for batch in batches:
+            x0 = batch["image"].to(device=device, dtype=dtype)
+            index = batch["index"]
+            t, eps = task.draw(index, draw, x0.shape[1:], stream=Stream.FACTORS, dtype=dtype, device=device)
+            out = predict_eps(denoiser, task.add_noise(x0, t, eps), t)
+            noise = mc_noise(task, index, draw, tuple(out.shape[1:]), out) if Curvature(curvature) is Curvature.MC else None
+            backpropagate(out, eps, curvature, noise)
