@@ -240,7 +240,9 @@ def make_queries(cfg: DemoConfig, module, dm: DigitsDataModule) -> tuple[dict[st
 
 def demo_attributors(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     """Every registered attributor, configured for the demo's stores and chain; others get their defaults."""
-    kfac = dict(store=str(out / "store" / "trak"), grads="projected")
+    # exact training gradients: in the demo they beat the projected mode (TRAK's D = 256 loss features) by
+    # +0.0083 vs +0.0053 loss rise on the generated queries, for 22 s instead of 13 s
+    kfac = dict(store=str(out / "store" / "trak"), grads="exact", timesteps=cfg.timesteps)
     options: dict[str, dict[str, Any]] = {
         "random": dict(seed=cfg.seed),
         "ablation": dict(seed=cfg.seed, steps=cfg.steps, scheduler=cfg.scheduler, top_k=cfg.top_k),
@@ -366,10 +368,13 @@ def verdict(qset: str, results: dict[str, MethodResult], k: int) -> list[str]:
     pixel = results.get("pixel")
     lines = [
         f"**{qset} queries: {best} won.** Removing each query's top-{k} by {best} raised the query's loss by {b.summary()} "
-        f"on average, {b.mean / r.mean:.1f}x removing {k} random images ({r.summary()}); its interval "
+        f"on average, {b.mean / r.mean:.1f}x removing {k} random image{'s' if k > 1 else ''} ({r.summary()}); its interval "
         + ("excludes" if b.excludes(r.mean) else "does **not** exclude")
         + " random's mean."
     ]
+    if best == "ablation-loss" and k == 1:
+        lines.append("(ablation-loss computes exactly this quantity for single images, on other noise draws: it is the ensemble's own "
+                     "answer, so its lead shows the test measures what it should; the comparison that matters is the others against pixel similarity.)")
     if pixel is not None and best != "pixel":
         p = pixel.loss()
         lines.append(f"Pixel similarity's top-{k} raised it by {p.summary()}; {best} is " + ("above" if b.ci_low > p.mean else "not clearly above") + " it.")
@@ -393,10 +398,10 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, Method
         "",
         "## Verdict",
         "",
-        f"The test: remove a query's top-{k} training image(s) from the ensemble by dropping every member that saw them. The remaining "
-        "members never saw them, so the query's loss under the reduced ensemble (and, for a sample, the sample redrawn with the same noise) "
+        f"The test: remove a query's top-{k} training image{'s' if k > 1 else ''} from the ensemble by dropping every member that saw {'them' if k > 1 else 'it'}. "
+        f"The remaining members never saw {'them' if k > 1 else 'it'}, so the query's loss under the reduced ensemble (and, for a sample, the sample redrawn with the same noise) "
         f"is the exact counterfactual without retraining. A method that found what made the query raises its loss more than removing {k} "
-        f"random image(s) does. Loss = the denoising loss over {cfg.measure_draws} seeded draws (other draws than the attributors'). "
+        f"random image{'s' if k > 1 else ''} does. Loss = the denoising loss over {cfg.measure_draws} seeded draws (other draws than the attributors'). "
         "Every figure is a mean over queries with its 95% bootstrap interval.",
         "",
     ]
@@ -427,7 +432,7 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, Method
         "",
         "![counterfactuals](counterfactuals.png)",
         "",
-        "Recognised as digits (a classifier fitted on the 1797 real digits gives one class probability >= 0.7; real held-out digits score 100%):",
+        "Recognised as digits (a classifier fitted on the 1797 real digits gives one class probability >= 0.7; the real held-out digits calibrate it):",
         "",
         "| images | recognised [95% CI] |",
         "|---|---|",
