@@ -19,7 +19,8 @@ def test_removal_equals_the_hand_ablated_ensemble():
     quad = quadratic_measurement(s, queries, "loss", draws=3, seed=5)
     bits = {int(i): s.codes.bits[s.codes.rows([int(i)])][0] for i in s.codes.indices}
     complement = next(i for i, b in bits.items() if not (b & bits[10]).any())
-    sets = np.array([[10, 10], [11, 12], [10, complement]])  # query 2 would drop every member: infeasible
+    overlapping = next(i for i, b in bits.items() if i != 11 and (b & bits[11]).any())
+    sets = np.array([[10, 10], [11, overlapping], [10, complement]])  # query 2 would drop every member: infeasible
     got = remove(s, quad, sets, queries, [0, 1, 2])
     assert got.feasible.tolist() == [True, True, False] and np.isnan(got.distance[2])
     task, draws = DiffusionTask(seed=5), [(d, None) for d in range(3)]

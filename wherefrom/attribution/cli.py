@@ -22,6 +22,7 @@ from torch import Tensor
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
 from wherefrom.datamodules.base import to_model_range
+from wherefrom.ensemble.synthetic import SyntheticAblation
 from wherefrom.errors import ArgumentParser, WherefromError
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.sampling import SchedulerType
@@ -116,11 +117,6 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
         if args.num_samples < 1:
             raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
         return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True)
-    if args.method == "ablation":
-        raise WherefromError(
-            "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
-            "drop --queries and pass --num-samples and --seed"
-        )
     if spec == "val":
         val = datamodule.val_images
         if len(val) == 0:
@@ -140,6 +136,11 @@ def attribute_main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     check_out_dir(args.out)
     method = make_attributor(args)
+    if args.queries is not None and isinstance(method, SyntheticAblation):
+        raise WherefromError(
+            "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
+            "drop --queries and pass --num-samples and --seed"
+        )
     module = load_module(args.ckpt)
     datamodule = load_datamodule(args.ckpt)
     queries = load_queries(args.queries, module, datamodule, args)
