@@ -136,3 +136,42 @@ def test_check_agrees_with_brute_force_on_constant_weight_matrices():
         except WherefromError:
             ok = False
         assert ok == encoded_property_brute(bits)
+
+
+# --- group-level codes -------------------------------------------------------------------
+
+
+def test_group_codes_share_a_code_per_group_and_separate_groups():
+    rng = np.random.default_rng(0)
+    indices = rng.permutation(np.arange(100, 160))  # unsorted on purpose: groups follow their indices
+    groups = indices % 10  # ten groups of six
+    codes = Codes.generate(indices, n=5, w=2, seed=3, groups=groups)
+    g = codes.groups
+    assert np.array_equal(g, codes.indices % 10)
+    for group in range(10):
+        rows = codes.bits[g == group]
+        assert (rows == rows[0]).all()
+    firsts = codes.bits[[int(np.flatnonzero(g == k)[0]) for k in range(10)]]
+    assert len({r.tobytes() for r in firsts}) == 10  # C(5, 2) = 10 distinct group codes
+    # ablating one image of a group drops exactly that group's members, and every other group keeps one
+    for group in range(10):
+        kept = codes.kept_members([int(codes.indices[g == group][0])])
+        assert not codes.bits[g == group][:, kept].any()
+        assert codes.bits[g != group][:, kept].any(1).all()
+    # persistence and fingerprint carry the groups
+    again = Codes.from_state(codes.state())
+    assert np.array_equal(again.groups, g) and again.fingerprint == codes.fingerprint
+    with pytest.raises(WherefromError, match="C\\(5, 2\\) = 10"):
+        Codes.generate(np.arange(20), 5, 2, groups=np.arange(20) % 11)
+    bad = codes.bits.copy()
+    bad[np.flatnonzero(g == 0)[1]] = codes.bits[np.flatnonzero(g == 1)[0]]
+    with pytest.raises(WherefromError, match="differs from the code of its group"):
+        check_codes(bad, 2, g)
+
+
+def test_one_group_per_image_gives_the_per_image_codes():
+    """Groups that are singletons reproduce the per-image codes bit for bit (same seeded draw)."""
+    indices = np.arange(7, 77)
+    plain = Codes.generate(indices, 8, 4, seed=1)
+    singletons = Codes.generate(indices, 8, 4, seed=1, groups=indices * 3)
+    assert np.array_equal(plain.bits, singletons.bits)

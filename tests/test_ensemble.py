@@ -349,3 +349,25 @@ def test_bad_ensemble_settings_fail_clearly(tmp_path):
         EncodedEnsemble(n=4, w=4)
     with pytest.raises(WherefromError, match=r"use n >= 9 with w=4"):
         trainer(tmp_path).fit(EncodedEnsemble(n=8, w=4, unet=TINY_UNET), DigitsDataModule(subset=list(range(71))))
+
+
+def test_group_codes_train_members_on_whole_classes(tmp_path):
+    """``groups="labels"``: one code per digit class; a member's split is a union of whole classes, and
+    ablating any image drops exactly the members that saw its class (and survives a checkpoint)."""
+    dm = DigitsDataModule(batch_size=20, subset=list(range(60)), groups="labels")
+    model = EncodedEnsemble(n=5, w=2, unet=TINY_UNET, lr=1e-3, warmup=0.0, seed=1)
+    trainer(tmp_path, epochs=1).fit(model, dm)
+    labels = dm.labels
+    assert np.array_equal(model.codes.groups, labels[model.codes.indices])
+    for i in range(5):
+        split = model.codes.split(i)
+        classes = np.unique(labels[split])
+        assert len(classes) == 4 and set(split) == set(np.flatnonzero(np.isin(labels[:60], classes)))
+    image = 7
+    same_class = [int(j) for j in range(60) if labels[j] == labels[image]]
+    assert all(model.members_of(j) == model.members_of(image) for j in same_class)
+    assert not set(model.ablation_weights([image]).nonzero().ravel().tolist()) & set(model.members_of(image))
+    torch.save(model.codes.state(), tmp_path / "codes.pt")  # the checkpoint's form: tensors and plain values
+    assert Codes.from_state(torch.load(tmp_path / "codes.pt", weights_only=True)).fingerprint == model.codes.fingerprint
+    with pytest.raises(WherefromError, match="groups must give one id per image"):
+        DigitsDataModule(groups=[0, 1, 2]).group_ids

@@ -41,3 +41,14 @@ def test_estimate_leaves_out_infeasible_queries():
     assert e.count == 2 and e.mean == 2.0 and e.ci_low <= 2.0 <= e.ci_high
     assert e.excludes(10.0) and not e.excludes(2.0)
     assert Estimate.of(np.array([np.nan])).count == 0
+
+
+def test_scores_aggregate_per_group_over_the_training_split():
+    from wherefrom.attribution.report import Attribution
+
+    scores = np.arange(12, dtype=np.float32).reshape(2, 6)
+    result = Attribution(scores, torch.zeros(2, 1, 8, 8), "m", split=np.array([0, 2, 3, 5]))
+    groups, sums = result.by_group(np.array([7, 7, 3, 3, 7, 3]))
+    assert groups.tolist() == [3, 7]
+    # split {0, 2, 3, 5}: group 7 = {0}, group 3 = {2, 3, 5}
+    assert sums.tolist() == [[2 + 3 + 5, 0], [8 + 9 + 11, 6]]

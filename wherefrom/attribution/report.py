@@ -68,6 +68,19 @@ class Attribution:
         idx = cols[order]
         return idx, np.take_along_axis(self.scores, idx, axis=1)
 
+    def by_group(self, group_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores per group (class, artist, source): the groups (sorted) and ``Q x G`` sums of the
+        scores of each group's training images. For linear scores (TRAK, K-FAC, LDS's datamodels)
+        the sum is the group's predicted effect; ``group_ids`` covers the full index space."""
+        group_ids = np.asarray(group_ids)
+        if group_ids.shape != (self.scores.shape[1],):
+            raise WherefromError(f"group ids must give one group per training index ({self.scores.shape[1]}), got shape {group_ids.shape}")
+        cols = np.arange(self.scores.shape[1]) if self.split is None else self.split
+        groups, inverse = np.unique(group_ids[cols], return_inverse=True)
+        sums = np.zeros((len(self.scores), len(groups)))
+        np.add.at(sums.T, inverse, self.scores[:, cols].astype(np.float64).T)
+        return groups, sums
+
 
 @runtime_checkable
 class Attributor(Protocol):

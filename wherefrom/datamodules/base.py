@@ -150,6 +150,9 @@ class ImageDataModule(L.LightningDataModule):
         pool_size, pool_seed: train on ``pool_size`` images drawn at random (from
             ``pool_seed``) before ``subset``/``exclude``; the others keep their
             global indices and serve as held-out queries (:attr:`held_out`).
+        groups: a group per image (class, artist, source) for group-level ensemble codes:
+            ``"labels"`` (the source's labels, e.g. the digit classes) or a file / list of one
+            integer id per image of the full index space (see :attr:`group_ids`).
     """
 
     source_name = "images"
@@ -164,6 +167,7 @@ class ImageDataModule(L.LightningDataModule):
         shuffle: bool = True,
         pool_size: int | None = None,
         pool_seed: int = 0,
+        groups: list[int] | str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -173,7 +177,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError(f"val_size must be >= 0, got {val_size}")
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.subset, self.exclude, self.val_size = subset, exclude, val_size
-        self.pool_size, self.pool_seed = pool_size, pool_seed
+        self.pool_size, self.pool_seed, self.groups = pool_size, pool_seed, groups
         self._images: Tensor | None = None
 
     def load_images(self) -> np.ndarray | Tensor:
@@ -207,6 +211,21 @@ class ImageDataModule(L.LightningDataModule):
         """Global indices outside the ``pool_size`` draw (never trained on by any split of the pool)."""
         self.setup()
         return np.setdiff1d(np.arange(self.num_images), random_pool(self.num_images, self.pool_size, self.pool_seed))
+
+    @property
+    def group_ids(self) -> np.ndarray | None:
+        """The group of every image of the full index space (``None`` without ``groups``)."""
+        if self.groups is None:
+            return None
+        if isinstance(self.groups, str) and self.groups == "labels":
+            labels = getattr(self, "labels", None)
+            if labels is None:
+                raise WherefromError(f"groups='labels' needs a source with labels; {type(self).__name__} has none: pass a file of group ids")
+            return np.asarray(labels, dtype=np.int64)
+        ids = read_indices(self.groups, "groups")
+        if len(ids) != self.num_images:
+            raise WherefromError(f"groups must give one id per image ({self.num_images}), got {len(ids)}")
+        return ids
 
     @property
     def num_images(self) -> int:

@@ -118,14 +118,21 @@ def _balance(masks: np.ndarray, n: int) -> np.ndarray:
     return masks
 
 
-def check_codes(bits: np.ndarray, w: int) -> None:
-    """Raise unless every row has exactly ``w`` ones and all rows are distinct
-    (which implies the encoded property, see the module docstring). ``O(N log N)``."""
+def check_codes(bits: np.ndarray, w: int, groups: np.ndarray | None = None) -> None:
+    """Raise unless every row has exactly ``w`` ones and all rows are distinct (which implies the
+    encoded property, see the module docstring); with ``groups``, rows of one group must be equal
+    and the groups' codes distinct (the encoded property between groups). ``O(N log N)``."""
     bits = np.asarray(bits, dtype=bool)
     weight = bits.sum(1)
     bad = np.flatnonzero(weight != w)
     if bad.size:
         raise WherefromError(f"code row {bad[0]} has weight {weight[bad[0]]}, expected {w}; the codes are corrupt")
+    if groups is not None:
+        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+        mixed = np.flatnonzero((bits != bits[first][inverse]).any(1))
+        if mixed.size:
+            raise WherefromError(f"code row {mixed[0]} differs from the code of its group {groups[mixed[0]]}; the codes are corrupt")
+        bits = bits[np.sort(first)]
     packed = np.packbits(bits, axis=1)  # N x ceil(n / 8) bytes, one void scalar per row
     rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
     order = np.argsort(rows, kind="stable")
@@ -139,6 +146,10 @@ def check_codes(bits: np.ndarray, w: int) -> None:
 class Codes:
     """The codes of the training images ``indices`` (sorted global indices): ``bits[r]`` is the code of ``indices[r]``.
 
+    Group-level codes (``groups``, a group id per row: class, artist, source): one code per group,
+    shared by its images, so members train on whole groups and ablating any image of a group
+    removes the whole group (the encoded property holds between groups).
+
     Build with :meth:`generate`; ``fingerprint`` hashes the codes together with the dataset fingerprint.
     """
 
@@ -146,28 +157,42 @@ class Codes:
     indices: np.ndarray  # N int64, sorted
     w: int
     data_fingerprint: str
+    groups: np.ndarray | None = None  # N int64 group ids, or None: one code per image
 
     def __post_init__(self) -> None:
         if self.bits.ndim != 2 or self.bits.shape[0] != len(self.indices):
             raise WherefromError(f"codes of shape {self.bits.shape} do not match {len(self.indices)} indices")
         if np.any(np.diff(self.indices) <= 0):
             raise WherefromError("code indices must be sorted and unique")
-        check_codes(self.bits, self.w)
+        if self.groups is not None and len(self.groups) != len(self.indices):
+            raise WherefromError(f"{len(self.groups)} group ids for {len(self.indices)} code rows")
+        check_codes(self.bits, self.w, self.groups)
 
     @classmethod
-    def generate(cls, indices: np.ndarray, n: int, w: int | None = None, seed: int = 0, data_fingerprint: str = "") -> Codes:
-        """Distinct, balanced, seeded weight-``w`` codes (default ``w = n // 2``) for the training ``indices``."""
-        indices = np.sort(np.asarray(indices, dtype=np.int64))
-        w = validate_codes(len(indices), n, w)
-        rng = np.random.default_rng(mix_seed(seed, n, w, len(indices)))
+    def generate(
+        cls, indices: np.ndarray, n: int, w: int | None = None, seed: int = 0, data_fingerprint: str = "", groups: np.ndarray | None = None
+    ) -> Codes:
+        """Distinct, balanced, seeded weight-``w`` codes (default ``w = n // 2``) for the training ``indices``;
+        with ``groups`` (a group id per index, in the order of ``indices``), one code per group."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        indices = indices[order]
+        if groups is not None:
+            groups = np.asarray(groups, dtype=np.int64)
+            if groups.shape != indices.shape:
+                raise WherefromError(f"groups need one id per training index, got {groups.shape} for {indices.shape}")
+            groups = groups[order]
+        units, unit_of = (np.arange(len(indices)), np.arange(len(indices))) if groups is None else np.unique(groups, return_inverse=True)
+        w = validate_codes(len(units), n, w)
+        rng = np.random.default_rng(mix_seed(seed, n, w, len(units)))
         total = math.comb(n, w)
-        if total <= max(_ENUMERATE_BELOW, 2 * len(indices)):
-            masks = rng.choice(_all_masks(n, w), size=len(indices), replace=False)
+        if total <= max(_ENUMERATE_BELOW, 2 * len(units)):
+            masks = rng.choice(_all_masks(n, w), size=len(units), replace=False)
         else:
-            masks = _random_masks(n, w, len(indices), rng)
-        masks = _balance(masks, n)
+            masks = _random_masks(n, w, len(units), rng)
+        masks = _balance(masks, n)[unit_of]
         bits = ((masks[:, None] >> np.arange(n, dtype=np.int64)) & 1).astype(bool)
-        return cls(bits, indices, w, data_fingerprint)
+        return cls(bits, indices, w, data_fingerprint, groups)
 
     # --- shape ---------------------------------------------------------------
     @property
@@ -189,6 +214,8 @@ class Codes:
         h = hashlib.sha256(f"{self.n},{self.w},{self.data_fingerprint}".encode())
         h.update(np.ascontiguousarray(self.indices, dtype="<i8").tobytes())
         h.update(np.packbits(self.bits, axis=1).tobytes())
+        if self.groups is not None:
+            h.update(np.ascontiguousarray(self.groups, dtype="<i8").tobytes())
         return h.hexdigest()[:16]
 
     # --- lookups ---------------------------------------------------------------
@@ -236,11 +263,13 @@ class Codes:
             "w": self.w,
             "data_fingerprint": self.data_fingerprint,
             "fingerprint": self.fingerprint,
+            **({} if self.groups is None else {"groups": torch.from_numpy(self.groups.copy())}),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Codes:
-        codes = cls(state["bits"].numpy().astype(bool), state["indices"].numpy().astype(np.int64), int(state["w"]), state["data_fingerprint"])
+        groups = state["groups"].numpy().astype(np.int64) if "groups" in state else None
+        codes = cls(state["bits"].numpy().astype(bool), state["indices"].numpy().astype(np.int64), int(state["w"]), state["data_fingerprint"], groups)
         if codes.fingerprint != state["fingerprint"]:
             raise FingerprintMismatchError("the stored codes do not match their fingerprint; the checkpoint is corrupt")
         return codes

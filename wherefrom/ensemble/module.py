@@ -138,7 +138,8 @@ class EncodedEnsemble(L.LightningModule):
         member = self.hparams.member
         if member is not None and self.codes is not None and np.array_equal(dm.indices, self.codes.split(member)):
             return  # restricted by an earlier setup of this module
-        codes = Codes.generate(dm.indices, self.hparams.n, self.w, self.hparams.seed, dm.fingerprint)
+        groups = getattr(dm, "group_ids", None)
+        codes = Codes.generate(dm.indices, self.hparams.n, self.w, self.hparams.seed, dm.fingerprint, None if groups is None else groups[dm.indices])
         if self.codes is not None and self.codes.fingerprint != codes.fingerprint:
             raise FingerprintMismatchError(
                 f"this ensemble's codes ({self.codes.fingerprint}) were made for another split than the datamodule's "
