@@ -91,14 +91,19 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -> None:
-    """Write ``images`` ([-1, 1], N x C x H x W) as one PNG grid, upscaled ``scale`` x."""
-    from PIL import Image
+def image_grid(images: Tensor, nrow: int = 8, scale: int = 4) -> Tensor:
+    """``images`` ([-1, 1], N x C x H x W) as one uint8 3 x H' x W' grid, upscaled ``scale`` x (nearest)."""
     from torchvision.utils import make_grid
 
     grid = make_grid(to_uint8(images), nrow=nrow, padding=1, pad_value=255)
-    arr = grid.permute(1, 2, 0).numpy()
+    return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -> None:
+    """Write ``images`` ([-1, 1], N x C x H x W) as one PNG grid, upscaled ``scale`` x."""
+    from PIL import Image
+
+    arr = image_grid(images, nrow, scale).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")

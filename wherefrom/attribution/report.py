@@ -11,6 +11,7 @@ read one format.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.errors import WherefromError
-from wherefrom.io import save_grid, write_json, write_npy
+from wherefrom.io import image_grid, save_grid, write_json, write_npy
 
 
 class Needs(str, enum.Enum):
@@ -92,6 +93,36 @@ class Attributor(Protocol):
     def attribute(self, module: Any, data: Any, queries: Tensor) -> Attribution: ...
 
 
+def topk_rows(result: Attribution, train_images: Tensor, top_k: int) -> Tensor:
+    """Each query followed by its top-k training images (``Q (k + 1) x C x H x W``)."""
+    idx, _ = result.topk(top_k)
+    queries = result.queries.float().cpu()
+    return torch.cat([torch.cat([queries[q : q + 1], train_images[idx[q]].float()]) for q in range(len(idx))])
+
+
+def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int = 0) -> None:
+    """``metrics`` to every Lightning logger (TensorBoard, CSV, ...)."""
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def log_attribution(loggers: Sequence[Any], result: Attribution, train_images: Tensor, top_k: int = 10, step: int = 0) -> None:
+    """Log ``result`` to Lightning loggers: scalars (queries, mean top-1 and top-k score) to every logger,
+    and the top-k grid (each query, then its top-k) to those that take images (TensorBoard's
+    ``experiment.add_image``, or a ``log_image`` method such as Weights & Biases')."""
+    _, top = result.topk(top_k)
+    prefix = f"wherefrom/{result.method}"
+    log_scalars(loggers, {f"{prefix}/queries": float(len(top)), f"{prefix}/top1_score": float(top[:, 0].mean()),
+                          f"{prefix}/topk_score": float(top.mean())}, step)  # fmt: skip
+    grid = image_grid(topk_rows(result, train_images, top_k), nrow=top.shape[1] + 1)
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(f"{prefix}/topk", grid, global_step=step)
+        elif callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=f"{prefix}/topk", images=[grid.permute(1, 2, 0).numpy()], step=step)
+
+
 def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10) -> Path:
     """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
     its top-k training images, one row per query) and every artifact of ``result``."""
@@ -110,8 +141,7 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
         rows.append(row)
     write_json(out / "topk.json", {"method": result.method, "top_k": int(idx.shape[1]), "queries": rows})
     queries = result.queries.float().cpu()
-    grid = torch.cat([torch.cat([queries[q : q + 1], train_images[idx[q]].float()]) for q in range(len(idx))])
-    save_grid(grid, out / "topk.png", nrow=idx.shape[1] + 1)
+    save_grid(topk_rows(result, train_images, top_k), out / "topk.png", nrow=idx.shape[1] + 1)
     for name, images in result.artifacts.items():
         images = images.float().cpu()
         write_npy(out / f"{name}.npy", images.numpy())

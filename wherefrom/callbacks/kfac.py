@@ -35,7 +35,8 @@ import lightning as L
 import torch
 
 from wherefrom.attribution.features import gather, on_rank_zero
-from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, training_split
+from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
+from wherefrom.attribution.report import log_scalars
 from wherefrom.attribution.store import Store
 from wherefrom.callbacks.target import Target, resolve_data, resolve_target
 from wherefrom.errors import WherefromError
@@ -159,6 +160,10 @@ class KFACFactors(L.Callback):
                 net, model_id, self._target.task, self._data, split, self._store, self.config, self.batch_size,
                 comm=trainer.strategy, progress=trainer.is_global_zero, collector=self.collectors.get(model_id),
             )  # fmt: skip
+            if trainer.is_global_zero:
+                layers = float(len(tracked_layers(net)))
+                log_scalars(trainer.loggers, {f"wherefrom/factors/{model_id}/layers": layers, f"wherefrom/factors/{model_id}/images": float(len(split))},
+                            trainer.global_step)  # fmt: skip
         self.collectors = {}
 
     def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from wherefrom.attribution.features import featurize, on_rank_zero, weights_hash
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
+from wherefrom.attribution.report import log_scalars
 from wherefrom.attribution.store import Store
 from wherefrom.callbacks.target import Target, resolve_data, resolve_target
 from wherefrom.errors import WherefromError
@@ -118,6 +119,8 @@ class TRAKFeatures(L.Callback):
                 meta = {"model_id": model_id, "weights": weights_hash(net)}
                 on_rank_zero(strategy, lambda: store.save_tensors(f"weights/{model_id}", net.state_dict(), meta))
                 featurize(net, model_id, target.task, data, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero)
+                if trainer.is_global_zero:
+                    log_scalars(trainer.loggers, {f"wherefrom/features/{model_id}": float(len(data.indices))}, trainer.global_step)
 
 
 __all__ = ["TRAKFeatures"]
