@@ -19,6 +19,7 @@ from wherefrom.attribution.trak import DTRAK, TRAK
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
+from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
 from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.model import Attributable, DiffusionModel, load_module
@@ -44,6 +45,8 @@ __all__ = [
     "EncodedEnsemble",
     "EnsembleSampler",
     "assemble",
+    "EncodedEnsemblePipeline",
+    "EnsembleDenoiser",
     # sampling
     "generate",
     # attribution
