@@ -10,7 +10,8 @@ ablating another class; a one-sided Mann-Whitney U test over many samples says h
 Trains the ensemble once (reused from ``--out``), draws ``--samples`` samples, ablates each class
 exactly, and compares the L2 change (and LPIPS when its AlexNet backbone file is in the torch hub
 cache) between own-class and other-class ablations. A sample's class is the digit classifier's
-(:mod:`wherefrom.evaluation.quality`). Writes ``<out>/class_ablation.md`` and ``.png``.
+(:mod:`wherefrom.evaluation.quality`); the test is reported over all samples and over those
+the classifier recognises (probability >= 0.7), whose class is certain. Writes ``<out>/class_ablation.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from scipy.stats import mannwhitneyu
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
-from wherefrom.evaluation.quality import digit_labels, recognised
+from wherefrom.evaluation.quality import THRESHOLD, digit_labels, digit_probabilities, recognised
 
 
 def train(out: Path, a: argparse.Namespace, dm: DigitsDataModule) -> EncodedEnsemble:
@@ -84,6 +85,7 @@ def main() -> None:
     with torch.no_grad():
         x0 = sampler.sample(queries)
         labels = digit_labels(x0)
+        confident = digit_probabilities(x0).max(1) >= THRESHOLD
         ablated = {}
         for c in range(10):
             one = int(dm.indices[dm.labels[dm.indices] == c][0])  # any image of the class: its code is the class's
@@ -100,16 +102,17 @@ def main() -> None:
         f"{a.samples} samples (DDPM, {a.steps} steps, seed {a.seed}); {recognised(x0).summary()} recognised as digits. "
         f"Each class ablated exactly (its 2 members dropped, same noise). Trained in {trained:.0f} s.",
         "",
-        "| distance | own class: median | other classes: median | ratio | Mann-Whitney U (one-sided) | AUC | p |",
-        "|---|---|---|---|---|---|---|",
+        "| distance | samples | own class: median | other classes: median | ratio | Mann-Whitney U (one-sided) | AUC | p |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, d in distances.items():
-        own, other = d[own_mask], d[~own_mask]
-        test = mannwhitneyu(own, other, alternative="greater")
-        auc = test.statistic / (len(own) * len(other))
-        lines.append(f"| {name} | {np.median(own):.3f} | {np.median(other):.3f} | {np.median(own) / np.median(other):.2f} | "
-                     f"{test.statistic:.0f} | {auc:.3f} | {test.pvalue:.2g} |")  # fmt: skip
-        histogram(own, other, name, out / f"class_ablation_{name.lower()}.png")
+        for which, keep in (("all", np.ones(a.samples, dtype=bool)), ("recognised", confident)):
+            own, other = d[own_mask & keep], d[~own_mask & keep]
+            test = mannwhitneyu(own, other, alternative="greater")
+            auc = test.statistic / (len(own) * len(other))
+            lines.append(f"| {name} | {which} ({int(keep.sum())}) | {np.median(own):.3f} | {np.median(other):.3f} | {np.median(own) / np.median(other):.2f} | "
+                         f"{test.statistic:.0f} | {auc:.3f} | {test.pvalue:.2g} |")  # fmt: skip
+        histogram(d[own_mask], d[~own_mask], name, out / f"class_ablation_{name.lower()}.png")
     if "LPIPS" not in distances:
         lines.append(f"\nLPIPS skipped: no AlexNet backbone at {alexnet_weights_path()} (no downloads).")
     lines += ["", "![L2](class_ablation_l2.png)", ""]
