@@ -18,8 +18,8 @@ from tests.test_distances import alexnet_home  # noqa: F401 - fixture: a random 
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.ensemble.synthetic import (
-    ablated_weights,
     SyntheticAblation,
+    ablated_weights,
     exact_ablation,
     linearize,
     synthetic_scores,
