@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -96,3 +97,21 @@ def test_normalised_scores_equal_the_closed_form_on_unit_rows():
         unit = phi / np.linalg.norm(phi, axis=1, keepdims=True)
         lam = 0.1 * np.trace(unit.T @ unit) / min(n, d)
         np.testing.assert_allclose(trak_scores([phi], [q], 0.1, block=4, normalize=True), _closed_form(unit, q, lam), rtol=1e-8)
+
+
+def test_attribute_reads_a_config_file_and_prints_its_config(featurised, capsys, tmp_path):
+    """Every flat command takes ``--config file.yaml`` (flags after it override) and ``--print_config``, as ``fit`` does."""
+    root = featurised[0]
+    config = tmp_path / "attribute.yaml"
+    config.write_text(f"ckpt: {root / 'model.ckpt'}\nmethod: dtrak\nstore: {root / 'store'}\nqueries: {root / 'queries.npy'}\ntop_k: 5\n")
+    cli.main(["attribute", "--config", str(config), "--top-k", "3", "--out", str(tmp_path / "from_config")])
+    cli.main(["attribute", "--ckpt", str(root / "model.ckpt"), "--method", "dtrak", "--store", str(root / "store"),
+              "--queries", str(root / "queries.npy"), "--top-k", "3", "--out", str(tmp_path / "from_flags")])
+    assert np.array_equal(np.load(tmp_path / "from_config" / "scores.npy"), np.load(tmp_path / "from_flags" / "scores.npy"))
+    assert json.loads((tmp_path / "from_config" / "topk.json").read_text())["top_k"] == 3  # the flag overrode the file
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        cli.main(["attribute", "--config", str(config), "--damping", "0.3", "--out", "x", "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "method: dtrak" in printed and "damping: 0.3" in printed and "top_k: 5" in printed

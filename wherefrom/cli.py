@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from wherefrom.errors import ArgumentParser, WherefromError, one_line
+from wherefrom.errors import ConfigArgumentParser, WherefromError, one_line
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -93,7 +93,7 @@ def sample_main(argv: list[str]) -> None:
     from wherefrom.io import check_out_dir, save_grid, write_npy
     from wherefrom.sampling import SchedulerType, sampling_timesteps
 
-    p = ArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
+    p = ConfigArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
     p.add_argument("--ckpt", required=True, help="a .ckpt from `wherefrom fit` or a diffusers export folder")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +127,7 @@ def sample_main(argv: list[str]) -> None:
 def export_main(argv: list[str]) -> None:
     from wherefrom.io import check_out_dir
 
-    p = ArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
+    p = ConfigArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True, help="a new or empty folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (replacing same-named files)")

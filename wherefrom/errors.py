@@ -4,7 +4,9 @@ says what was wrong and what to do; the CLI prints it on one line and exits 2.""
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import jsonargparse
 
 
 def one_line(error: BaseException, limit: int = 150) -> str:
@@ -29,8 +31,25 @@ class StoreDamagedError(WherefromError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` for wherefrom's commands: a usage error raises a one-line
-    :class:`WherefromError` (the CLI prints it and exits 2) instead of printing the usage."""
+    """``argparse`` for wherefrom's commands with subcommands (``lds``, ``ensemble``) or a ``--config``
+    of their own (a benchmark file): a usage error raises a one-line :class:`WherefromError` (the
+    CLI prints it and exits 2) instead of printing the usage."""
 
     def error(self, message: str) -> NoReturn:
+        raise WherefromError(f"{message}; see `{self.prog} --help`")
+
+
+class ConfigArgumentParser(jsonargparse.ArgumentParser):
+    """jsonargparse for wherefrom's flat commands, as for ``fit``: ``--config file.yaml`` (its keys are the
+    options, e.g. ``top_k: 8``; later flags override it) and ``--print_config``; a usage error raises a
+    one-line :class:`WherefromError` instead of printing the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, exit_on_error=False, **kwargs)
+        self.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a YAML/JSON file of these options (flags after it override it)")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        head, sep, keys = message.partition("the following arguments are required: ")
+        if sep:  # jsonargparse names the keys; name the flags, as argparse does
+            message = head + sep + ", ".join("--" + k.strip().replace("_", "-") for k in keys.split(","))
         raise WherefromError(f"{message}; see `{self.prog} --help`")

@@ -23,7 +23,7 @@ from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
-from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.errors import ConfigArgumentParser, WherefromError
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.sampling import SchedulerType
 
@@ -74,7 +74,7 @@ def method_options() -> dict[str, Option]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
+    p = ConfigArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
     p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
@@ -92,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
         if opt.type is bool:
             group.add_argument(flag(name), action="store_true", default=None, help=f"{', '.join(opt.methods)}")
         else:
-            group.add_argument(flag(name), type=opt.type, choices=opt.choices, default=None, help=f"default: {shown}")
+            choices = {"choices": opt.choices} if opt.choices else {}
+            group.add_argument(flag(name), type=opt.type, default=None, help=f"default: {shown}", **choices)
     return p
 
 

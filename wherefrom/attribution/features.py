@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind
 from wherefrom.attribution.projection import Projection, default_projector
 from wherefrom.attribution.store import Store
-from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.errors import ConfigArgumentParser, WherefromError
 from wherefrom.task import DiffusionTask, Stream, TimestepStrategy
 
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def featurize_main(argv: list[str]) -> None:
     """``wherefrom featurize``: TRAK / D-TRAK features of a finished run into a store."""
     from wherefrom.model import load_datamodule, load_module
 
-    p = ArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
+    p = ConfigArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
     p.add_argument("--out", required=True, help="store folder (created, or resumed if it holds the same config)")
     p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")

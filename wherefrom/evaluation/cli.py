@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.errors import ArgumentParser, ConfigArgumentParser, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
 from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 
@@ -121,7 +121,7 @@ def loo_main(argv: list[str]) -> None:
     from wherefrom.evaluation.loo import leave_one_out, sample_indices
     from wherefrom.model import load_datamodule, load_module
 
-    p = ArgumentParser(
+    p = ConfigArgumentParser(
         prog="wherefrom loo",
         description="Grade attribution methods against an encoded ensemble's exact leave-one-out (no retraining).",
     )

@@ -8,14 +8,14 @@ from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
 from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
 from wherefrom.attribution.kfac.preconditioner import entry_names
 from wherefrom.attribution.store import Store
-from wherefrom.errors import ArgumentParser, WherefromError
+from wherefrom.errors import ConfigArgumentParser, WherefromError
 
 
 def factors_main(argv: list[str]) -> None:
     """``wherefrom factors``: K-FAC factors of a finished run into a store."""
     from wherefrom.model import load_datamodule, load_module
 
-    p = ArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
+    p = ConfigArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
     p.add_argument("--store", required=True, help="store folder (shared with `wherefrom featurize`)")
     p.add_argument("--curvature", choices=[c.value for c in Curvature], default=FactorConfig.curvature)
