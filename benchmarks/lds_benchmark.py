@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wherefrom.attribution.baseline import random_scores
+from wherefrom.attribution.baseline import pixel_scores, random_scores
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
 from wherefrom.attribution.influence import precondition, query_gradients
@@ -244,9 +244,7 @@ def ensemble_loss_method(ctx: Context) -> np.ndarray:
 
 def pixel_method(ctx: Context) -> np.ndarray:
     """-||x_q - x_i||^2: the pixel-similarity baseline."""
-    x = ctx.dm.images[ctx.split].flatten(1).double()
-    q = ctx.queries.flatten(1).double()
-    return ctx.full(-torch.cdist(q, x).pow(2).numpy())
+    return pixel_scores(ctx.queries, ctx.dm.images, ctx.split)
 
 
 def random_method(ctx: Context) -> np.ndarray:
