@@ -361,6 +361,11 @@ def bar_chart(results: dict[str, dict[str, MethodResult]], path: Path) -> None:
     plt.close(fig)
 
 
+def paired(a: MethodResult, b: MethodResult) -> Estimate:
+    """The per-query difference of two methods' loss rises (same queries, same removal test), with its interval."""
+    return Estimate.of(a.removal.loss - b.removal.loss)
+
+
 def verdict(qset: str, results: dict[str, MethodResult], k: int) -> list[str]:
     """Which method won on ``qset``, by how much, against random and pixel similarity, in plain words."""
     best = winner(results)
@@ -376,12 +381,17 @@ def verdict(qset: str, results: dict[str, MethodResult], k: int) -> list[str]:
         lines.append("(ablation-loss computes exactly this quantity for single images, on other noise draws: it is the ensemble's own "
                      "answer, so its lead shows the test measures what it should; the comparison that matters is the others against pixel similarity.)")
     if pixel is not None and best != "pixel":
-        p = pixel.loss()
-        lines.append(f"Pixel similarity's top-{k} raised it by {p.summary()}; {best} is " + ("above" if b.ci_low > p.mean else "not clearly above") + " it.")
+        p, d = pixel.loss(), paired(results[best], pixel)
+        lines.append(f"Pixel similarity's top-{k} raised it by {p.summary()}; {best} minus pixel, paired per query: {d.summary()}, "
+                     + ("above it." if d.ci_low > 0 else "not clearly above it."))  # fmt: skip
     grad = {m: res for m, res in results.items() if m not in BASELINES and not m.startswith("ablation")}
     if grad:
         g = max(grad, key=lambda m: grad[m].loss().mean)
-        lines.append(f"Best gradient method: {g}, {grad[g].loss().summary()}.")
+        line = f"Best gradient method: {g}, {grad[g].loss().summary()}"
+        if pixel is not None:
+            d = paired(grad[g], pixel)
+            line += f"; minus pixel, paired: {d.summary()} (" + ("above" if d.ci_low > 0 else "below" if d.ci_high < 0 else "level with") + " pixel)"
+        lines.append(line + ".")
     return lines
 
 
