@@ -61,7 +61,7 @@ METHOD_ORDER = ("ablation", "ablation-loss", "trak", "dtrak", "kfac", "ekfac", "
 BASELINES = ("pixel", "random")
 QUERY_SETS = ("generated", "real")
 # subfolders of --out that a run owns (a rerun into the same --out replaces them)
-OWNED = ("ensemble", "store", "methods", "lds", "evaluation")
+OWNED = ("ensemble", "store", "methods", "lds")
 MARKER = ".wherefrom-demo"  # written into --out by a demo run: marks the folder as the demo's own
 
 
@@ -151,13 +151,13 @@ def log(msg: str, start: float) -> None:
     print(f"[demo {time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
 
-def datamodule(cfg: DemoConfig, batch_size: int | None = None) -> DigitsDataModule:
-    return DigitsDataModule(batch_size=batch_size or cfg.batch_size, pool_size=cfg.num_images, pool_seed=cfg.seed)
+def datamodule(cfg: DemoConfig) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=cfg.batch_size, pool_size=cfg.num_images, pool_seed=cfg.seed)
 
 
 def fit_config(cfg: DemoConfig, out: Path) -> dict[str, Any]:
-    """The LightningCLI config of the ensemble's fit, with the capture callbacks (K-FAC shares
-    TRAK's store: its projected mode reuses the loss-gradient features)."""
+    """The LightningCLI config of the ensemble's fit, with the capture callbacks (the K-FAC factors
+    go into TRAK's store, beside the loss-gradient features its projected mode can reuse)."""
     features = dict(timesteps=cfg.timesteps, proj_dim=cfg.proj_dim, seed=cfg.seed)
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -273,6 +273,12 @@ class MethodResult:
         return None if self.removal.distance is None else Estimate.of(self.removal.distance)
 
 
+def set_rows(queries: dict[str, Tensor], sets: list[str]) -> dict[str, slice]:
+    """The rows of each query set in ``torch.cat([queries[s] for s in sets])``."""
+    ends = np.cumsum([len(queries[s]) for s in sets])
+    return {s: slice(int(end) - len(queries[s]), int(end)) for s, end in zip(sets, ends, strict=True)}
+
+
 def rows_of(result: Attribution, rows: slice, queries: Tensor) -> Attribution:
     """The part of ``result`` for the queries at ``rows`` (scores, per-query extras and artifacts)."""
     return Attribution(result.scores[rows], queries, result.method, result.split, result.extra[rows],
@@ -302,11 +308,9 @@ def attribute_and_remove(cfg: DemoConfig, module, dm, methods: dict[str, Any], q
             continue
         seconds = time.perf_counter() - t0
         timer.seconds[f"attribute:{name}"] = seconds
-        offset = 0
-        for qset in sets:
+        for qset, rows in set_rows(queries, sets).items():
             q = queries[qset]
-            part = rows_of(result, slice(offset, offset + len(q)), q)
-            offset += len(q)
+            part = rows_of(result, rows, q)
             write_attribution(out / "methods" / qset / name, part, dm.images, cfg.top_k)
             top, _ = part.topk(cfg.removal_k)
             with timer.phase("evaluation: removal"):
@@ -324,10 +328,7 @@ def add_lds(cfg: DemoConfig, config: Path, queries: dict[str, Tensor], results: 
     values = lds.measure(bench, torch.cat([queries[s] for s in sets]))
     subsets, n = lds.read_subsets(bench)
     masks, targets = lds.subset_masks(subsets, n), -values.mean(axis=1)
-    offset = 0
-    for s in sets:
-        cols = slice(offset, offset + len(queries[s]))
-        offset += len(queries[s])
+    for s, cols in set_rows(queries, sets).items():
         for r in results[s].values():
             r.lds = lds.lds(r.attribution.scores.astype(np.float64), masks, targets[:, cols], bench.bootstrap)
 

@@ -100,13 +100,12 @@ def parser() -> argparse.ArgumentParser:
 def make_attributor(args: argparse.Namespace) -> Attributor:
     """The attributor of ``--method`` with the options given on the command line (a flag it does not take is refused)."""
     cls = ATTRIBUTORS[args.method]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if k in method_options() and k not in COMMAND_OPTIONS and v is not None}
+    fields, options = {f.name for f in dataclasses.fields(cls)}, method_options()
+    given = {k: v for k, v in vars(args).items() if k in options and k not in COMMAND_OPTIONS and v is not None}
     stray = sorted(set(given) - fields)
     if stray:
         raise WherefromError(f"{flag(stray[0])} does not apply to --method {args.method}; its options are {', '.join(map(flag, sorted(fields))) or 'none'}")
-    options = {**given, **{k: getattr(args, k) for k in COMMAND_OPTIONS if k in fields}}
-    made = attributor(args.method, **options)
+    made = attributor(args.method, **given, **{k: getattr(args, k) for k in COMMAND_OPTIONS if k in fields})
     if cls.needs in WRITER and getattr(made, "store", None) is None:
         raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom {WRITER[cls.needs]}`")
     return made

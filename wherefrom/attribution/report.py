@@ -61,9 +61,14 @@ class Attribution:
             if rows.dim() != 5 or len(rows) != len(self.queries):
                 raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
 
+    @property
+    def columns(self) -> np.ndarray:
+        """The global indices that are ranked: the training split (all N when unknown)."""
+        return np.arange(self.scores.shape[1]) if self.split is None else self.split
+
     def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Global indices (Q x k) and scores of the k most influential training images per query."""
-        cols = np.arange(self.scores.shape[1]) if self.split is None else self.split
+        cols = self.columns
         k = min(k, len(cols))
         order = np.argsort(-self.scores[:, cols], axis=1, kind="stable")[:, :k]
         idx = cols[order]
@@ -76,7 +81,7 @@ class Attribution:
         group_ids = np.asarray(group_ids)
         if group_ids.shape != (self.scores.shape[1],):
             raise WherefromError(f"group ids must give one group per training index ({self.scores.shape[1]}), got shape {group_ids.shape}")
-        cols = np.arange(self.scores.shape[1]) if self.split is None else self.split
+        cols = self.columns
         groups, inverse = np.unique(group_ids[cols], return_inverse=True)
         sums = np.zeros((len(self.scores), len(groups)))
         np.add.at(sums.T, inverse, self.scores[:, cols].astype(np.float64).T)
@@ -93,11 +98,16 @@ class Attributor(Protocol):
     def attribute(self, module: Any, data: Any, queries: Tensor) -> Attribution: ...
 
 
+def beside_queries(queries: Tensor, rows: Sequence[Tensor]) -> Tensor:
+    """Each query followed by its row of images (``Q (R + 1) x C x H x W``, for a grid of ``R + 1`` columns)."""
+    queries = queries.float().cpu()
+    return torch.cat([torch.cat([queries[q : q + 1], rows[q].float().cpu()]) for q in range(len(queries))])
+
+
 def topk_rows(result: Attribution, train_images: Tensor, top_k: int) -> Tensor:
     """Each query followed by its top-k training images (``Q (k + 1) x C x H x W``)."""
     idx, _ = result.topk(top_k)
-    queries = result.queries.float().cpu()
-    return torch.cat([torch.cat([queries[q : q + 1], train_images[idx[q]].float()]) for q in range(len(idx))])
+    return beside_queries(result.queries, [train_images[i] for i in idx])
 
 
 def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int = 0) -> None:
@@ -140,10 +150,8 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
             row.update(result.extra[q])
         rows.append(row)
     write_json(out / "topk.json", {"method": result.method, "top_k": int(idx.shape[1]), "queries": rows})
-    queries = result.queries.float().cpu()
-    save_grid(topk_rows(result, train_images, top_k), out / "topk.png", nrow=idx.shape[1] + 1)
+    save_grid(beside_queries(result.queries, [train_images[i] for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
     for name, images in result.artifacts.items():
-        images = images.float().cpu()
-        write_npy(out / f"{name}.npy", images.numpy())
-        save_grid(torch.cat([torch.cat([queries[q : q + 1], images[q]]) for q in range(len(images))]), out / f"{name}.png", nrow=images.shape[1] + 1)
+        write_npy(out / f"{name}.npy", images.float().cpu().numpy())
+        save_grid(beside_queries(result.queries, images), out / f"{name}.png", nrow=images.shape[1] + 1)
     return out

@@ -28,7 +28,6 @@ Only global rank 0 writes the store.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -37,13 +36,12 @@ import torch
 from wherefrom.attribution.features import gather, on_rank_zero
 from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
 from wherefrom.attribution.report import log_scalars
-from wherefrom.attribution.store import Store
-from wherefrom.callbacks.target import Target, resolve_data, resolve_target
+from wherefrom.callbacks.target import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask
 
 
-class KFACFactors(L.Callback):
+class KFACFactors(CaptureCallback):
     """Fit K-FAC factors of every denoiser and write them to ``store``.
 
     Args:
@@ -55,9 +53,7 @@ class KFACFactors(L.Callback):
         passes: passes over the training set in ``after`` mode (and for EK-FAC).
         ekfac: also measure EK-FAC eigenvalues after training.
         batch_size: images per batch of the dedicated passes.
-        overwrite: replace a store/entries made for other data, config or weights.
-        denoiser: attribute path of the network on the module (default: ``denoisers()`` or its single diffusers UNet).
-        task: the noise schedule (default: ``module.task`` or its diffusers scheduler's).
+        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.target.CaptureCallback`.
     """
 
     def __init__(
@@ -77,29 +73,20 @@ class KFACFactors(L.Callback):
             raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
         default = Curvature.EMPIRICAL.value if mode == "during" else Curvature.MC.value
         self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
-        self.store, self.batch_size, self.overwrite, self.denoiser, self.task = store, batch_size, overwrite, denoiser, task
-        self._target: Target | None = None
-        self._data: Any = None
-        self._store: Store | None = None
+        super().__init__(store, overwrite, denoiser, task)
+        self.batch_size = batch_size
         self.collectors: dict[str, FactorCollector] = {}
         self._loaded: dict[str, dict[str, torch.Tensor]] | None = None
         self._output_size = 1  # D, the entries of one eps prediction
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(store=str(Path(self.store).resolve()), mode=self.config.mode)
-
-    def _open_store(self) -> None:
-        """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
-        owner = type(self).__name__
-        self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
-                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
+        return self._state_key(mode=self.config.mode)
 
     # --- during training -------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """Find the data and open the store now, so a mismatch fails before the first step."""
-        self._data = resolve_data(trainer, type(self).__name__)
-        on_rank_zero(trainer.strategy, self._open_store)
+        """Check the data and the store (:class:`CaptureCallback`); in ``during`` mode, attach the hooks."""
+        super().on_train_start(trainer, pl_module)
         if self.config.mode != "during":
             return
         for model_id, net in self._target.denoisers.items():
@@ -146,9 +133,8 @@ class KFACFactors(L.Callback):
         self._loaded = state_dict.get("collectors") or None
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer
-        if stage == "fit":
-            self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
 
     # --- after training --------------------------------------------------------------------
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:

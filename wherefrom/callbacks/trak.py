@@ -13,7 +13,6 @@ with ``every_n_epochs = k``, also ``<id>@epoch<e>`` after every k-th epoch
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,13 +22,12 @@ from wherefrom.attribution.features import featurize, on_rank_zero, weights_hash
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.report import log_scalars
-from wherefrom.attribution.store import Store
-from wherefrom.callbacks.target import Target, resolve_data, resolve_target
+from wherefrom.callbacks.target import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask
 
 
-class TRAKFeatures(L.Callback):
+class TRAKFeatures(CaptureCallback):
     """Featurise every training index after training (and optionally every k epochs).
 
     Args:
@@ -40,9 +38,7 @@ class TRAKFeatures(L.Callback):
         projector: the dense mode's trak projector (default: ``cuda`` with fast_jl on a GPU, else ``basic``).
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).
-        overwrite: replace a store/entries made for other data, config or weights.
-        denoiser: attribute path of the network on the module (default: ``denoisers()`` or its single diffusers UNet).
-        task: the noise schedule (default: ``module.task`` or its diffusers scheduler's).
+        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.target.CaptureCallback`.
     """
 
     def __init__(
@@ -67,11 +63,8 @@ class TRAKFeatures(L.Callback):
             raise WherefromError(f"method must be one of {sorted(METHOD_OUTPUTS)}, got {method!r}")
         if every_n_epochs < 0 or batch_size < 1:
             raise WherefromError(f"every_n_epochs must be >= 0 and batch_size >= 1, got {every_n_epochs} and {batch_size}")
-        self.store, self.every_n_epochs, self.batch_size, self.overwrite = store, every_n_epochs, batch_size, overwrite
-        self.projector, self.denoiser, self.task = projector, denoiser, task
-        self._target: Target | None = None
-        self._data: Any = None
-        self._store: Store | None = None
+        super().__init__(store, overwrite, denoiser, task)
+        self.every_n_epochs, self.batch_size, self.projector = every_n_epochs, batch_size, projector
         # validated now, so a bad argument fails before training
         self.config = FeatureConfig(
             output=output or METHOD_OUTPUTS[method], timesteps=timesteps, strategy=strategy, proj_dim=proj_dim,
@@ -80,22 +73,7 @@ class TRAKFeatures(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(store=str(Path(self.store).resolve()), output=self.config.output)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Find the data and open the store now, so a mismatch fails before the first step."""
-        self._data = resolve_data(trainer, type(self).__name__)
-        on_rank_zero(trainer.strategy, self._open_store)
-
-    def _open_store(self) -> None:
-        """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
-        owner = type(self).__name__
-        self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
-                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
+        return self._state_key(output=self.config.output)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

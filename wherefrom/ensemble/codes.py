@@ -97,8 +97,18 @@ def _random_masks(n: int, w: int, count: int, rng: np.random.Generator) -> np.nd
     return chosen
 
 
+def bits_from_masks(masks: np.ndarray, n: int) -> np.ndarray:
+    """``N x n`` bool code rows from integer bit masks (bit ``i`` = member ``i``)."""
+    return ((np.asarray(masks, dtype=np.int64)[:, None] >> np.arange(n, dtype=np.int64)) & 1).astype(bool)
+
+
+def masks_from_bits(bits: np.ndarray) -> np.ndarray:
+    """Integer bit masks (bit ``i`` = member ``i``) of ``N x n`` bool code rows; inverse of :func:`bits_from_masks`."""
+    return (np.asarray(bits, dtype=np.int64) << np.arange(np.shape(bits)[1], dtype=np.int64)).sum(1)
+
+
 def _loads(masks: np.ndarray, n: int) -> np.ndarray:
-    return ((masks[:, None] >> np.arange(n, dtype=np.int64)) & 1).sum(0)
+    return bits_from_masks(masks, n).sum(0)
 
 
 def _balance(masks: np.ndarray, n: int) -> np.ndarray:
@@ -191,8 +201,7 @@ class Codes:
         else:
             masks = _random_masks(n, w, len(units), rng)
         masks = _balance(masks, n)[unit_of]
-        bits = ((masks[:, None] >> np.arange(n, dtype=np.int64)) & 1).astype(bool)
-        return cls(bits, indices, w, data_fingerprint, groups)
+        return cls(bits_from_masks(masks, n), indices, w, data_fingerprint, groups)
 
     # --- shape ---------------------------------------------------------------
     @property

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, Mod
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import Tensor, nn
 
-from wherefrom.ensemble.codes import Codes
+from wherefrom.ensemble.codes import Codes, bits_from_masks, masks_from_bits
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.model import image_shape
@@ -53,8 +53,7 @@ class EnsembleDenoiser(ModelMixin, ConfigMixin):
         cfg = self.config
         if cfg.code_indices is None:
             return None
-        masks = np.asarray(cfg.code_masks, dtype=np.int64)
-        bits = ((masks[:, None] >> np.arange(cfg.n, dtype=np.int64)) & 1).astype(bool)
+        bits = bits_from_masks(cfg.code_masks, cfg.n)
         groups = None if cfg.code_groups is None else np.asarray(cfg.code_groups, dtype=np.int64)
         return Codes(bits, np.asarray(cfg.code_indices, dtype=np.int64), cfg.w, cfg.data_fingerprint, groups)
 
@@ -77,7 +76,7 @@ class EncodedEnsemblePipeline(DiffusionPipeline):
             raise WherefromError("a pipeline needs a whole trained ensemble with codes; assemble per-member runs first (`wherefrom ensemble assemble`)")
         members = list(module.members.values())
         codes = module.codes
-        masks = (codes.bits.astype(np.int64) << np.arange(codes.n, dtype=np.int64)).sum(1)
+        masks = masks_from_bits(codes.bits)
         denoiser = EnsembleDenoiser(
             dict(members[0].config), codes.n, codes.w, codes.indices.tolist(), masks.tolist(),
             None if codes.groups is None else codes.groups.tolist(), codes.data_fingerprint,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
-from wherefrom.ensemble.synthetic import QuadraticMeasurement, sample_rows
+from wherefrom.ensemble.synthetic import QuadraticMeasurement, ablated_weights, sample_rows
 from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import l2_distance
 from wherefrom.evaluation.lds import bootstrap_ci
@@ -56,13 +56,14 @@ class Estimate:
 
 
 def removal_weights(codes: Codes, sets: np.ndarray, weights: Tensor) -> tuple[Tensor, np.ndarray]:
-    """Member weights without ``S(X_q)`` for each row ``X_q`` of ``sets`` (Q x k): ``Q x n`` (renormalised)
-    and the feasibility mask (False where every member would be dropped; those rows keep ``weights``)."""
+    """Member weights without ``S(X_q)`` for each row ``X_q`` of ``sets`` (Q x k): ``Q x n`` (renormalised,
+    :func:`~wherefrom.ensemble.synthetic.ablated_weights` of the union of the set's codes) and the feasibility
+    mask (False where every member with weight would be dropped; those rows keep ``weights``)."""
     dropped = codes.bits[codes.rows(np.asarray(sets).ravel())].reshape(*np.shape(sets), codes.n).any(1)
-    kept = weights.to(torch.float64).unsqueeze(0) * torch.as_tensor(~dropped)
-    total = kept.sum(1, keepdim=True)
-    feasible = (total > 0).squeeze(1).numpy()
-    out = torch.where(torch.as_tensor(feasible).unsqueeze(1), kept / total.clamp_min(1e-300), weights.to(torch.float64).unsqueeze(0))
+    feasible = (torch.as_tensor(~dropped) & (weights != 0)).any(1).numpy()
+    out = weights.to(torch.float64).repeat(len(dropped), 1)
+    if feasible.any():
+        out[torch.as_tensor(feasible)] = ablated_weights(weights, dropped[feasible])
     return out, feasible
 
 
