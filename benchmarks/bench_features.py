@@ -35,7 +35,8 @@ from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, Proje
 from wherefrom.attribution.projection import BLOCK_SIZE, default_projector, projection_seed
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.model import DiffusionModel, load_module
+from wherefrom.checkpoint import load_module
+from wherefrom.model import DiffusionModel
 from wherefrom.task import Stream, predict_eps
 
 

@@ -32,7 +32,8 @@ from wherefrom.attribution import kfac
 from wherefrom.attribution.influence import score_features
 from wherefrom.attribution.kfac import FactorCollector, eigendecompose, factor_pass
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.model import DiffusionModel, load_module
+from wherefrom.checkpoint import load_module
+from wherefrom.model import DiffusionModel
 
 
 def pass_time(module: DiffusionModel, loader: DataLoader, approx: str, curvature: str, draw: int) -> float:

@@ -38,7 +38,8 @@ import yaml
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EnsembleSampler
 from wherefrom.ensemble.synthetic import JacobianStrategy, linearize, synthetic_scores
-from wherefrom.model import build_unet, load_module
+from wherefrom.checkpoint import load_module
+from wherefrom.model import build_unet
 from wherefrom.task import DiffusionTask
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_ensemble.yaml"

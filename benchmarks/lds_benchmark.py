@@ -44,7 +44,7 @@ from wherefrom.errors import WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, checkpoint, is_trained, train
 from wherefrom.io import save_grid, write_json, write_npy
-from wherefrom.model import load_module
+from wherefrom.checkpoint import load_module
 from wherefrom.task import Stream
 
 SETS = ("report_real", "report_generated", "tuning_real", "tuning_generated")

@@ -32,7 +32,7 @@ from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.ensemble.synthetic import linearize, synthetic_scores
 from wherefrom.evaluation.lds import Correlation, spearman_rows
-from wherefrom.model import load_module
+from wherefrom.checkpoint import load_module
 
 
 def train(args: argparse.Namespace) -> EncodedEnsemble:

@@ -16,7 +16,7 @@ from wherefrom.datamodules.base import fingerprint
 from wherefrom.evaluation import counterfactual
 from wherefrom.evaluation.benchmark import Benchmark, train
 from wherefrom.evaluation.distances import l2_distance
-from wherefrom.model import load_datamodule, load_module
+from wherefrom.checkpoint import load_datamodule, load_module
 
 SPLIT = np.arange(10, 34)
 

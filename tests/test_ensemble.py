@@ -18,7 +18,8 @@ from tests.conftest import TINY_UNET, cli
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_seed
 from wherefrom.errors import WherefromError
-from wherefrom.model import Attributable, DiffusionModel, build_unet, load_module
+from wherefrom.checkpoint import load_module
+from wherefrom.model import Attributable, DiffusionModel, build_unet
 from wherefrom.sampling import sample
 from wherefrom.task import DiffusionTask, predict_eps
 

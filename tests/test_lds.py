@@ -18,7 +18,7 @@ from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
-from wherefrom.model import load_datamodule, load_module
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.task import DiffusionTask, Stream
 
 # N = 4 training images, M = 4 subsets, Q = 3 queries.

@@ -8,7 +8,8 @@ import torch
 
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import CheckpointError, WherefromError
-from wherefrom.model import DiffusionModel, load_datamodule, load_module, load_pretrained
+from wherefrom.checkpoint import load_datamodule, load_module, load_pretrained
+from wherefrom.model import DiffusionModel
 from wherefrom.sampling import generate
 from wherefrom.task import predict_eps
 
@@ -91,7 +92,7 @@ def test_bad_checkpoints(tmp_path, tiny_unet):
     with pytest.raises(CheckpointError, match="cannot read"):
         load_module(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(CheckpointError, match="not written by a wherefrom module"):
+    with pytest.raises(CheckpointError, match="does not say which LightningModule wrote it"):
         load_module(tmp_path / "foreign.ckpt")
     # resuming a checkpoint into another architecture
     _, dm, ckpt = _fit(tmp_path, tiny_unet, epochs=1)

@@ -12,7 +12,7 @@ from wherefrom import EncodedEnsemblePipeline
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.errors import WherefromError
-from wherefrom.model import load_module
+from wherefrom.checkpoint import load_module
 
 
 def test_pipeline_round_trip_equals_the_checkpoints_samples(tmp_path):

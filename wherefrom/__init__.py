@@ -22,7 +22,8 @@ from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
 from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
 from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
-from wherefrom.model import Attributable, DiffusionModel, load_module
+from wherefrom.checkpoint import load_module
+from wherefrom.model import Attributable, DiffusionModel
 from wherefrom.sampling import generate
 from wherefrom.task import MEASUREMENTS, DiffusionTask
 

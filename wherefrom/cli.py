@@ -79,7 +79,8 @@ def lightning_main(argv: list[str]) -> None:
 
 def load_sampler_module(ckpt: str):
     """A module with ``eps_fn``/``task``/``image_shape`` from a .ckpt or a diffusers export folder."""
-    from wherefrom.model import DiffusionModel, load_module, load_pretrained
+    from wherefrom.checkpoint import load_module, load_pretrained
+    from wherefrom.model import DiffusionModel
 
     if Path(ckpt).is_dir():
         unet, task = load_pretrained(ckpt)

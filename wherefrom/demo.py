@@ -196,7 +196,7 @@ def wait(proc: subprocess.Popen, what: str, log_path: Path) -> None:
 
 def train_ensemble(cfg: DemoConfig, out: Path):
     """``wherefrom fit`` of the ensemble with the capture callbacks; returns the module (eval mode)."""
-    from wherefrom.model import load_module
+    from wherefrom.checkpoint import load_module
 
     config = out / "ensemble" / "fit.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)

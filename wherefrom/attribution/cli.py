@@ -131,7 +131,7 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
 
 
 def attribute_main(argv: list[str]) -> None:
-    from wherefrom.model import load_datamodule, load_module
+    from wherefrom.checkpoint import load_datamodule, load_module
 
     args = parser().parse_args(argv)
     check_out_dir(args.out)

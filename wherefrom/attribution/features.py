@@ -173,7 +173,7 @@ def featurize(
 
 def featurize_main(argv: list[str]) -> None:
     """``wherefrom featurize``: TRAK / D-TRAK features of a finished run into a store."""
-    from wherefrom.model import load_datamodule, load_module
+    from wherefrom.checkpoint import load_datamodule, load_module
 
     p = ConfigArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")

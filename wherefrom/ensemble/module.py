@@ -41,17 +41,9 @@ from wherefrom.ensemble.codes import Codes, code_weight
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.io import atomic_path
-from wherefrom.model import (
-    build_unet,
-    check_data_shape,
-    check_state_dict,
-    configure_adamw_cosine,
-    hflip,
-    image_shape,
-    read_checkpoint,
-    record_provenance,
-)
-from wherefrom.task import DiffusionTask, mix_seed
+from wherefrom.checkpoint import CLASS_KEY, DATAMODULE_KEY, init_args, read_checkpoint
+from wherefrom.model import DiffusionRecipe, build_unet, check_data_shape
+from wherefrom.task import mix_seed
 
 CODES_KEY = "wherefrom_codes"
 
@@ -61,7 +53,7 @@ def member_seed(seed: int, member: int) -> int:
     return mix_seed(seed, member)
 
 
-class EncodedEnsemble(L.LightningModule):
+class EncodedEnsemble(DiffusionRecipe):
     """An encoded ensemble of ``n`` DDPM denoisers; implements :class:`~wherefrom.model.Attributable`.
 
     Args:
@@ -69,39 +61,19 @@ class EncodedEnsemble(L.LightningModule):
         w: code weight, the number of members that train on each image (default ``n // 2``);
             an epoch costs about ``w`` single-model epochs.
         member: train only this member, on its split (``None``: the whole ensemble).
-        unet: ``UNet2DModel`` keyword arguments, merged over ``DEFAULT_UNET``.
-        num_train_timesteps, beta_start, beta_end, beta_schedule: the noise schedule.
-        lr, weight_decay, warmup: AdamW with cosine decay after ``warmup`` (a fraction of steps).
-        hflip: random horizontal flips (seeded per index and epoch).
-        seed: codes, member initialisations and every seeded draw.
+        **kwargs: the training recipe (:class:`~wherefrom.model.DiffusionRecipe`: ``unet``, the noise
+            schedule, ``lr``/``weight_decay``/``warmup``, ``hflip``, and ``seed``, which also seeds the codes).
     """
 
-    def __init__(
-        self,
-        n: int = 8,
-        w: int | None = None,
-        member: int | None = None,
-        unet: dict[str, Any] | None = None,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-6,
-        warmup: float = 0.1,
-        hflip: bool = False,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.w = code_weight(n, w)
+    def __init__(self, n: int = 8, w: int | None = None, member: int | None = None, **kwargs: Any) -> None:
+        weight = code_weight(n, w)
         if member is not None and not 0 <= member < n:
             raise WherefromError(f"member must be in [0, n) = [0, {n}), got {member}")
-        if not 0 <= warmup < 1:
-            raise WherefromError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}")
-        self.save_hyperparameters()
-        self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
+        super().__init__(**kwargs)
+        self.w = weight
+        seed = self.hparams.seed
         self.member_ids = list(range(n)) if member is None else [member]
-        self.members = nn.ModuleDict({f"member{i}": build_unet(unet, member_seed(seed, i)) for i in self.member_ids})
+        self.members = nn.ModuleDict({f"member{i}": build_unet(self.hparams.unet, member_seed(seed, i)) for i in self.member_ids})
         self.codes: Codes | None = None
         self._stepped = torch.zeros(len(self.member_ids), dtype=torch.bool)
 
@@ -122,10 +94,6 @@ class EncodedEnsemble(L.LightningModule):
         if self.codes is None:
             raise WherefromError("the ensemble has no codes yet; train it (`wherefrom fit`) or load its checkpoint")
         return self.codes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return image_shape(next(iter(self.members.values())))
 
     # --- data ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -151,9 +119,7 @@ class EncodedEnsemble(L.LightningModule):
 
     # --- training ----------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0, index = batch["image"], batch["index"]
-        if self.hparams.hflip:
-            x0 = hflip(x0, index, self.task.seed, self.current_epoch)
+        x0, index = self.batch(batch)
         bits = self._codes().membership(index)[:, self.member_ids]
         # rows of each member in the global batch (sums reduce correctly under DDP)
         total = self.trainer.strategy.reduce(bits.sum(0), reduce_op="sum")
@@ -184,18 +150,14 @@ class EncodedEnsemble(L.LightningModule):
                     p.grad = None
         self._stepped.zero_()
 
-    def configure_optimizers(self):
-        h = self.hparams
-        return configure_adamw_cosine(self, self.members.parameters(), h.lr, h.weight_decay, h.warmup)
-
     # --- checkpoints ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        record_provenance(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         if self.codes is not None:
             checkpoint[CODES_KEY] = self.codes.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_state_dict(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
         if CODES_KEY not in checkpoint:
             return
         codes = Codes.from_state(checkpoint[CODES_KEY])
@@ -237,14 +199,6 @@ class EncodedEnsemble(L.LightningModule):
 # --- assembly of per-member runs ----------------------------------------------------
 
 
-def _class_path() -> str:
-    return f"{EncodedEnsemble.__module__}.{EncodedEnsemble.__qualname__}"
-
-
-def _hparams(ckpt: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-
-
 def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
     """Join per-member checkpoints (``member=i`` runs) into one ensemble checkpoint at ``out``.
 
@@ -258,11 +212,12 @@ def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
     if len(ckpts) != len(member_ckpts):
         raise WherefromError("a member checkpoint is listed more than once; pass each file once")
     first_path, first = next(iter(ckpts.items()))
-    ref = {k: v for k, v in _hparams(first).items() if k != "member"}
+    ensemble_class = f"{EncodedEnsemble.__module__}.{EncodedEnsemble.__qualname__}"
+    ref = {k: v for k, v in init_args(first.get("hyper_parameters", {})).items() if k != "member"}
     members: dict[int, str] = {}
     for path, ckpt in ckpts.items():
-        hp = _hparams(ckpt)
-        if ckpt.get("wherefrom_class") != _class_path() or hp.get("member") is None:
+        hp = init_args(ckpt.get("hyper_parameters", {}))
+        if ckpt.get(CLASS_KEY) != ensemble_class or hp.get("member") is None:
             raise CheckpointError(f"{path!r} is not a per-member ensemble checkpoint; train one with `wherefrom fit ... --model.member i`")
         if CODES_KEY not in ckpt:
             raise CheckpointError(f"{path!r} stores no codes; it was not saved after training started")
@@ -275,7 +230,7 @@ def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
         diff = sorted(k for k in set(ref) | set(hp) if k != "member" and ref.get(k) != hp.get(k))
         if diff:
             raise WherefromError(f"{path!r} and {first_path!r} differ in {diff[0]} ({hp.get(diff[0])!r} vs {ref.get(diff[0])!r}); members must share one config")
-        if ckpt.get("wherefrom_datamodule") != first.get("wherefrom_datamodule"):
+        if ckpt.get(DATAMODULE_KEY) != first.get(DATAMODULE_KEY):
             raise FingerprintMismatchError(f"{path!r} and {first_path!r} were trained with different datamodule settings")
         if hp["member"] in members:
             raise WherefromError(f"member {hp['member']} appears twice ({members[hp['member']]!r} and {path!r}); pass one checkpoint per member")
@@ -290,8 +245,8 @@ def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
     checkpoint = {
         "state_dict": state,
         "hyper_parameters": dict(ref, member=None),
-        "wherefrom_class": _class_path(),
-        "wherefrom_datamodule": first.get("wherefrom_datamodule"),
+        CLASS_KEY: ensemble_class,
+        DATAMODULE_KEY: first.get(DATAMODULE_KEY),
         CODES_KEY: first[CODES_KEY],
         "wherefrom_members": [members[i] for i in range(ref["n"])],
         "pytorch-lightning_version": L.__version__,

@@ -27,7 +27,7 @@ import yaml
 
 from wherefrom.errors import WherefromError
 from wherefrom.io import atomic_path, write_json, write_npy
-from wherefrom.model import _import, _init_args
+from wherefrom.checkpoint import import_class, init_args
 from wherefrom.sampling import EpsFn, SchedulerType
 
 CHECKPOINT = "checkpoints/last.ckpt"  # inside a retrained model's folder
@@ -238,7 +238,7 @@ class Benchmark:
     def datamodule(self, **overrides: Any) -> L.LightningDataModule:
         """The fit config's datamodule (``overrides`` replace init args)."""
         spec = self.fit["data"]
-        return _import(spec["class_path"])(**{**_init_args(spec.get("init_args") or {}), **overrides})
+        return import_class(spec["class_path"])(**{**init_args(spec.get("init_args") or {}), **overrides})
 
     def fit_config(self, root: Path, seed: int, **data_overrides: Any) -> dict[str, Any]:
         """The fit config of one retrained model: checkpoint ``root/checkpoints/last.ckpt``,

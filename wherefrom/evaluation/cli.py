@@ -119,7 +119,7 @@ def counterfactual_main(argv: list[str]) -> None:
 
 def loo_main(argv: list[str]) -> None:
     from wherefrom.evaluation.loo import leave_one_out, sample_indices
-    from wherefrom.model import load_datamodule, load_module
+    from wherefrom.checkpoint import load_datamodule, load_module
 
     p = ConfigArgumentParser(
         prog="wherefrom loo",

@@ -27,7 +27,7 @@ from wherefrom.evaluation.benchmark import Benchmark, eps_fn, train
 from wherefrom.evaluation.distances import distance_fn
 from wherefrom.evaluation.lds import measure_queries
 from wherefrom.io import save_grid, write_json
-from wherefrom.model import load_datamodule, load_module
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.sampling import sample
 from wherefrom.task import mix_seed
 

@@ -38,7 +38,7 @@ from torchmetrics import Metric
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, checkpoint, eps_fn, is_trained, train
 from wherefrom.io import write_json, write_npy
-from wherefrom.model import load_module
+from wherefrom.checkpoint import load_module
 from wherefrom.task import DiffusionTask, Stream, mix_seed
 
 # --- the score -----------------------------------------------------------------------

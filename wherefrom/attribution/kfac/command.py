@@ -13,7 +13,7 @@ from wherefrom.errors import ConfigArgumentParser, WherefromError
 
 def factors_main(argv: list[str]) -> None:
     """``wherefrom factors``: K-FAC factors of a finished run into a store."""
-    from wherefrom.model import load_datamodule, load_module
+    from wherefrom.checkpoint import load_datamodule, load_module
 
     p = ConfigArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
     p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
