@@ -34,8 +34,8 @@ from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, Projector, trainable_parameters
 from wherefrom.attribution.projection import BLOCK_SIZE, default_projector, projection_seed
 from wherefrom.attribution.store import Store
-from wherefrom.datamodules import DigitsDataModule
 from wherefrom.checkpoint import load_module
+from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
 from wherefrom.task import Stream, predict_eps
 

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import yaml
 
+from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EnsembleSampler
 from wherefrom.ensemble.synthetic import JacobianStrategy, linearize, synthetic_scores
-from wherefrom.checkpoint import load_module
 from wherefrom.model import build_unet
 from wherefrom.task import DiffusionTask
 

@@ -40,11 +40,11 @@ from wherefrom.attribution.influence import precondition, query_gradients
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
+from wherefrom.checkpoint import load_module
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, checkpoint, is_trained, train
 from wherefrom.io import save_grid, write_json, write_npy
-from wherefrom.checkpoint import load_module
 from wherefrom.task import Stream
 
 SETS = ("report_real", "report_generated", "tuning_real", "tuning_generated")

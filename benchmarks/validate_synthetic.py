@@ -28,11 +28,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.ensemble.synthetic import linearize, synthetic_scores
 from wherefrom.evaluation.lds import Correlation, spearman_rows
-from wherefrom.checkpoint import load_module
 
 
 def train(args: argparse.Namespace) -> EncodedEnsemble:

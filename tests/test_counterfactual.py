@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from tests.conftest import TINY_UNET
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules.base import fingerprint
 from wherefrom.evaluation import counterfactual
 from wherefrom.evaluation.benchmark import Benchmark, train
 from wherefrom.evaluation.distances import l2_distance
-from wherefrom.checkpoint import load_datamodule, load_module
 
 SPLIT = np.arange(10, 34)
 

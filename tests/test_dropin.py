@@ -186,10 +186,10 @@ def test_state_key_is_the_resolved_store_path(tmp_path, monkeypatch):
 
 def test_explicit_denoiser_and_task(tmp_path):
     """``denoiser=`` picks one of two UNets; ``task=`` replaces a scheduler it cannot honour."""
-    from wherefrom.callbacks.target import resolve_target
+    from wherefrom.target import resolve_target
 
     module = _Module(unets=2, prediction_type="v_prediction")
     target = resolve_target(module, "TRAKFeatures", denoiser="nets.1", task=DiffusionTask(num_train_timesteps=50, measure_time=5))
-    assert target.denoisers["model"] is module.nets[1] and target.task.num_train_timesteps == 50
+    assert target.networks["model"] is module.nets[1] and target.task.num_train_timesteps == 50
     with pytest.raises(WherefromError, match=r"TRAKFeatures\(denoiser='nets.7'\)"):
         resolve_target(module, "TRAKFeatures", denoiser="nets.7")

@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from tests.conftest import TINY_UNET, cli
+from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_seed
 from wherefrom.errors import WherefromError
-from wherefrom.checkpoint import load_module
 from wherefrom.model import Attributable, DiffusionModel, build_unet
 from wherefrom.sampling import sample
 from wherefrom.task import DiffusionTask, predict_eps

@@ -12,13 +12,13 @@ import torch
 import yaml
 
 from tests.conftest import TINY_UNET
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
-from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.task import DiffusionTask, Stream
 
 # N = 4 training images, M = 4 subsets, Q = 3 queries.

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
+from wherefrom.checkpoint import load_datamodule, load_module, load_pretrained
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import CheckpointError, WherefromError
-from wherefrom.checkpoint import load_datamodule, load_module, load_pretrained
 from wherefrom.model import DiffusionModel
 from wherefrom.sampling import generate
 from wherefrom.task import predict_eps

@@ -9,10 +9,10 @@ import torch
 
 from tests.conftest import TINY_UNET
 from wherefrom import EncodedEnsemblePipeline
+from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.errors import WherefromError
-from wherefrom.checkpoint import load_module
 
 
 def test_pipeline_round_trip_equals_the_checkpoints_samples(tmp_path):

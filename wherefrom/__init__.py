@@ -17,12 +17,12 @@ from wherefrom.attribution.report import Attribution, Attributor, Needs, write_a
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DTRAK, TRAK
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
+from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
 from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
 from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
-from wherefrom.checkpoint import load_module
 from wherefrom.model import Attributable, DiffusionModel
 from wherefrom.sampling import generate
 from wherefrom.task import MEASUREMENTS, DiffusionTask

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.attribution.report import Attribution, Needs
+from wherefrom.target import as_data
 from wherefrom.task import mix_seed
 
 
@@ -38,6 +39,7 @@ class Random:
     needs: ClassVar[Needs] = Needs.NOTHING
 
     def attribute(self, module, data, queries: Tensor) -> Attribution:
+        data = as_data(data, type(self).__name__)
         return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
 
 
@@ -49,6 +51,7 @@ class Pixel:
     needs: ClassVar[Needs] = Needs.NOTHING
 
     def attribute(self, module, data, queries: Tensor) -> Attribution:
+        data = as_data(data, type(self).__name__)
         return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
 
 

@@ -48,6 +48,7 @@ from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.target import as_data, attributable
 from wherefrom.task import DiffusionTask, Stream
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
@@ -233,6 +234,7 @@ class KFAC:
     def attribute(self, module, data, queries: Tensor) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom factors` (or the KFACFactors callback)")
+        module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
         store = Store.open(self.store)
         check_store(store, data.fingerprint, module.codes_fingerprint)
         scores = influence_scores(

@@ -38,6 +38,7 @@ from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.target import as_data, attributable
 
 DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)
 BLOCK_ROWS = 8192
@@ -207,6 +208,7 @@ class TRAK:
     def attribute(self, module, data, queries: Tensor) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
+        module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
         scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size)
         return Attribution(scores, queries, self.name, split=data.indices)
 

@@ -1,7 +1,7 @@
 """``KFACFactors``: K-FAC / EK-FAC factors of a run, written to a store by a Lightning callback.
 
 Drop-in for any Lightning pipeline: the networks, the noise schedule and the data are
-found as :mod:`wherefrom.callbacks.target` describes, and checked before the first
+found as :mod:`wherefrom.target` describes, and checked before the first
 training step. Each denoiser (model id)
 gets ``factors/<id>``, ``eigen/<id>`` and optionally ``ekfac/<id>`` (see
 :mod:`wherefrom.attribution.kfac`); an encoded ensemble's member uses only the
@@ -36,7 +36,7 @@ import torch
 from wherefrom.attribution.features import gather, on_rank_zero
 from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
 from wherefrom.attribution.report import log_scalars
-from wherefrom.callbacks.target import CaptureCallback
+from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask
 
@@ -53,7 +53,7 @@ class KFACFactors(CaptureCallback):
         passes: passes over the training set in ``after`` mode (and for EK-FAC).
         ekfac: also measure EK-FAC eigenvalues after training.
         batch_size: images per batch of the dedicated passes.
-        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.target.CaptureCallback`.
+        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class KFACFactors(CaptureCallback):
         super().on_train_start(trainer, pl_module)
         if self.config.mode != "during":
             return
-        for model_id, net in self._target.denoisers.items():
+        for model_id, net in self._target.networks.items():
             collector = FactorCollector(net, self.config.kfac)
             collector.grad_scale = lambda n, trainer=trainer: self._grad_scale(trainer, n)
             if self._loaded is not None and trainer.is_global_zero:  # the summed state lives on rank 0
@@ -140,7 +140,7 @@ class KFACFactors(CaptureCallback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._detach()
         on_rank_zero(trainer.strategy, self._open_store)
-        for model_id, net in self._target.denoisers.items():
+        for model_id, net in self._target.networks.items():
             split = training_split(pl_module, model_id, self._data.indices)
             fit_factors(
                 net, model_id, self._target.task, self._data, split, self._store, self.config, self.batch_size,

@@ -1,7 +1,7 @@
 """``TRAKFeatures``: TRAK / D-TRAK features of a run, written to a store by a Lightning callback.
 
 Drop-in for any Lightning pipeline: the networks, the noise schedule and the data are
-found as :mod:`wherefrom.callbacks.target` describes (wherefrom's own modules and
+found as :mod:`wherefrom.target` describes (wherefrom's own modules and
 datamodules, or a user's module with one diffusers UNet and scheduler trained from a
 plain DataLoader of ``{"index", "image"}``), and checked before the first training step.
 
@@ -22,7 +22,7 @@ from wherefrom.attribution.features import featurize, on_rank_zero, weights_hash
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.report import log_scalars
-from wherefrom.callbacks.target import CaptureCallback
+from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask
 
@@ -38,7 +38,7 @@ class TRAKFeatures(CaptureCallback):
         projector: the dense mode's trak projector (default: ``cuda`` with fast_jl on a GPU, else ``basic``).
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).
-        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.target.CaptureCallback`.
+        overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class TRAKFeatures(CaptureCallback):
         on_rank_zero(strategy, self._open_store)
         store = self._store
         with torch.inference_mode(False), torch.enable_grad():
-            for name, net in target.denoisers.items():
+            for name, net in target.networks.items():
                 model_id = name + suffix
                 meta = {"model_id": model_id, "weights": weights_hash(net)}
                 on_rank_zero(strategy, lambda: store.save_tensors(f"weights/{model_id}", net.state_dict(), meta))

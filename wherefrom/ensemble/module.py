@@ -37,11 +37,11 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
+from wherefrom.checkpoint import CLASS_KEY, DATAMODULE_KEY, init_args, read_checkpoint
 from wherefrom.ensemble.codes import Codes, code_weight
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.io import atomic_path
-from wherefrom.checkpoint import CLASS_KEY, DATAMODULE_KEY, init_args, read_checkpoint
 from wherefrom.model import DiffusionRecipe, build_unet, check_data_shape
 from wherefrom.task import mix_seed
 

@@ -25,9 +25,9 @@ import lightning as L
 import numpy as np
 import yaml
 
+from wherefrom.checkpoint import import_class, init_args
 from wherefrom.errors import WherefromError
 from wherefrom.io import atomic_path, write_json, write_npy
-from wherefrom.checkpoint import import_class, init_args
 from wherefrom.sampling import EpsFn, SchedulerType
 
 CHECKPOINT = "checkpoints/last.ckpt"  # inside a retrained model's folder

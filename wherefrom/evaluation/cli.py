@@ -118,8 +118,8 @@ def counterfactual_main(argv: list[str]) -> None:
 
 
 def loo_main(argv: list[str]) -> None:
-    from wherefrom.evaluation.loo import leave_one_out, sample_indices
     from wherefrom.checkpoint import load_datamodule, load_module
+    from wherefrom.evaluation.loo import leave_one_out, sample_indices
 
     p = ConfigArgumentParser(
         prog="wherefrom loo",

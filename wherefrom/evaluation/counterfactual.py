@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, eps_fn, train
 from wherefrom.evaluation.distances import distance_fn
 from wherefrom.evaluation.lds import measure_queries
 from wherefrom.io import save_grid, write_json
-from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.sampling import sample
 from wherefrom.task import mix_seed
 

@@ -35,10 +35,10 @@ from scipy import stats
 from torch import Tensor
 from torchmetrics import Metric
 
+from wherefrom.checkpoint import load_module
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, checkpoint, eps_fn, is_trained, train
 from wherefrom.io import write_json, write_npy
-from wherefrom.checkpoint import load_module
 from wherefrom.task import DiffusionTask, Stream, mix_seed
 
 # --- the score -----------------------------------------------------------------------

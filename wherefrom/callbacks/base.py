@@ -1,0 +1,54 @@
+"""The base of wherefrom's capture callbacks: the store they write, and the networks, task and data
+they find in any Lightning pipeline (:mod:`wherefrom.target`), checked before the first training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from wherefrom.attribution.features import on_rank_zero
+from wherefrom.attribution.store import Store
+from wherefrom.target import Target, resolve_data, resolve_target
+from wherefrom.task import DiffusionTask
+
+
+class CaptureCallback(L.Callback):
+    """What every capture callback shares: the store it writes, the networks and task resolved in
+    ``setup()``, and the data and the opened store checked in ``on_train_start`` (before the first step).
+
+    Args:
+        store: the store folder.
+        overwrite: replace a store/entries made for other data, config or weights.
+        denoiser: attribute path of the network on the module (default: ``denoisers()`` or its single diffusers UNet).
+        task: the noise schedule (default: ``module.task`` or its diffusers scheduler's).
+    """
+
+    def __init__(self, store: str, overwrite: bool = False, denoiser: str | None = None, task: DiffusionTask | None = None) -> None:
+        self.store, self.overwrite, self.denoiser, self.task = store, overwrite, denoiser, task
+        self._target: Target | None = None
+        self._data: Any = None
+        self._store: Store | None = None
+
+    def _state_key(self, **parts: Any) -> str:
+        """The checkpoint-state key: the class, the resolved store path (any spelling of one folder) and ``parts``."""
+        return self._generate_state_key(store=str(Path(self.store).resolve()), **parts)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the data and open the store now, so a mismatch fails before the first step."""
+        self._data = resolve_data(trainer, type(self).__name__)
+        on_rank_zero(trainer.strategy, self._open_store)
+
+    def _open_store(self) -> None:
+        """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
+        owner = type(self).__name__
+        self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
+                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
+
+
+__all__ = ["CaptureCallback"]

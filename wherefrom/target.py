@@ -1,0 +1,243 @@
+"""What attribution reads from a run, found in any Lightning pipeline.
+
+* **networks**: ``module.denoisers()`` (wherefrom's modules, :class:`~wherefrom.model.Attributable`),
+  else ``denoiser`` (an attribute path on the module, e.g. ``"unet"`` or ``"model.unet"``), else
+  the module's single diffusers ``UNet2DModel`` / ``UNet2DConditionModel``;
+* **task**: ``module.task`` (a :class:`~wherefrom.task.DiffusionTask`), else ``task``, else
+  :meth:`DiffusionTask.from_scheduler` of the module's single diffusers scheduler;
+* **data**: a wherefrom datamodule (``fingerprint``, ``indices``, ``dataset``), else a map-style
+  dataset (given, or a DataLoader's or a LightningDataModule's train dataset) seen through
+  :class:`DatasetView`: indices from each item's ``"index"`` (or its position), images from
+  ``"image"`` (or a tuple's first tensor).
+
+Resolution raises one line naming the caller's own arguments (a callback's keyword, a
+command's flag), so a pipeline that lacks something fails before any work is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from wherefrom.datamodules.base import fingerprint
+from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask, predict_eps
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+Spell = Callable[[str], str]  # how the caller's option is written in a message: "denoiser" -> "TRAKFeatures(denoiser=...)"
+
+
+def keyword(owner: str) -> Spell:
+    """Options spelled as keyword arguments of ``owner`` (a callback or attributor)."""
+    return lambda argument: f"{owner}({argument}=...)"
+
+
+def flag(argument: str) -> str:
+    """An option spelled as a command-line flag."""
+    return "--" + argument.replace("_", "-")
+
+
+@dataclass
+class Target:
+    """The networks (``{model_id: net}``) and the diffusion task of ``module``; an
+    :class:`~wherefrom.model.Attributable` for any module."""
+
+    networks: dict[str, nn.Module]
+    task: DiffusionTask
+    module: Any
+
+    def denoisers(self) -> dict[str, nn.Module]:
+        return self.networks
+
+    @property
+    def codes_fingerprint(self) -> str | None:
+        """The module's encoded-ensemble codes (read when needed: an ensemble assigns them in its own ``setup``)."""
+        return getattr(self.module, "codes_fingerprint", None)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        config = next(iter(self.networks.values())).config
+        s = config.sample_size
+        return (config.in_channels, *((s, s) if isinstance(s, int) else s))
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Tensor:
+        """Samples of a single network (see :func:`wherefrom.sampling.generate`)."""
+        from wherefrom.sampling import generate
+
+        if hasattr(self.module, "generate"):
+            return self.module.generate(num_samples, seed=seed, **kwargs)
+        if len(self.networks) != 1:
+            raise WherefromError(f"the module has {len(self.networks)} networks; pass queries to attribute instead of generating them")
+        net = next(iter(self.networks.values()))
+        device = next(net.parameters()).device
+        return generate(lambda x, t: predict_eps(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)
+
+
+def _find(module: nn.Module, accept, what: str, option: str) -> Any:
+    """The single attribute of ``module`` (searched through its children and plain attributes) that ``accept`` takes."""
+    found = {name: m for name, m in module.named_modules() if name and accept(m)}
+    found.update({name: v for name, v in vars(module).items() if not name.startswith("_") and accept(v)})
+    unique = {id(v): (name, v) for name, v in found.items()}
+    if len(unique) == 1:
+        return next(iter(unique.values()))[1]
+    names = sorted(name for name, _ in unique.values())
+    hint = f"found {len(unique)} ({', '.join(names)})" if unique else "found none"
+    raise WherefromError(f"{what}: {hint}; pass {option}")
+
+
+def _attribute(module: Any, path: str, option: str) -> Any:
+    obj = module
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise WherefromError(f"{option.replace('...', repr(path))}: {type(module).__name__} has no attribute {path!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_target(
+    module: Any, owner: str, denoiser: str | None = None, task: DiffusionTask | None = None, spell: Spell | None = None
+) -> Target:
+    """The :class:`Target` of ``module`` as ``owner`` sees it (see the module docstring); ``spell``
+    writes ``owner``'s options in messages (default: as its keyword arguments)."""
+    spell = spell or keyword(owner)
+    if hasattr(module, "denoisers") and denoiser is None:
+        nets = dict(module.denoisers())
+    elif denoiser is not None:
+        net = _attribute(module, denoiser, spell("denoiser"))
+        if not isinstance(net, nn.Module):
+            raise WherefromError(f"{spell('denoiser').replace('...', repr(denoiser))} is a {type(net).__name__}, not a torch module")
+        nets = {"model": net}
+    else:
+        what = f"{owner} needs the module's diffusers UNet (UNet2DModel or UNet2DConditionModel)"
+        nets = {"model": _find(module, lambda m: type(m).__name__ in UNET_CLASSES, what, spell("denoiser"))}
+    if task is None:
+        task = getattr(module, "task", None)
+    if not isinstance(task, DiffusionTask):
+        from diffusers import SchedulerMixin
+
+        what = f"{owner} needs the module's diffusers noise scheduler (e.g. DDPMScheduler)"
+        scheduler = _find(module, lambda v: isinstance(v, SchedulerMixin), what, spell("task"))
+        try:
+            task = DiffusionTask.from_scheduler(scheduler)
+        except WherefromError as e:
+            raise WherefromError(f"{owner}: {e}; pass {spell('task')} if the model was trained otherwise") from None
+    return Target(nets, task, module)
+
+
+def attributable(module: Any, owner: str) -> Any:
+    """``module`` itself when it is :class:`~wherefrom.model.Attributable` (a wherefrom module or a
+    :class:`Target`), else its resolved :class:`Target`."""
+    if hasattr(module, "denoisers") and isinstance(getattr(module, "task", None), DiffusionTask):
+        return module
+    return resolve_target(module, owner)
+
+
+def _image(item: Any, owner: str) -> tuple[Tensor, int | None]:
+    """The image of a training item and its ``"index"`` (``None``: use its position)."""
+    if isinstance(item, dict):
+        if "image" not in item:
+            raise WherefromError(f"{owner}: the training items are dicts without an 'image' key (keys {sorted(item)}); yield {{'index', 'image'}}")
+        index = item.get("index")
+        return torch.as_tensor(item["image"]), None if index is None else int(index)
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+        return item[0], None
+    if isinstance(item, Tensor):
+        return item, None
+    raise WherefromError(f"{owner}: cannot find the image in a training item of type {type(item).__name__}; yield {{'index', 'image'}}")
+
+
+class _ByIndex(Dataset):
+    def __init__(self, view: DatasetView, indices: np.ndarray) -> None:
+        self.view, self.indices = view, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        g = int(self.indices[i])
+        return {"index": torch.tensor(g), "image": self.view.image(g)}
+
+
+class DatasetView:
+    """A map-style dataset of a user's pipeline seen as wherefrom data: ``indices`` (global, from the
+    items' ``"index"`` or their positions), ``num_images`` (largest index + 1), ``fingerprint``,
+    ``dataset(indices)`` yielding ``{"index", "image"}`` and ``images`` (the full index space,
+    zero where no item has that index). Reads every item once for its index; images are read
+    again when needed."""
+
+    def __init__(self, dataset: Any, owner: str) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise WherefromError(f"{owner} needs a map-style training dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise WherefromError(f"{owner}: the training dataset is empty")
+        self.owner, self.source = owner, dataset
+        indices, shapes = [], set()
+        for pos in range(len(dataset)):
+            image, index = _image(dataset[pos], owner)
+            indices.append(pos if index is None else index)
+            shapes.add(tuple(image.shape))
+        if len(shapes) != 1:
+            raise WherefromError(f"{owner}: the training images have different shapes {sorted(shapes)[:3]}; resize them to one shape")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if np.unique(self.indices).size != self.indices.size or self.indices.min() < 0:
+            raise WherefromError(f"{owner}: the training items' 'index' values must be distinct and >= 0 (global indices)")
+        self.position = {int(g): p for p, g in enumerate(self.indices)}
+        self.num_images = int(self.indices.max()) + 1
+        self.image_shape = shapes.pop()
+        self.fingerprint = fingerprint(self.num_images, self.image_shape, self.indices)
+        self._images: Tensor | None = None
+
+    def image(self, index: int) -> Tensor:
+        """The image of global index ``index`` (float)."""
+        return _image(self.source[self.position[index]], self.owner)[0].float()
+
+    @property
+    def images(self) -> Tensor:
+        if self._images is None:
+            images = torch.zeros(self.num_images, *self.image_shape)
+            for g in self.indices.tolist():
+                images[g] = self.image(g)
+            self._images = images
+        return self._images
+
+    def dataset(self, indices: np.ndarray | None = None) -> Dataset:
+        return _ByIndex(self, self.indices if indices is None else indices)
+
+
+def is_wherefrom_data(data: Any) -> bool:
+    return all(hasattr(data, a) for a in ("fingerprint", "indices", "dataset", "num_images"))
+
+
+def as_data(data: Any, owner: str) -> Any:
+    """Training data as wherefrom reads it: a wherefrom datamodule (or :class:`DatasetView`) as is, else
+    a :class:`DatasetView` of a map-style dataset, a DataLoader's or a LightningDataModule's train dataset."""
+    if is_wherefrom_data(data):
+        return data
+    if isinstance(data, L.LightningDataModule):
+        data.setup("fit")
+        data = data.train_dataloader()
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    return DatasetView(data, owner)
+
+
+def resolve_data(trainer: Any, owner: str) -> Any:
+    """The trainer's wherefrom datamodule, else a :class:`DatasetView` of its train DataLoader's dataset."""
+    dm = trainer.datamodule
+    if dm is not None and is_wherefrom_data(dm):
+        return dm
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise WherefromError(f"{owner} needs training data: fit with a wherefrom datamodule or a train DataLoader")
+    return as_data(getattr(loader, "dataset", loader), owner)
+
+
+__all__ = ["DatasetView", "Target", "as_data", "attributable", "flag", "keyword", "resolve_data", "resolve_target"]
