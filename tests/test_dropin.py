@@ -46,6 +46,7 @@ from wherefrom.callbacks import KFACFactors, TRAKFeatures  # the only wherefrom 
 class Denoiser(L.LightningModule):
     def __init__(self, unet_config):
         super().__init__()
+        self.save_hyperparameters()
         torch.manual_seed(0)
         self.unet = UNet2DModel(**unet_config)
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -81,6 +82,7 @@ if __name__ == "__main__":
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks)
     trainer.fit(Denoiser(UNET), DataLoader(Digits(SUBSET), batch_size=8, shuffle=True))
+    trainer.save_checkpoint(f"{root}/last.ckpt")
 '''
 
 
@@ -91,12 +93,12 @@ def ordinary(tmp_path_factory):
     script = root / "pipeline.py"
     script.write_text(textwrap.dedent(PIPELINE).replace("(SUBSET)", f"({SUBSET})").replace("(UNET)", f"({TINY_UNET!r})"))
     stores = {}
-    for devices in (1, 2):
+    for devices in (1, 2):  # cwd root: `pipeline` is importable by the commands run there
         out = root / f"ranks{devices}"
         r = subprocess.run([sys.executable, str(script), str(out), str(devices)], capture_output=True, text=True, cwd=root, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         stores[devices] = Store.open(out / "store")
-    return stores
+    return root, stores
 
 
 def reference(store: Store, tmp_path) -> Store:
@@ -112,9 +114,10 @@ def reference(store: Store, tmp_path) -> Store:
 
 
 def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tmp_path):
-    ref = reference(ordinary[1], tmp_path)
+    _, stores = ordinary
+    ref = reference(stores[1], tmp_path)
     want = ref.read_array("features/model")[SUBSET]
-    for devices, store in ordinary.items():
+    for devices, store in stores.items():
         got = store.read_array("features/model")
         assert got.shape == (max(SUBSET) + 1, want.shape[1])  # the DataLoader's global indices 0..26
         # float64, the same batches and seeded draws: equal up to summation order across ranks
@@ -123,6 +126,36 @@ def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tm
         assert mine.keys() == theirs.keys() and store.has("eigen/model")
         for key in mine:  # sums over the same per-example terms, in another order on 2 ranks
             torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10 * float(theirs[key].abs().max()) + 1e-300)
+
+
+def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, tmp_path, monkeypatch):
+    """`featurize` and `attribute` read the user's checkpoint given its classes; the features equal the
+    callback's (float32 here, float64 there), and the command's scores equal the Python API's."""
+    from tests.trak_helpers import run_cli
+    from wherefrom import DTRAK
+    from wherefrom.checkpoint import load_module
+
+    root, stores = ordinary
+    run = ["--ckpt", str(root / "ranks1" / "last.ckpt"), "--model.class_path", "pipeline.Denoiser",
+           "--data.class_path", "pipeline.Digits", "--data.init_args", f"{{indices: {SUBSET}}}"]  # fmt: skip
+    r = run_cli("featurize", *run, "--out", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5", cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, want = Store.open(tmp_path / "store").read_array("features/model"), stores[1].read_array("features/model")
+    np.testing.assert_allclose(got[SUBSET], want[SUBSET], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    queries = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.save(tmp_path / "queries.npy", queries.numpy())
+    r = run_cli("attribute", *run, "--method", "dtrak", "--store", str(tmp_path / "store"), "--queries", str(tmp_path / "queries.npy"),
+                "--out", str(tmp_path / "scores"), cwd=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(root))
+    from pipeline import Digits
+
+    module = load_module(root / "ranks1" / "last.ckpt", "pipeline.Denoiser")  # the user's own class, not a wherefrom module
+    api = DTRAK(store=str(tmp_path / "store")).attribute(module, DataLoader(Digits(SUBSET)), queries)
+    np.testing.assert_allclose(np.load(tmp_path / "scores" / "scores.npy"), api.scores, rtol=1e-6, atol=1e-7 * np.abs(api.scores).max())
+    # without the class, the command says which flag to pass
+    r = run_cli("featurize", "--ckpt", str(root / "ranks1" / "last.ckpt"), "--out", str(tmp_path / "s2"), cwd=root)
+    assert r.returncode == 2 and "pass --model.class_path" in r.stderr and r.stderr.count("\n") == 1
 
 
 class _Items(Dataset):

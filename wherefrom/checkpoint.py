@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from wherefrom.errors import CheckpointError, WherefromError, one_line
 
@@ -119,11 +120,12 @@ def load_module(path: str | Path, class_path: str | None = None) -> L.LightningM
     return module.eval()
 
 
-def load_datamodule(path: str | Path, class_path: str | None = None, **overrides: Any) -> L.LightningDataModule:
+def load_datamodule(path: str | Path, class_path: str | None = None, **overrides: Any) -> Any:
     """The datamodule a checkpoint was trained with (``overrides`` replace init args).
 
-    A wherefrom run records it; otherwise ``class_path`` (or LightningCLI's ``_class_path``) is
-    built from the checkpoint's ``datamodule_hyper_parameters``.
+    A wherefrom run records it; otherwise ``class_path`` (or LightningCLI's ``_class_path``), a
+    LightningDataModule or a map-style Dataset class, is built from the checkpoint's
+    ``datamodule_hyper_parameters`` and ``overrides``.
     """
     ckpt = read_checkpoint(path)
     info = ckpt.get(DATAMODULE_KEY)
@@ -134,8 +136,8 @@ def load_datamodule(path: str | Path, class_path: str | None = None, **overrides
     if name is None:
         raise CheckpointError(f"{str(path)!r} records no datamodule; pass --data.class_path your_package.YourDataModule (and --data.init_args)")
     cls = import_class(name, "--data.class_path")
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
-        raise WherefromError(f"--data.class_path {name!r} is not a LightningDataModule class")
+    if not (isinstance(cls, type) and issubclass(cls, (L.LightningDataModule, Dataset))):
+        raise WherefromError(f"--data.class_path {name!r} is neither a LightningDataModule nor a Dataset class")
     return _construct(cls, {**init_args(hparams), **overrides}, path, "datamodule_hyper_parameters")
 
 

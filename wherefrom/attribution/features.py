@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind
-from wherefrom.attribution.projection import Projection, default_projector
+from wherefrom.attribution.gradients import FeatureConfig
+from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.store import Store
-from wherefrom.errors import ConfigArgumentParser, WherefromError
-from wherefrom.task import DiffusionTask, Stream, TimestepStrategy
+from wherefrom.errors import WherefromError
+from wherefrom.task import DiffusionTask, Stream
 
 T = TypeVar("T")
 
@@ -171,42 +171,4 @@ def featurize(
         model.train(was_training)
 
 
-def featurize_main(argv: list[str]) -> None:
-    """``wherefrom featurize``: TRAK / D-TRAK features of a finished run into a store."""
-    from wherefrom.checkpoint import load_datamodule, load_module
-
-    p = ConfigArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
-    p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
-    p.add_argument("--out", required=True, help="store folder (created, or resumed if it holds the same config)")
-    p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")
-    p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
-    p.add_argument("--proj-dim", type=int, default=FeatureConfig.proj_dim)
-    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K draws averaged per image")
-    p.add_argument("--strategy", choices=[s.value for s in TimestepStrategy], default=FeatureConfig.strategy)
-    p.add_argument("--projection", choices=[k.value for k in ProjectionKind], default=FeatureConfig.projection)
-    p.add_argument("--allocation", choices=[k.value for k in Allocation], default=FeatureConfig.allocation, help="structured: how D is split over layers")
-    p.add_argument("--seed", type=int, default=0, help="projection seed")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--overwrite", action="store_true", help="replace a store or entry made for other data, config or weights")
-    p.add_argument("--repair", action="store_true", help="recompute exactly the rows of a damaged store (truncated or corrupted files)")
-    a = p.parse_args(argv)
-    config = FeatureConfig(
-        output=a.output or METHOD_OUTPUTS[a.method],
-        timesteps=a.timesteps,
-        strategy=a.strategy,
-        proj_dim=a.proj_dim,
-        projection=a.projection,
-        projector=default_projector(a.device),
-        allocation=a.allocation,
-        seed=a.seed,
-    )
-    module = load_module(a.ckpt).to(a.device)
-    datamodule = load_datamodule(a.ckpt)
-    store = Store(a.out, datamodule.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair)
-    for model_id, net in module.denoisers().items():
-        featurize(net, model_id, module.task, datamodule, store, config, a.batch_size, progress=True)
-    print(f"wrote {', '.join(entry_name(m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.out}")
-
-
-__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "featurize_main", "gather", "on_rank_zero", "project_images", "weights_hash"]
+__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images", "weights_hash"]

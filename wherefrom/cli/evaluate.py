@@ -1,25 +1,29 @@
 """``wherefrom lds subsets|train|measure|score``, ``wherefrom counterfactual`` and ``wherefrom loo``.
 
-Each reads the benchmark config file (``--config configs/lds_digits.yaml``);
-``--out`` replaces its output folder.
+``lds`` and ``counterfactual`` read the benchmark config file (``--config configs/lds_digits.yaml``:
+the models, subsets and measurement it defines); ``--out`` replaces its output folder.
+``loo`` takes a ``--config`` of its own options, as the flat commands do.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-from wherefrom.errors import ArgumentParser, ConfigArgumentParser, WherefromError
+from wherefrom.cli.options import add_sampling
+from wherefrom.errors import ConfigArgumentParser, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
 from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def benchmark_parser(prog: str, **kwargs) -> ConfigArgumentParser:
+    """A parser whose ``--config`` is the benchmark file."""
+    p = ConfigArgumentParser(prog=prog, config_file=False, **kwargs)
     p.add_argument("--config", required=True, help="benchmark config file (YAML/JSON), e.g. configs/lds_digits.yaml")
     p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
+    return p
 
 
 def method_name(scores_path: Path) -> str:
@@ -42,29 +46,34 @@ def load_scores(path: str | Path) -> np.ndarray:
     return scores
 
 
-def lds_main(argv: list[str]) -> None:
-    from wherefrom.attribution.cli import load_queries
-    from wherefrom.evaluation import lds
-
-    p = ArgumentParser(prog="wherefrom lds", description="Linear datamodelling score (Park et al. 2023).")
-    sub = p.add_subparsers(dest="step", required=True)
-    _common(sub.add_parser("subsets", help="draw the random subsets and write them as index files"))
-    t = sub.add_parser("train", help="train the model(s) of every subset (or of --subset-id J) through `wherefrom fit`")
-    _common(t)
+def lds_parser() -> ConfigArgumentParser:
+    p = ConfigArgumentParser(prog="wherefrom lds", description="Linear datamodelling score (Park et al. 2023).", config_file=False)
+    sub = p.add_subcommands(dest="step", required=True)
+    sub.add_subcommand("subsets", benchmark_parser("wherefrom lds subsets"), help="draw the random subsets and write them as index files")
+    t = benchmark_parser("wherefrom lds train")
     t.add_argument("--subset-id", type=int, nargs="+", default=None, help="only these subsets (one job per subset)")
     t.add_argument("--workers", type=int, default=1, help="parallel training processes on this machine (one thread each)")
-    m = sub.add_parser("measure", help="measure every subset model on the queries (ground truth)")
-    _common(m)
+    sub.add_subcommand("train", t, help="train the model(s) of every subset (or of --subset-id J) through `wherefrom fit`")
+    m = benchmark_parser("wherefrom lds measure")
     m.add_argument("--queries", required=True, help="samples.npy (the attributed queries) or 'val'")
-    s = sub.add_parser("score", help="LDS of one or more methods' scores.npy")
-    _common(s)
+    sub.add_subcommand("measure", m, help="measure every subset model on the queries (ground truth)")
+    s = benchmark_parser("wherefrom lds score")
     s.add_argument("--scores", nargs="+", required=True, help="scores.npy files from `wherefrom attribute`")
-    a = p.parse_args(argv)
+    sub.add_subcommand("score", s, help="LDS of one or more methods' scores.npy")
+    return p
+
+
+def lds_main(argv: list[str]) -> None:
+    from wherefrom.cli.attribute import load_queries
+    from wherefrom.evaluation import lds
+
+    parsed = lds_parser().parse_args(argv)
+    step, a = parsed.step, parsed[parsed.step]
     bench = Benchmark.from_file(a.config, a.out)
-    if a.step == "subsets":
+    if step == "subsets":
         subsets = lds.write_subsets(bench)
         print(f"wrote {len(subsets)} subsets of {subsets.shape[1]} images to {lds.subsets_dir(bench)}")
-    elif a.step == "train":
+    elif step == "train":
         if a.workers < 1:
             raise WherefromError(f"--workers must be >= 1, got {a.workers}")
         if a.subset_id is None:
@@ -72,7 +81,7 @@ def lds_main(argv: list[str]) -> None:
             train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
         ckpts = lds.train_subsets(bench, a.subset_id, a.workers, Path(a.config))
         print(f"{len(ckpts)} subset models ready under {bench.out / 'models'}")
-    elif a.step == "measure":
+    elif step == "measure":
         queries = load_queries(a.queries, None, bench.datamodule(), None)
         values = lds.measure(bench, queries)
         print(f"wrote {bench.out / 'measurements.npy'} ({values.shape[0]} subsets x {values.shape[1]} seeds x {values.shape[2]} queries)")
@@ -91,19 +100,19 @@ def lds_main(argv: list[str]) -> None:
 def counterfactual_main(argv: list[str]) -> None:
     from wherefrom.evaluation import counterfactual
 
-    p = ArgumentParser(
-        prog="wherefrom counterfactual",
+    p = benchmark_parser(
+        "wherefrom counterfactual",
         description="Retrain without each query's top-k training images (and k random ones), regenerate from the same noise, compare.",
     )
-    _common(p)
     p.add_argument("--ckpt", required=True, help="the attributed model (its data split is the one retrained without the top-k)")
     p.add_argument("--scores", required=True, help="scores.npy of the queries generated from --ckpt with the config's sampling seed/steps")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-k", type=int, default=None, help="remove this many images per query (default: the config's)")
-    g.add_argument("--percent", type=float, default=None, help="remove this percentage of the training split per query")
+    p.add_argument("--top-k", type=int, default=None, help="remove this many images per query (default: the config's)")
+    p.add_argument("--percent", type=float, default=None, help="remove this percentage of the training split per query (instead of --top-k)")
     p.add_argument("--queries", default=None, help="comma-separated query ids to evaluate (default: all rows of the scores)")
     p.add_argument("--distances", default=None, help="comma-separated distances, l2 and/or lpips (default: the config's)")
     a = p.parse_args(argv)
+    if a.top_k is not None and a.percent is not None:
+        raise WherefromError("pass --top-k or --percent, not both; see `wherefrom counterfactual --help`")
     bench = Benchmark.from_file(a.config, a.out)
     cf = bench.counterfactual
     if a.top_k is not None or a.percent is not None:
@@ -130,9 +139,7 @@ def loo_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="folder for loo.json and distances.npy")
     p.add_argument("--num-indices", type=int, default=64, help="training indices to ablate exactly (one sampling run each)")
     p.add_argument("--index-seed", type=int, default=0, help="seed of the sample of training indices")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the queries")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+    add_sampling(p, "the queries")
     p.add_argument("--distance", choices=["l2", "lpips"], default="l2")
     a = p.parse_args(argv)
     if a.num_indices < 2:

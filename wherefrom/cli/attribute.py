@@ -4,7 +4,8 @@ The per-method options are the attributors' dataclass fields
 (:data:`wherefrom.attribution.api.ATTRIBUTORS`), declared once each: a field several
 methods share (``--damping``, ``--batch-size``) is one flag, choices come from the
 enums, and a flag the chosen method does not take is refused. This module resolves
-the checkpoint, the training data and the queries, and writes the common outputs.
+the run (:func:`wherefrom.cli.options.open_run`: wherefrom's checkpoints or any Lightning
+module's), the queries, and writes the common outputs.
 """
 
 from __future__ import annotations
@@ -21,20 +22,17 @@ from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
+from wherefrom.cli.options import add_run, add_sampling, open_run
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
 from wherefrom.errors import ConfigArgumentParser, WherefromError
 from wherefrom.io import check_out_dir, load_array
-from wherefrom.sampling import SchedulerType
+from wherefrom.target import flag
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
 COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k")
 # the command that writes what each kind of attributor reads, for the missing-store message
 WRITER = {Needs.FEATURES: "featurize", Needs.FACTORS: "factors"}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclasses.dataclass
@@ -75,15 +73,13 @@ def method_options() -> dict[str, Option]:
 
 def parser() -> argparse.ArgumentParser:
     p = ConfigArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
-    p.add_argument("--ckpt", required=True, help="checkpoint from `wherefrom fit` (single model or ensemble)")
+    add_run(p)
     p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--queries", default=None, help="samples.npy (N x C x H x W in [-1, 1]) or 'val'; default: generate --num-samples with --seed")
     p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=100, help="denoising steps when generating queries")
-    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    add_sampling(p, "generated queries")
     group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")
     for name, opt in method_options().items():
         if name in COMMAND_OPTIONS:
@@ -118,8 +114,8 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
             raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
         return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True)
     if spec == "val":
-        val = datamodule.val_images
-        if len(val) == 0:
+        val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
+        if val is None or len(val) == 0:
             raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
         return val
     if not Path(spec).is_file():
@@ -131,8 +127,6 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
 
 
 def attribute_main(argv: list[str]) -> None:
-    from wherefrom.checkpoint import load_datamodule, load_module
-
     args = parser().parse_args(argv)
     check_out_dir(args.out)
     method = make_attributor(args)
@@ -141,9 +135,8 @@ def attribute_main(argv: list[str]) -> None:
             "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
             "drop --queries and pass --num-samples and --seed"
         )
-    module = load_module(args.ckpt)
-    datamodule = load_datamodule(args.ckpt)
-    queries = load_queries(args.queries, module, datamodule, args)
-    result = method.attribute(module, datamodule, queries)
-    out = write_attribution(args.out, result, datamodule.images, args.top_k)
+    module, data = open_run(args, "wherefrom attribute")
+    queries = load_queries(args.queries, module, data, args)
+    result = method.attribute(module, data, queries)
+    out = write_attribution(args.out, result, data.images, args.top_k)
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

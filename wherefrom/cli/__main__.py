@@ -1,0 +1,5 @@
+"""``python -m wherefrom.cli``, as the ``wherefrom`` script."""
+
+from wherefrom.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""Options several commands share, each declared once here, and the run they open.
+
+A *run* is a checkpoint plus what reads it: wherefrom's own checkpoints name their module
+and datamodule; any other Lightning checkpoint is read given ``--model.class_path`` (or
+LightningCLI's saved ``_class_path``) and ``--data.class_path`` / ``--data.init_args``, and
+its network, task and data are found as :mod:`wherefrom.target` describes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from wherefrom.checkpoint import load_datamodule, load_module
+from wherefrom.errors import ConfigArgumentParser, WherefromError
+from wherefrom.sampling import SchedulerType
+from wherefrom.target import as_data, flag, resolve_target
+
+
+def add_run(p: ConfigArgumentParser, ckpt_help: str = "checkpoint from `wherefrom fit` or any Lightning run (single model or ensemble)") -> None:
+    """``--ckpt`` and how to read a checkpoint wherefrom did not write."""
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
+    g = p.add_argument_group("your own Lightning module", "for a checkpoint written without wherefrom's modules")
+    g.add_argument("--model.class_path", default=None, help="its LightningModule class, e.g. my_package.MyModule (default: the one it records)")
+    g.add_argument("--data.class_path", default=None, help="its LightningDataModule or map-style Dataset class (default: the one it records)")
+    g.add_argument("--data.init_args", type=dict, default=None, help="the datamodule's arguments over the saved ones, e.g. '{root: data}'")
+    g.add_argument("--denoiser", default=None, help="attribute path of the network on the module, e.g. unet (default: its single diffusers UNet)")
+
+
+def open_run(a: Any, owner: str, device: str | None = None) -> tuple[Any, Any]:
+    """The run's :class:`~wherefrom.model.Attributable` module and its training data, from :func:`add_run`'s options."""
+    module = load_module(a.ckpt, a.model.class_path)
+    if device is not None:
+        module = module.to(device)
+    datamodule = load_datamodule(a.ckpt, a.data.class_path, **(a.data.init_args or {}))
+    if a.denoiser is not None or not hasattr(module, "denoisers"):
+        module = resolve_target(module, owner, a.denoiser, spell=flag)
+    return module, as_data(datamodule, owner)
+
+
+def add_device(p: ConfigArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_batch_size(p: ConfigArgumentParser, default: int = 64) -> None:
+    p.add_argument("--batch-size", type=int, default=default)
+
+
+def check_batch_size(a: Any) -> None:
+    if a.batch_size < 1:
+        raise WherefromError(f"--batch-size must be >= 1, got {a.batch_size}")
+
+
+def add_sampling(p: ConfigArgumentParser, what: str = "the samples") -> None:
+    """``--seed``, ``--steps``, ``--scheduler`` of seeded sampling."""
+    p.add_argument("--seed", type=int, default=0, help=f"sampling seed of {what}")
+    p.add_argument("--steps", type=int, default=100, help="denoising steps")
+    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+
+
+def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=what)
+
+
+__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run"]

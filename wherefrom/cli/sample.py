@@ -1,0 +1,72 @@
+"""``wherefrom sample`` and ``wherefrom export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling
+from wherefrom.errors import ConfigArgumentParser, WherefromError
+
+
+def load_sampler_module(ckpt: str):
+    """A module with ``eps_fn``/``task``/``image_shape`` from a .ckpt or a diffusers export folder."""
+    from wherefrom.checkpoint import load_module, load_pretrained
+    from wherefrom.model import DiffusionModel
+
+    if Path(ckpt).is_dir():
+        unet, task = load_pretrained(ckpt)
+        module = DiffusionModel(unet=dict(unet.config), **{k: v for k, v in task.config.items() if k != "measure_time"})
+        module.unet.load_state_dict(unet.state_dict())
+        return module.eval()
+    return load_module(ckpt)
+
+
+def sample_main(argv: list[str]) -> None:
+    from wherefrom.io import check_out_dir, save_grid, write_npy
+    from wherefrom.sampling import sampling_timesteps
+
+    p = ConfigArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
+    p.add_argument("--ckpt", required=True, help="a .ckpt from `wherefrom fit` or a diffusers export folder")
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--out", required=True, help="output folder (samples.png, samples.npy)")
+    add_sampling(p)
+    add_batch_size(p, 256)
+    p.add_argument("--ablate", default=None, help="ensembles only: comma-separated training indices to ablate exactly")
+    a = p.parse_args(argv)
+    if a.num_samples < 1 or a.batch_size < 1:
+        raise WherefromError(f"--num-samples and --batch-size must be >= 1, got {a.num_samples} and {a.batch_size}")
+    check_out_dir(a.out)
+    module = load_sampler_module(a.ckpt)
+    sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
+    kwargs = {}
+    if a.ablate:
+        if not hasattr(module, "ablation_weights"):
+            raise WherefromError("--ablate needs an encoded-ensemble checkpoint; this one is a single model")
+        try:
+            ablate = [int(i) for i in a.ablate.split(",")]
+        except ValueError:
+            raise WherefromError(f"--ablate takes comma-separated training indices like 17,42, got {a.ablate!r}") from None
+        kwargs["weights"] = module.ablation_weights(ablate)
+    images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
+    out = Path(a.out)
+    write_npy(out / "samples.npy", images.numpy().astype("float32"))
+    save_grid(images, out / "samples.png")
+    print(f"wrote {out / 'samples.png'} and {out / 'samples.npy'}")
+
+
+def export_main(argv: list[str]) -> None:
+    from wherefrom.io import check_out_dir
+
+    p = ConfigArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder")
+    add_overwrite(p, "write into a non-empty --out (replacing same-named files)")
+    a = p.parse_args(argv)
+    out = check_out_dir(a.out)
+    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise WherefromError(f"--out {a.out!r} is not empty; export into a new folder or pass --overwrite")
+    module = load_sampler_module(a.ckpt)
+    if not hasattr(module, "save_pretrained"):
+        raise WherefromError("only single-model checkpoints export to one diffusers UNet")
+    module.save_pretrained(out)
+    print(f"wrote diffusers UNet to {a.out}")
