@@ -17,14 +17,15 @@ from wherefrom.attribution.report import Attribution, Attributor, Needs, write_a
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DTRAK, TRAK
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
-from wherefrom.checkpoint import load_module
+from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
 from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
 from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
-from wherefrom.model import Attributable, DiffusionModel
+from wherefrom.model import Attributable, DiffusionModel, DiffusionRecipe
 from wherefrom.sampling import generate
+from wherefrom.target import Target, as_data, resolve_target
 from wherefrom.task import MEASUREMENTS, DiffusionTask
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     # training
     "Attributable",
     "DiffusionModel",
+    "DiffusionRecipe",
+    "load_datamodule",
     "load_module",
     # encoded ensembles
     "Codes",
@@ -67,9 +70,12 @@ __all__ = [
     "SyntheticAblation",
     "TRAK",
     "Store",
-    # capture callbacks
+    # capture callbacks, and what they (and the attributors) find in any pipeline
     "KFACFactors",
     "TRAKFeatures",
+    "Target",
+    "as_data",
+    "resolve_target",
     # errors
     "CheckpointError",
     "FingerprintMismatchError",
