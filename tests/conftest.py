@@ -24,6 +24,18 @@ TINY_UNET = dict(
     attention_head_dim=4,
 )
 
+# ~15k parameters on 3 x 32 x 32: 32 -> 16 -> 8, attention at 8x8 (the shape of a CIFAR-size UNet, tiny).
+TINY_UNET_RGB32 = dict(
+    sample_size=32,
+    in_channels=3,
+    block_out_channels=(4, 8, 8),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=2,
+    attention_head_dim=4,
+)
+
 
 @pytest.fixture
 def tiny_unet() -> dict:

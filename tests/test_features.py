@@ -59,11 +59,13 @@ def _kronecker_matrix(projection: Projection) -> torch.Tensor:
 @pytest.mark.parametrize("projection", ["dense", "structured"])
 @pytest.mark.parametrize("output", ["loss", "square_norm"])
 def test_projected_grads_equal_autograd_loop_and_explicit_matrix(projection, output):
-    model = _model64()
-    config = FeatureConfig(output=output, timesteps=3, strategy="random", proj_dim=200, projection=projection, seed=1)
-    dm = DigitsDataModule(subset=SUBSET)
     index = torch.tensor([4, 0, 17])
-    x0 = dm.images[index].double()
+    check_projected_grads(_model64(), DigitsDataModule(subset=SUBSET).images[index].double(), index, projection, output)
+
+
+def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.Tensor, projection: str, output: str) -> None:
+    """vmap per-sample gradients == an autograd loop; fast projections == trak's projector / the explicit Kronecker matrix."""
+    config = FeatureConfig(output=output, timesteps=3, strategy="random", proj_dim=200, projection=projection, seed=1)
     draws = config.draws(model.task)
     ref = _loop_grads(model, x0, index, output, draws)
     assert torch.allclose(per_sample_grads(model.unet, model.task, x0, index, output, draws), ref, rtol=1e-10, atol=1e-13)

@@ -199,11 +199,15 @@ def diffusion_batch(task: DiffusionTask, n: int = 3) -> tuple[torch.Tensor, torc
 def test_unet_factors_equal_explicit_per_position_computation(unet, approx):
     """Every Conv2d (3x3, strided, 1x1) and Linear (attention projections over tokens,
     time embeddings) of a diffusers UNet: A and G equal explicit sums over positions."""
-    task = DiffusionTask()
-    x_t, t, eps = diffusion_batch(task)
+    layers = {"down_blocks.1.attentions.0.to_q", "mid_block.attentions.0.to_out.0", "down_blocks.0.downsamplers.0.conv"}
+    check_unet_factors(unet, *diffusion_batch(DiffusionTask()), approx, layers)
+
+
+def check_unet_factors(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, approx: str, required: set[str]) -> None:
+    """The factors of every tracked layer of ``unet`` (``required`` among them) equal explicit per-position sums."""
     inputs, grads = {}, {}
     layers = tracked_layers(unet)
-    assert {"down_blocks.1.attentions.0.to_q", "mid_block.attentions.0.to_out.0", "down_blocks.0.downsamplers.0.conv"} <= set(layers)
+    assert required <= set(layers)
 
     def spy(name):
         def hook(module, args, out):
