@@ -7,21 +7,9 @@ import lpips
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import ALEXNET_FILE, DistanceKind, ImageDistance, LPIPSDistance, alexnet_weights_path, l2_distance
-
-
-@pytest.fixture(scope="module")
-def alexnet_home(tmp_path_factory):
-    """A torch hub cache holding a randomly initialised AlexNet (float16 halves the file; loading casts)."""
-    home = tmp_path_factory.mktemp("torch_home")
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    state = {k: v.half() for k, v in torchvision.models.alexnet(weights=None).state_dict().items()}
-    torch.save(state, home / "hub" / "checkpoints" / ALEXNET_FILE)
-    return home
 
 
 def test_l2_is_the_euclidean_norm_over_pixels():

@@ -38,14 +38,6 @@ from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream, predict_eps
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def normalised(sums: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return sums[f"{name}/A"] / sums[f"{name}/A_count"], sums[f"{name}/G"] / sums[f"{name}/G_count"]
 

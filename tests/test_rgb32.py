@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from tests.conftest import TINY_UNET_RGB32, cli
 from tests.test_features import check_projected_grads
-from tests.test_kfac import check_unet_factors, float64  # noqa: F401 - fixture
+from tests.test_kfac import check_unet_factors
 from tests.test_synthetic import check_jvp_columns, unet_sampler
 from wherefrom.datamodules import ArrayDataModule
 from wherefrom.model import DiffusionModel, build_unet

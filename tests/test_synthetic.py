@@ -14,7 +14,6 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from tests.conftest import TINY_UNET, cli
-from tests.test_distances import alexnet_home  # noqa: F401 - fixture: a random AlexNet in a torch hub cache
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.ensemble.synthetic import (
