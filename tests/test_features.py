@@ -29,12 +29,13 @@ def _model64() -> DiffusionModel:
     return DiffusionModel(unet=dict(TINY_UNET), seed=3).double().eval()
 
 
-def _loop_grads(model, x0, index, output, draws) -> torch.Tensor:
+def _loop_grads(model, x0, index, output, draws, cond=None) -> torch.Tensor:
     """Reference: one example at a time, torch.autograd.grad of the measurement."""
     params = list(trainable_parameters(model.unet).values())
     rows = []
     for i in range(len(x0)):
-        value = model.task.measure(model.unet, x0[i : i + 1], index[i : i + 1], output, draws, stream=Stream.FEATURES)
+        c = None if cond is None else cond[i : i + 1]
+        value = model.task.measure(model.unet, x0[i : i + 1], index[i : i + 1], output, draws, stream=Stream.FEATURES, cond=c)
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value.sum(), params)]))
     return torch.stack(rows)
 
@@ -63,12 +64,13 @@ def test_projected_grads_equal_autograd_loop_and_explicit_matrix(projection, out
     check_projected_grads(_model64(), DigitsDataModule(subset=SUBSET).images[index].double(), index, projection, output)
 
 
-def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.Tensor, projection: str, output: str) -> None:
-    """vmap per-sample gradients == an autograd loop; fast projections == trak's projector / the explicit Kronecker matrix."""
+def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.Tensor, projection: str, output: str, cond: torch.Tensor | None = None) -> None:
+    """vmap per-sample gradients == an autograd loop; fast projections == trak's projector / the explicit Kronecker matrix
+    (each example under its condition ``cond``)."""
     config = FeatureConfig(output=output, timesteps=3, strategy="random", proj_dim=200, projection=projection, seed=1)
     draws = config.draws(model.task)
-    ref = _loop_grads(model, x0, index, output, draws)
-    assert torch.allclose(per_sample_grads(model.unet, model.task, x0, index, output, draws), ref, rtol=1e-10, atol=1e-13)
+    ref = _loop_grads(model, x0, index, output, draws, cond)
+    assert torch.allclose(per_sample_grads(model.unet, model.task, x0, index, output, draws, cond=cond), ref, rtol=1e-10, atol=1e-13)
 
     proj = Projection(config, model.unet, "model")
     if projection == "dense":  # a fresh trak BasicProjector with the documented seed and block size
@@ -78,7 +80,7 @@ def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.
         assert any("to_q" in layer.name for layer in proj.layers) and any("conv" in layer.name for layer in proj.layers)
         expected = ref @ _kronecker_matrix(proj)
     assert expected.abs().max() > 0
-    fast = proj.projected_grads(model.task, x0, index, output, draws)
+    fast = proj.projected_grads(model.task, x0, index, output, draws, cond=cond)
     assert torch.allclose(fast, expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
     # the dense-input path (used to project preconditioned gradients) is the same map
     assert torch.allclose(proj.project(ref), expected, rtol=1e-9, atol=1e-11 * expected.abs().max())

@@ -195,7 +195,9 @@ def test_unet_factors_equal_explicit_per_position_computation(unet, approx):
     check_unet_factors(unet, *diffusion_batch(DiffusionTask()), approx, layers)
 
 
-def check_unet_factors(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, approx: str, required: set[str]) -> None:
+def check_unet_factors(
+    unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, approx: str, required: set[str], cond: torch.Tensor | None = None
+) -> None:
     """The factors of every tracked layer of ``unet`` (``required`` among them) equal explicit per-position sums."""
     inputs, grads = {}, {}
     layers = tracked_layers(unet)
@@ -209,7 +211,7 @@ def check_unet_factors(unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps:
 
     handles = [m.register_forward_hook(spy(n)) for n, m in layers.items()]
     noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
-    sums = collect(unet, approx, lambda: backpropagate(predict_eps(unet, x_t, t), eps, "mc", noise))
+    sums = collect(unet, approx, lambda: backpropagate(predict_eps(unet, x_t, t, cond), eps, "mc", noise))
     for h in handles:
         h.remove()
     for name, layer in layers.items():

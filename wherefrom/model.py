@@ -7,6 +7,7 @@ Also defines the small protocol every wherefrom callback and scorer relies on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from wherefrom.checkpoint import check_state_dict, record_provenance, save_pretrained
 from wherefrom.errors import WherefromError
-from wherefrom.sampling import EpsFn, generate
+from wherefrom.sampling import EpsFn, generate, guided
 from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
 
 # A small UNet for 8x8 digits: 8 -> 4, attention at the lowest resolution.
@@ -106,6 +107,10 @@ class DiffusionRecipe(L.LightningModule):
         lr, weight_decay, warmup: AdamW with cosine decay after ``warmup`` (a fraction of steps).
         hflip: random horizontal flips (seeded per index and epoch).
         seed: initialisation and the root of every seeded draw.
+        num_classes: class-conditional on the batches' ``"label"`` (0..num_classes-1): the UNet gets
+            ``num_class_embeds = num_classes + 1``, the last being the null class of classifier-free guidance.
+        cond_dropout: the probability that a training row's label is replaced by the null class
+            (seeded per index and epoch; Ho & Salimans 2022), so samples can be guided.
     """
 
     def __init__(
@@ -120,10 +125,16 @@ class DiffusionRecipe(L.LightningModule):
         warmup: float = 0.1,
         hflip: bool = False,
         seed: int = 0,
+        num_classes: int | None = None,
+        cond_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0 <= warmup < 1:
             raise WherefromError(f"warmup is a fraction of the training steps in [0, 1), got {warmup}")
+        if num_classes is not None and num_classes < 1:
+            raise WherefromError(f"num_classes must be >= 1 (or unset for an unconditional model), got {num_classes}")
+        if not 0 <= cond_dropout < 1:
+            raise WherefromError(f"cond_dropout is a probability in [0, 1), got {cond_dropout}")
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning reads the calling frames)
         self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
 
@@ -131,15 +142,56 @@ class DiffusionRecipe(L.LightningModule):
         raise NotImplementedError
 
     @property
+    def unet_config(self) -> dict[str, Any]:
+        """The networks' ``UNet2DModel`` arguments (with the class embeddings of a conditional model)."""
+        config = dict(self.hparams.unet or {})
+        if self.hparams.num_classes is not None:
+            config["num_class_embeds"] = self.hparams.num_classes + 1
+        return config
+
+    @property
+    def null_condition(self) -> Tensor | None:
+        """The null class of classifier-free guidance (``None`` for an unconditional model)."""
+        return None if self.hparams.num_classes is None else torch.tensor(self.hparams.num_classes)
+
+    def labels(self, labels: Sequence[int] | Tensor | None, num_samples: int) -> Tensor | None:
+        """Checked class labels of ``num_samples`` queries (one label repeats); ``None`` when unconditional."""
+        k = self.hparams.num_classes
+        if k is None:
+            if labels is not None:
+                raise WherefromError("this model is unconditional; drop the labels (train with --model.num_classes for a class-conditional one)")
+            return None
+        if labels is None:
+            raise WherefromError(f"this model is class-conditional ({k} classes); pass a label per sample (e.g. --labels 0,1,2)")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) == 1:
+            labels = labels.expand(num_samples)
+        if len(labels) != num_samples or labels.min() < 0 or labels.max() >= k:
+            raise WherefromError(f"need {num_samples} labels in [0, {k}) (or one for all), got {labels.tolist()[:8]}")
+        return labels
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        check_data_shape(next(iter(self.denoisers().values())), dm)
+        if self.hparams.num_classes is not None and not getattr(dm, "conditional", False):
+            raise WherefromError(f"the model is class-conditional ({self.hparams.num_classes} classes) but the data yields no labels; pass --data.conditional true")
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return image_shape(next(iter(self.denoisers().values())))
 
-    def batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(x0, index)`` of a training batch, flipped when ``hflip`` is set."""
+    def batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x0, index, labels)`` of a training batch: flipped when ``hflip`` is set, labels dropped
+        to the null class with probability ``cond_dropout`` (``None`` when unconditional)."""
         x0, index = batch["image"], batch["index"]
         if self.hparams.hflip:
             x0 = hflip(x0, index, self.task.seed, self.current_epoch)
-        return x0, index
+        if self.hparams.num_classes is None:
+            return x0, index, None
+        labels = batch["label"]
+        drop = torch.tensor([bool(torch.rand(1, generator=generator_for(self.task.seed, int(Stream.CONDITION), i, self.current_epoch)) < self.hparams.cond_dropout)
+                             for i in index.tolist()], device=labels.device)  # fmt: skip
+        return x0, index, torch.where(drop, self.hparams.num_classes, labels)
 
     def configure_optimizers(self):
         """AdamW with linear warmup then cosine decay over the whole run (D-TRAK recipe)."""
@@ -164,26 +216,25 @@ class DiffusionModel(DiffusionRecipe):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.unet = build_unet(self.hparams.unet, self.hparams.seed)
+        self.unet = build_unet(self.unet_config, self.hparams.seed)
 
     def denoisers(self) -> dict[str, nn.Module]:
         return {"model": self.unet}
 
-    def eps_fn(self) -> EpsFn:
-        """``(x_t, t) -> eps`` for the sampler."""
-        return lambda x, t: predict_eps(self.unet, x, t)
+    def eps_fn(self, guidance: float = 1.0) -> EpsFn:
+        """``(x_t, t[, labels]) -> eps`` for the sampler, with classifier-free ``guidance``."""
+        return guided(lambda x, t, cond=None: predict_eps(self.unet, x, t, cond), guidance, self.null_condition)
 
     @torch.no_grad()
-    def generate(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Tensor:
-        """Samples for queries ``0..num_samples-1`` (see :func:`wherefrom.sampling.generate`)."""
-        return generate(self.eps_fn(), self.task, self.image_shape, num_samples, seed, device=self.device, **kwargs)
-
-    def setup(self, stage: str) -> None:
-        check_data_shape(self.unet, getattr(self.trainer, "datamodule", None))
+    def generate(self, num_samples: int, seed: int = 0, labels: Sequence[int] | Tensor | None = None, guidance: float = 1.0, **kwargs: Any) -> Tensor:
+        """Samples for queries ``0..num_samples-1`` (of class ``labels[q]`` for a conditional model;
+        see :func:`wherefrom.sampling.generate`)."""
+        cond = self.labels(labels, num_samples)
+        return generate(self.eps_fn(guidance), self.task, self.image_shape, num_samples, seed, device=self.device, cond=cond, **kwargs)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0, index = self.batch(batch)
-        loss = self.task.loss(self.unet, x0, index, draw=self.current_epoch).mean()
+        x0, index, labels = self.batch(batch)
+        loss = self.task.loss(self.unet, x0, index, draw=self.current_epoch, cond=labels).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(index), sync_dist=True)
         return loss
 

@@ -22,7 +22,27 @@ from tqdm.auto import tqdm
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask, Stream, generator_for
 
-EpsFn = Callable[[Tensor, Tensor], Tensor]
+EpsFn = Callable[..., Tensor]  # (x_t, t) -> eps, or (x_t, t, cond) -> eps with each row's condition
+
+
+def guided(eps_fn: EpsFn, guidance: float, null: Tensor | None) -> EpsFn:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with ``guidance = 1 + w``):
+    ``eps(x, null) + guidance (eps(x, c) - eps(x, null))``, both halves in one batch.
+    ``guidance = 1`` (or no condition) is ``eps_fn`` itself."""
+    if guidance == 1.0:
+        return eps_fn
+    if null is None:
+        raise WherefromError(f"guidance {guidance} needs a model trained with a null condition (condition dropout)")
+
+    def eps(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is None:
+            return eps_fn(x, t)
+        none = null.to(cond.device).expand_as(cond)
+        both = eps_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, none]))
+        c, u = both.chunk(2)
+        return u + guidance * (c - u)
+
+    return eps
 
 
 class SchedulerType(str, enum.Enum):
@@ -89,18 +109,25 @@ def sample(
     device: torch.device | str = "cpu",
     x_T: Tensor | None = None,
     progress: bool = False,
+    cond: Tensor | None = None,
 ) -> Tensor:
     """Run the reverse chain for the given query ids; returns ``x_0`` (Q x C x H x W).
 
     Only the current ``x_t`` is kept, so memory does not grow with ``steps``
-    (also under forward-mode AD). ``x_T`` overrides the seeded initial noise.
+    (also under forward-mode AD). ``x_T`` overrides the seeded initial noise;
+    ``cond`` holds each query's condition (class labels or embeddings, aligned with ``queries``).
     """
     scheduler = SchedulerType(scheduler)
     ts = sampling_timesteps(task, steps)
     x = exogenous_noise(seed, queries, -1, shape).to(device=device, dtype=dtype) if x_T is None else x_T
+    if cond is not None:
+        if len(cond) != len(queries):
+            raise WherefromError(f"need one condition per query: {len(queries)} queries, {len(cond)} conditions")
+        cond = cond.to(device)
     for k, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
         t_prev = ts[k + 1] if k + 1 < len(ts) else -1
-        eps = eps_fn(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        eps = eps_fn(x, tt) if cond is None else eps_fn(x, tt, cond)
         noise = exogenous_noise(seed, queries, k, shape) if scheduler is SchedulerType.DDPM and t_prev >= 0 else None
         x = step(task, scheduler, x, eps, t, t_prev, noise, clip_sample)
     return x
@@ -116,13 +143,18 @@ def generate(
     scheduler: SchedulerType | str = SchedulerType.DDPM,
     batch_size: int = 256,
     progress: bool = False,
+    cond: Tensor | None = None,
     **kwargs,
 ) -> Tensor:
-    """:func:`sample` for queries ``0..num_samples-1`` in batches (results do not depend on ``batch_size``)."""
+    """:func:`sample` for queries ``0..num_samples-1`` in batches (results do not depend on ``batch_size``);
+    ``cond``: query ``q``'s condition is ``cond[q]``."""
     if batch_size < 1:
         raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+    if cond is not None and len(cond) != num_samples:
+        raise WherefromError(f"need one condition per sample: {num_samples} samples, {len(cond)} conditions")
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="generating", disable=not progress):
         queries = list(range(start, min(start + batch_size, num_samples)))
-        out.append(sample(eps_fn, task, shape, queries, seed, steps, scheduler, progress=progress, **kwargs))
+        part = None if cond is None else cond[queries[0] : queries[-1] + 1]
+        out.append(sample(eps_fn, task, shape, queries, seed, steps, scheduler, progress=progress, cond=part, **kwargs))
     return torch.cat(out)

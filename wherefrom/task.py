@@ -33,6 +33,7 @@ class Stream(enum.IntEnum):
     MEASURE = 3
     SAMPLE = 4
     AUGMENT = 5
+    CONDITION = 6  # classifier-free guidance's condition dropout
 
 
 def _splitmix64(x: int) -> int:
@@ -95,10 +96,24 @@ MEASUREMENTS: dict[str, Measurement] = {
 }
 
 
-def predict_eps(model: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-    """Noise prediction of a diffusers ``UNet2DModel`` (``.sample``) or a plain module."""
-    out = model(x_t, t)
+def condition_kwargs(cond: Tensor | None) -> dict[str, Tensor]:
+    """The network's conditioning keyword for one condition per row: integer class labels go to
+    ``class_labels`` (``UNet2DModel(num_class_embeds=...)``), float embeddings (rows x tokens x dim)
+    to ``encoder_hidden_states`` (``UNet2DConditionModel``); none for ``None``."""
+    if cond is None:
+        return {}
+    return {"encoder_hidden_states": cond} if cond.is_floating_point() else {"class_labels": cond}
+
+
+def predict_eps(model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Noise prediction of a diffusers UNet (``.sample``) or a plain module, given each row's condition."""
+    out = model(x_t, t, **condition_kwargs(cond))
     return out.sample if hasattr(out, "sample") else out
+
+
+def condition(batch: dict[str, Tensor]) -> Tensor | None:
+    """The condition of a batch's rows: its ``"cond"`` (what the network takes), else its class ``"label"``."""
+    return batch.get("cond", batch.get("label"))
 
 
 class DiffusionTask:
@@ -220,9 +235,9 @@ class DiffusionTask:
         return [None] * k
 
     # --- losses and measurements -------------------------------------------------
-    def loss(self, model: nn.Module, x0: Tensor, index: Tensor, draw: int = 0) -> Tensor:
-        """Per-example training loss ``||eps - eps_theta(x_t, t)||^2 / D`` on the TRAIN stream."""
-        return self.measure(model, x0, index, "loss", draws=[(draw, None)], stream=Stream.TRAIN)
+    def loss(self, model: nn.Module, x0: Tensor, index: Tensor, draw: int = 0, cond: Tensor | None = None) -> Tensor:
+        """Per-example training loss ``||eps - eps_theta(x_t, t, c)||^2 / D`` on the TRAIN stream."""
+        return self.measure(model, x0, index, "loss", draws=[(draw, None)], stream=Stream.TRAIN, cond=cond)
 
     def measure(
         self,
@@ -232,13 +247,15 @@ class DiffusionTask:
         name: str,
         draws: Sequence[tuple[int, int | None]],
         stream: Stream = Stream.MEASURE,
+        cond: Tensor | None = None,
     ) -> Tensor:
-        """Per-example measurement ``name`` averaged over ``draws`` = [(draw id, t or None)]."""
+        """Per-example measurement ``name`` averaged over ``draws`` = [(draw id, t or None)], under
+        each example's condition ``cond`` (``None``: unconditional)."""
         fn = self.measurement(name)
         total = x0.new_zeros(x0.shape[0])
         for d, t in draws:
             x_t, tt, eps = self.noisy(x0, index, name, d, t, stream)
-            total = total + fn(predict_eps(model, x_t, tt), eps, tt, self)
+            total = total + fn(predict_eps(model, x_t, tt, cond), eps, tt, self)
         return total / len(draws)
 
     def noisy(

@@ -38,7 +38,7 @@ class Random:
     name: ClassVar[str] = "random"
     needs: ClassVar[Needs] = Needs.NOTHING
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
         return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
 
@@ -50,7 +50,7 @@ class Pixel:
     name: ClassVar[str] = "pixel"
     needs: ClassVar[Needs] = Needs.NOTHING
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
         return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
 

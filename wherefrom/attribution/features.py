@@ -32,7 +32,7 @@ from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.store import Store
 from wherefrom.errors import WherefromError
-from wherefrom.task import DiffusionTask, Stream
+from wherefrom.task import DiffusionTask, Stream, condition
 
 T = TypeVar("T")
 
@@ -102,10 +102,12 @@ def project_images(
     index: Tensor,
     config: FeatureConfig,
     stream: Stream = Stream.FEATURES,
+    cond: Tensor | None = None,
 ) -> Tensor:
-    """Features (``B x dim``) of a batch of images with global indices ``index``."""
+    """Features (``B x dim``) of a batch of images with global indices ``index`` and conditions ``cond``."""
     x0 = images.to(projection.device, projection.dtype)
-    return projection.projected_grads(task, x0, index, config.output, config.draws(task), stream)
+    cond = None if cond is None else cond.to(projection.device)
+    return projection.projected_grads(task, x0, index, config.output, config.draws(task), stream, cond)
 
 
 def featurize(
@@ -160,7 +162,7 @@ def featurize(
             if batch is not None:
                 n = len(batch["index"])
                 index[:n] = batch["index"].to(projection.device)
-                feats[:n] = project_images(projection, task, batch["image"], batch["index"], config)
+                feats[:n] = project_images(projection, task, batch["image"], batch["index"], config, cond=condition(batch))
             index, feats = gather(comm, index).flatten(0, 1), gather(comm, feats).flatten(0, 1)
             if comm.global_rank == 0:
                 keep = index >= 0

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wherefrom.errors import WherefromError
-from wherefrom.task import MEASUREMENTS, DiffusionTask, Stream, TimestepStrategy, predict_eps
+from wherefrom.task import MEASUREMENTS, DiffusionTask, Stream, TimestepStrategy, condition_kwargs
 
 Draws = Sequence[tuple[int, int | None]]  # [(draw id, fixed t or None = drawn per example)]
 
@@ -146,8 +146,10 @@ def per_sample_grads(
     output: str,
     draws: Draws,
     stream: Stream = Stream.FEATURES,
+    cond: Tensor | None = None,
 ) -> Tensor:
-    """``B x P`` per-sample gradients of ``output`` averaged over ``draws``.
+    """``B x P`` per-sample gradients of ``output`` averaged over ``draws``, under each example's
+    condition ``cond`` (``None``: unconditional).
 
     One ``vmap(grad)`` over the examples; each example evaluates its K draws as
     one inner batch. The fused SDPA kernels have no vmap rule, hence the MATH backend.
@@ -157,12 +159,16 @@ def per_sample_grads(
     fn = task.measurement(output)
     x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
 
-    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        pred = predict_eps(lambda x, s: functional_call(model, {**p, **frozen}, (x, s)), x_t, t)
+    k = x_t.shape[1]
+
+    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, eps: Tensor, c: Tensor | None) -> Tensor:
+        c = None if c is None else c.unsqueeze(0).expand(k, *c.shape)  # the example's condition for each of its K draws
+        pred = functional_call(model, {**p, **frozen}, (x_t, t), condition_kwargs(c))
+        pred = pred.sample if hasattr(pred, "sample") else pred
         return fn(pred, eps, t, task).mean()
 
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0))(params, x_t, t, eps)
+        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0, None if cond is None else 0))(params, x_t, t, eps, cond)
     return torch.cat([grads[n].reshape(len(x0), -1) for n in params], 1)
 
 

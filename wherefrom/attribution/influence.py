@@ -49,7 +49,7 @@ from wherefrom.attribution.store import Store, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.target import as_data, attributable
-from wherefrom.task import DiffusionTask, Stream
+from wherefrom.task import DiffusionTask, Stream, condition
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
 BLOCK_ROWS = 65536
@@ -80,14 +80,17 @@ def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPrecondition
     return out
 
 
-def query_gradients(net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int) -> Tensor:
-    """``Q x P`` gradients of the measurement of each query (index ``-(q + 1)``)."""
+def query_gradients(
+    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None
+) -> Tensor:
+    """``Q x P`` gradients of the measurement of each query (index ``-(q + 1)``, condition ``cond[q]``)."""
     device = next(net.parameters()).device
     out = []
     for s in range(0, len(queries), batch_size):
         index = -torch.arange(s, min(s + batch_size, len(queries))) - 1
         x0 = queries[s : s + batch_size].to(device)
-        out.append(per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES))
+        c = None if cond is None else cond[s : s + batch_size].to(device)
+        out.append(per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES, c))
     return torch.cat(out)
 
 
@@ -100,7 +103,8 @@ def exact_scores(
     batches = DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False)
     for batch in tqdm(batches, desc="training gradients", disable=not progress):
         x0 = batch["image"].to(device=device, dtype=pre.dtype)
-        g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES)
+        c = condition(batch)
+        g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES, None if c is None else c.to(device))
         scores[:, batch["index"].numpy()] = (pre @ g.T).double().cpu().numpy()
     return scores
 
@@ -147,8 +151,10 @@ def influence_scores(
     config: FeatureConfig | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    cond: Tensor | None = None,
 ) -> np.ndarray:
-    """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids).
+    """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids) for
+    queries with conditions ``cond``.
 
     ``config`` sets the draws of exact mode (default: TRAK's, output ``loss``, K = 10
     uniform timesteps); projected mode uses the stored features' config. ``damping`` is an
@@ -174,7 +180,7 @@ def influence_scores(
         net.eval()
         try:
             preconditioner = load_preconditioner(store, model_id, net, ekfac, damping, relative)
-            g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size)
+            g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size, cond)
             pre = precondition(net, g_q, preconditioner)
             if grads == "exact":
                 part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
@@ -231,7 +237,7 @@ class KFAC:
         if self.damping <= 0 or self.timesteps < 1 or self.batch_size < 1:
             raise WherefromError(f"damping must be > 0 and timesteps, batch_size >= 1; got {self.damping}, {self.timesteps}, {self.batch_size}")
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom factors` (or the KFACFactors callback)")
         module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
@@ -239,7 +245,7 @@ class KFAC:
         check_store(store, data.fingerprint, module.codes_fingerprint)
         scores = influence_scores(
             module, data, queries, store, self.measurement, ekfac=self.ekfac, relative=self.damping, grads=self.grads.value,
-            config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True,
+            config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True, cond=cond,
         )  # fmt: skip
         return Attribution(scores, queries, self.name, split=data.indices)
 

@@ -222,14 +222,14 @@ class Projection:
         return torch.cat([layer.project_dense(grads) for layer in self.layers], 1)
 
     def projected_grads(
-        self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES
+        self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES, cond: Tensor | None = None
     ) -> Tensor:
         """``project(per_sample_grads(...))`` for a batch, computed the fast way (``B x dim``)."""
         if self.kind is ProjectionKind.DENSE:
-            return self.project(per_sample_grads(self.model, task, x0, index, output, draws, stream))
-        return self._structured(task, x0, index, output, draws, stream)
+            return self.project(per_sample_grads(self.model, task, x0, index, output, draws, stream, cond))
+        return self._structured(task, x0, index, output, draws, stream, cond)
 
-    def _structured(self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream) -> Tensor:
+    def _structured(self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream, cond: Tensor | None) -> Tensor:
         x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
         (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
         calls: list[tuple[LayerProjection, Tensor]] = []  # (layer, projected input) per call
@@ -248,7 +248,8 @@ class Projection:
         handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
         try:
             with torch.enable_grad():
-                pred = predict_eps(self.model, x_t.flatten(0, 1), t.flatten(0, 1))
+                rows_cond = None if cond is None else cond.repeat_interleave(k, 0)  # row (b, j): example b's condition
+                pred = predict_eps(self.model, x_t.flatten(0, 1), t.flatten(0, 1), rows_cond)
                 # mean over the K draws of each example, summed over examples (rows are independent)
                 value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
                 grads = torch.autograd.grad(value, outputs, allow_unused=True)

@@ -90,12 +90,15 @@ class Attribution:
 
 @runtime_checkable
 class Attributor(Protocol):
-    """One attribution method: its options are the dataclass fields, ``name`` its CLI name."""
+    """One attribution method: its options are the dataclass fields, ``name`` its CLI name.
+
+    ``attribute`` scores every training image for each query; ``cond`` holds the queries'
+    conditions for a conditional model (class labels or text embeddings, one per query)."""
 
     name: ClassVar[str]
     needs: ClassVar[Needs]
 
-    def attribute(self, module: Any, data: Any, queries: Tensor) -> Attribution: ...
+    def attribute(self, module: Any, data: Any, queries: Tensor, cond: Tensor | None = None) -> Attribution: ...
 
 
 def beside_queries(queries: Tensor, rows: Sequence[Tensor]) -> Tensor:

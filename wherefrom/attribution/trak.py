@@ -154,19 +154,24 @@ def network_for(module, store: Store, model_id: str, config: dict) -> nn.Module:
     return net
 
 
-def query_features(net: nn.Module, module, model_id: str, config: FeatureConfig, queries: Tensor, batch_size: int = 64) -> Tensor:
-    """Features of query images with the training config; query ``q`` draws its noise
-    as global index ``-(q + 1)``, outside the training index space."""
+def query_features(
+    net: nn.Module, module, model_id: str, config: FeatureConfig, queries: Tensor, batch_size: int = 64, cond: Tensor | None = None
+) -> Tensor:
+    """Features of query images (with their conditions ``cond``) with the training config; query
+    ``q`` draws its noise as global index ``-(q + 1)``, outside the training index space."""
     projection = Projection(config, net, model_id)
     out = []
     for s in range(0, len(queries), batch_size):
         index = -torch.arange(s, min(s + batch_size, len(queries))) - 1
-        out.append(project_images(projection, module.task, queries[s : s + batch_size], index, config).cpu())
+        part = None if cond is None else cond[s : s + batch_size]
+        out.append(project_images(projection, module.task, queries[s : s + batch_size], index, config, cond=part).cpu())
     return torch.cat(out)
 
 
-def store_scores(module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int) -> np.ndarray:
-    """TRAK / D-TRAK scores (Q x N) of ``queries`` from the store's ``method`` features, averaged over its model ids."""
+def store_scores(
+    module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int, cond: Tensor | None = None
+) -> np.ndarray:
+    """TRAK / D-TRAK scores (Q x N) of ``queries`` (conditions ``cond``) from the store's ``method`` features, averaged over its model ids."""
     store = Store.open(store)
     check_store(store, datamodule.fingerprint, module.codes_fingerprint)
     train, query = [], []
@@ -174,7 +179,7 @@ def store_scores(module, datamodule, queries: Tensor, store: str | Path, method:
         net = network_for(module, store, config["model_id"], config)
         was_training = net.training
         net.eval()
-        query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, batch_size))
+        query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, batch_size, cond))
         net.train(was_training)
         train.append(store.read_array(name))
     return trak_scores(train, query, damping, normalize=normalize)
@@ -205,11 +210,11 @@ class TRAK:
         if self.batch_size < 1:
             raise WherefromError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
         module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
-        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size)
+        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond)
         return Attribution(scores, queries, self.name, split=data.indices)
 
 

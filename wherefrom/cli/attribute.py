@@ -18,11 +18,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
-from wherefrom.cli.options import add_run, add_sampling, open_run
+from wherefrom.cli.options import add_run, add_sampling, open_run, parse_labels
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
 from wherefrom.errors import ConfigArgumentParser, WherefromError
@@ -30,7 +31,7 @@ from wherefrom.io import check_out_dir, load_array
 from wherefrom.target import flag
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
-COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k")
+COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k", "guidance")
 # the command that writes what each kind of attributor reads, for the missing-store message
 WRITER = {Needs.FEATURES: "featurize", Needs.FACTORS: "factors"}
 
@@ -112,7 +113,8 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     if spec is None:
         if args.num_samples < 1:
             raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
-        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True)
+        labels = {} if args.labels is None else {"labels": parse_labels(args.labels), "guidance": args.guidance}
+        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **labels)
     if spec == "val":
         val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
         if val is None or len(val) == 0:
@@ -126,6 +128,16 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     return queries
 
 
+def query_labels(text: str | None, num_queries: int) -> Tensor | None:
+    """The queries' class labels from ``--labels`` (one label: all queries), for a class-conditional model."""
+    labels = parse_labels(text)
+    if labels is None:
+        return None
+    if len(labels) not in (1, num_queries):
+        raise WherefromError(f"--labels gives {len(labels)} labels for {num_queries} queries; give one per query or one for all")
+    return torch.tensor(labels * num_queries if len(labels) == 1 else labels)
+
+
 def attribute_main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     check_out_dir(args.out)
@@ -137,6 +149,9 @@ def attribute_main(argv: list[str]) -> None:
         )
     module, data = open_run(args, "wherefrom attribute")
     queries = load_queries(args.queries, module, data, args)
-    result = method.attribute(module, data, queries)
+    cond = query_labels(args.labels, len(queries))
+    if hasattr(module, "labels"):  # a wherefrom module: labels present exactly when it is class-conditional
+        cond = module.labels(cond, len(queries))
+    result = method.attribute(module, data, queries, cond=cond)
     out = write_attribution(args.out, result, data.images, args.top_k)
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

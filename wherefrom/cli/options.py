@@ -53,14 +53,26 @@ def check_batch_size(a: Any) -> None:
 
 
 def add_sampling(p: ConfigArgumentParser, what: str = "the samples") -> None:
-    """``--seed``, ``--steps``, ``--scheduler`` of seeded sampling."""
+    """``--seed``, ``--steps``, ``--scheduler`` of seeded sampling, and a conditional model's ``--labels`` / ``--guidance``."""
     p.add_argument("--seed", type=int, default=0, help=f"sampling seed of {what}")
     p.add_argument("--steps", type=int, default=100, help="denoising steps")
     p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    p.add_argument("--labels", default=None, help=f"class-conditional models: the class of each of {what}, e.g. 0,1,2 (one label: all)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``--labels 0,1,2`` as integers."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise WherefromError(f"--labels takes comma-separated class labels like 0,1,2, got {text!r}") from None
 
 
 def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
 
 
-__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run"]
+__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run", "parse_labels"]

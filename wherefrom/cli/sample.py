@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling
+from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling, parse_labels
 from wherefrom.errors import ConfigArgumentParser, WherefromError
 
 
@@ -47,6 +47,8 @@ def sample_main(argv: list[str]) -> None:
         except ValueError:
             raise WherefromError(f"--ablate takes comma-separated training indices like 17,42, got {a.ablate!r}") from None
         kwargs["weights"] = module.ablation_weights(ablate)
+    if a.labels is not None or a.guidance != 1.0:
+        kwargs.update(labels=parse_labels(a.labels), guidance=a.guidance)
     images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
     out = Path(a.out)
     write_npy(out / "samples.npy", images.numpy().astype("float32"))

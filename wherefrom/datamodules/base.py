@@ -122,10 +122,11 @@ def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
 
 
 class IndexedDataset(Dataset):
-    """The images at the given global indices, yielding ``{"index", "image"}``."""
+    """The images at the given global indices, yielding ``{"index", "image"}`` (and ``"label"``
+    when ``labels``, one per image of the index space, are given)."""
 
-    def __init__(self, images: Tensor, indices: np.ndarray) -> None:
-        self.images = images
+    def __init__(self, images: Tensor, indices: np.ndarray, labels: Tensor | None = None) -> None:
+        self.images, self.labels = images, labels
         self.indices = torch.as_tensor(indices, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -133,7 +134,10 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         g = self.indices[i]
-        return {"index": g, "image": self.images[g]}
+        item = {"index": g, "image": self.images[g]}
+        if self.labels is not None:
+            item["label"] = self.labels[g]
+        return item
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -153,6 +157,7 @@ class ImageDataModule(L.LightningDataModule):
         groups: a group per image (class, artist, source) for group-level ensemble codes:
             ``"labels"`` (the source's labels, e.g. the digit classes) or a file / list of one
             integer id per image of the full index space (see :attr:`group_ids`).
+        conditional: items also carry the source's class ``"label"`` (for class-conditional models).
     """
 
     source_name = "images"
@@ -168,6 +173,7 @@ class ImageDataModule(L.LightningDataModule):
         pool_size: int | None = None,
         pool_seed: int = 0,
         groups: list[int] | str | None = None,
+        conditional: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -177,7 +183,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError(f"val_size must be >= 0, got {val_size}")
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.subset, self.exclude, self.val_size = subset, exclude, val_size
-        self.pool_size, self.pool_seed, self.groups = pool_size, pool_seed, groups
+        self.pool_size, self.pool_seed, self.groups, self.conditional = pool_size, pool_seed, groups, conditional
         self._images: Tensor | None = None
 
     def load_images(self) -> np.ndarray | Tensor:
@@ -244,7 +250,13 @@ class ImageDataModule(L.LightningDataModule):
     def dataset(self, indices: np.ndarray | None = None) -> IndexedDataset:
         """Dataset over ``indices`` (default: the selected training split)."""
         self.setup()
-        return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices))
+        labels = None
+        if self.conditional:
+            labels = getattr(self, "labels", None)
+            if labels is None:
+                raise WherefromError(f"conditional=True needs a source with labels; {type(self).__name__} has none")
+            labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices), labels)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -42,7 +42,7 @@ from wherefrom.ensemble.codes import Codes, code_weight
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.io import atomic_path
-from wherefrom.model import DiffusionRecipe, build_unet, check_data_shape
+from wherefrom.model import DiffusionRecipe, build_unet
 from wherefrom.task import mix_seed
 
 CODES_KEY = "wherefrom_codes"
@@ -73,7 +73,7 @@ class EncodedEnsemble(DiffusionRecipe):
         self.w = weight
         seed = self.hparams.seed
         self.member_ids = list(range(n)) if member is None else [member]
-        self.members = nn.ModuleDict({f"member{i}": build_unet(self.hparams.unet, member_seed(seed, i)) for i in self.member_ids})
+        self.members = nn.ModuleDict({f"member{i}": build_unet(self.unet_config, member_seed(seed, i)) for i in self.member_ids})
         self.codes: Codes | None = None
         self._stepped = torch.zeros(len(self.member_ids), dtype=torch.bool)
 
@@ -102,7 +102,7 @@ class EncodedEnsemble(DiffusionRecipe):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "indices"):
             raise WherefromError("an EncodedEnsemble needs a wherefrom ImageDataModule (codes are keyed by global index); pass --data")
-        check_data_shape(next(iter(self.members.values())), dm)
+        super().setup(stage)  # shapes and conditioning
         member = self.hparams.member
         if member is not None and self.codes is not None and np.array_equal(dm.indices, self.codes.split(member)):
             return  # restricted by an earlier setup of this module
@@ -119,7 +119,7 @@ class EncodedEnsemble(DiffusionRecipe):
 
     # --- training ----------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0, index = self.batch(batch)
+        x0, index, labels = self.batch(batch)
         bits = self._codes().membership(index)[:, self.member_ids]
         # rows of each member in the global batch (sums reduce correctly under DDP)
         total = self.trainer.strategy.reduce(bits.sum(0), reduce_op="sum")
@@ -129,7 +129,7 @@ class EncodedEnsemble(DiffusionRecipe):
             mask = bits[:, j]
             if mask.any():
                 # seeded draws keyed by (index, epoch): the member alone on these rows draws the same (t, eps)
-                per_row = self.task.loss(unet, x0[mask], index[mask], draw=self.current_epoch)
+                per_row = self.task.loss(unet, x0[mask], index[mask], draw=self.current_epoch, cond=None if labels is None else labels[mask])
                 # DDP averages gradients over ranks, hence * world_size: the mean over the global batch's rows
                 loss = loss + per_row.sum() * self.trainer.world_size / total[j]
                 row_losses.append(per_row.detach())
@@ -170,9 +170,9 @@ class EncodedEnsemble(DiffusionRecipe):
 
     # --- sampling ------------------------------------------------------------------
     def sampler(self, **kwargs: Any) -> EnsembleSampler:
-        """An :class:`EnsembleSampler` over the members (``kwargs``: seed, steps, scheduler, ...)."""
+        """An :class:`EnsembleSampler` over the members (``kwargs``: seed, steps, scheduler, cond, guidance, ...)."""
         codes = self.codes if self.hparams.member is None else None
-        kwargs = {"device": self.device, "dtype": self.dtype, **kwargs}
+        kwargs = {"device": self.device, "dtype": self.dtype, "null": self.null_condition, **kwargs}
         return EnsembleSampler(list(self.members.values()), self.task, self.image_shape, codes, **kwargs)
 
     @torch.no_grad()
@@ -185,9 +185,13 @@ class EncodedEnsemble(DiffusionRecipe):
         batch_size: int = 256,
         progress: bool = False,
         weights: Tensor | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        guidance: float = 1.0,
     ) -> Tensor:
-        """Samples for queries ``0..num_samples-1`` with member ``weights`` (default uniform)."""
-        return self.sampler(seed=seed, steps=steps, scheduler=scheduler).generate(num_samples, weights, batch_size, progress)
+        """Samples for queries ``0..num_samples-1`` with member ``weights`` (default uniform), of class
+        ``labels[q]`` with classifier-free ``guidance`` for a conditional ensemble."""
+        sampler = self.sampler(seed=seed, steps=steps, scheduler=scheduler, cond=self.labels(labels, num_samples), guidance=guidance)
+        return sampler.generate(num_samples, weights, batch_size, progress)
 
     def ablation_weights(self, indices: Sequence[int]) -> Tensor:
         """Uniform weights over the members that saw none of ``indices`` (exact ablation)."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.errors import WherefromError
-from wherefrom.sampling import EpsFn, SchedulerType, generate, sample
+from wherefrom.sampling import EpsFn, SchedulerType, generate, guided, sample
 from wherefrom.task import DiffusionTask, predict_eps
 
 
@@ -36,6 +36,8 @@ class EnsembleSampler:
         codes: the training codes; needed for :meth:`ablate` / :meth:`ablation_weights`.
         seed, steps, scheduler, clip_sample: the sampling chain (see :func:`wherefrom.sampling.sample`).
         dtype, device: of the chain (members must already be on ``device`` in a matching dtype).
+        cond: the condition of query ``q`` is ``cond[q]`` (class labels or embeddings; ``None``: unconditional).
+        guidance, null: classifier-free guidance scale and the null condition (:func:`wherefrom.sampling.guided`).
     """
 
     def __init__(
@@ -51,6 +53,9 @@ class EnsembleSampler:
         clip_sample: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        cond: Tensor | None = None,
+        guidance: float = 1.0,
+        null: Tensor | None = None,
     ) -> None:
         if not members:
             raise WherefromError("an ensemble sampler needs at least one member")
@@ -60,6 +65,15 @@ class EnsembleSampler:
         self.task, self.image_shape, self.codes = task, tuple(image_shape), codes
         self.seed, self.steps, self.scheduler = seed, steps, SchedulerType(scheduler)
         self.clip_sample, self.dtype, self.device = clip_sample, dtype, device
+        self.cond, self.guidance, self.null = cond, guidance, null
+
+    def conditions(self, queries: Sequence[int]) -> Tensor | None:
+        """The conditions of these query ids (``None`` when unconditional)."""
+        if self.cond is None:
+            return None
+        if max(queries, default=-1) >= len(self.cond):
+            raise WherefromError(f"query {max(queries)} has no condition: the sampler holds {len(self.cond)}; pass one per query")
+        return self.cond[list(queries)]
 
     @property
     def n(self) -> int:
@@ -79,7 +93,7 @@ class EnsembleSampler:
         return weights
 
     def eps_fn(self, weights: Tensor | None = None, skip_zero: bool = True) -> EpsFn:
-        """``(x_t, t) -> sum_i a_i eps_i(x_t, t)``.
+        """``(x_t, t, c) -> sum_i a_i eps_i(x_t, t, c)``, with classifier-free ``guidance`` when set.
 
         Members whose weight is exactly 0 are not evaluated when ``skip_zero``;
         pass ``skip_zero=False`` to differentiate with respect to a zero weight.
@@ -91,14 +105,14 @@ class EnsembleSampler:
         if not active:
             raise WherefromError("all member weights are zero; give at least one member a non-zero weight")
 
-        def eps(x: Tensor, t: Tensor) -> Tensor:
+        def eps(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
             aa = a.to(device=x.device, dtype=x.dtype)
-            out = aa[active[0]] * predict_eps(self.members[active[0]], x, t)
+            out = aa[active[0]] * predict_eps(self.members[active[0]], x, t, cond)
             for i in active[1:]:
-                out = out + aa[i] * predict_eps(self.members[i], x, t)
+                out = out + aa[i] * predict_eps(self.members[i], x, t, cond)
             return out
 
-        return eps
+        return guided(eps, self.guidance, self.null)
 
     def _chain(self, **overrides: Any) -> dict[str, Any]:
         return dict(seed=self.seed, steps=self.steps, scheduler=self.scheduler, clip_sample=self.clip_sample, dtype=self.dtype, device=self.device) | overrides
@@ -107,12 +121,13 @@ class EnsembleSampler:
         """``x_0`` for the query ids (``int`` q means ``0..q-1``); ``overrides`` replace the chain settings."""
         queries = list(range(queries)) if isinstance(queries, int) else list(queries)
         kw = self._chain(**overrides)
-        return sample(self.eps_fn(weights, skip_zero), self.task, self.image_shape, queries, kw.pop("seed"), **kw)
+        return sample(self.eps_fn(weights, skip_zero), self.task, self.image_shape, queries, kw.pop("seed"), cond=self.conditions(queries), **kw)
 
     def generate(self, num_samples: int, weights: Tensor | None = None, batch_size: int = 256, progress: bool = False, **overrides: Any) -> Tensor:
         """Queries ``0..num_samples-1`` in batches (same result for any ``batch_size``)."""
         kw = self._chain(**overrides)
-        return generate(self.eps_fn(weights), self.task, self.image_shape, num_samples, kw.pop("seed"), batch_size=batch_size, progress=progress, **kw)
+        cond = self.conditions(range(num_samples))
+        return generate(self.eps_fn(weights), self.task, self.image_shape, num_samples, kw.pop("seed"), batch_size=batch_size, progress=progress, cond=cond, **kw)
 
     def ablate(self, indices: Sequence[int], queries: int | Sequence[int], **overrides: Any) -> Tensor:
         """Exact ablation: the samples of ``queries`` without the members that saw any of ``indices``,

@@ -30,6 +30,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -44,7 +45,7 @@ from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
-from wherefrom.sampling import EpsFn, SchedulerType, sample
+from wherefrom.sampling import EpsFn, SchedulerType, guided, sample
 from wherefrom.task import predict_eps
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
@@ -87,17 +88,20 @@ def forward_ad_mode() -> Iterator[None]:
         handle.remove()
 
 
-def row_weighted_eps(members: Sequence[nn.Module], weights: Tensor) -> EpsFn:
-    """``(x_t, t) -> sum_i weights[b, i] eps_i(x_t, t)[b]``: member weights per row (B x n).
+def row_weighted_eps(members: Sequence[nn.Module], weights: Tensor, guidance: float = 1.0, null: Tensor | None = None) -> EpsFn:
+    """``(x_t, t, c) -> sum_i weights[b, i] eps_i(x_t, t, c)[b]``: member weights per row (B x n), each
+    member guided (classifier-free guidance is linear in eps, so this is the guided mixture).
 
     ``weights`` may be a dual tensor (forward AD); every member is evaluated.
     """
+    fns = [guided(partial(predict_eps, m), guidance, null) for m in members]
 
-    def eps(x: Tensor, t: Tensor) -> Tensor:
+    def eps(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         w = weights.to(dtype=x.dtype, device=x.device)
-        out = w[:, 0].view(-1, 1, 1, 1) * predict_eps(members[0], x, t)
+        c = () if cond is None else (cond,)
+        out = w[:, 0].view(-1, 1, 1, 1) * fns[0](x, t, *c)
         for i in range(1, len(members)):
-            out = out + w[:, i].view(-1, 1, 1, 1) * predict_eps(members[i], x, t)
+            out = out + w[:, i].view(-1, 1, 1, 1) * fns[i](x, t, *c)
         return out
 
     return eps
@@ -109,8 +113,8 @@ def sample_rows(sampler: EnsembleSampler, queries: Sequence[int], weights: Tenso
     if weights.shape != (len(queries), sampler.n):
         raise WherefromError(f"row weights must have shape ({len(queries)}, {sampler.n}), got {tuple(weights.shape)}")
     s = sampler
-    eps = row_weighted_eps(s.members, weights)
-    return sample(eps, s.task, s.image_shape, list(queries), s.seed, s.steps, s.scheduler, s.clip_sample, s.dtype, s.device)
+    eps = row_weighted_eps(s.members, weights, s.guidance, s.null)
+    return sample(eps, s.task, s.image_shape, list(queries), s.seed, s.steps, s.scheduler, s.clip_sample, s.dtype, s.device, cond=s.conditions(queries))
 
 
 def _weights(sampler: EnsembleSampler, weights: Tensor | None) -> Tensor:
@@ -267,9 +271,12 @@ class QuadraticMeasurement:
 
 
 @torch.no_grad()
-def quadratic_measurement(sampler: EnsembleSampler, queries: Tensor, measurement: str = "loss", draws: int = 64, seed: int = 0) -> QuadraticMeasurement:
+def quadratic_measurement(
+    sampler: EnsembleSampler, queries: Tensor, measurement: str = "loss", draws: int = 64, seed: int = 0, cond: Tensor | None = None
+) -> QuadraticMeasurement:
     """The members' noise predictions on ``draws`` seeded ``(t, eps)`` per query (MEASURE stream,
-    query ``q`` as index ``q``, as in the LDS ground truth), reduced to :class:`QuadraticMeasurement`."""
+    query ``q`` as index ``q``, as in the LDS ground truth) under the queries' conditions ``cond``,
+    reduced to :class:`QuadraticMeasurement`."""
     if measurement not in ("loss", "elbo"):
         raise WherefromError(f"signed ensemble scores take a loss-like measurement, loss or elbo; got {measurement!r}")
     if draws < 1:
@@ -283,7 +290,8 @@ def quadratic_measurement(sampler: EnsembleSampler, queries: Tensor, measurement
     for d in range(draws):
         x_t, t, eps = task.noisy(x0, index, measurement, d, None)
         weight = (task.elbo_weight(t) if measurement == "elbo" else torch.ones(len(t))).double().cpu() / eps[0].numel() / draws
-        e = torch.stack([predict_eps(m, x_t, t) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
+        c = None if cond is None else cond.to(sampler.device)
+        e = torch.stack([predict_eps(m, x_t, t, c) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
         target = eps.flatten(1).double().cpu()
         gram += weight.view(-1, 1, 1) * (e @ e.transpose(1, 2))
         cross += weight.view(-1, 1) * torch.einsum("qnd,qd->qn", e, target)
@@ -341,8 +349,9 @@ class SyntheticAblation:
     """Synthetic ablation (Dai, Yew & Gifford): every training image's effect on the ensemble's
     own samples, from one Jacobian of the sampling chain in the member weights.
 
-    The queries must be the ensemble's samples ``0..Q-1`` with this ``seed``, ``steps`` and
-    ``scheduler`` (the chain's exogenous noise). The result carries the top-k synthetic
+    The queries must be the ensemble's samples ``0..Q-1`` with this ``seed``, ``steps``,
+    ``scheduler`` (the chain's exogenous noise) and, for a conditional ensemble, their conditions
+    ``cond`` and classifier-free ``guidance``. The result carries the top-k synthetic
     counterfactuals (artifact ``counterfactuals``); ``exact`` also reruns the chain without the
     members of each top-k image (artifact ``exact_counterfactuals``) and adds, per query, the
     exact L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
@@ -354,6 +363,7 @@ class SyntheticAblation:
     exact: bool = False
     top_k: int = 10
     batch_size: int = 64
+    guidance: float = 1.0
 
     name: ClassVar[str] = "ablation"
     needs: ClassVar[Needs] = Needs.ENSEMBLE
@@ -363,9 +373,9 @@ class SyntheticAblation:
         if min(self.steps, self.top_k, self.batch_size) < 1:
             raise WherefromError(f"steps, top_k and batch_size must be >= 1, got {self.steps}, {self.top_k}, {self.batch_size}")
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         module = _ensemble(module, self.name)
-        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler)
+        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler, cond=cond, guidance=self.guidance)
         codes = _codes(sampler)
         lin = linearize(sampler, len(queries), batch_size=self.batch_size, progress=True)
         gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
@@ -414,9 +424,9 @@ class AblationLoss:
         if self.timesteps < 1:
             raise WherefromError(f"timesteps must be >= 1, got {self.timesteps}")
 
-    def attribute(self, module, data, queries: Tensor) -> Attribution:
+    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         sampler = _ensemble(module, self.name).sampler()
-        quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed)
+        quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
         scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)
         return Attribution(scores, queries, self.name, split=data.indices)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from wherefrom.attribution.kfac.collector import FactorCollector
 from wherefrom.attribution.kfac.factors import MC_TAG, Curvature
-from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
+from wherefrom.task import DiffusionTask, Stream, condition, generator_for, predict_eps
 
 
 def output_vectors(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None) -> Iterator[Tensor]:
@@ -83,6 +83,7 @@ def factor_pass(
             x0 = batch["image"].to(device=device, dtype=dtype)
             index = batch["index"]
             t, eps = task.draw(index, draw, x0.shape[1:], stream=Stream.FACTORS, dtype=dtype, device=device)
-            out = predict_eps(denoiser, task.add_noise(x0, t, eps), t)
+            cond = condition(batch)
+            out = predict_eps(denoiser, task.add_noise(x0, t, eps), t, None if cond is None else cond.to(device))
             noise = mc_noise(task, index, draw, tuple(out.shape[1:]), out) if Curvature(curvature) is Curvature.MC else None
             backpropagate(out, eps, curvature, noise)

@@ -1,0 +1,192 @@
+"""Class-conditional models: each row's label enters training (with the null class of classifier-free
+guidance), sampling, featurisation, factors, measurements and the synthetic-ablation chain. The
+exact references of the unconditional tests hold with labels, and the labels change the answer."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from tests.conftest import TINY_UNET, cli
+from tests.test_features import check_projected_grads
+from tests.test_kfac import check_unet_factors
+from tests.test_synthetic import check_jvp_columns
+from tests.trak_helpers import tiny_config
+from wherefrom import DTRAK, EKFAC, load_module
+from wherefrom.attribution.gradients import per_sample_grads
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
+from wherefrom.model import DiffusionModel, build_unet
+from wherefrom.sampling import guided
+from wherefrom.task import DiffusionTask, Stream
+
+CLASSES = 10
+COND_UNET = {**TINY_UNET, "num_class_embeds": CLASSES + 1}  # + the null class
+NULL = torch.tensor(CLASSES)
+
+
+def _model64() -> DiffusionModel:
+    return DiffusionModel(unet=dict(TINY_UNET), num_classes=CLASSES, seed=3).double().eval()
+
+
+@pytest.mark.parametrize("projection", ["dense", "structured"])
+def test_conditional_projected_grads_equal_autograd_loop_and_explicit_matrix(projection):
+    model, index = _model64(), torch.tensor([4, 0, 17])
+    x0 = DigitsDataModule().images[index].double()
+    check_projected_grads(model, x0, index, projection, "loss", cond=torch.tensor([4, 0, 7]))
+    draws = [(0, 500)]
+    a, b = (per_sample_grads(model.unet, model.task, x0, index, "loss", draws, cond=torch.tensor(c)) for c in ([4, 0, 7], [1, 1, 1]))
+    assert (a - b).abs().amax(1).min() > 1e-6 * a.abs().max()  # every row depends on its label
+
+
+def test_conditional_factors_equal_explicit_per_position_computation(float64):
+    unet, task = build_unet(COND_UNET, 0).double(), DiffusionTask()
+    assert unet.class_embedding is not None
+    x0 = DigitsDataModule().images[:3].double()
+    t, eps = task.draw(torch.arange(3), 0, x0.shape[1:], stream=Stream.FACTORS, dtype=x0.dtype)
+    layers = {"down_blocks.1.attentions.0.to_q", "time_embedding.linear_1"}
+    check_unet_factors(unet, task.add_noise(x0, t, eps), t, eps, "expand", layers, cond=torch.tensor([3, 9, NULL]))
+
+
+def _sampler(guidance: float, n: int = 3, steps: int = 3) -> EnsembleSampler:
+    members = [build_unet(COND_UNET, seed=i).double().eval() for i in range(n)]
+    codes = Codes.generate(np.arange(10, 13), n, 1, seed=0)
+    return EnsembleSampler(members, DiffusionTask(), (1, 8, 8), codes, seed=3, steps=steps, dtype=torch.float64,
+                           cond=torch.tensor([2, 7, 7, 1, 0, 4]), guidance=guidance, null=NULL)  # fmt: skip
+
+
+def test_guidance_is_the_classifier_free_combination():
+    net = build_unet(COND_UNET, 0).double().eval()
+    eps = lambda x, t, c=None: net(x, t, class_labels=c).sample  # noqa: E731
+    x, t, c = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([10, 900]), torch.tensor([1, 5])
+    with torch.no_grad():
+        u, k = eps(x, t, NULL.expand(2)), eps(x, t, c)
+        torch.testing.assert_close(guided(eps, 3.0, NULL)(x, t, c), u + 3.0 * (k - u))
+    assert guided(eps, 1.0, None) is eps
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_conditional_guided_ablation_jacobian_equals_finite_differences(guidance):
+    s = _sampler(guidance)
+    check_jvp_columns(s)
+    with torch.no_grad():  # the labels steer the chain
+        assert not torch.allclose(s.sample([0]), s.sample([1]))
+
+
+def test_conditional_measurement_scores_equal_the_exactly_ablated_measurement():
+    from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+
+    s, labels = _sampler(1.0, n=4), torch.tensor([3, 8])
+    s.codes = Codes.generate(np.arange(10, 16), 4, 2, seed=0)
+    queries = DigitsDataModule().images[[3, 40]].double()
+    quad = quadratic_measurement(s, queries, "loss", draws=3, seed=2, cond=labels)
+    scores = measurement_scores(quad, s.uniform_weights(), s.codes, num_images=20)
+    task = DiffusionTask(seed=2)
+
+    def measured(weights: Tensor) -> Tensor:  # the loss of the weighted ensemble under the queries' labels, draw by draw
+        eps_fn, total = s.eps_fn(weights), torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for d in range(3):
+                x_t, t, eps = task.noisy(queries, torch.arange(2), "loss", d, None)
+                total += (eps_fn(x_t, t, labels) - eps).pow(2).flatten(1).mean(1) / 3
+        return total
+
+    base = measured(s.uniform_weights())
+    torch.testing.assert_close(quad(s.uniform_weights()), base, rtol=1e-10, atol=0)
+    for x in s.codes.indices:
+        torch.testing.assert_close(torch.from_numpy(scores[:, x]), measured(s.ablation_weights([int(x)])) - base, rtol=1e-8, atol=1e-12)
+    unlabelled = measurement_scores(quadratic_measurement(s, queries, "loss", draws=3, seed=2, cond=labels.flip(0)), s.uniform_weights(), s.codes, 20)
+    assert not np.allclose(unlabelled, scores)
+
+
+def test_condition_dropout_is_seeded_per_index_and_epoch():
+    model = DiffusionModel(unet=dict(TINY_UNET), num_classes=CLASSES, cond_dropout=0.5)
+    batch = {"image": torch.zeros(64, 1, 8, 8), "index": torch.arange(64), "label": torch.full((64,), 3)}
+    _, _, labels = model.batch(batch)
+    again = model.batch(batch)[2]
+    dropped = labels == CLASSES
+    assert torch.equal(labels, again) and 16 < int(dropped.sum()) < 48 and (labels[~dropped] == 3).all()
+
+
+# --- end to end from the CLI ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A class-conditional model from `wherefrom fit` and a conditional encoded ensemble, on 24 labelled digits."""
+    root = tmp_path_factory.mktemp("cond")
+    config = tiny_config(root, lr=3e-3)
+    from wherefrom.cli import main
+
+    main(["fit", "--config", str(config), "--model.num_classes", str(CLASSES), "--data.conditional", "true"])
+    L.seed_everything(0)
+    ens = EncodedEnsemble(n=4, w=2, unet=dict(TINY_UNET), num_classes=CLASSES, lr=1e-3, seed=5)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(ens, DigitsDataModule(batch_size=4, subset=list(range(2, 8)), conditional=True))
+    trainer.save_checkpoint(root / "ens.ckpt")
+    return root, root / "run" / "last.ckpt", root / "ens.ckpt"
+
+
+def test_conditional_model_trained_sampled_and_attributed_from_the_cli(runs, tmp_path, capsys):
+    root, ckpt, _ = runs
+    module = load_module(ckpt)
+    assert module.hparams.num_classes == CLASSES and module.unet.config.num_class_embeds == CLASSES + 1
+    code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--num-samples", "3", "--steps", "4", "--labels", "1,5,5", "--guidance", "2", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    samples = torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
+    torch.testing.assert_close(samples, module.generate(3, steps=4, labels=[1, 5, 5], guidance=2.0))
+    assert not torch.allclose(samples, module.generate(3, steps=4, labels=[1, 5, 5]))  # guidance moves the samples
+    small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
+    assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--out", str(tmp_path / "store"), *small)[0] == 0
+    assert cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(tmp_path / "store"), "--ekfac", "--passes", "1", "--batch-size", "8")[0] == 0
+    queries = ["--queries", str(tmp_path / "s" / "samples.npy"), "--labels", "1,5,5"]
+    data = DigitsDataModule(subset=list(range(24)), conditional=True)
+    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store"))), ("ekfac", EKFAC(store=str(tmp_path / "store"), timesteps=2))]:
+        extra = ["--timesteps", "2"] if method == "ekfac" else []
+        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", method, "--store", str(tmp_path / "store"), *extra, *queries, "--out", str(tmp_path / method))
+        assert code == 0, err
+        api = attributor.attribute(module, data, samples, cond=torch.tensor([1, 5, 5]))
+        np.testing.assert_allclose(np.load(tmp_path / method / "scores.npy"), api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
+        other = attributor.attribute(module, data, samples, cond=torch.tensor([0, 0, 0]))
+        assert not np.allclose(other.scores, api.scores, rtol=1e-3), method  # the query's label enters its gradient
+    for method in ("trak", "kfac", "pixel", "random"):
+        store = ["--store", str(tmp_path / "store")] if method in ("kfac",) else []
+        if method == "trak":
+            assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--method", "trak", "--out", str(tmp_path / "trak_store"), *small)[0] == 0
+            store = ["--store", str(tmp_path / "trak_store")]
+        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", method, *store, *queries, "--out", str(tmp_path / method))
+        assert code == 0, f"{method}: {err}"
+        assert np.isfinite(np.load(tmp_path / method / "scores.npy")).all()
+    # labels are required exactly when the model is conditional: one line, exit 2
+    code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "pixel", "--queries", str(tmp_path / "s" / "samples.npy"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "pass a label per sample" in err and err.count("\n") == 1
+    code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--num-samples", "2", "--labels", "12", "--out", str(tmp_path / "y"))
+    assert code == 2 and "labels in [0, 10)" in err
+
+
+def test_conditional_ensemble_ablation_from_the_cli(runs, tmp_path, capsys):
+    _, _, ens = runs
+    common = ["--ckpt", str(ens), "--num-samples", "2", "--steps", "3", "--labels", "4,9", "--guidance", "2"]
+    code, err = cli(capsys, "attribute", "--method", "ablation", *common, "--top-k", "2", "--exact", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    scores, top = np.load(tmp_path / "a" / "scores.npy"), json.loads((tmp_path / "a" / "topk.json").read_text())
+    module = load_module(ens)
+    sampler = module.sampler(steps=3, cond=torch.tensor([4, 9]), guidance=2.0)
+    with torch.no_grad():  # the exact re-ranking ablates the guided, conditional chain
+        for q, row in enumerate(top["queries"]):
+            exact = [float((sampler.ablate([x], [q]) - sampler.sample([q])).norm()) for x in row["indices"]]
+            np.testing.assert_allclose(row["exact_l2"], exact, rtol=1e-3)
+    assert (scores[:, 2:8] > 0).all()
+    code, err = cli(capsys, "attribute", "--method", "ablation-loss", *common, "--timesteps", "2", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+
+
+def test_conditional_model_needs_labelled_data(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    code, err = cli(capsys, "fit", "--config", str(config), "--model.num_classes", "10")
+    assert code == 2 and "--data.conditional true" in err
