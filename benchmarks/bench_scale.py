@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ def child(n: int, root: Path) -> dict:
     from wherefrom.task import DiffusionTask
 
     torch.set_num_threads(1)
+    shutil.rmtree(root / f"store{n}", ignore_errors=True)  # a fresh store: featurize must not resume
     base = rss_anon_mib()
     data = ArrayDataModule(str(root / f"images{n}.npy"))
     data.setup()

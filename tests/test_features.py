@@ -17,6 +17,7 @@ from tests.trak_helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
 from wherefrom.attribution.features import featurize, project_images
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads, trainable_parameters
+from wherefrom.attribution.kfac import tracked_layers
 from wherefrom.attribution.projection import BLOCK_SIZE, Projection, default_projector, projection_seed
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
@@ -77,7 +78,8 @@ def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.
         trak = BasicProjector(proj.num_params, 200, projection_seed(1, "model"), ProjectionType.normal, "cpu", BLOCK_SIZE, torch.float64)
         expected = trak.project(ref, model_id=0)
     else:
-        assert any("to_q" in layer.name for layer in proj.layers) and any("conv" in layer.name for layer in proj.layers)
+        assert any("to_q" in layer.name for layer in proj.layers)
+        assert {layer.name for layer in proj.layers} == set(tracked_layers(model.unet))  # every trained conv and linear layer
         expected = ref @ _kronecker_matrix(proj)
     assert expected.abs().max() > 0
     fast = proj.projected_grads(model.task, x0, index, output, draws, cond=cond)

@@ -220,7 +220,9 @@ def check_unet_factors(
             a_pos = explicit_patches(x, layer)
             g_pos = g.flatten(2).transpose(1, 2)
         else:
-            a_pos = torch.cat([x.reshape(len(x), -1, x.shape[-1]), torch.ones(len(x), x[0].numel() // x.shape[-1], 1)], -1)
+            a_pos = x.reshape(len(x), -1, x.shape[-1])
+            if layer.bias is not None:  # the bias as a constant-1 input (LoRA's adapter layers have none)
+                a_pos = torch.cat([a_pos, torch.ones(*a_pos.shape[:2], 1)], -1)
             g_pos = g.reshape(len(g), -1, g.shape[-1])
         n, r = a_pos.shape[:2]
         if approx == "expand":  # Eschenhagen et al. (2023), eq. 7

@@ -6,6 +6,7 @@ Also defines the small protocol every wherefrom callback and scorer relies on
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,6 +112,10 @@ class DiffusionRecipe(L.LightningModule):
             ``num_class_embeds = num_classes + 1``, the last being the null class of classifier-free guidance.
         cond_dropout: the probability that a training row's label is replaced by the null class
             (seeded per index and epoch; Ho & Salimans 2022), so samples can be guided.
+        base: the UNet's starting weights: a single-model wherefrom checkpoint or a diffusers export
+            folder (default: initialised from ``seed``).
+        lora: fine-tune LoRA adapters on the frozen base instead of every weight (:mod:`wherefrom.lora`):
+            ``{r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}`` (keys optional).
     """
 
     def __init__(
@@ -127,6 +132,8 @@ class DiffusionRecipe(L.LightningModule):
         seed: int = 0,
         num_classes: int | None = None,
         cond_dropout: float = 0.1,
+        base: str | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= warmup < 1:
@@ -148,6 +155,22 @@ class DiffusionRecipe(L.LightningModule):
         if self.hparams.num_classes is not None:
             config["num_class_embeds"] = self.hparams.num_classes + 1
         return config
+
+    def base_network(self, seed: int) -> UNet2DModel:
+        """A UNet of the recipe initialised from ``seed``, or holding the ``base`` weights."""
+        net = build_unet(self.unet_config, seed)
+        if self.hparams.base is not None:
+            from wherefrom.lora import load_base
+
+            load_base(net, self.hparams.base)
+        return net
+
+    def network(self, seed: int) -> UNet2DModel:
+        """:meth:`base_network` with a LoRA adapter seeded by ``seed`` when ``lora`` is set."""
+        from wherefrom.lora import add_lora
+
+        net = self.base_network(seed)
+        return net if self.hparams.lora is None else add_lora(net, self.hparams.lora, seed)
 
     @property
     def null_condition(self) -> Tensor | None:
@@ -196,7 +219,7 @@ class DiffusionRecipe(L.LightningModule):
     def configure_optimizers(self):
         """AdamW with linear warmup then cosine decay over the whole run (D-TRAK recipe)."""
         h = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=h.lr, weight_decay=h.weight_decay)
         total = self.trainer.estimated_stepping_batches
         total = int(total) if math.isfinite(total) else 10_000
         sched = get_cosine_schedule_with_warmup(opt, int(h.warmup * total), max(total, 1))
@@ -216,7 +239,7 @@ class DiffusionModel(DiffusionRecipe):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.unet = build_unet(self.unet_config, self.hparams.seed)
+        self.unet = self.network(self.hparams.seed)
 
     def denoisers(self) -> dict[str, nn.Module]:
         return {"model": self.unet}
@@ -239,5 +262,10 @@ class DiffusionModel(DiffusionRecipe):
         return loss
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Export the UNet in diffusers format plus the task config (``wherefrom_task.json``)."""
-        save_pretrained(self.unet, self.task, path)
+        """Export the UNet in diffusers format plus the task config (``wherefrom_task.json``); a LoRA
+        model exports its adapter (:func:`wherefrom.lora.save_adapter`) beside the task config."""
+        if self.hparams.lora is None:
+            return save_pretrained(self.unet, self.task, path)
+        from wherefrom.lora import save_adapter
+
+        (save_adapter(self.unet, self.hparams.lora, path) / "wherefrom_task.json").write_text(json.dumps(self.task.config, indent=2))

@@ -11,7 +11,7 @@ read one format.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -136,9 +136,11 @@ def log_attribution(loggers: Sequence[Any], result: Attribution, train_images: T
             logger.log_image(key=f"{prefix}/topk", images=[grid.permute(1, 2, 0).numpy()], step=step)
 
 
-def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10) -> Path:
+def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None) -> Path:
     """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
-    its top-k training images, one row per query) and every artifact of ``result``."""
+    its top-k training images, one row per query) and every artifact of ``result``; grids show
+    ``decode(x)`` (a latent model's decoder) when given, the arrays stay what the model saw."""
+    show = decode or (lambda x: x)
     if top_k < 1:
         raise WherefromError(f"--top-k must be >= 1, got {top_k}")
     if result.scores.shape[1] != len(train_images):
@@ -153,8 +155,9 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
             row.update(result.extra[q])
         rows.append(row)
     write_json(out / "topk.json", {"method": result.method, "top_k": int(idx.shape[1]), "queries": rows})
-    save_grid(beside_queries(result.queries, [train_images[i] for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
+    queries = show(result.queries)
+    save_grid(beside_queries(queries, [show(train_images[i]) for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
     for name, images in result.artifacts.items():
         write_npy(out / f"{name}.npy", images.float().cpu().numpy())
-        save_grid(beside_queries(result.queries, images), out / f"{name}.png", nrow=images.shape[1] + 1)
+        save_grid(beside_queries(queries, [show(row) for row in images]), out / f"{name}.png", nrow=images.shape[1] + 1)
     return out

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -122,7 +123,13 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
         return val
     if not Path(spec).is_file():
         raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
-    queries = to_model_range(load_array(spec, "queries"), f"queries {spec}")
+    array = load_array(spec, "queries")
+    if getattr(datamodule, "codec", None) is not None:  # a latent model's samples: unbounded latents, any channels
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise WherefromError(f"queries {spec}: latents must be finite floats (samples.npy of `wherefrom sample`), got {array.dtype}")
+        queries = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    else:
+        queries = to_model_range(array, f"queries {spec}")
     if tuple(queries.shape[1:]) != tuple(datamodule.image_shape):
         raise WherefromError(f"queries have shape {tuple(queries.shape[1:])} but the training images are {tuple(datamodule.image_shape)}")
     return queries
@@ -153,5 +160,5 @@ def attribute_main(argv: list[str]) -> None:
     if hasattr(module, "labels"):  # a wherefrom module: labels present exactly when it is class-conditional
         cond = module.labels(cond, len(queries))
     result = method.attribute(module, data, queries, cond=cond)
-    out = write_attribution(args.out, result, data.images, args.top_k)
+    out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

@@ -21,6 +21,15 @@ def load_sampler_module(ckpt: str):
     return load_module(ckpt)
 
 
+def decoder(ckpt: str):
+    """How a checkpoint's samples look: its datamodule's ``decode`` (a latent model's VAE), else as they are."""
+    from wherefrom.checkpoint import DATAMODULE_KEY, load_datamodule, read_checkpoint
+
+    if Path(ckpt).is_file() and DATAMODULE_KEY in read_checkpoint(ckpt):
+        return getattr(load_datamodule(ckpt), "decode", lambda x: x)
+    return lambda x: x
+
+
 def sample_main(argv: list[str]) -> None:
     from wherefrom.io import check_out_dir, save_grid, write_npy
     from wherefrom.sampling import sampling_timesteps
@@ -51,8 +60,8 @@ def sample_main(argv: list[str]) -> None:
         kwargs.update(labels=parse_labels(a.labels), guidance=a.guidance)
     images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
     out = Path(a.out)
-    write_npy(out / "samples.npy", images.numpy().astype("float32"))
-    save_grid(images, out / "samples.png")
+    write_npy(out / "samples.npy", images.numpy().astype("float32"))  # what the model made (a latent model's latents)
+    save_grid(decoder(a.ckpt)(images), out / "samples.png")
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npy'}")
 
 
@@ -71,4 +80,4 @@ def export_main(argv: list[str]) -> None:
     if not hasattr(module, "save_pretrained"):
         raise WherefromError("only single-model checkpoints export to one diffusers UNet")
     module.save_pretrained(out)
-    print(f"wrote diffusers UNet to {a.out}")
+    print(f"wrote {'LoRA adapter' if module.hparams.get('lora') else 'diffusers UNet'} to {a.out}")

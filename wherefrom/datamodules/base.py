@@ -158,6 +158,9 @@ class ImageDataModule(L.LightningDataModule):
             ``"labels"`` (the source's labels, e.g. the digit classes) or a file / list of one
             integer id per image of the full index space (see :attr:`group_ids`).
         conditional: items also carry the source's class ``"label"`` (for class-conditional models).
+        vae: a diffusers ``AutoencoderKL`` folder: serve its latents as the ``"image"``s (latent
+            diffusion, :mod:`wherefrom.latent`); :meth:`decode` maps them back for display.
+        latent_cache: a ``.safetensors`` file keeping the latents between runs (checked before reuse).
     """
 
     source_name = "images"
@@ -174,6 +177,8 @@ class ImageDataModule(L.LightningDataModule):
         pool_seed: int = 0,
         groups: list[int] | str | None = None,
         conditional: bool = False,
+        vae: str | None = None,
+        latent_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -184,7 +189,11 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.subset, self.exclude, self.val_size = subset, exclude, val_size
         self.pool_size, self.pool_seed, self.groups, self.conditional = pool_size, pool_seed, groups, conditional
+        if latent_cache is not None and vae is None:
+            raise WherefromError("latent_cache needs a vae (the AutoencoderKL whose latents it keeps)")
+        self.vae, self.latent_cache = vae, latent_cache
         self._images: Tensor | None = None
+        self._codec = None
 
     def load_images(self) -> np.ndarray | Tensor:
         """The whole source as N x C x H x W (uint8 or float in [-1, 1])."""
@@ -196,9 +205,24 @@ class ImageDataModule(L.LightningDataModule):
         images = to_model_range(self.load_images(), self.source_name)
         if self.val_size >= len(images):
             raise WherefromError(f"val_size={self.val_size} leaves no training images out of {len(images)}")
+        if self.vae is not None:  # latent diffusion: the latents are the model's images, same global indices
+            images = self.codec.encode_cached(images, self.latent_cache)
         cut = len(images) - self.val_size
         self._images, self._val = images[:cut], images[cut:]
         self.indices = select_indices(cut, self.subset, self.exclude, random_pool(cut, self.pool_size, self.pool_seed))
+
+    @property
+    def codec(self):
+        """The :class:`~wherefrom.latent.LatentCodec` of ``vae`` (``None`` in pixel space)."""
+        if self.vae is not None and self._codec is None:
+            from wherefrom.latent import LatentCodec
+
+            self._codec = LatentCodec(self.vae)
+        return self._codec
+
+    def decode(self, images: Tensor) -> Tensor:
+        """What the model's ``"image"``s look like: decoded latents, or the images themselves in pixel space."""
+        return images if self.codec is None else self.codec.decode(images)
 
     # --- what downstream stages use -------------------------------------------
     @property

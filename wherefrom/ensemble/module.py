@@ -27,6 +27,7 @@ the codes fingerprint.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from wherefrom.ensemble.codes import Codes, code_weight
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.io import atomic_path
-from wherefrom.model import DiffusionRecipe, build_unet
+from wherefrom.model import DiffusionRecipe
 from wherefrom.task import mix_seed
 
 CODES_KEY = "wherefrom_codes"
@@ -73,9 +74,22 @@ class EncodedEnsemble(DiffusionRecipe):
         self.w = weight
         seed = self.hparams.seed
         self.member_ids = list(range(n)) if member is None else [member]
-        self.members = nn.ModuleDict({f"member{i}": build_unet(self.unet_config, member_seed(seed, i)) for i in self.member_ids})
+        self.members = nn.ModuleDict({f"member{i}": net for i, net in zip(self.member_ids, self.networks(seed))})
         self.codes: Codes | None = None
         self._stepped = torch.zeros(len(self.member_ids), dtype=torch.bool)
+
+    def networks(self, seed: int) -> list[nn.Module]:
+        """The members: independent UNets initialised from ``member_seed(seed, i)``, or with ``lora``,
+        adapters seeded by ``member_seed(seed, i)`` on one frozen base whose tensors they share."""
+        if self.hparams.lora is None:
+            return [self.network(member_seed(seed, i)) for i in self.member_ids]
+        from wherefrom.lora import add_lora, share_frozen
+
+        base = self.base_network(seed).requires_grad_(False)
+        members = [add_lora(copy.deepcopy(base), self.hparams.lora, member_seed(seed, i)) for i in self.member_ids]
+        for net in members:
+            share_frozen(net, base)
+        return members
 
     # --- Attributable ---------------------------------------------------------
     @property

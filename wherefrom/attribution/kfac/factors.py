@@ -37,13 +37,14 @@ Layer = nn.Linear | nn.Conv2d
 
 
 def tracked_layers(model: nn.Module) -> dict[str, Layer]:
-    """Every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` by qualified name."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    """Every trained ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (weight with ``requires_grad``; with LoRA
+    adapters, the adapters' layers only) by qualified name."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad}
     for name, m in layers.items():
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise WherefromError(f"K-FAC supports only groups=1 convolutions; layer {name!r} has groups={m.groups}")
     if not layers:
-        raise WherefromError("the model has no nn.Linear or nn.Conv2d layers for K-FAC")
+        raise WherefromError("the model has no trained nn.Linear or nn.Conv2d layers for K-FAC")
     return layers
 
 

@@ -1,0 +1,106 @@
+"""Latent diffusion: a tiny randomly initialised ``AutoencoderKL`` (from a config, no download)
+encodes the digits once; the model trains, samples and is attributed on latents keyed by the
+same global indices, and grids show decoded images."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from tests.conftest import TINY_UNET, cli
+from tests.trak_helpers import SUBSET, tiny_config
+from wherefrom import DTRAK, EKFAC, load_module
+from wherefrom.checkpoint import load_datamodule
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble import EncodedEnsemble
+from wherefrom.errors import WherefromError
+from wherefrom.latent import LatentCodec
+
+LATENT_UNET = {**TINY_UNET, "sample_size": 4, "in_channels": 4}  # 4 x 4 x 4 latents of 1 x 8 x 8 digits
+
+
+def tiny_vae(path, seed: int = 0):
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8)  # fmt: skip
+    vae.save_pretrained(path)
+    return vae
+
+
+def test_latents_are_the_scaled_posterior_means_cached_and_checked(tmp_path, monkeypatch):
+    vae = tiny_vae(tmp_path / "vae")
+    dm = DigitsDataModule(subset=SUBSET, vae=str(tmp_path / "vae"), latent_cache=str(tmp_path / "latents.safetensors"))
+    assert dm.image_shape == (4, 4, 4) and dm.num_images == 1797
+    pixels = DigitsDataModule().images[:5]
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        torch.testing.assert_close(dm.images[:5], expected)
+        torch.testing.assert_close(dm.decode(dm.images[:2]), vae.decode(expected[:2] / vae.config.scaling_factor).sample.clamp(-1, 1))
+    monkeypatch.setattr(LatentCodec, "encode", lambda self, x: pytest.fail("re-encoded despite a valid cache"))
+    again = DigitsDataModule(subset=SUBSET, vae=str(tmp_path / "vae"), latent_cache=str(tmp_path / "latents.safetensors"))
+    torch.testing.assert_close(again.images, dm.images, rtol=0, atol=0)
+    tiny_vae(tmp_path / "other", seed=1)
+    with pytest.raises(WherefromError, match="another VAE"):
+        DigitsDataModule(vae=str(tmp_path / "other"), latent_cache=str(tmp_path / "latents.safetensors")).setup()
+    with pytest.raises(WherefromError, match="not a diffusers AutoencoderKL folder"):
+        DigitsDataModule(vae=str(tmp_path)).setup()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A latent model from `wherefrom fit` and a latent encoded ensemble."""
+    from wherefrom.cli import main
+
+    root = tmp_path_factory.mktemp("latent")
+    tiny_vae(root / "vae")
+    latent = ["--data.vae", str(root / "vae"), "--data.latent_cache", str(root / "latents.safetensors")]
+    main(["fit", "--config", str(tiny_config(root, lr=3e-3)), "--model.unet", json.dumps(LATENT_UNET), *latent])
+    L.seed_everything(0)
+    ens = EncodedEnsemble(n=4, w=2, unet=dict(LATENT_UNET), lr=1e-3, seed=5)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(ens, DigitsDataModule(batch_size=4, subset=list(range(2, 8)), vae=str(root / "vae")))
+    trainer.save_checkpoint(root / "ens.ckpt")
+    return root, root / "run" / "last.ckpt", root / "ens.ckpt"
+
+
+def _tile_size(png, columns: int) -> int:
+    """The side of a grayscale grid's tiles (wherefrom's grids: 1-pixel padding, then 4x upscaling)."""
+    image = Image.open(png)
+    assert image.mode == "L"  # one channel: decoded digits, not 4-channel latents
+    return (image.width // 4 - 1) // columns - 1
+
+
+def test_latent_model_is_sampled_and_attributed_on_latents_with_decoded_grids(runs, tmp_path, capsys):
+    root, ckpt, ens = runs
+    code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--num-samples", "3", "--steps", "4", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert np.load(tmp_path / "s" / "samples.npy").shape == (3, 4, 4, 4)  # latents, for attribute --queries
+    assert _tile_size(tmp_path / "s" / "samples.png", 3) == 8  # decoded 8 x 8 digits
+    small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
+    assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--out", str(tmp_path / "store"), *small)[0] == 0
+    assert cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(tmp_path / "store"), "--ekfac", "--passes", "1", "--batch-size", "8")[0] == 0
+    module, data = load_module(ckpt), load_datamodule(ckpt)
+    queries = torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
+    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store"))), ("ekfac", EKFAC(store=str(tmp_path / "store"), timesteps=2))]:
+        extra = ["--timesteps", "2"] if method == "ekfac" else []
+        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", method, "--store", str(tmp_path / "store"), *extra,
+                        "--queries", str(tmp_path / "s" / "samples.npy"), "--top-k", "3", "--out", str(tmp_path / method))  # fmt: skip
+        assert code == 0, err
+        api = attributor.attribute(module, data, queries)
+        np.testing.assert_allclose(np.load(tmp_path / method / "scores.npy"), api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
+        assert _tile_size(tmp_path / method / "topk.png", 4) == 8
+    code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "pixel", "--queries", str(tmp_path / "s" / "samples.npy"), "--out", str(tmp_path / "px"))
+    assert code == 0, err
+    for method in ("ablation", "ablation-loss"):
+        extra = ["--timesteps", "2"] if method == "ablation-loss" else ["--exact", "--top-k", "2"]
+        code, err = cli(capsys, "attribute", "--ckpt", str(ens), "--method", method, *extra, "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / method))
+        assert code == 0, err
+        assert (np.load(tmp_path / method / "scores.npy")[:, 2:8] != 0).all()
+    assert np.load(tmp_path / "ablation" / "counterfactuals.npy").shape == (2, 2, 4, 4, 4)
+    assert _tile_size(tmp_path / "ablation" / "counterfactuals.png", 3) == 8
