@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 
@@ -54,7 +54,8 @@ class Attributable(Protocol):
 
 
 def build_unet(config: dict[str, Any] | None, seed: int) -> UNet2DModel:
-    """A ``UNet2DModel`` from ``DEFAULT_UNET`` updated by ``config``, initialised from ``seed``."""
+    """A ``UNet2DModel`` from ``DEFAULT_UNET`` updated by ``config``, initialised from ``seed``; a
+    config with ``cross_attention_dim`` builds a text-conditional ``UNet2DConditionModel``."""
     cfg = {**DEFAULT_UNET, **(config or {})}
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         cfg[key] = tuple(cfg[key])
@@ -64,7 +65,7 @@ def build_unet(config: dict[str, Any] | None, seed: int) -> UNet2DModel:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         try:
-            return UNet2DModel(**cfg)
+            return (UNet2DConditionModel if "cross_attention_dim" in cfg else UNet2DModel)(**cfg)
         except (TypeError, ValueError) as e:
             raise WherefromError(f"invalid UNet config {cfg}: {e}") from None
 
@@ -173,9 +174,28 @@ class DiffusionRecipe(L.LightningModule):
         return net if self.hparams.lora is None else add_lora(net, self.hparams.lora, seed)
 
     @property
+    def is_text(self) -> bool:
+        """Whether the networks are text-conditional ``UNet2DConditionModel`` s."""
+        return isinstance(next(iter(self.denoisers().values())), UNet2DConditionModel)
+
+    @property
     def null_condition(self) -> Tensor | None:
-        """The null class of classifier-free guidance (``None`` for an unconditional model)."""
-        return None if self.hparams.num_classes is None else torch.tensor(self.hparams.num_classes)
+        """The null condition of classifier-free guidance: the null class, or (while training a text
+        model) the empty caption's embedding; ``None`` otherwise."""
+        if self.hparams.num_classes is not None:
+            return torch.tensor(self.hparams.num_classes)
+        return getattr(self, "_null_text", None)
+
+    def conditions(self, num_samples: int, labels: Sequence[int] | Tensor | None = None, cond: Tensor | None = None) -> Tensor | None:
+        """The checked conditions of ``num_samples`` queries: class ``labels`` for a class-conditional model,
+        caption embeddings ``cond`` (``B x L x D``) for a text-conditional one, neither otherwise."""
+        if self.is_text:
+            if cond is None or len(cond) != num_samples:
+                raise WherefromError(f"this model is text-conditional; pass one caption per sample ({num_samples}), e.g. --captions 'a digit three'")
+            return cond
+        if cond is not None:
+            raise WherefromError("captions are for text-conditional models (a UNet with cross_attention_dim); this one is not")
+        return self.labels(labels, num_samples)
 
     def labels(self, labels: Sequence[int] | Tensor | None, num_samples: int) -> Tensor | None:
         """Checked class labels of ``num_samples`` queries (one label repeats); ``None`` when unconditional."""
@@ -198,23 +218,29 @@ class DiffusionRecipe(L.LightningModule):
         check_data_shape(next(iter(self.denoisers().values())), dm)
         if self.hparams.num_classes is not None and not getattr(dm, "conditional", False):
             raise WherefromError(f"the model is class-conditional ({self.hparams.num_classes} classes) but the data yields no labels; pass --data.conditional true")
+        if self.is_text:
+            if getattr(dm, "text_encoder", None) is None:
+                raise WherefromError("the UNet is text-conditional (cross_attention_dim) but the data has no captions; pass --data.captions and --data.text_encoder")
+            self._null_text = dm.null_condition  # condition dropout's target
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return image_shape(next(iter(self.denoisers().values())))
 
     def batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(x0, index, labels)`` of a training batch: flipped when ``hflip`` is set, labels dropped
-        to the null class with probability ``cond_dropout`` (``None`` when unconditional)."""
+        """``(x0, index, cond)`` of a training batch: flipped when ``hflip`` is set; the rows' labels (or
+        caption embeddings) dropped to the null condition with probability ``cond_dropout`` (``None``
+        when unconditional)."""
         x0, index = batch["image"], batch["index"]
         if self.hparams.hflip:
             x0 = hflip(x0, index, self.task.seed, self.current_epoch)
-        if self.hparams.num_classes is None:
+        cond = batch.get("cond") if self.is_text else batch.get("label") if self.hparams.num_classes is not None else None
+        if cond is None:
             return x0, index, None
-        labels = batch["label"]
         drop = torch.tensor([bool(torch.rand(1, generator=generator_for(self.task.seed, int(Stream.CONDITION), i, self.current_epoch)) < self.hparams.cond_dropout)
-                             for i in index.tolist()], device=labels.device)  # fmt: skip
-        return x0, index, torch.where(drop, self.hparams.num_classes, labels)
+                             for i in index.tolist()], device=cond.device)  # fmt: skip
+        null = self.null_condition.to(cond.device)
+        return x0, index, torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
 
     def configure_optimizers(self):
         """AdamW with linear warmup then cosine decay over the whole run (D-TRAK recipe)."""
@@ -244,20 +270,31 @@ class DiffusionModel(DiffusionRecipe):
     def denoisers(self) -> dict[str, nn.Module]:
         return {"model": self.unet}
 
-    def eps_fn(self, guidance: float = 1.0) -> EpsFn:
-        """``(x_t, t[, labels]) -> eps`` for the sampler, with classifier-free ``guidance``."""
-        return guided(lambda x, t, cond=None: predict_eps(self.unet, x, t, cond), guidance, self.null_condition)
+    def eps_fn(self, guidance: float = 1.0, null: Tensor | None = None) -> EpsFn:
+        """``(x_t, t[, cond]) -> eps`` for the sampler, with classifier-free ``guidance`` towards ``null``
+        (default: :attr:`null_condition`)."""
+        return guided(lambda x, t, cond=None: predict_eps(self.unet, x, t, cond), guidance, self.null_condition if null is None else null)
 
     @torch.no_grad()
-    def generate(self, num_samples: int, seed: int = 0, labels: Sequence[int] | Tensor | None = None, guidance: float = 1.0, **kwargs: Any) -> Tensor:
-        """Samples for queries ``0..num_samples-1`` (of class ``labels[q]`` for a conditional model;
-        see :func:`wherefrom.sampling.generate`)."""
-        cond = self.labels(labels, num_samples)
-        return generate(self.eps_fn(guidance), self.task, self.image_shape, num_samples, seed, device=self.device, cond=cond, **kwargs)
+    def generate(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        labels: Sequence[int] | Tensor | None = None,
+        guidance: float = 1.0,
+        cond: Tensor | None = None,
+        null: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Samples for queries ``0..num_samples-1``: of class ``labels[q]``, or for caption embedding
+        ``cond[q]`` (guided towards the empty caption's ``null``), for a conditional model
+        (see :func:`wherefrom.sampling.generate`)."""
+        cond = self.conditions(num_samples, labels, cond)
+        return generate(self.eps_fn(guidance, null), self.task, self.image_shape, num_samples, seed, device=self.device, cond=cond, **kwargs)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0, index, labels = self.batch(batch)
-        loss = self.task.loss(self.unet, x0, index, draw=self.current_epoch, cond=labels).mean()
+        x0, index, cond = self.batch(batch)
+        loss = self.task.loss(self.unet, x0, index, draw=self.current_epoch, cond=cond).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(index), sync_dist=True)
         return loss
 

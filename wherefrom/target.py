@@ -165,15 +165,16 @@ class _ByIndex(Dataset):
         g = int(self.indices[i])
         item = self.view.source[self.view.position[g]]
         out = {"index": torch.tensor(g), "image": _image(item, self.view.owner)[0].float()}
-        if isinstance(item, dict) and "label" in item:  # a class-conditional pipeline's condition
-            out["label"] = torch.as_tensor(item["label"])
+        for key in ("label", "cond"):  # a conditional pipeline's class label or text embedding
+            if isinstance(item, dict) and key in item:
+                out[key] = torch.as_tensor(item[key])
         return out
 
 
 class DatasetView:
     """A map-style dataset of a user's pipeline seen as wherefrom data: ``indices`` (global, from the
     items' ``"index"`` or their positions), ``num_images`` (largest index + 1), ``fingerprint``,
-    ``dataset(indices)`` yielding ``{"index", "image"}`` (and the items' ``"label"``) and ``images`` (the full index space,
+    ``dataset(indices)`` yielding ``{"index", "image"}`` (and the items' ``"label"`` / ``"cond"``) and ``images`` (the full index space,
     zero where no item has that index). Reads every item once for its index; images are read
     again when needed."""
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
-from wherefrom.cli.options import add_run, add_sampling, open_run, parse_labels
+from wherefrom.cli.options import add_run, add_sampling, open_run, query_cond, query_conditions
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
 from wherefrom.errors import ConfigArgumentParser, WherefromError
@@ -114,8 +114,8 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     if spec is None:
         if args.num_samples < 1:
             raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
-        labels = {} if args.labels is None else {"labels": parse_labels(args.labels), "guidance": args.guidance}
-        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **labels)
+        conditions = query_conditions(args, datamodule, args.num_samples)
+        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
     if spec == "val":
         val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
         if val is None or len(val) == 0:
@@ -135,16 +135,6 @@ def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace)
     return queries
 
 
-def query_labels(text: str | None, num_queries: int) -> Tensor | None:
-    """The queries' class labels from ``--labels`` (one label: all queries), for a class-conditional model."""
-    labels = parse_labels(text)
-    if labels is None:
-        return None
-    if len(labels) not in (1, num_queries):
-        raise WherefromError(f"--labels gives {len(labels)} labels for {num_queries} queries; give one per query or one for all")
-    return torch.tensor(labels * num_queries if len(labels) == 1 else labels)
-
-
 def attribute_main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     check_out_dir(args.out)
@@ -156,9 +146,7 @@ def attribute_main(argv: list[str]) -> None:
         )
     module, data = open_run(args, "wherefrom attribute")
     queries = load_queries(args.queries, module, data, args)
-    cond = query_labels(args.labels, len(queries))
-    if hasattr(module, "labels"):  # a wherefrom module: labels present exactly when it is class-conditional
-        cond = module.labels(cond, len(queries))
+    cond = query_cond(module, query_conditions(args, data, len(queries)), len(queries))
     result = method.attribute(module, data, queries, cond=cond)
     out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.errors import ConfigArgumentParser, WherefromError
@@ -58,21 +59,44 @@ def add_sampling(p: ConfigArgumentParser, what: str = "the samples") -> None:
     p.add_argument("--steps", type=int, default=100, help="denoising steps")
     p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
     p.add_argument("--labels", default=None, help=f"class-conditional models: the class of each of {what}, e.g. 0,1,2 (one label: all)")
+    p.add_argument("--captions", nargs="+", default=None, help=f"text-conditional models: the caption of each of {what} (one caption: all)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
 
 
-def parse_labels(text: str | None) -> list[int] | None:
-    """``--labels 0,1,2`` as integers."""
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in str(text).split(",")]
-    except ValueError:
-        raise WherefromError(f"--labels takes comma-separated class labels like 0,1,2, got {text!r}") from None
+def _per_query(values: list, num: int, flag: str) -> list:
+    if len(values) not in (1, num):
+        raise WherefromError(f"{flag} gives {len(values)} values for {num} queries; give one per query or one for all")
+    return values * num if len(values) == 1 else values
+
+
+def query_conditions(a: Any, data: Any, num: int) -> dict[str, Any]:
+    """``generate`` keywords for ``num`` queries' conditions: ``labels`` (``--labels``), or ``cond`` and
+    ``null`` (``--captions``, embedded by the run's text datamodule), and ``guidance``."""
+    out: dict[str, Any] = {} if a.guidance == 1.0 else {"guidance": a.guidance}
+    if a.labels is not None and a.captions is not None:
+        raise WherefromError("pass --labels (class-conditional) or --captions (text-conditional), not both")
+    if a.labels is not None:
+        try:
+            out["labels"] = _per_query([int(v) for v in str(a.labels).split(",")], num, "--labels")
+        except ValueError:
+            raise WherefromError(f"--labels takes comma-separated class labels like 0,1,2, got {a.labels!r}") from None
+    if a.captions is not None:
+        if not hasattr(data, "embed"):
+            raise WherefromError("--captions needs the run's text-conditional datamodule (--data.text_encoder, --data.captions)")
+        out["cond"], out["null"] = data.embed(_per_query(list(a.captions), num, "--captions")), data.null_condition
+    return out
+
+
+def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | None:
+    """The queries' condition tensor for an attributor, checked by a wherefrom module (present exactly when it is conditional)."""
+    labels, cond = conditions.get("labels"), conditions.get("cond")
+    if hasattr(module, "conditions"):
+        return module.conditions(num, labels, cond)
+    return cond if cond is not None else None if labels is None else torch.tensor(labels)
 
 
 def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
 
 
-__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run", "parse_labels"]
+__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run", "query_cond", "query_conditions"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling, parse_labels
+from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling, query_conditions
 from wherefrom.errors import ConfigArgumentParser, WherefromError
 
 
@@ -21,13 +21,16 @@ def load_sampler_module(ckpt: str):
     return load_module(ckpt)
 
 
-def decoder(ckpt: str):
-    """How a checkpoint's samples look: its datamodule's ``decode`` (a latent model's VAE), else as they are."""
+def run_data(ckpt: str):
+    """The datamodule a wherefrom checkpoint records (``None`` for an export folder or a foreign checkpoint)."""
     from wherefrom.checkpoint import DATAMODULE_KEY, load_datamodule, read_checkpoint
 
-    if Path(ckpt).is_file() and DATAMODULE_KEY in read_checkpoint(ckpt):
-        return getattr(load_datamodule(ckpt), "decode", lambda x: x)
-    return lambda x: x
+    return load_datamodule(ckpt) if Path(ckpt).is_file() and DATAMODULE_KEY in read_checkpoint(ckpt) else None
+
+
+def decoder(ckpt: str):
+    """How a checkpoint's samples look: its datamodule's ``decode`` (a latent model's VAE), else as they are."""
+    return getattr(run_data(ckpt), "decode", lambda x: x)
 
 
 def sample_main(argv: list[str]) -> None:
@@ -56,8 +59,8 @@ def sample_main(argv: list[str]) -> None:
         except ValueError:
             raise WherefromError(f"--ablate takes comma-separated training indices like 17,42, got {a.ablate!r}") from None
         kwargs["weights"] = module.ablation_weights(ablate)
-    if a.labels is not None or a.guidance != 1.0:
-        kwargs.update(labels=parse_labels(a.labels), guidance=a.guidance)
+    if a.labels is not None or a.captions is not None or a.guidance != 1.0:
+        kwargs.update(query_conditions(a, run_data(a.ckpt) if a.captions is not None else None, a.num_samples))
     images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
     out = Path(a.out)
     write_npy(out / "samples.npy", images.numpy().astype("float32"))  # what the model made (a latent model's latents)

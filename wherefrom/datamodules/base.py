@@ -122,11 +122,11 @@ def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
 
 
 class IndexedDataset(Dataset):
-    """The images at the given global indices, yielding ``{"index", "image"}`` (and ``"label"``
-    when ``labels``, one per image of the index space, are given)."""
+    """The images at the given global indices, yielding ``{"index", "image"}`` (and ``"label"`` /
+    ``"cond"`` when ``labels`` / ``cond``, one per image of the index space, are given)."""
 
-    def __init__(self, images: Tensor, indices: np.ndarray, labels: Tensor | None = None) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, indices: np.ndarray, labels: Tensor | None = None, cond: Tensor | None = None) -> None:
+        self.images, self.labels, self.cond = images, labels, cond
         self.indices = torch.as_tensor(indices, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -137,6 +137,8 @@ class IndexedDataset(Dataset):
         item = {"index": g, "image": self.images[g]}
         if self.labels is not None:
             item["label"] = self.labels[g]
+        if self.cond is not None:
+            item["cond"] = self.cond[g]
         return item
 
 
@@ -161,6 +163,10 @@ class ImageDataModule(L.LightningDataModule):
         vae: a diffusers ``AutoencoderKL`` folder: serve its latents as the ``"image"``s (latent
             diffusion, :mod:`wherefrom.latent`); :meth:`decode` maps them back for display.
         latent_cache: a ``.safetensors`` file keeping the latents between runs (checked before reuse).
+        captions: one caption per image (a file, one per line, or ``"labels"``: the source's class
+            names) for text-conditional models; embedded once by ``text_encoder`` (:mod:`wherefrom.text`)
+            and served as each item's ``"cond"``.
+        text_encoder: a folder with a transformers tokenizer and text encoder (e.g. CLIP's).
     """
 
     source_name = "images"
@@ -179,6 +185,8 @@ class ImageDataModule(L.LightningDataModule):
         conditional: bool = False,
         vae: str | None = None,
         latent_cache: str | None = None,
+        captions: str | list[str] | None = None,
+        text_encoder: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -191,9 +199,11 @@ class ImageDataModule(L.LightningDataModule):
         self.pool_size, self.pool_seed, self.groups, self.conditional = pool_size, pool_seed, groups, conditional
         if latent_cache is not None and vae is None:
             raise WherefromError("latent_cache needs a vae (the AutoencoderKL whose latents it keeps)")
-        self.vae, self.latent_cache = vae, latent_cache
+        if (captions is None) != (text_encoder is None):
+            raise WherefromError("text conditioning needs both captions and text_encoder (the folder that embeds them)")
+        self.vae, self.latent_cache, self.captions, self.text_encoder = vae, latent_cache, captions, text_encoder
         self._images: Tensor | None = None
-        self._codec = None
+        self._codec = self._encoder = self._cond = None
 
     def load_images(self) -> np.ndarray | Tensor:
         """The whole source as N x C x H x W (uint8 or float in [-1, 1])."""
@@ -209,6 +219,11 @@ class ImageDataModule(L.LightningDataModule):
             images = self.codec.encode_cached(images, self.latent_cache)
         cut = len(images) - self.val_size
         self._images, self._val = images[:cut], images[cut:]
+        if self.text_encoder is not None:
+            from wherefrom.text import read_captions
+
+            labels = getattr(self, "labels", None) if self.captions == "labels" else None
+            self._cond = self.embed(read_captions(self.captions, cut, labels, getattr(self, "class_names", None)))
         self.indices = select_indices(cut, self.subset, self.exclude, random_pool(cut, self.pool_size, self.pool_seed))
 
     @property
@@ -219,6 +234,21 @@ class ImageDataModule(L.LightningDataModule):
 
             self._codec = LatentCodec(self.vae)
         return self._codec
+
+    def embed(self, captions: list[str]) -> Tensor:
+        """The ``text_encoder``'s embeddings of ``captions`` (``B x L x D``): queries' conditions."""
+        if self.text_encoder is None:
+            raise WherefromError("captions need a text-conditional datamodule (--data.text_encoder and --data.captions)")
+        if self._encoder is None:
+            from wherefrom.text import TextEncoder
+
+            self._encoder = TextEncoder(self.text_encoder)
+        return self._encoder.embed(captions)
+
+    @property
+    def null_condition(self) -> Tensor | None:
+        """The empty caption's embedding (classifier-free guidance's null condition); ``None`` without text."""
+        return None if self.text_encoder is None else self.embed([""])[0]
 
     def decode(self, images: Tensor) -> Tensor:
         """What the model's ``"image"``s look like: decoded latents, or the images themselves in pixel space."""
@@ -280,7 +310,7 @@ class ImageDataModule(L.LightningDataModule):
             if labels is None:
                 raise WherefromError(f"conditional=True needs a source with labels; {type(self).__name__} has none")
             labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices), labels)
+        return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices), labels, self._cond)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

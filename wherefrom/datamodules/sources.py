@@ -21,6 +21,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     source_name = "digits"
+    class_names = [f"a digit {w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
 
     def load_images(self) -> np.ndarray:
         from sklearn.datasets import load_digits

@@ -133,7 +133,7 @@ class EncodedEnsemble(DiffusionRecipe):
 
     # --- training ----------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x0, index, labels = self.batch(batch)
+        x0, index, cond = self.batch(batch)
         bits = self._codes().membership(index)[:, self.member_ids]
         # rows of each member in the global batch (sums reduce correctly under DDP)
         total = self.trainer.strategy.reduce(bits.sum(0), reduce_op="sum")
@@ -143,7 +143,7 @@ class EncodedEnsemble(DiffusionRecipe):
             mask = bits[:, j]
             if mask.any():
                 # seeded draws keyed by (index, epoch): the member alone on these rows draws the same (t, eps)
-                per_row = self.task.loss(unet, x0[mask], index[mask], draw=self.current_epoch, cond=None if labels is None else labels[mask])
+                per_row = self.task.loss(unet, x0[mask], index[mask], draw=self.current_epoch, cond=None if cond is None else cond[mask])
                 # DDP averages gradients over ranks, hence * world_size: the mean over the global batch's rows
                 loss = loss + per_row.sum() * self.trainer.world_size / total[j]
                 row_losses.append(per_row.detach())
@@ -201,10 +201,15 @@ class EncodedEnsemble(DiffusionRecipe):
         weights: Tensor | None = None,
         labels: Sequence[int] | Tensor | None = None,
         guidance: float = 1.0,
+        cond: Tensor | None = None,
+        null: Tensor | None = None,
     ) -> Tensor:
-        """Samples for queries ``0..num_samples-1`` with member ``weights`` (default uniform), of class
-        ``labels[q]`` with classifier-free ``guidance`` for a conditional ensemble."""
-        sampler = self.sampler(seed=seed, steps=steps, scheduler=scheduler, cond=self.labels(labels, num_samples), guidance=guidance)
+        """Samples for queries ``0..num_samples-1`` with member ``weights`` (default uniform); for a
+        conditional ensemble of class ``labels[q]`` or caption embedding ``cond[q]``, with classifier-free
+        ``guidance`` (towards ``null``, a text ensemble's empty caption)."""
+        cond = self.conditions(num_samples, labels, cond)
+        extra = {} if null is None else {"null": null}
+        sampler = self.sampler(seed=seed, steps=steps, scheduler=scheduler, cond=cond, guidance=guidance, **extra)
         return sampler.generate(num_samples, weights, batch_size, progress)
 
     def ablation_weights(self, indices: Sequence[int]) -> Tensor:

@@ -375,7 +375,9 @@ class SyntheticAblation:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         module = _ensemble(module, self.name)
-        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler, cond=cond, guidance=self.guidance)
+        # guidance's null: the module's null class, or a text ensemble's empty caption from its data
+        null = module.null_condition if module.null_condition is not None else getattr(data, "null_condition", None)
+        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler, cond=cond, guidance=self.guidance, null=null)
         codes = _codes(sampler)
         lin = linearize(sampler, len(queries), batch_size=self.batch_size, progress=True)
         gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
