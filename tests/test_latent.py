@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from tests.conftest import TINY_UNET, cli
+from tests.conftest import TINY_UNET, attribute_every_method, cli
 from tests.trak_helpers import SUBSET, tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
+from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
@@ -82,25 +83,14 @@ def test_latent_model_is_sampled_and_attributed_on_latents_with_decoded_grids(ru
     assert code == 0, err
     assert np.load(tmp_path / "s" / "samples.npy").shape == (3, 4, 4, 4)  # latents, for attribute --queries
     assert _tile_size(tmp_path / "s" / "samples.png", 3) == 8  # decoded 8 x 8 digits
-    small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
-    assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--out", str(tmp_path / "store"), *small)[0] == 0
-    assert cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(tmp_path / "store"), "--ekfac", "--passes", "1", "--batch-size", "8")[0] == 0
+    queries = ["--queries", str(tmp_path / "s" / "samples.npy"), "--top-k", "3"]
+    scores = attribute_every_method(capsys, ckpt, tmp_path, queries, ens, ["--num-samples", "2", "--steps", "3"])
+    assert set(scores) == set(ATTRIBUTORS) and (scores["ablation"][:, 2:8] != 0).all()
     module, data = load_module(ckpt), load_datamodule(ckpt)
-    queries = torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
-    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store"))), ("ekfac", EKFAC(store=str(tmp_path / "store"), timesteps=2))]:
-        extra = ["--timesteps", "2"] if method == "ekfac" else []
-        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", method, "--store", str(tmp_path / "store"), *extra,
-                        "--queries", str(tmp_path / "s" / "samples.npy"), "--top-k", "3", "--out", str(tmp_path / method))  # fmt: skip
-        assert code == 0, err
-        api = attributor.attribute(module, data, queries)
-        np.testing.assert_allclose(np.load(tmp_path / method / "scores.npy"), api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
-        assert _tile_size(tmp_path / method / "topk.png", 4) == 8
-    code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "pixel", "--queries", str(tmp_path / "s" / "samples.npy"), "--out", str(tmp_path / "px"))
-    assert code == 0, err
-    for method in ("ablation", "ablation-loss"):
-        extra = ["--timesteps", "2"] if method == "ablation-loss" else ["--exact", "--top-k", "2"]
-        code, err = cli(capsys, "attribute", "--ckpt", str(ens), "--method", method, *extra, "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / method))
-        assert code == 0, err
-        assert (np.load(tmp_path / method / "scores.npy")[:, 2:8] != 0).all()
-    assert np.load(tmp_path / "ablation" / "counterfactuals.npy").shape == (2, 2, 4, 4, 4)
-    assert _tile_size(tmp_path / "ablation" / "counterfactuals.png", 3) == 8
+    latents = torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
+    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store_dtrak"))), ("ekfac", EKFAC(store=str(tmp_path / "store_trak"), timesteps=2))]:
+        api = attributor.attribute(module, data, latents)
+        np.testing.assert_allclose(scores[method], api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())  # CLI == API
+        assert _tile_size(tmp_path / f"scores_{method}" / "topk.png", 4) == 8  # decoded grids
+    assert np.load(tmp_path / "scores_ablation" / "counterfactuals.npy").shape == (2, 2, 4, 4, 4)
+    assert _tile_size(tmp_path / "scores_ablation" / "counterfactuals.png", 3) == 8

@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY_UNET, cli
+from tests.conftest import TINY_UNET, attribute_every_method, cli
 from tests.test_features import check_projected_grads
 from tests.test_kfac import check_unet_factors
 from tests.test_synthetic import check_jvp_columns
 from tests.trak_helpers import tiny_config
-from wherefrom import DTRAK, EKFAC, load_module
+from wherefrom import DTRAK, load_module
+from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.attribution.gradients import trainable_parameters
 from wherefrom.attribution.kfac import tracked_layers
+from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.lora import load_adapter, save_adapter
@@ -121,19 +123,21 @@ def test_lora_fine_tuning_keeps_the_base_and_is_attributed_by_every_method(lora_
     assert base_weights.keys() == dict(before.named_parameters()).keys()
     for name, p in before.named_parameters():  # and never the base (peft renames an adapted layer's weight to base_layer.weight)
         torch.testing.assert_close(base_weights[name], p, rtol=0, atol=0)
+    module = load_module(ckpt)
+    code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    queries = ["--queries", str(tmp_path / "s" / "samples.npy")]
+    scores = attribute_every_method(capsys, ckpt, tmp_path, queries, ens, ["--num-samples", "2", "--steps", "3"])
+    assert set(scores) == set(ATTRIBUTORS) and (scores["ablation"][:, 2:8] != 0).all()
+    for method in ("trak", "dtrak", "kfac", "ekfac"):  # gradients of the adapters only: nonzero for every trained image
+        assert (scores[method][:, :24] != 0).all(), method
+    data, samples = DigitsDataModule(subset=list(range(24))), torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
+    api = DTRAK(store=str(tmp_path / "store_dtrak")).attribute(module, data, samples)
+    np.testing.assert_allclose(scores["dtrak"], api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
+    # the LoRA ensemble's members have features of their own adapters
     small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
-    assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--out", str(tmp_path / "store"), *small)[0] == 0
-    assert cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(tmp_path / "store"), "--ekfac", "--passes", "1", "--batch-size", "8")[0] == 0
-    module, data = load_module(ckpt), DigitsDataModule(subset=list(range(24)))
-    queries = module.generate(2, steps=3)
-    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store"))), ("ekfac", EKFAC(store=str(tmp_path / "store"), timesteps=2))]:
-        result = attributor.attribute(module, data, queries)
-        assert np.isfinite(result.scores).all() and (result.scores[:, :24] != 0).all(), method
-    for method in ("ablation", "ablation-loss"):
-        extra = ["--timesteps", "2"] if method == "ablation-loss" else []
-        code, err = cli(capsys, "attribute", "--ckpt", str(ens), "--method", method, *extra, "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / method))
-        assert code == 0, err
-        assert (np.load(tmp_path / method / "scores.npy")[:, 2:8] != 0).all()
+    assert cli(capsys, "featurize", "--ckpt", str(ens), "--out", str(tmp_path / "ens_store"), *small)[0] == 0
+    assert len([k for k in Store.open(tmp_path / "ens_store").entries("array") if k.startswith("features/")]) == 4
     code, err = cli(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "adapter"))
     assert code == 0, err
     fresh = load_adapter(load_module(base).unet, tmp_path / "adapter")

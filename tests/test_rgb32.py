@@ -11,10 +11,11 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from tests.conftest import TINY_UNET_RGB32, cli
+from tests.conftest import TINY_UNET_RGB32, attribute_every_method, cli
 from tests.test_features import check_projected_grads
 from tests.test_kfac import check_unet_factors
 from tests.test_synthetic import check_jvp_columns, unet_sampler
+from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.datamodules import ArrayDataModule
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream
@@ -107,33 +108,13 @@ def test_rgb32_trained_sampled_and_attributed_by_every_method(runs, tmp_path, ca
     assert code == 0, err
     samples = np.load(tmp_path / "samples" / "samples.npy")
     assert samples.shape == (3, *SHAPE) and np.isfinite(samples).all()
-    small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
-    for method in ("trak", "dtrak"):
-        code, err = cli(capsys, "featurize", "--ckpt", single, "--method", method, "--out", str(tmp_path / method), *small)
-        assert code == 0, err
-    code, err = cli(capsys, "factors", "--ckpt", single, "--store", str(tmp_path / "trak"), "--ekfac", "--passes", "1", "--batch-size", "8")
-    assert code == 0, err
-    queries = ["--queries", str(tmp_path / "samples" / "samples.npy")]
+    queries = ["--queries", str(tmp_path / "samples" / "samples.npy"), "--top-k", "3"]
+    scores = attribute_every_method(capsys, single, tmp_path, queries, ensemble, ["--num-samples", "2", "--steps", "3"])
+    assert set(scores) == set(ATTRIBUTORS)
     data = ArrayDataModule(str(root / "images.npy"), pool_size=32)
     data.setup()
-    pool = data.indices.tolist()
-    methods = {
-        "trak": ["--store", str(tmp_path / "trak")], "dtrak": ["--store", str(tmp_path / "dtrak")],
-        "kfac": ["--store", str(tmp_path / "trak"), "--timesteps", "2"], "ekfac": ["--store", str(tmp_path / "trak"), "--timesteps", "2"],
-        "pixel": [], "random": [],
-    }  # fmt: skip
-    for method, extra in methods.items():
-        out = tmp_path / f"scores_{method}"
-        code, err = cli(capsys, "attribute", "--ckpt", single, "--method", method, *extra, *queries, "--top-k", "3", "--out", str(out))
-        assert code == 0, f"{method}: {err}"
-        scores, top = np.load(out / "scores.npy"), json.loads((out / "topk.json").read_text())
-        assert scores.shape == (3, N) and np.isfinite(scores).all() and (out / "topk.png").is_file(), method
-        assert all(set(row["indices"]) <= set(pool) for row in top["queries"]), method  # only the trained pool is ranked
-        assert method == "random" or (scores != 0).any(0).sum() == 32, method
-    for method, extra in {"ablation": ["--exact"], "ablation-loss": ["--timesteps", "2"]}.items():
-        out = tmp_path / f"scores_{method}"
-        code, err = cli(capsys, "attribute", "--ckpt", ensemble, "--method", method, *extra, "--num-samples", "2", "--steps", "3", "--top-k", "2", "--out", str(out))
-        assert code == 0, f"{method}: {err}"
-        scores = np.load(out / "scores.npy")
-        assert scores.shape == (2, N) and np.isfinite(scores).all() and (scores != 0).any(0).sum() == 32, method
+    for method, s in scores.items():
+        top = json.loads((tmp_path / f"scores_{method}" / "topk.json").read_text())
+        assert s.shape[1] == N and all(set(row["indices"]) <= set(data.indices.tolist()) for row in top["queries"]), method  # only the pool of 32
+        assert method == "random" or (s != 0).any(0).sum() == 32, method
     assert np.load(tmp_path / "scores_ablation" / "counterfactuals.npy").shape == (2, 2, *SHAPE)

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli
+from tests.conftest import attribute_every_method, cli
 from tests.test_features import check_projected_grads
 from tests.test_kfac import check_unet_factors
 from tests.test_synthetic import check_jvp_columns
 from tests.trak_helpers import tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
+from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
@@ -104,27 +105,17 @@ def test_text_model_trained_sampled_and_attributed_from_the_cli(runs, tmp_path, 
     cond, null = data.embed(["a digit three", "a digit one"]), data.null_condition
     samples = torch.from_numpy(np.load(tmp_path / "s" / "samples.npy"))
     torch.testing.assert_close(samples, module.generate(2, steps=4, cond=cond, null=null, guidance=2.0))
-    small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
-    assert cli(capsys, "featurize", "--ckpt", str(ckpt), "--out", str(tmp_path / "store"), *small)[0] == 0
-    assert cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(tmp_path / "store"), "--ekfac", "--passes", "1", "--batch-size", "8")[0] == 0
     queries = ["--queries", str(tmp_path / "s" / "samples.npy"), *captions]
-    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store"))), ("ekfac", EKFAC(store=str(tmp_path / "store"), timesteps=2))]:
-        extra = ["--timesteps", "2"] if method == "ekfac" else []
-        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", method, "--store", str(tmp_path / "store"), *extra, *queries, "--out", str(tmp_path / method))
-        assert code == 0, err
+    scores = attribute_every_method(capsys, ckpt, tmp_path, queries, ens, ["--num-samples", "2", "--steps", "3", *captions, "--guidance", "2"])
+    assert set(scores) == set(ATTRIBUTORS) and (scores["ablation"][:, 2:8] != 0).all()
+    for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store_dtrak"))), ("ekfac", EKFAC(store=str(tmp_path / "store_trak"), timesteps=2))]:
         api = attributor.attribute(module, data, samples, cond=cond)
-        np.testing.assert_allclose(np.load(tmp_path / method / "scores.npy"), api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
+        np.testing.assert_allclose(scores[method], api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())  # CLI == API
         other = attributor.attribute(module, data, samples, cond=data.embed(["a digit eight"] * 2))
         assert not np.allclose(other.scores, api.scores, rtol=1e-3), method  # the caption enters the query's gradient
     capsys.readouterr()  # the API calls' progress bars
     code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "pixel", "--queries", str(tmp_path / "s" / "samples.npy"), "--out", str(tmp_path / "x"))
     assert code == 2 and "pass one caption per sample" in err and err.count("\n") == 1
-    for method in ("ablation", "ablation-loss"):
-        extra = ["--timesteps", "2"] if method == "ablation-loss" else ["--exact", "--top-k", "2"]
-        code, err = cli(capsys, "attribute", "--ckpt", str(ens), "--method", method, *extra, "--num-samples", "2", "--steps", "3", *captions,
-                        "--guidance", "2", "--out", str(tmp_path / method))  # fmt: skip
-        assert code == 0, err
-        assert (np.load(tmp_path / method / "scores.npy")[:, 2:8] != 0).all()
 
 
 def test_text_model_needs_captioned_data(tmp_path, capsys):
