@@ -22,7 +22,7 @@ from wherefrom.attribution.kfac import tracked_layers
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
-from wherefrom.lora import load_adapter, save_adapter
+from wherefrom.lora import add_lora, load_adapter, save_adapter
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream
 
@@ -91,6 +91,20 @@ def test_adapter_round_trips_through_the_diffusers_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, t).sample, model.unet(x, t).sample, rtol=0, atol=0)
         assert not torch.allclose(build_unet(TINY_UNET, 1)(x, t).sample, model.unet(x, t).sample)  # the adapter matters
+
+
+def test_exported_adapter_loads_into_diffusers_own_lora_loader(tmp_path):
+    """diffusers' ``UNet2DConditionModel.load_lora_adapter`` reads the export and gives the same network."""
+    from tests.test_text import TEXT_UNET
+
+    unet = _trained_adapters(add_lora(build_unet(TEXT_UNET, 0), LORA, 0))
+    save_adapter(unet, LORA, tmp_path)
+    fresh = build_unet(TEXT_UNET, 0)
+    fresh.load_lora_adapter(tmp_path, prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([3, 500]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, encoder_hidden_states=c).sample, unet(x, t, encoder_hidden_states=c).sample, rtol=0, atol=0)
+        assert not torch.allclose(build_unet(TEXT_UNET, 0)(x, t, encoder_hidden_states=c).sample, unet(x, t, encoder_hidden_states=c).sample)
 
 
 # --- end to end: fine-tune a trained base with LoRA ---------------------------------------------------

@@ -25,9 +25,10 @@ from torch import Tensor
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
 from wherefrom.cli.options import add_run, add_sampling, open_run, query_cond, query_conditions
+from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
-from wherefrom.errors import ConfigArgumentParser, WherefromError
+from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.target import flag
 

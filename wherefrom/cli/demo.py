@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from wherefrom import demo
+from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.demo import TINY, DemoConfig, run
-from wherefrom.errors import ConfigArgumentParser
 
 
 def main(argv: list[str]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wherefrom.errors import ConfigArgumentParser
+from wherefrom.cli.parser import ConfigArgumentParser
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from wherefrom.cli.options import add_sampling
-from wherefrom.errors import ConfigArgumentParser, WherefromError
+from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.errors import WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
 from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 

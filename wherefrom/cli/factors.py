@@ -7,7 +7,7 @@ from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_s
 from wherefrom.attribution.kfac.preconditioner import entry_names
 from wherefrom.attribution.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
-from wherefrom.errors import ConfigArgumentParser
+from wherefrom.cli.parser import ConfigArgumentParser
 
 
 def factors_main(argv: list[str]) -> None:

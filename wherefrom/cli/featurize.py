@@ -7,7 +7,7 @@ from wherefrom.attribution.gradients import METHOD_OUTPUTS, Allocation, FeatureC
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
-from wherefrom.errors import ConfigArgumentParser
+from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.task import TimestepStrategy
 
 

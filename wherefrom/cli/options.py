@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from wherefrom.checkpoint import load_datamodule, load_module
-from wherefrom.errors import ConfigArgumentParser, WherefromError
+from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.errors import WherefromError
 from wherefrom.sampling import SchedulerType
 from wherefrom.target import as_data, flag, resolve_target
 

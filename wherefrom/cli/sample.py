@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling, query_conditions
-from wherefrom.errors import ConfigArgumentParser, WherefromError
+from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.errors import WherefromError
 
 
 def load_sampler_module(ckpt: str):
