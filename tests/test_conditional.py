@@ -105,13 +105,50 @@ def test_conditional_measurement_scores_equal_the_exactly_ablated_measurement():
     assert not np.allclose(unlabelled, scores)
 
 
-def test_condition_dropout_is_seeded_per_index_and_epoch():
+def test_condition_dropout_is_seeded_per_index_and_epoch(monkeypatch):
     model = DiffusionModel(unet=dict(TINY_UNET), num_classes=CLASSES, cond_dropout=0.5)
     batch = {"image": torch.zeros(64, 1, 8, 8), "index": torch.arange(64), "label": torch.full((64,), 3)}
     _, _, labels = model.batch(batch)
     again = model.batch(batch)[2]
     dropped = labels == CLASSES
     assert torch.equal(labels, again) and 16 < int(dropped.sum()) < 48 and (labels[~dropped] == 3).all()
+    monkeypatch.setattr(DiffusionModel, "current_epoch", property(lambda self: 1))
+    assert not torch.equal(model.batch(batch)[2], labels)  # another epoch drops other rows
+
+
+def test_labels_reach_only_networks_that_take_them(tmp_path, capsys):
+    """An unconditional UNet featurised on labelled data ignores the labels (same features); a
+    conditional model on unlabelled data, or the reverse, is refused before training."""
+    from wherefrom.attribution.features import featurize
+    from wherefrom.attribution.gradients import FeatureConfig
+    from wherefrom.attribution.store import Store
+    from wherefrom.target import DatasetView
+
+    net, config = build_unet(TINY_UNET, 0).double(), FeatureConfig(timesteps=2, proj_dim=32)
+    stores = []
+    for name, data in [("plain", DigitsDataModule(subset=list(range(6)))), ("labelled", DigitsDataModule(subset=list(range(6)), conditional=True))]:
+        items = DatasetView(data.dataset(), "test")  # a user's labelled DataLoader items, and the datamodule itself
+        for kind, source in [("view", items), ("dm", data)]:
+            store = Store(tmp_path / f"{name}_{kind}", source.fingerprint)
+            featurize(net, "model", DiffusionTask(), source, store, config, batch_size=4)
+            stores.append(store.read_array("features/model"))
+    for other in stores[1:]:  # rows of the 6 training images (a view's index space ends at its largest index)
+        np.testing.assert_allclose(other[:6], stores[0][:6], rtol=1e-12)
+    config_file = tiny_config(tmp_path)
+    code, err = cli(capsys, "fit", "--config", str(config_file), "--data.conditional", "true")
+    assert code == 2 and "pass --model.num_classes or drop --data.conditional" in err
+
+
+def test_conditional_export_reloads_and_the_benchmarks_refuse_conditional_models(runs, tmp_path, capsys):
+    _, ckpt, ens = runs
+    assert cli(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export"))[0] == 0
+    for source in (ckpt, tmp_path / "export"):
+        code, err = cli(capsys, "sample", "--ckpt", str(source), "--num-samples", "2", "--steps", "3", "--labels", "4,6", "--out", str(tmp_path / source.name))
+        assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "export" / "samples.npy"), np.load(tmp_path / ckpt.name / "samples.npy"))
+    np.save(tmp_path / "scores.npy", np.zeros((2, 1797), dtype=np.float32))
+    code, err = cli(capsys, "loo", "--ckpt", str(ens), "--scores", str(tmp_path / "scores.npy"), "--num-indices", "2", "--out", str(tmp_path / "loo"))
+    assert code == 2 and "evaluate unconditional models" in err
 
 
 # --- end to end from the CLI ---------------------------------------------------------------------------------

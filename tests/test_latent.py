@@ -61,9 +61,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     tiny_vae(root / "vae")
     latent = ["--data.vae", str(root / "vae"), "--data.latent_cache", str(root / "latents.safetensors")]
-    main(["fit", "--config", str(tiny_config(root, lr=3e-3)), "--model.unet", json.dumps(LATENT_UNET), *latent])
+    fit = ["fit", "--config", str(tiny_config(root, lr=3e-3)), "--model.unet", json.dumps(LATENT_UNET), *latent]
+    with pytest.raises(SystemExit):  # latents are unbounded: clipping x0 to [-1, 1] is refused before training
+        main(fit)
+    main([*fit, "--model.clip_sample", "false"])
     L.seed_everything(0)
-    ens = EncodedEnsemble(n=4, w=2, unet=dict(LATENT_UNET), lr=1e-3, seed=5)
+    ens = EncodedEnsemble(n=4, w=2, unet=dict(LATENT_UNET), lr=1e-3, seed=5, clip_sample=False)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(ens, DigitsDataModule(batch_size=4, subset=list(range(2, 8)), vae=str(root / "vae")))
     trainer.save_checkpoint(root / "ens.ckpt")

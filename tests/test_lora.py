@@ -160,6 +160,25 @@ def test_lora_fine_tuning_keeps_the_base_and_is_attributed_by_every_method(lora_
         torch.testing.assert_close(fresh(x, t).sample, module.unet(x, t).sample)
 
 
+def test_lora_checkpoint_reloads_without_its_base_file(lora_run, tmp_path):
+    """The base is loaded when training starts; a trained checkpoint holds it, so it reloads once the base is gone."""
+    import shutil
+
+    base, _, _ = lora_run
+    shutil.copy(base, tmp_path / "base.ckpt")
+    L.seed_everything(0)
+    model = DiffusionModel(unet=dict(TINY_UNET), base=str(tmp_path / "base.ckpt"), lora=LORA, lr=3e-2)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, DigitsDataModule(batch_size=8, subset=list(range(8))))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    (tmp_path / "base.ckpt").unlink()
+    reloaded = load_module(tmp_path / "lora.ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    conv = dict(reloaded.unet.named_parameters())["conv_in.weight"]
+    torch.testing.assert_close(conv, load_module(base).unet.conv_in.weight, rtol=0, atol=0)  # the base's weights, frozen
+
+
 def test_lora_rejects_a_foreign_base_and_bad_options(tmp_path, capsys):
     torch.save({"state_dict": {"members.member0.conv_in.weight": torch.zeros(1)}}, tmp_path / "ens.ckpt")
     code, err = cli(capsys, "fit", "--config", str(tiny_config(tmp_path)), "--model.base", str(tmp_path / "ens.ckpt"), "--model.lora", "{r: 2}")

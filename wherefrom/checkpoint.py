@@ -149,17 +149,22 @@ def save_pretrained(unet: nn.Module, task: Any, path: str | Path) -> None:
 
 
 def load_pretrained(path: str | Path):
-    """The ``(UNet2DModel, DiffusionTask)`` of a folder written by :func:`save_pretrained`."""
-    from diffusers import UNet2DModel
+    """The ``(UNet, DiffusionTask)`` of a folder written by :func:`save_pretrained`: a ``UNet2DModel``
+    or, as its config names it, a text-conditional ``UNet2DConditionModel``."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     from wherefrom.task import DiffusionTask
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} is not a diffusers UNet2DModel folder (no config.json)")
+        raise CheckpointError(f"{str(path)!r} is not a diffusers UNet folder (no config.json); pass a folder written by `wherefrom export`")
     task_file = path / "wherefrom_task.json"
     task = DiffusionTask(**json.loads(task_file.read_text())) if task_file.is_file() else DiffusionTask()
-    return UNet2DModel.from_pretrained(path).eval(), task
+    name = json.loads((path / "config.json").read_text()).get("_class_name")
+    try:
+        return (UNet2DConditionModel if name == "UNet2DConditionModel" else UNet2DModel).from_pretrained(path).eval(), task
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot load the diffusers UNet in {str(path)!r} ({one_line(e)})") from None
 
 
 __all__ = [

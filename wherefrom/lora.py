@@ -60,20 +60,29 @@ def add_lora(unet: nn.Module, options: dict[str, Any], seed: int) -> nn.Module:
     return unet
 
 
-def load_base(unet: nn.Module, path: str | Path) -> None:
-    """The frozen base's weights: a single-model wherefrom checkpoint (``.ckpt``) or a diffusers export folder."""
+def read_base(path: str | Path) -> dict[str, torch.Tensor]:
+    """A base UNet's weights: of a single-model wherefrom checkpoint (``.ckpt``) or a diffusers export folder."""
     from wherefrom.checkpoint import load_pretrained, read_checkpoint
 
     path = Path(path)
     if path.is_dir():
-        state = load_pretrained(path)[0].state_dict()
-    else:
-        ckpt = read_checkpoint(path)
-        state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
-        if not state:
-            raise CheckpointError(f"{str(path)!r} holds no single model's UNet (no 'unet.' weights); pass a `wherefrom fit` single-model checkpoint or an export folder")
+        return load_pretrained(path)[0].state_dict()
+    ckpt = read_checkpoint(path)
+    state = {k.removeprefix("unet."): v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    if not state:
+        raise CheckpointError(f"{str(path)!r} holds no single model's UNet (no 'unet.' weights); pass a `wherefrom fit` single-model checkpoint or an export folder")
+    return state
+
+
+def load_base(unet: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Copy base weights ``state`` (read from ``path``) into ``unet``, adapted or not: an adapted layer's
+    weight is peft's ``base_layer.weight``; the adapters themselves are left as they are."""
+    own = {k.replace(".base_layer", ""): k for k in unet.state_dict() if "lora_" not in k}
+    if own.keys() != state.keys():
+        example = sorted(own.keys() ^ state.keys())[0]
+        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config (e.g. {example!r}); use the base's --model.unet")
     try:
-        unet.load_state_dict(state)
+        unet.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config; use the base's --model.unet ({' '.join(str(e).split())[:150]})") from None
 
@@ -122,4 +131,4 @@ def load_adapter(unet: nn.Module, path: str | Path, seed: int = 0) -> nn.Module:
     return unet
 
 
-__all__ = ["DEFAULT_TARGETS", "add_lora", "adapter_state", "load_adapter", "load_base", "lora_config", "save_adapter", "share_frozen"]
+__all__ = ["DEFAULT_TARGETS", "add_lora", "adapter_state", "load_adapter", "load_base", "lora_config", "read_base", "save_adapter", "share_frozen"]

@@ -114,9 +114,12 @@ class DiffusionRecipe(L.LightningModule):
         cond_dropout: the probability that a training row's label is replaced by the null class
             (seeded per index and epoch; Ho & Salimans 2022), so samples can be guided.
         base: the UNet's starting weights: a single-model wherefrom checkpoint or a diffusers export
-            folder (default: initialised from ``seed``).
+            folder, loaded when training starts (default: initialised from ``seed``). A trained
+            checkpoint holds every weight, so it reloads without this file.
         lora: fine-tune LoRA adapters on the frozen base instead of every weight (:mod:`wherefrom.lora`):
             ``{r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}`` (keys optional).
+        clip_sample: sampling clips each predicted x0 to [-1, 1]; a latent model (``--data.vae``)
+            needs ``false``, as latents are unbounded.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class DiffusionRecipe(L.LightningModule):
         cond_dropout: float = 0.1,
         base: str | None = None,
         lora: dict[str, Any] | None = None,
+        clip_sample: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= warmup < 1:
@@ -157,21 +161,25 @@ class DiffusionRecipe(L.LightningModule):
             config["num_class_embeds"] = self.hparams.num_classes + 1
         return config
 
-    def base_network(self, seed: int) -> UNet2DModel:
-        """A UNet of the recipe initialised from ``seed``, or holding the ``base`` weights."""
-        net = build_unet(self.unet_config, seed)
-        if self.hparams.base is not None:
-            from wherefrom.lora import load_base
-
-            load_base(net, self.hparams.base)
-        return net
-
     def network(self, seed: int) -> UNet2DModel:
-        """:meth:`base_network` with a LoRA adapter seeded by ``seed`` when ``lora`` is set."""
+        """A UNet of the recipe initialised from ``seed``, with a LoRA adapter seeded by ``seed`` when ``lora`` is set."""
         from wherefrom.lora import add_lora
 
-        net = self.base_network(seed)
+        net = build_unet(self.unet_config, seed)
         return net if self.hparams.lora is None else add_lora(net, self.hparams.lora, seed)
+
+    def load_base(self) -> None:
+        """Copy the ``base`` weights into every network (LoRA: under the adapters)."""
+        from wherefrom.lora import load_base, read_base
+
+        state = read_base(self.hparams.base)
+        for net in self.denoisers().values():
+            load_base(net, state, self.hparams.base)
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the model takes a condition (class labels or captions)."""
+        return self.hparams.num_classes is not None or self.is_text
 
     @property
     def is_text(self) -> bool:
@@ -222,6 +230,14 @@ class DiffusionRecipe(L.LightningModule):
             if getattr(dm, "text_encoder", None) is None:
                 raise WherefromError("the UNet is text-conditional (cross_attention_dim) but the data has no captions; pass --data.captions and --data.text_encoder")
             self._null_text = dm.null_condition  # condition dropout's target
+        elif getattr(dm, "text_encoder", None) is not None:
+            raise WherefromError("the data has captions but the UNet takes no text; give --model.unet a cross_attention_dim (a UNet2DConditionModel) or drop --data.captions")
+        if self.hparams.num_classes is None and getattr(dm, "conditional", False):
+            raise WherefromError("the data yields class labels but the model is unconditional; pass --model.num_classes or drop --data.conditional")
+        if getattr(dm, "vae", None) is not None and self.hparams.clip_sample:
+            raise WherefromError("latents are unbounded: a latent model (--data.vae) needs --model.clip_sample false")
+        if stage == "fit" and self.hparams.base is not None:
+            self.load_base()  # before a resumed run's weights are restored over it
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -290,6 +306,7 @@ class DiffusionModel(DiffusionRecipe):
         ``cond[q]`` (guided towards the empty caption's ``null``), for a conditional model
         (see :func:`wherefrom.sampling.generate`)."""
         cond = self.conditions(num_samples, labels, cond)
+        kwargs = {"clip_sample": self.hparams.clip_sample, **kwargs}
         return generate(self.eps_fn(guidance, null), self.task, self.image_shape, num_samples, seed, device=self.device, cond=cond, **kwargs)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

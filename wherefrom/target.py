@@ -63,19 +63,21 @@ class Target:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        config = next(iter(self.networks.values())).config
-        s = config.sample_size
-        return (config.in_channels, *((s, s) if isinstance(s, int) else s))
+        from wherefrom.model import image_shape
+
+        return image_shape(next(iter(self.networks.values())))
 
     @torch.no_grad()
     def generate(self, num_samples: int, seed: int = 0, **kwargs: Any) -> Tensor:
-        """Samples of a single network (see :func:`wherefrom.sampling.generate`)."""
+        """Unconditional samples of a single network (see :func:`wherefrom.sampling.generate`)."""
         from wherefrom.sampling import generate
 
         if hasattr(self.module, "generate"):
             return self.module.generate(num_samples, seed=seed, **kwargs)
         if len(self.networks) != 1:
             raise WherefromError(f"the module has {len(self.networks)} networks; pass queries to attribute instead of generating them")
+        if {"labels", "cond", "guidance", "null"} & set(kwargs):
+            raise WherefromError("wherefrom samples your own module unconditionally only; generate conditional queries in your pipeline and pass them (--queries)")
         net = next(iter(self.networks.values()))
         device = next(net.parameters()).device
         return generate(lambda x, t: predict_eps(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)

@@ -96,19 +96,28 @@ MEASUREMENTS: dict[str, Measurement] = {
 }
 
 
-def condition_kwargs(cond: Tensor | None) -> dict[str, Tensor]:
-    """The network's conditioning keyword for one condition per row: integer class labels go to
-    ``class_labels`` (``UNet2DModel(num_class_embeds=...)``), float embeddings (rows x tokens x dim)
-    to ``encoder_hidden_states`` (``UNet2DConditionModel``); none for ``None``."""
+def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
+    """The conditioning keyword ``model`` takes for one condition per row: caption embeddings (rows x
+    tokens x dim) as ``encoder_hidden_states`` for a ``UNet2DConditionModel``, class labels as
+    ``class_labels`` for a UNet with class embeddings; none for a network that takes no condition
+    (an unconditional model evaluated on labelled data ignores the labels)."""
     if cond is None:
         return {}
-    return {"encoder_hidden_states": cond} if cond.is_floating_point() else {"class_labels": cond}
+    if getattr(getattr(model, "config", None), "cross_attention_dim", None) is not None:
+        return {"encoder_hidden_states": cond}
+    if getattr(model, "class_embedding", None) is not None:
+        return {"class_labels": cond}
+    return {}
+
+
+def eps_output(out: Any) -> Tensor:
+    """The noise prediction in a network's output (diffusers returns it as ``.sample``)."""
+    return out.sample if hasattr(out, "sample") else out
 
 
 def predict_eps(model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-    """Noise prediction of a diffusers UNet (``.sample``) or a plain module, given each row's condition."""
-    out = model(x_t, t, **condition_kwargs(cond))
-    return out.sample if hasattr(out, "sample") else out
+    """Noise prediction of a diffusers UNet or a plain module, given each row's condition (when it takes one)."""
+    return eps_output(model(x_t, t, **condition_kwargs(model, cond)))
 
 
 def condition(batch: dict[str, Tensor]) -> Tensor | None:

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wherefrom.errors import WherefromError
-from wherefrom.task import MEASUREMENTS, DiffusionTask, Stream, TimestepStrategy, condition_kwargs
+from wherefrom.task import MEASUREMENTS, DiffusionTask, Stream, TimestepStrategy, condition_kwargs, eps_output
 
 Draws = Sequence[tuple[int, int | None]]  # [(draw id, fixed t or None = drawn per example)]
 
@@ -163,8 +163,7 @@ def per_sample_grads(
 
     def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, eps: Tensor, c: Tensor | None) -> Tensor:
         c = None if c is None else c.unsqueeze(0).expand(k, *c.shape)  # the example's condition for each of its K draws
-        pred = functional_call(model, {**p, **frozen}, (x_t, t), condition_kwargs(c))
-        pred = pred.sample if hasattr(pred, "sample") else pred
+        pred = eps_output(functional_call(model, {**p, **frozen}, (x_t, t), condition_kwargs(model, c)))
         return fn(pred, eps, t, task).mean()
 
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():

@@ -110,13 +110,8 @@ def make_attributor(args: argparse.Namespace) -> Attributor:
     return made
 
 
-def load_queries(spec: str | None, module, datamodule, args: argparse.Namespace) -> Tensor:
-    """Query images from a file, the held-out split, or freshly generated (seeded)."""
-    if spec is None:
-        if args.num_samples < 1:
-            raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
-        conditions = query_conditions(args, datamodule, args.num_samples)
-        return module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
+def load_queries(spec: str, datamodule) -> Tensor:
+    """Query images from a file (``samples.npy``) or the held-out split (``val``)."""
     if spec == "val":
         val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
         if val is None or len(val) == 0:
@@ -145,9 +140,16 @@ def attribute_main(argv: list[str]) -> None:
             "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
             "drop --queries and pass --num-samples and --seed"
         )
+    if args.queries is None and args.num_samples < 1:
+        raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
     module, data = open_run(args, "wherefrom attribute")
-    queries = load_queries(args.queries, module, data, args)
-    cond = query_cond(module, query_conditions(args, data, len(queries)), len(queries))
+    if args.queries is None:  # the model's own samples, seeded
+        conditions = query_conditions(args, data, args.num_samples)
+        queries = module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
+    else:
+        queries = load_queries(args.queries, data)
+        conditions = query_conditions(args, data, len(queries))
+    cond = query_cond(module, conditions, len(queries))
     result = method.attribute(module, data, queries, cond=cond)
     out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

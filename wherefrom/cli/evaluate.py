@@ -15,7 +15,7 @@ import numpy as np
 from wherefrom.cli.options import add_sampling
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, is_trained, train
+from wherefrom.evaluation.benchmark import Benchmark, check_unconditional, is_trained, train
 from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 
 
@@ -83,7 +83,7 @@ def lds_main(argv: list[str]) -> None:
         ckpts = lds.train_subsets(bench, a.subset_id, a.workers, Path(a.config))
         print(f"{len(ckpts)} subset models ready under {bench.out / 'models'}")
     elif step == "measure":
-        queries = load_queries(a.queries, None, bench.datamodule(), None)
+        queries = load_queries(a.queries, bench.datamodule())
         values = lds.measure(bench, queries)
         print(f"wrote {bench.out / 'measurements.npy'} ({values.shape[0]} subsets x {values.shape[1]} seeds x {values.shape[2]} queries)")
     else:
@@ -140,7 +140,7 @@ def loo_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="folder for loo.json and distances.npy")
     p.add_argument("--num-indices", type=int, default=64, help="training indices to ablate exactly (one sampling run each)")
     p.add_argument("--index-seed", type=int, default=0, help="seed of the sample of training indices")
-    add_sampling(p, "the queries")
+    add_sampling(p, "the queries", conditions=False)
     p.add_argument("--distance", choices=["l2", "lpips"], default="l2")
     a = p.parse_args(argv)
     if a.num_indices < 2:
@@ -148,6 +148,7 @@ def loo_main(argv: list[str]) -> None:
     check_out_dir(a.out)
     scores = {method_name(Path(f)): load_scores(f) for f in a.scores}
     module, dm = load_module(a.ckpt), load_datamodule(a.ckpt)
+    check_unconditional(module)
     dm.setup()
     num_queries = next(iter(scores.values())).shape[0]
     indices = sample_indices(dm.indices, a.num_indices, a.index_seed)

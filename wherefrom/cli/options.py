@@ -54,11 +54,14 @@ def check_batch_size(a: Any) -> None:
         raise WherefromError(f"--batch-size must be >= 1, got {a.batch_size}")
 
 
-def add_sampling(p: ConfigArgumentParser, what: str = "the samples") -> None:
-    """``--seed``, ``--steps``, ``--scheduler`` of seeded sampling, and a conditional model's ``--labels`` / ``--guidance``."""
+def add_sampling(p: ConfigArgumentParser, what: str = "the samples", conditions: bool = True) -> None:
+    """``--seed``, ``--steps``, ``--scheduler`` of seeded sampling, and (``conditions``) a conditional
+    model's ``--labels`` / ``--captions`` / ``--guidance``."""
     p.add_argument("--seed", type=int, default=0, help=f"sampling seed of {what}")
     p.add_argument("--steps", type=int, default=100, help="denoising steps")
     p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    if not conditions:
+        return
     p.add_argument("--labels", default=None, help=f"class-conditional models: the class of each of {what}, e.g. 0,1,2 (one label: all)")
     p.add_argument("--captions", nargs="+", default=None, help=f"text-conditional models: the caption of each of {what} (one caption: all)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")

@@ -16,7 +16,10 @@ def load_sampler_module(ckpt: str):
 
     if Path(ckpt).is_dir():
         unet, task = load_pretrained(ckpt)
-        module = DiffusionModel(unet=dict(unet.config), **{k: v for k, v in task.config.items() if k != "measure_time"})
+        config = dict(unet.config)
+        classes = config.pop("num_class_embeds", None)  # a class-conditional export: the classes and the null class
+        schedule = {k: v for k, v in task.config.items() if k != "measure_time"}
+        module = DiffusionModel(unet=config, num_classes=None if classes is None else classes - 1, **schedule)
         module.unet.load_state_dict(unet.state_dict())
         return module.eval()
     return load_module(ckpt)

@@ -88,11 +88,13 @@ def select_indices(n: int, subset: IndexSpec = None, exclude: IndexSpec = None, 
     return keep
 
 
-def fingerprint(n: int, shape: Sequence[int], indices: np.ndarray) -> str:
-    """Hash of (number of images, image shape, selected index set)."""
+def fingerprint(n: int, shape: Sequence[int], indices: np.ndarray, conditioning: str = "") -> str:
+    """Hash of (number of images, image shape, selected index set) and, for data seen through
+    conditions or a VAE, a ``conditioning`` string (so stores of other captions/labels/latents differ)."""
     h = hashlib.sha256()
     h.update(json.dumps({"n": int(n), "shape": [int(s) for s in shape]}).encode())
     h.update(np.ascontiguousarray(np.sort(indices), dtype="<i8").tobytes())
+    h.update(conditioning.encode())
     return h.hexdigest()[:16]
 
 
@@ -299,7 +301,12 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def fingerprint(self) -> str:
         self.setup()
-        return fingerprint(self.num_images, self.image_shape, self.indices)
+        from wherefrom.latent import tensor_hash
+
+        parts = [f"labels:{tensor_hash([torch.as_tensor(np.asarray(self.labels))])}" if self.conditional else "",
+                 f"captions:{tensor_hash([self._cond])}" if self._cond is not None else "",
+                 f"vae:{self.codec.fingerprint}" if self.codec is not None else ""]  # fmt: skip
+        return fingerprint(self.num_images, self.image_shape, self.indices, "".join(parts))
 
     def dataset(self, indices: np.ndarray | None = None) -> IndexedDataset:
         """Dataset over ``indices`` (default: the selected training split)."""

@@ -43,7 +43,7 @@ from wherefrom.ensemble.codes import Codes, code_weight
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.io import atomic_path
-from wherefrom.model import DiffusionRecipe
+from wherefrom.model import DiffusionRecipe, build_unet
 from wherefrom.task import mix_seed
 
 CODES_KEY = "wherefrom_codes"
@@ -85,7 +85,7 @@ class EncodedEnsemble(DiffusionRecipe):
             return [self.network(member_seed(seed, i)) for i in self.member_ids]
         from wherefrom.lora import add_lora, share_frozen
 
-        base = self.base_network(seed).requires_grad_(False)
+        base = build_unet(self.unet_config, seed).requires_grad_(False)
         members = [add_lora(copy.deepcopy(base), self.hparams.lora, member_seed(seed, i)) for i in self.member_ids]
         for net in members:
             share_frozen(net, base)
@@ -186,7 +186,7 @@ class EncodedEnsemble(DiffusionRecipe):
     def sampler(self, **kwargs: Any) -> EnsembleSampler:
         """An :class:`EnsembleSampler` over the members (``kwargs``: seed, steps, scheduler, cond, guidance, ...)."""
         codes = self.codes if self.hparams.member is None else None
-        kwargs = {"device": self.device, "dtype": self.dtype, "null": self.null_condition, **kwargs}
+        kwargs = {"device": self.device, "dtype": self.dtype, "null": self.null_condition, "clip_sample": self.hparams.clip_sample, **kwargs}
         return EnsembleSampler(list(self.members.values()), self.task, self.image_shape, codes, **kwargs)
 
     @torch.no_grad()

@@ -286,8 +286,16 @@ def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
 
 def eps_fn(module: L.LightningModule) -> EpsFn:
     """A module's denoiser ``(x_t, t) -> eps``: a single model's UNet, or an
-    encoded ensemble's uniformly weighted members."""
+    encoded ensemble's uniformly weighted members (unconditional models only)."""
+    check_unconditional(module)
     return module.sampler().eps_fn() if hasattr(module, "sampler") else module.eps_fn()
+
+
+def check_unconditional(module: L.LightningModule) -> None:
+    """Refuse a conditional model: the LDS, counterfactual and leave-one-out ground truths measure and
+    sample queries without conditions."""
+    if getattr(module, "is_conditional", False):
+        raise WherefromError("the lds, counterfactual and loo benchmarks evaluate unconditional models; this one is class- or text-conditional")
 
 
 def checkpoint(root: Path) -> Path:
@@ -334,6 +342,7 @@ __all__ = [
     "SamplingConfig",
     "SubsetConfig",
     "checkpoint",
+    "check_unconditional",
     "eps_fn",
     "is_trained",
     "load_config",
