@@ -216,3 +216,20 @@ def test_conditional_model_needs_labelled_data(tmp_path, capsys):
     config = tiny_config(tmp_path)
     code, err = cli(capsys, "fit", "--config", str(config), "--model.num_classes", "10")
     assert code == 2 and "--data.conditional true" in err
+    code, err = cli(capsys, "fit", "--config", str(config), "--model.unet.class_embed_type", "timestep")
+    assert code == 2 and "class conditioning is set by --model.num_classes" in err
+    np.save(tmp_path / "x.npy", np.zeros((30, 1, 8, 8), dtype=np.uint8))
+    code, err = cli(capsys, "fit", "--config", str(config), "--model.num_classes", "10", "--data", "wherefrom.ArrayDataModule",
+                    "--data.path", str(tmp_path / "x.npy"), "--data.conditional", "true")  # fmt: skip
+    assert code == 2 and "needs a source with labels" in err and "Traceback" not in err
+
+
+def test_the_lds_benchmark_refuses_a_conditional_fit_config_before_training(tmp_path, capsys):
+    import yaml
+
+    fit = {"model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"num_classes": 10}},
+           "data": {"class_path": "wherefrom.DigitsDataModule", "init_args": {"conditional": True}}}  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(fit))
+    (tmp_path / "lds.yaml").write_text(yaml.safe_dump({"out": str(tmp_path / "bench"), "fit": "fit.yaml"}))
+    code, err = cli(capsys, "lds", "subsets", "--config", str(tmp_path / "lds.yaml"))
+    assert code == 2 and "evaluate unconditional models" in err and not (tmp_path / "bench").exists()

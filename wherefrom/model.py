@@ -65,7 +65,7 @@ def build_unet(config: dict[str, Any] | None, seed: int) -> UNet2DModel:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         try:
-            return (UNet2DConditionModel if "cross_attention_dim" in cfg else UNet2DModel)(**cfg)
+            return (UNet2DConditionModel if cfg.get("cross_attention_dim") is not None else UNet2DModel)(**cfg)
         except (TypeError, ValueError) as e:
             raise WherefromError(f"invalid UNet config {cfg}: {e}") from None
 
@@ -147,6 +147,11 @@ class DiffusionRecipe(L.LightningModule):
             raise WherefromError(f"num_classes must be >= 1 (or unset for an unconditional model), got {num_classes}")
         if not 0 <= cond_dropout < 1:
             raise WherefromError(f"cond_dropout is a probability in [0, 1), got {cond_dropout}")
+        keys = {k for k in ("num_class_embeds", "class_embed_type", "projection_class_embeddings_input_dim") if (unet or {}).get(k) is not None}
+        if keys:
+            raise WherefromError(f"--model.unet.{sorted(keys)[0]}: class conditioning is set by --model.num_classes (it adds the null class of guidance)")
+        if num_classes is not None and (unet or {}).get("cross_attention_dim") is not None:
+            raise WherefromError("--model.num_classes is for UNet2DModel; a text-conditional UNet (cross_attention_dim) is conditioned by captions")
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning reads the calling frames)
         self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
 
@@ -236,8 +241,7 @@ class DiffusionRecipe(L.LightningModule):
             raise WherefromError("the data yields class labels but the model is unconditional; pass --model.num_classes or drop --data.conditional")
         if getattr(dm, "vae", None) is not None and self.hparams.clip_sample:
             raise WherefromError("latents are unbounded: a latent model (--data.vae) needs --model.clip_sample false")
-        if stage == "fit" and self.hparams.base is not None:
-            self.load_base()  # before a resumed run's weights are restored over it
+
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -267,11 +271,18 @@ class DiffusionRecipe(L.LightningModule):
         sched = get_cosine_schedule_with_warmup(opt, int(h.warmup * total), max(total, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        # a fresh run starts from the base; a restored or reloaded one (--ckpt_path, load_module) holds its weights
+        if self.hparams.base is not None and not getattr(self, "_weights_set", False):
+            self.load_base()
+        self._weights_set = True
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_provenance(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_state_dict(self, checkpoint)
+        self._weights_set = True
 
 
 class DiffusionModel(DiffusionRecipe):

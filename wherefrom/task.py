@@ -100,10 +100,14 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
     """The conditioning keyword ``model`` takes for one condition per row: caption embeddings (rows x
     tokens x dim) as ``encoder_hidden_states`` for a ``UNet2DConditionModel``, class labels as
     ``class_labels`` for a UNet with class embeddings; none for a network that takes no condition
-    (an unconditional model evaluated on labelled data ignores the labels)."""
+    (an unconditional diffusers UNet evaluated on labelled data ignores the labels). A network that
+    is not a diffusers model gets ``class_labels`` for integers and ``encoder_hidden_states`` for floats."""
     if cond is None:
         return {}
-    if getattr(getattr(model, "config", None), "cross_attention_dim", None) is not None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {"encoder_hidden_states": cond} if cond.is_floating_point() else {"class_labels": cond}
+    if getattr(config, "cross_attention_dim", None) is not None:
         return {"encoder_hidden_states": cond}
     if getattr(model, "class_embedding", None) is not None:
         return {"class_labels": cond}

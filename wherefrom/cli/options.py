@@ -86,7 +86,7 @@ def query_conditions(a: Any, data: Any, num: int) -> dict[str, Any]:
             raise WherefromError(f"--labels takes comma-separated class labels like 0,1,2, got {a.labels!r}") from None
     if a.captions is not None:
         if not hasattr(data, "embed"):
-            raise WherefromError("--captions needs the run's text-conditional datamodule (--data.text_encoder, --data.captions)")
+            raise WherefromError("--captions needs the run's text encoder: pass the training checkpoint (an export or a foreign run records none)")
         out["cond"], out["null"] = data.embed(_per_query(list(a.captions), num, "--captions")), data.null_condition
     return out
 
@@ -96,7 +96,12 @@ def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | No
     labels, cond = conditions.get("labels"), conditions.get("cond")
     if hasattr(module, "conditions"):
         return module.conditions(num, labels, cond)
-    return cond if cond is not None else None if labels is None else torch.tensor(labels)
+    if labels is not None:
+        classes = getattr(getattr(next(iter(module.denoisers().values())), "class_embedding", None), "num_embeddings", None)
+        if classes is not None and not all(0 <= y < classes for y in labels):
+            raise WherefromError(f"--labels must be in [0, {classes}) for this network's class embedding, got {labels}")
+        return torch.tensor(labels)
+    return cond
 
 
 def add_overwrite(p: ConfigArgumentParser, what: str) -> None:

@@ -205,7 +205,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError("text conditioning needs both captions and text_encoder (the folder that embeds them)")
         self.vae, self.latent_cache, self.captions, self.text_encoder = vae, latent_cache, captions, text_encoder
         self._images: Tensor | None = None
-        self._codec = self._encoder = self._cond = None
+        self._codec = self._encoder = self._cond = self._captions = None
 
     def load_images(self) -> np.ndarray | Tensor:
         """The whole source as N x C x H x W (uint8 or float in [-1, 1])."""
@@ -225,7 +225,8 @@ class ImageDataModule(L.LightningDataModule):
             from wherefrom.text import read_captions
 
             labels = getattr(self, "labels", None) if self.captions == "labels" else None
-            self._cond = self.embed(read_captions(self.captions, cut, labels, getattr(self, "class_names", None)))
+            self._captions = read_captions(self.captions, cut, labels, getattr(self, "class_names", None))
+            self._cond = self.embed(self._captions)
         self.indices = select_indices(cut, self.subset, self.exclude, random_pool(cut, self.pool_size, self.pool_seed))
 
     @property
@@ -236,6 +237,13 @@ class ImageDataModule(L.LightningDataModule):
 
             self._codec = LatentCodec(self.vae)
         return self._codec
+
+    def class_labels(self) -> Tensor:
+        """The source's class label of every image (for ``conditional``)."""
+        labels = getattr(self, "labels", None)
+        if labels is None:
+            raise WherefromError(f"conditional=True needs a source with labels; {type(self).__name__} has none")
+        return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def embed(self, captions: list[str]) -> Tensor:
         """The ``text_encoder``'s embeddings of ``captions`` (``B x L x D``): queries' conditions."""
@@ -303,20 +311,16 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         from wherefrom.latent import tensor_hash
 
-        parts = [f"labels:{tensor_hash([torch.as_tensor(np.asarray(self.labels))])}" if self.conditional else "",
-                 f"captions:{tensor_hash([self._cond])}" if self._cond is not None else "",
+        captions = hashlib.sha256("\n".join(self._captions).encode()).hexdigest()[:16] if self._captions is not None else ""
+        parts = [f"labels:{tensor_hash([self.class_labels()])}" if self.conditional else "",
+                 f"captions:{captions}:{self._encoder.fingerprint}" if captions else "",
                  f"vae:{self.codec.fingerprint}" if self.codec is not None else ""]  # fmt: skip
         return fingerprint(self.num_images, self.image_shape, self.indices, "".join(parts))
 
     def dataset(self, indices: np.ndarray | None = None) -> IndexedDataset:
         """Dataset over ``indices`` (default: the selected training split)."""
         self.setup()
-        labels = None
-        if self.conditional:
-            labels = getattr(self, "labels", None)
-            if labels is None:
-                raise WherefromError(f"conditional=True needs a source with labels; {type(self).__name__} has none")
-            labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        labels = self.class_labels() if self.conditional else None
         return IndexedDataset(self._images, self.indices if indices is None else np.asarray(indices), labels, self._cond)
 
     def train_dataloader(self) -> DataLoader:

@@ -74,6 +74,8 @@ class EncodedEnsemblePipeline(DiffusionPipeline):
         """The pipeline of a trained :class:`~wherefrom.ensemble.EncodedEnsemble` (all members, with codes)."""
         if getattr(module, "codes", None) is None or module.hparams.member is not None:
             raise WherefromError("a pipeline needs a whole trained ensemble with codes; assemble per-member runs first (`wherefrom ensemble assemble`)")
+        if module.is_conditional or not module.hparams.get("clip_sample", True) or module.hparams.get("lora") is not None:
+            raise WherefromError("the diffusers pipeline covers unconditional pixel-space ensembles of whole UNets; sample this one with `wherefrom sample`")
         members = list(module.members.values())
         codes = module.codes
         masks = masks_from_bits(codes.bits)

@@ -197,6 +197,9 @@ class Benchmark:
             spec = self.fit.get(key)
             if not isinstance(spec, dict) or "class_path" not in spec:
                 raise WherefromError(f"the fit config needs a `{key}:` section with class_path and init_args (as configs/digits.yaml)")
+        model, data = (self.fit[k].get("init_args") or {} for k in ("model", "data"))
+        if model.get("num_classes") is not None or (model.get("unet") or {}).get("cross_attention_dim") is not None or data.get("conditional") or data.get("captions"):
+            raise WherefromError("the lds and counterfactual benchmarks evaluate unconditional models; drop the fit config's class or text conditioning")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], base: Path = Path(".")) -> Benchmark:

@@ -48,7 +48,8 @@ def removal_sets(scores: np.ndarray, train_indices: np.ndarray, k: int, seed: in
 def regenerate(module, query: int, bench: Benchmark) -> Tensor:
     """Query ``query`` sampled with the benchmark's seed, steps and scheduler (same noise for every model)."""
     s = bench.sampling
-    return sample(eps_fn(module), module.task, module.image_shape, [query], s.seed, s.steps, s.scheduler, device=module.device).cpu()
+    clip = module.hparams.get("clip_sample", True)  # False for a latent model
+    return sample(eps_fn(module), module.task, module.image_shape, [query], s.seed, s.steps, s.scheduler, clip, device=module.device).cpu()
 
 
 def retrain_without(bench: Benchmark, split: np.ndarray, removed: np.ndarray, seed: int) -> Path:
