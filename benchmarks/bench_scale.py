@@ -1,6 +1,6 @@
 """Featurisation throughput and peak memory vs N on 32 x 32 RGB images, up to N = 50,000.
 
-    python benchmarks/bench_scale.py [--sizes 1000 10000 50000] [--out runs/bench_scale]
+    python benchmarks/bench_scale.py [--sizes 1000 10000 50000] [--out runs/bench_scale] [--fit-config configs/cifar32.yaml]
 
 For each N, in a fresh single-threaded process: ``featurize`` (D-TRAK, structured projection,
 K = 1, D = 256) of N random 3 x 32 x 32 images from an ``.npy`` into a store, D-TRAK scores of
@@ -8,7 +8,8 @@ K = 1, D = 256) of N random 3 x 32 x 32 images from an ``.npy`` into a store, D-
 is the largest anonymous resident set (``RssAnon``: the memory-mapped features' page cache does
 not count) sampled every 2 ms, less the process's footprint before the data was loaded.
 
-The reference is the same recipe at the smallest N, measured in the same run: throughput ratios
+``--fit-config`` takes the UNet of a fit config instead of the small default (e.g. the 35.7M-parameter
+CIFAR-10 UNet of ``configs/cifar32.yaml``). The reference is the same recipe at the smallest N, measured in the same run: throughput ratios
 near 1 mean cost linear in N; memory is printed beside the data's own float32 size (the
 datamodule holds the images) and the dense N x D feature matrix that memory-mapping avoids.
 """
@@ -25,9 +26,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_topk import PeakMemory, rss_anon_mib  # noqa: E402
+
+from wherefrom.model import build_unet  # noqa: E402
 
 UNET = dict(
     sample_size=32, in_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
@@ -48,7 +52,7 @@ def measure(fn) -> tuple[float, float]:
     return seconds, monitor.peak
 
 
-def child(n: int, root: Path) -> dict:
+def child(n: int, root: Path, unet: dict) -> dict:
     import torch
 
     from wherefrom.attribution.features import featurize
@@ -57,7 +61,6 @@ def child(n: int, root: Path) -> dict:
     from wherefrom.attribution.store import Store
     from wherefrom.attribution.trak import query_features, trak_scores
     from wherefrom.datamodules import ArrayDataModule
-    from wherefrom.model import build_unet
     from wherefrom.task import DiffusionTask
 
     torch.set_num_threads(1)
@@ -65,7 +68,7 @@ def child(n: int, root: Path) -> dict:
     base = rss_anon_mib()
     data = ArrayDataModule(str(root / f"images{n}.npy"))
     data.setup()
-    net, task = build_unet(UNET, 0).eval(), DiffusionTask()
+    net, task = build_unet(unet, 0).eval(), DiffusionTask()
     config = FeatureConfig(output="square_norm", timesteps=1, proj_dim=DIM)
     store = Store(root / f"store{n}", data.fingerprint, overwrite=True)
     feat_s, feat_peak = measure(lambda: featurize(net, "model", task, data, store, config, BATCH))
@@ -87,11 +90,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     p.add_argument("--out", default="runs/bench_scale")
+    p.add_argument("--fit-config", default=None, help="take the UNet of this fit config (its model.init_args.unet)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     root = Path(a.out)
+    unet = UNET if a.fit_config is None else yaml.safe_load(Path(a.fit_config).read_text())["model"]["init_args"]["unet"]
     if a.child is not None:
-        print(json.dumps(child(a.child, root)))
+        print(json.dumps(child(a.child, root, unet)))
         return
     root.mkdir(parents=True, exist_ok=True)
     for n in a.sizes:  # one file per N: the datamodule holds all of its file's images
@@ -101,14 +106,16 @@ def main() -> None:
     for n in sorted(a.sizes):
         done = root / f"result{n}.json"  # a rerun resumes: sizes already measured are read back
         if not done.is_file():
-            r = subprocess.run([sys.executable, __file__, "--out", str(root), "--child", str(n)], capture_output=True, text=True)
+            fit = [] if a.fit_config is None else ["--fit-config", a.fit_config]
+            r = subprocess.run([sys.executable, __file__, "--out", str(root), "--child", str(n), *fit], capture_output=True, text=True)
             if r.returncode:
                 sys.exit(r.stderr[-3000:])
             done.write_text(r.stdout.strip().splitlines()[-1])
         rows.append(json.loads(done.read_text()))
         print(f"N={n} done: featurize {rows[-1]['featurize_s']:.0f} s", file=sys.stderr, flush=True)
     ref = rows[0]
-    print(f"32x32 RGB, UNet {UNET['block_out_channels']}, K=1, D={DIM}, batch {BATCH}, 1 thread; reference: N={ref['n']}\n")
+    params = sum(p.numel() for p in build_unet(unet, 0).parameters())
+    print(f"32x32 RGB, UNet {tuple(unet['block_out_channels'])} ({params / 1e6:.2f}M parameters), K=1, D={DIM}, batch {BATCH}, 1 thread; reference: N={ref['n']}\n")
     print("| N | featurize img/s | vs ref | featurize peak MiB | score peak MiB | factors img/s | vs ref | factors peak MiB | images MiB (float32) | dense N x D MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
