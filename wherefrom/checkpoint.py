@@ -20,8 +20,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from wherefrom.errors import CheckpointError, WherefromError, one_line
+from wherefrom.io import write_json
 
 CLASS_KEY, DATAMODULE_KEY = "wherefrom_class", "wherefrom_datamodule"
+TASK_FILE = "wherefrom_task.json"  # an export's noise schedule, beside the diffusers weights
 
 
 def class_path(obj: Any) -> str:
@@ -141,11 +143,15 @@ def load_datamodule(path: str | Path, class_path: str | None = None, **overrides
     return _construct(cls, {**init_args(hparams), **overrides}, path, "datamodule_hyper_parameters")
 
 
+def save_task(task: Any, path: str | Path) -> None:
+    """The task config beside an export's weights (:data:`TASK_FILE`)."""
+    write_json(Path(path) / TASK_FILE, task.config)
+
+
 def save_pretrained(unet: nn.Module, task: Any, path: str | Path) -> None:
-    """A diffusers-format UNet folder plus the task config (``wherefrom_task.json``)."""
-    path = Path(path)
+    """A diffusers-format UNet folder plus the task config (:data:`TASK_FILE`)."""
     unet.save_pretrained(path)
-    (path / "wherefrom_task.json").write_text(json.dumps(task.config, indent=2))
+    save_task(task, path)
 
 
 def load_pretrained(path: str | Path):
@@ -158,7 +164,7 @@ def load_pretrained(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} is not a diffusers UNet folder (no config.json); pass a folder written by `wherefrom export`")
-    task_file = path / "wherefrom_task.json"
+    task_file = path / TASK_FILE
     task = DiffusionTask(**json.loads(task_file.read_text())) if task_file.is_file() else DiffusionTask()
     name = json.loads((path / "config.json").read_text()).get("_class_name")
     try:

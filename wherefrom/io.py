@@ -1,12 +1,13 @@
-"""Atomic file writes and image grids."""
+"""Atomic file writes, content hashes and image grids."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,21 @@ import torch
 from torch import Tensor
 
 from wherefrom.errors import WherefromError, one_line
+
+
+def tensor_hash(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> str:
+    """A short SHA-256 of tensors' bytes (and of their names, for a mapping such as a state dict)."""
+    h = hashlib.sha256()
+    for name, t in tensors.items() if isinstance(tensors, Mapping) else ((None, t) for t in tensors):
+        if name is not None:
+            h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of a network's parameters and buffers (ties features, factors and caches to the weights that made them)."""
+    return tensor_hash(model.state_dict())
 
 
 def fsync_dir(path: Path) -> None:

@@ -10,22 +10,13 @@ source images before reuse.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from wherefrom.errors import CheckpointError, WherefromError
-from wherefrom.io import atomic_path
-
-
-def tensor_hash(tensors: list[Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from wherefrom.errors import CheckpointError, WherefromError, one_line
+from wherefrom.io import atomic_path, tensor_hash, weights_hash
 
 
 class LatentCodec:
@@ -41,10 +32,10 @@ class LatentCodec:
         try:
             self.vae = AutoencoderKL.from_pretrained(path).eval().requires_grad_(False)
         except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"cannot load the AutoencoderKL in {str(path)!r} ({' '.join(str(e).split())[:150]})") from None
+            raise CheckpointError(f"cannot load the AutoencoderKL in {str(path)!r} ({one_line(e)})") from None
         self.batch_size = batch_size
         self.scale = float(self.vae.config.scaling_factor)
-        self.fingerprint = tensor_hash(list(self.vae.state_dict().values()))
+        self.fingerprint = weights_hash(self.vae)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -61,16 +52,14 @@ class LatentCodec:
         """:meth:`encode`, read from / written to ``cache`` (a ``.safetensors`` file) when given."""
         if cache is None:
             return self.encode(images)
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         cache, key = Path(cache), {"vae": self.fingerprint, "images": tensor_hash([images])}
         if cache.is_file():
             try:
-                from safetensors import safe_open
-
                 with safe_open(str(cache), "pt") as f:
-                    meta = f.metadata() or {}
-                stored = load_file(str(cache))["latents"]
+                    meta, stored = f.metadata() or {}, f.get_tensor("latents")
             except Exception as e:  # noqa: BLE001 - any unreadable file is a damaged cache
                 raise WherefromError(f"latent cache {str(cache)!r} is unreadable ({type(e).__name__}); delete it to re-encode") from None
             if {k: meta.get(k) for k in key} != key or len(stored) != len(images):
@@ -82,4 +71,4 @@ class LatentCodec:
         return latents
 
 
-__all__ = ["LatentCodec", "tensor_hash"]
+__all__ = ["LatentCodec"]

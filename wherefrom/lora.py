@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wherefrom.errors import CheckpointError, WherefromError
+from wherefrom.errors import CheckpointError, WherefromError, one_line
+from wherefrom.io import atomic_path, write_json
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS, CONFIG = "pytorch_lora_weights.safetensors", "adapter_config.json"
@@ -84,7 +85,7 @@ def load_base(unet: nn.Module, state: dict[str, torch.Tensor], path: str | Path)
     try:
         unet.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config; use the base's --model.unet ({' '.join(str(e).split())[:150]})") from None
+        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config; use the base's --model.unet ({one_line(e)})") from None
 
 
 def share_frozen(net: nn.Module, base: nn.Module) -> None:
@@ -107,11 +108,10 @@ def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(unet: nn.Module, options: dict[str, Any], path: str | Path) -> Path:
     """Write the adapter as diffusers LoRA weights plus its peft config; returns the folder."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({PREFIX + k: v.detach().cpu().contiguous() for k, v in adapter_state(unet).items()}, str(path / WEIGHTS))
-    config = lora_config(options)
-    (path / CONFIG).write_text(json.dumps({"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}, indent=2))
+    path, config = Path(path), lora_config(options)
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file({PREFIX + k: v.detach().cpu().contiguous() for k, v in adapter_state(unet).items()}, str(tmp))
+    write_json(path / CONFIG, {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)})
     return path
 
 

@@ -6,7 +6,6 @@ Also defines the small protocol every wherefrom callback and scorer relies on
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 
-from wherefrom.checkpoint import check_state_dict, record_provenance, save_pretrained
+from wherefrom.checkpoint import check_state_dict, record_provenance, save_pretrained, save_task
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, generate, guided
 from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
@@ -86,12 +85,14 @@ def check_data_shape(unet: UNet2DModel, datamodule: Any) -> None:
         )
 
 
+def seeded_coins(p: float, seed: int, stream: Stream, index: Tensor, epoch: int, device: torch.device | str) -> Tensor:
+    """One coin per row, ``True`` with probability ``p``, seeded by (seed, stream, index, epoch)."""
+    return torch.tensor([bool(torch.rand(1, generator=generator_for(seed, int(stream), i, epoch)) < p) for i in index.tolist()], device=device)
+
+
 def hflip(images: Tensor, index: Tensor, seed: int, epoch: int) -> Tensor:
     """Flip each image horizontally with probability 1/2, seeded by (seed, index, epoch)."""
-    flips = torch.tensor(
-        [bool(torch.rand(1, generator=generator_for(seed, int(Stream.AUGMENT), i, epoch)) < 0.5) for i in index.tolist()],
-        device=images.device,
-    )
+    flips = seeded_coins(0.5, seed, Stream.AUGMENT, index, epoch, images.device)
     return torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
@@ -154,6 +155,8 @@ class DiffusionRecipe(L.LightningModule):
             raise WherefromError("--model.num_classes is for UNet2DModel; a text-conditional UNet (cross_attention_dim) is conditioned by captions")
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning reads the calling frames)
         self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
+        self._null_text: Tensor | None = None  # a text model's empty-caption embedding, from its data in setup
+        self._weights_set = False  # restored from a checkpoint, or the base already loaded
 
     def denoisers(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -197,7 +200,7 @@ class DiffusionRecipe(L.LightningModule):
         model) the empty caption's embedding; ``None`` otherwise."""
         if self.hparams.num_classes is not None:
             return torch.tensor(self.hparams.num_classes)
-        return getattr(self, "_null_text", None)
+        return self._null_text
 
     def conditions(self, num_samples: int, labels: Sequence[int] | Tensor | None = None, cond: Tensor | None = None) -> Tensor | None:
         """The checked conditions of ``num_samples`` queries: class ``labels`` for a class-conditional model,
@@ -242,7 +245,6 @@ class DiffusionRecipe(L.LightningModule):
         if getattr(dm, "vae", None) is not None and self.hparams.clip_sample:
             raise WherefromError("latents are unbounded: a latent model (--data.vae) needs --model.clip_sample false")
 
-
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return image_shape(next(iter(self.denoisers().values())))
@@ -257,8 +259,7 @@ class DiffusionRecipe(L.LightningModule):
         cond = batch.get("cond") if self.is_text else batch.get("label") if self.hparams.num_classes is not None else None
         if cond is None:
             return x0, index, None
-        drop = torch.tensor([bool(torch.rand(1, generator=generator_for(self.task.seed, int(Stream.CONDITION), i, self.current_epoch)) < self.hparams.cond_dropout)
-                             for i in index.tolist()], device=cond.device)  # fmt: skip
+        drop = seeded_coins(self.hparams.cond_dropout, self.task.seed, Stream.CONDITION, index, self.current_epoch, cond.device)
         null = self.null_condition.to(cond.device)
         return x0, index, torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), null, cond)
 
@@ -273,7 +274,7 @@ class DiffusionRecipe(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # a fresh run starts from the base; a restored or reloaded one (--ckpt_path, load_module) holds its weights
-        if self.hparams.base is not None and not getattr(self, "_weights_set", False):
+        if self.hparams.base is not None and not self._weights_set:
             self.load_base()
         self._weights_set = True
 
@@ -333,4 +334,4 @@ class DiffusionModel(DiffusionRecipe):
             return save_pretrained(self.unet, self.task, path)
         from wherefrom.lora import save_adapter
 
-        (save_adapter(self.unet, self.hparams.lora, path) / "wherefrom_task.json").write_text(json.dumps(self.task.config, indent=2))
+        save_task(self.task, save_adapter(self.unet, self.hparams.lora, path))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from wherefrom.errors import CheckpointError, WherefromError
-from wherefrom.latent import tensor_hash
+from wherefrom.errors import CheckpointError, WherefromError, one_line
+from wherefrom.io import weights_hash
 
 
 class TextEncoder:
@@ -39,10 +39,10 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             self.model = AutoModel.from_pretrained(enc_dir).eval().requires_grad_(False)
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot load the tokenizer and text encoder in {str(path)!r} ({' '.join(str(e).split())[:150]})") from None
+            raise CheckpointError(f"cannot load the tokenizer and text encoder in {str(path)!r} ({one_line(e)})") from None
         self.max_length = min(int(self.tokenizer.model_max_length), int(self.model.config.max_position_embeddings))
         self.batch_size = batch_size
-        self.fingerprint = tensor_hash(list(self.model.state_dict().values()))
+        self.fingerprint = weights_hash(self.model)
 
     @torch.no_grad()
     def embed(self, captions: list[str]) -> Tensor:

@@ -18,7 +18,6 @@ round, and only global rank 0 writes.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -32,6 +31,7 @@ from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.store import Store
 from wherefrom.errors import WherefromError
+from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, condition
 
 T = TypeVar("T")
@@ -80,15 +80,6 @@ def on_rank_zero(comm: Comm, fn: Callable[[], T]) -> T:
     if error is not None:
         raise error
     return result
-
-
-def weights_hash(model: nn.Module) -> str:
-    """A hash of a network's parameters and buffers (ties features to the weights that made them)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def entry_name(model_id: str) -> str:
@@ -173,4 +164,4 @@ def featurize(
         model.train(was_training)
 
 
-__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images", "weights_hash"]
+__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images"]

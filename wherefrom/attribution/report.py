@@ -107,12 +107,6 @@ def beside_queries(queries: Tensor, rows: Sequence[Tensor]) -> Tensor:
     return torch.cat([torch.cat([queries[q : q + 1], rows[q].float().cpu()]) for q in range(len(queries))])
 
 
-def topk_rows(result: Attribution, train_images: Tensor, top_k: int) -> Tensor:
-    """Each query followed by its top-k training images (``Q (k + 1) x C x H x W``)."""
-    idx, _ = result.topk(top_k)
-    return beside_queries(result.queries, [train_images[i] for i in idx])
-
-
 def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int = 0) -> None:
     """``metrics`` to every Lightning logger (TensorBoard, CSV, ...)."""
     for logger in loggers:
@@ -123,11 +117,11 @@ def log_attribution(loggers: Sequence[Any], result: Attribution, train_images: T
     """Log ``result`` to Lightning loggers: scalars (queries, mean top-1 and top-k score) to every logger,
     and the top-k grid (each query, then its top-k) to those that take images (TensorBoard's
     ``experiment.add_image``, or a ``log_image`` method such as Weights & Biases')."""
-    _, top = result.topk(top_k)
+    idx, top = result.topk(top_k)
     prefix = f"wherefrom/{result.method}"
     log_scalars(loggers, {f"{prefix}/queries": float(len(top)), f"{prefix}/top1_score": float(top[:, 0].mean()),
                           f"{prefix}/topk_score": float(top.mean())}, step)  # fmt: skip
-    grid = image_grid(topk_rows(result, train_images, top_k), nrow=top.shape[1] + 1)
+    grid = image_grid(beside_queries(result.queries, [train_images[i] for i in idx]), nrow=top.shape[1] + 1)
     for logger in loggers:
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_image"):

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.features import project_images, weights_hash
+from wherefrom.attribution.features import project_images
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.io import weights_hash
 from wherefrom.target import as_data, attributable
 
 DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)

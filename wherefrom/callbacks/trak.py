@@ -18,12 +18,13 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.attribution.features import featurize, on_rank_zero, weights_hash
+from wherefrom.attribution.features import featurize, on_rank_zero
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
+from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
 
 

@@ -32,11 +32,6 @@ def run_data(ckpt: str):
     return load_datamodule(ckpt) if Path(ckpt).is_file() and DATAMODULE_KEY in read_checkpoint(ckpt) else None
 
 
-def decoder(ckpt: str):
-    """How a checkpoint's samples look: its datamodule's ``decode`` (a latent model's VAE), else as they are."""
-    return getattr(run_data(ckpt), "decode", lambda x: x)
-
-
 def sample_main(argv: list[str]) -> None:
     from wherefrom.io import check_out_dir, save_grid, write_npy
     from wherefrom.sampling import sampling_timesteps
@@ -52,7 +47,8 @@ def sample_main(argv: list[str]) -> None:
     if a.num_samples < 1 or a.batch_size < 1:
         raise WherefromError(f"--num-samples and --batch-size must be >= 1, got {a.num_samples} and {a.batch_size}")
     check_out_dir(a.out)
-    module = load_sampler_module(a.ckpt)
+    module, data = load_sampler_module(a.ckpt), run_data(a.ckpt)
+    decode = getattr(data, "decode", lambda x: x)  # how the samples look: a latent model's VAE decodes them
     sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
     kwargs = {}
     if a.ablate:
@@ -64,11 +60,11 @@ def sample_main(argv: list[str]) -> None:
             raise WherefromError(f"--ablate takes comma-separated training indices like 17,42, got {a.ablate!r}") from None
         kwargs["weights"] = module.ablation_weights(ablate)
     if a.labels is not None or a.captions is not None or a.guidance != 1.0:
-        kwargs.update(query_conditions(a, run_data(a.ckpt) if a.captions is not None else None, a.num_samples))
+        kwargs.update(query_conditions(a, data, a.num_samples))
     images = module.generate(a.num_samples, seed=a.seed, steps=a.steps, scheduler=a.scheduler, batch_size=a.batch_size, progress=True, **kwargs)
     out = Path(a.out)
     write_npy(out / "samples.npy", images.numpy().astype("float32"))  # what the model made (a latent model's latents)
-    save_grid(decoder(a.ckpt)(images), out / "samples.png")
+    save_grid(decode(images), out / "samples.png")
     print(f"wrote {out / 'samples.png'} and {out / 'samples.npy'}")
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from wherefrom.errors import WherefromError, one_line
-from wherefrom.io import load_array
+from wherefrom.io import load_array, tensor_hash
 
 IndexSpec = Sequence[int] | str | Path | None
 
@@ -205,7 +205,7 @@ class ImageDataModule(L.LightningDataModule):
             raise WherefromError("text conditioning needs both captions and text_encoder (the folder that embeds them)")
         self.vae, self.latent_cache, self.captions, self.text_encoder = vae, latent_cache, captions, text_encoder
         self._images: Tensor | None = None
-        self._codec = self._encoder = self._cond = self._captions = None
+        self._codec = self._encoder = self._cond = self._captions = self._null = None
 
     def load_images(self) -> np.ndarray | Tensor:
         """The whole source as N x C x H x W (uint8 or float in [-1, 1])."""
@@ -238,11 +238,11 @@ class ImageDataModule(L.LightningDataModule):
             self._codec = LatentCodec(self.vae)
         return self._codec
 
-    def class_labels(self) -> Tensor:
-        """The source's class label of every image (for ``conditional``)."""
+    def class_labels(self, option: str = "conditional=True", hint: str = "") -> Tensor:
+        """The source's class label of every image (for ``option``, named in the error when it has none)."""
         labels = getattr(self, "labels", None)
         if labels is None:
-            raise WherefromError(f"conditional=True needs a source with labels; {type(self).__name__} has none")
+            raise WherefromError(f"{option} needs a source with labels; {type(self).__name__} has none{hint}")
         return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def embed(self, captions: list[str]) -> Tensor:
@@ -258,7 +258,9 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def null_condition(self) -> Tensor | None:
         """The empty caption's embedding (classifier-free guidance's null condition); ``None`` without text."""
-        return None if self.text_encoder is None else self.embed([""])[0]
+        if self.text_encoder is not None and self._null is None:
+            self._null = self.embed([""])[0]
+        return self._null
 
     def decode(self, images: Tensor) -> Tensor:
         """What the model's ``"image"``s look like: decoded latents, or the images themselves in pixel space."""
@@ -288,10 +290,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.groups is None:
             return None
         if isinstance(self.groups, str) and self.groups == "labels":
-            labels = getattr(self, "labels", None)
-            if labels is None:
-                raise WherefromError(f"groups='labels' needs a source with labels; {type(self).__name__} has none: pass a file of group ids")
-            return np.asarray(labels, dtype=np.int64)
+            return self.class_labels("groups='labels'", ": pass a file of group ids").numpy()
         ids = read_indices(self.groups, "groups")
         if len(ids) != self.num_images:
             raise WherefromError(f"groups must give one id per image ({self.num_images}), got {len(ids)}")
@@ -309,8 +308,6 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def fingerprint(self) -> str:
         self.setup()
-        from wherefrom.latent import tensor_hash
-
         captions = hashlib.sha256("\n".join(self._captions).encode()).hexdigest()[:16] if self._captions is not None else ""
         parts = [f"labels:{tensor_hash([self.class_labels()])}" if self.conditional else "",
                  f"captions:{captions}:{self._encoder.fingerprint}" if captions else "",

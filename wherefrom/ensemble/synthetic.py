@@ -287,11 +287,11 @@ def quadratic_measurement(
     gram = torch.zeros(len(x0), sampler.n, sampler.n, dtype=torch.float64)
     cross = torch.zeros(len(x0), sampler.n, dtype=torch.float64)
     const = torch.zeros(len(x0), dtype=torch.float64)
+    cond = None if cond is None else cond.to(sampler.device)
     for d in range(draws):
         x_t, t, eps = task.noisy(x0, index, measurement, d, None)
         weight = (task.elbo_weight(t) if measurement == "elbo" else torch.ones(len(t))).double().cpu() / eps[0].numel() / draws
-        c = None if cond is None else cond.to(sampler.device)
-        e = torch.stack([predict_eps(m, x_t, t, c) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
+        e = torch.stack([predict_eps(m, x_t, t, cond) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
         target = eps.flatten(1).double().cpu()
         gram += weight.view(-1, 1, 1) * (e @ e.transpose(1, 2))
         cross += weight.view(-1, 1) * torch.einsum("qnd,qd->qn", e, target)

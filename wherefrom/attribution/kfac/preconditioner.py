@@ -8,10 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.features import weights_hash
 from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen
 from wherefrom.attribution.store import Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.io import weights_hash
 
 
 def eigendecompose(sums: dict[str, Tensor], layers: Iterable[str]) -> dict[str, LayerEigen]:
