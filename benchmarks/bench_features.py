@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from trak.projectors import BasicProjector, ProjectionType
 
-from wherefrom.attribution.features import featurize
+from wherefrom.attribution.features import entry_name, featurize
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, Projector, trainable_parameters
 from wherefrom.attribution.projection import BLOCK_SIZE, default_projector, projection_seed
 from wherefrom.attribution.store import Store
@@ -102,7 +102,7 @@ def timed_featurize(module: DiffusionModel, dm: DigitsDataModule, config: Featur
         start = now()
         featurize(module.unet, "model", module.task, dm, store, config, batch_size)
         elapsed = now() - start
-        return elapsed, torch.from_numpy(store.read_array("features/model")[dm.indices].copy())
+        return elapsed, torch.from_numpy(store.read_array(entry_name(config.output, "model"))[dm.indices].copy())
 
 
 def main() -> None:

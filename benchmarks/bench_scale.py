@@ -55,7 +55,7 @@ def measure(fn) -> tuple[float, float]:
 def child(n: int, root: Path, unet: dict) -> dict:
     import torch
 
-    from wherefrom.attribution.features import featurize
+    from wherefrom.attribution.features import entry_name, featurize
     from wherefrom.attribution.gradients import FeatureConfig
     from wherefrom.attribution.kfac import FactorConfig, fit_factors
     from wherefrom.attribution.store import Store
@@ -73,7 +73,7 @@ def child(n: int, root: Path, unet: dict) -> dict:
     store = Store(root / f"store{n}", data.fingerprint, overwrite=True)
     feat_s, feat_peak = measure(lambda: featurize(net, "model", task, data, store, config, BATCH))
     queries = data.images[:QUERIES] * -1
-    phi = store.read_array("features/model")
+    phi = store.read_array(entry_name(config.output, "model"))
 
     run = SimpleNamespace(task=task)  # what query_features reads of a module
     score_s, score_peak = measure(lambda: trak_scores([phi], [query_features(net, run, "model", config, queries)], 0.1))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from wherefrom.attribution.baseline import pixel_scores, random_scores
-from wherefrom.attribution.features import featurize
+from wherefrom.attribution.features import entry_name, featurize
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
 from wherefrom.attribution.influence import precondition, query_gradients
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
@@ -144,7 +144,7 @@ class Context:
         cached = store.root / "queries.npy"
         if not cached.is_file():
             write_npy(cached, query_features(self.net, self.module, "model", config, self.queries).double().numpy())
-        return store.read_array("features/model")[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
+        return store.read_array(entry_name(config.output, "model"))[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
 
     def query_grads(self, output: str, timesteps: int) -> torch.Tensor:
         """Unprojected gradients of ``output`` for every query (the library's :func:`query_gradients`:

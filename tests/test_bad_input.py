@@ -34,7 +34,7 @@ def world(tmp_path_factory) -> Path:
                 target = root / name / f.relative_to(root / "store")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(f.read_bytes())
-    feats = root / "truncated" / "features" / "model.npy"
+    feats = root / "truncated" / "features" / "square_norm" / "model.npy"
     feats.write_bytes(feats.read_bytes()[:-100])
     manifest = root / "badmanifest" / "manifest.json"
     manifest.write_text(manifest.read_text()[:30])

@@ -131,7 +131,7 @@ def test_labels_reach_only_networks_that_take_them(tmp_path, capsys):
         for kind, source in [("view", items), ("dm", data)]:
             store = Store(tmp_path / f"{name}_{kind}", source.fingerprint)
             featurize(net, "model", DiffusionTask(), source, store, config, batch_size=4)
-            stores.append(store.read_array("features/model"))
+            stores.append(store.read_array("features/square_norm/model"))
     for other in stores[1:]:  # rows of the 6 training images (a view's index space ends at its largest index)
         np.testing.assert_allclose(other[:6], stores[0][:6], rtol=1e-12)
     config_file = tiny_config(tmp_path)

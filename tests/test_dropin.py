@@ -108,7 +108,7 @@ def reference(store: Store, tmp_path) -> Store:
     dm = DigitsDataModule(subset=SUBSET)
     ref = Store(tmp_path / "ref", dm.fingerprint)
     task = DiffusionTask()
-    featurize(net, "model", task, dm, ref, FeatureConfig.from_dict(store.config("features/model")), batch_size=5)
+    featurize(net, "model", task, dm, ref, FeatureConfig.from_dict(store.config("features/square_norm/model")), batch_size=5)
     fit_factors(net, "model", task, dm, np.asarray(SUBSET), ref, FactorConfig(passes=2), batch_size=5)
     return ref
 
@@ -116,9 +116,9 @@ def reference(store: Store, tmp_path) -> Store:
 def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tmp_path):
     _, stores = ordinary
     ref = reference(stores[1], tmp_path)
-    want = ref.read_array("features/model")[SUBSET]
+    want = ref.read_array("features/square_norm/model")[SUBSET]
     for devices, store in stores.items():
-        got = store.read_array("features/model")
+        got = store.read_array("features/square_norm/model")
         assert got.shape == (max(SUBSET) + 1, want.shape[1])  # the DataLoader's global indices 0..26
         # float64, the same batches and seeded draws: equal up to summation order across ranks
         np.testing.assert_allclose(got[SUBSET], want, rtol=1e-10, atol=1e-12 * np.abs(want).max(), err_msg=f"{devices} ranks")
@@ -140,7 +140,7 @@ def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, t
            "--data.class_path", "pipeline.Digits", "--data.init_args", f"{{indices: {SUBSET}}}"]  # fmt: skip
     r = run_cli("featurize", *run, "--out", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5", cwd=root)
     assert r.returncode == 0, r.stderr[-2000:]
-    got, want = Store.open(tmp_path / "store").read_array("features/model"), stores[1].read_array("features/model")
+    got, want = Store.open(tmp_path / "store").read_array("features/square_norm/model"), stores[1].read_array("features/square_norm/model")
     np.testing.assert_allclose(got[SUBSET], want[SUBSET], rtol=1e-4, atol=1e-5 * np.abs(want).max())
     queries = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     np.save(tmp_path / "queries.npy", queries.numpy())

@@ -120,7 +120,7 @@ def test_features_invariant_to_batch_size_and_order(tmp_path):
     for batch_size in (3, 16):
         store = Store(tmp_path / f"b{batch_size}", dm.fingerprint)
         featurize(model.unet, "model", model.task, dm, store, config, batch_size)
-        arrays.append(store.read_array("features/model"))
+        arrays.append(store.read_array("features/square_norm/model"))
     a, b = arrays
     assert a.dtype == np.float64 and a.shape == (dm.num_images, Projection(config, model.unet, "model").dim)
     assert np.abs(a[dm.indices]).min(axis=1).max() > 0 and not a[np.setdiff1d(np.arange(dm.num_images), dm.indices)].any()
@@ -153,7 +153,7 @@ def runs(tmp_path_factory):
 
 def test_callback_with_two_ddp_ranks_equals_one_process(runs):
     stores = [Store.open(runs[d] / "store") for d in (1, 2)]
-    names = {"features/model", "features/model@epoch1"}
+    names = {"features/square_norm/model", "features/square_norm/model@epoch1"}
     assert set(stores[0].entries("array")) == set(stores[1].entries("array")) == names
     assert stores[0].has("weights/model@epoch1")
     for name in names:
@@ -171,7 +171,7 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(runs, tmp_path):
     ckpt = runs[1] / "run" / "last.ckpt"
     args = ("featurize", "--ckpt", str(ckpt), "--projection", "dense", "--proj-dim", "1024", "--timesteps", "4", "--batch-size", "1")
     proc = run_cli(*args, "--out", str(tmp_path / "killed"), cwd=tmp_path, background=True)
-    done = tmp_path / "killed" / "features" / "model.done.npy"
+    done = tmp_path / "killed" / "features" / "square_norm" / "model.done.npy"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if done.is_file() and np.load(done, mmap_mode="r")[SUBSET].sum() >= 3:
@@ -185,8 +185,8 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(runs, tmp_path):
     cli.main([*args, "--out", str(tmp_path / "killed")])  # resume
     cli.main([*args, "--out", str(tmp_path / "clean")])  # an uninterrupted run
     for suffix in (".npy", ".done.npy"):
-        clean = (tmp_path / "clean" / "features" / f"model{suffix}").read_bytes()
-        assert clean == (tmp_path / "killed" / "features" / f"model{suffix}").read_bytes()
+        clean = (tmp_path / "clean" / "features" / "square_norm" / f"model{suffix}").read_bytes()
+        assert clean == (tmp_path / "killed" / "features" / "square_norm" / f"model{suffix}").read_bytes()
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("clean", "killed")]
     assert manifests[0] == manifests[1]
 
@@ -205,12 +205,12 @@ def test_mismatched_store_and_bad_input_fail_clearly(runs, tmp_path, capsys):
     ckpt, store = str(runs[1] / "run" / "last.ckpt"), str(tmp_path / "store")
     args = ("featurize", "--ckpt", ckpt, "--out", store, "--timesteps", "1", "--batch-size", "8")
     cli.main([*args, "--proj-dim", "64"])
-    before = Store.open(store).read_array("features/model").copy()
+    before = Store.open(store).read_array("features/square_norm/model").copy()
     err = _cli_error(capsys, *args, "--proj-dim", "32")
     assert "config.proj_dim 64 (stored) vs 32" in err and "--overwrite" in err
     # same config: nothing to recompute, the stored bytes are kept
     cli.main([*args, "--proj-dim", "64"])
-    assert np.array_equal(Store.open(store).read_array("features/model"), before)
+    assert np.array_equal(Store.open(store).read_array("features/square_norm/model"), before)
     # the callback's store holds features of other weights (fp64): the scorer refuses them
     np.save(tmp_path / "queries.npy", DigitsDataModule().images[:2].numpy())
     err = _cli_error(capsys, "attribute", "--ckpt", ckpt, "--method", "dtrak", "--store", str(runs[1] / "store"),

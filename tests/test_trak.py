@@ -60,7 +60,7 @@ def test_attribute_scores_stored_features_against_fresh_query_features(featurise
     root, model, dm, config, queries = featurised
     result = DTRAK(store=str(root / "store"), batch_size=1).attribute(model, dm, queries)
     assert result.scores.shape == (2, dm.num_images) and result.method == "dtrak"
-    phi = Store.open(root / "store").read_array("features/model")
+    phi = Store.open(root / "store").read_array("features/square_norm/model")
     phi_q = query_features(model.unet, model, "model", config, queries, batch_size=1)  # the same batches as attribute's
     # the same computation, then stored as float32 scores: equal to float32 rounding (eps = 2^-23)
     np.testing.assert_allclose(result.scores, trak_scores([phi], [phi_q]), rtol=2**-23, atol=1e-12 * np.abs(result.scores).max())
@@ -71,7 +71,7 @@ def test_attribute_scores_stored_features_against_fresh_query_features(featurise
     net64 = copy.deepcopy(model.unet).double()
     one, two = (query_features(net64, model, "model", config, queries.double(), batch_size=b) for b in (1, 2))
     np.testing.assert_allclose(one, two, rtol=1e-10, atol=1e-12 * float(one.abs().max()))
-    with pytest.raises(FingerprintMismatchError, match="output 'square_norm', not 'loss'"):
+    with pytest.raises(WherefromError, match=r"no features of output 'loss' \(it has features of \['square_norm'\]\)"):
         TRAK(store=str(root / "store"), batch_size=4).attribute(model, dm, queries)
     with pytest.raises(WherefromError, match="needs a store"):
         DTRAK(batch_size=4).attribute(model, dm, queries)

@@ -1,6 +1,7 @@
-"""Featurisation of a training set into the store: ``features/<model_id>`` arrays.
+"""Featurisation of a training set into the store: ``features/<output>/<model_id>`` arrays, and the
+chunked, resumable, rank-invariant row writer (:func:`write_rows`) every per-image array shares.
 
-Row ``i`` of ``features/<model_id>`` (N x D, N the size of the global index
+Row ``i`` of ``features/<output>/<model_id>`` (N x D, N the size of the global index
 space) is the projected per-sample gradient of image ``i`` (see
 :class:`~wherefrom.attribution.projection.Projection`); rows outside the
 selected split are zero, i.e. without influence. The manifest holds the full
@@ -82,8 +83,10 @@ def on_rank_zero(comm: Comm, fn: Callable[[], T]) -> T:
     return result
 
 
-def entry_name(model_id: str) -> str:
-    return f"features/{model_id}"
+def entry_name(output: str, model_id: str) -> str:
+    """The store entry of model id ``model_id``'s features of output function ``output``: TRAK
+    (``loss``) and D-TRAK (``square_norm``) features of one model sit side by side."""
+    return f"features/{output}/{model_id}"
 
 
 def project_images(
@@ -101,6 +104,61 @@ def project_images(
     return projection.projected_grads(task, x0, index, config.output, config.draws(task), stream, cond)
 
 
+def write_rows(
+    store: Store | None,
+    name: str,
+    meta: dict[str, Any],
+    dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    datamodule: Any,
+    split: np.ndarray,
+    rows: Callable[[dict[str, Tensor]], Tensor],
+    batch_size: int,
+    comm: Comm | None = None,
+    progress: bool = False,
+) -> None:
+    """Write (or resume) the row-per-index array ``name`` (``N x dim``): ``rows(batch)`` for every
+    index of ``split``, zeros elsewhere (no influence). Chunks of ``batch_size`` consecutive
+    split indices go round-robin to the ranks (see the module docstring); every rank calls
+    this with the same arguments, ``store`` is used on global rank 0 only."""
+    comm = comm or LocalComm()
+    if batch_size < 1:
+        raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
+    split = np.sort(np.asarray(split, dtype=np.int64))
+    chunks = [split[s : s + batch_size] for s in range(0, len(split), batch_size)]
+    array = None
+
+    def open_array() -> list[int]:
+        nonlocal array
+        array = store.array(name, (datamodule.num_images, dim), meta, str(dtype).removeprefix("torch."))
+        outside = np.setdiff1d(np.flatnonzero(array.done == 0), split)
+        if outside.size:  # rows of images outside the split: zero features, no influence
+            array.write(outside, np.zeros((outside.size, dim)))
+        done = array.done
+        return [c for c, part in enumerate(chunks) if not done[part].all()]
+
+    todo = on_rank_zero(comm, open_array)
+    mine = np.concatenate([chunks[c] for c in todo[comm.global_rank :: comm.world_size]] or [np.zeros(0, np.int64)])
+    # the rank's chunks in order: every chunk but the split's last is full, so batches == chunks
+    loader = iter(DataLoader(datamodule.dataset(mine), batch_size=batch_size, shuffle=False))
+    bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=name, disable=not progress or comm.global_rank)
+    for _ in range(-(-len(todo) // comm.world_size)):
+        index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        values = torch.zeros(batch_size, dim, dtype=dtype, device=device)
+        batch = next(loader, None)
+        if batch is not None:
+            n = len(batch["index"])
+            index[:n] = batch["index"].to(device)
+            values[:n] = rows(batch)
+        index, values = gather(comm, index).flatten(0, 1), gather(comm, values).flatten(0, 1)
+        if comm.global_rank == 0:
+            keep = index >= 0
+            array.write(index[keep].cpu().numpy(), values[keep])
+            bar.update(int(keep.sum()))
+    bar.close()
+
+
 def featurize(
     model: nn.Module,
     model_id: str,
@@ -112,56 +170,25 @@ def featurize(
     comm: Comm | None = None,
     progress: bool = False,
 ) -> None:
-    """Write (or resume) ``features/<model_id>`` for every index of ``datamodule``'s split.
+    """Write (or resume) ``features/<output>/<model_id>`` for every index of ``datamodule``'s split.
 
     ``datamodule`` needs ``indices`` (the split's global indices), ``num_images``
     (N) and ``dataset(indices)`` yielding ``{"index", "image"}``. Every rank calls
     this with the same arguments; ``store`` is used on global rank 0 only.
     """
-    comm = comm or LocalComm()
-    if batch_size < 1:
-        raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
     projection = Projection(config, model, model_id)
-    split = np.sort(np.asarray(datamodule.indices, dtype=np.int64))
-    chunks = [split[s : s + batch_size] for s in range(0, len(split), batch_size)]
-    dtype = str(projection.dtype).removeprefix("torch.")
     meta = {**config.to_dict(), "model_id": model_id, "dim": projection.dim, "weights": weights_hash(model)}
-    array = None
 
-    def open_array() -> list[int]:
-        nonlocal array
-        array = store.array(entry_name(model_id), (datamodule.num_images, projection.dim), meta, dtype)
-        outside = np.setdiff1d(np.flatnonzero(array.done == 0), split)
-        if outside.size:  # rows of images outside the split: zero features, no influence
-            array.write(outside, np.zeros((outside.size, projection.dim)))
-        done = array.done
-        return [c for c, rows in enumerate(chunks) if not done[rows].all()]
+    def rows(batch: dict[str, Tensor]) -> Tensor:
+        return project_images(projection, task, batch["image"], batch["index"], config, cond=condition(batch))
 
-    todo = on_rank_zero(comm, open_array)
-    mine = np.concatenate([chunks[c] for c in todo[comm.global_rank :: comm.world_size]] or [np.zeros(0, np.int64)])
-    # the rank's chunks in order: every chunk but the split's last is full, so batches == chunks
-    loader = iter(DataLoader(datamodule.dataset(mine), batch_size=batch_size, shuffle=False))
-    rounds = -(-len(todo) // comm.world_size)
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=f"featurize {model_id}", disable=not progress or comm.global_rank)
-        for _ in range(rounds):
-            index = torch.full((batch_size,), -1, dtype=torch.long, device=projection.device)
-            feats = torch.zeros(batch_size, projection.dim, dtype=projection.dtype, device=projection.device)
-            batch = next(loader, None)
-            if batch is not None:
-                n = len(batch["index"])
-                index[:n] = batch["index"].to(projection.device)
-                feats[:n] = project_images(projection, task, batch["image"], batch["index"], config, cond=condition(batch))
-            index, feats = gather(comm, index).flatten(0, 1), gather(comm, feats).flatten(0, 1)
-            if comm.global_rank == 0:
-                keep = index >= 0
-                array.write(index[keep].cpu().numpy(), feats[keep])
-                bar.update(int(keep.sum()))
-        bar.close()
+        write_rows(store, entry_name(config.output, model_id), meta, projection.dim, projection.dtype, projection.device,
+                   datamodule, datamodule.indices, rows, batch_size, comm, progress)  # fmt: skip
     finally:
         model.train(was_training)
 
 
-__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images"]
+__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images", "write_rows"]

@@ -15,7 +15,10 @@ Only query gradients are preconditioned (Q of them, not N). The sum runs over
 the parameters of the Linear/Conv2d layers K-FAC covers; other parameters
 (GroupNorm affines) get zero weight, as in the structured TRAK projection.
 
-* **exact**: training gradients are formed densely (small models).
+* **stored** (default when the store has it): each training gradient was written once
+  in the K-FAC eigenbasis (:mod:`wherefrom.attribution.kfac.stored`); a call computes
+  only the Q query gradients and one product with the stored rows.
+* **exact**: training gradients are formed densely for every call (small models; the reference).
 * **projected**: the store's TRAK features (output ``loss``, written by
   ``wherefrom featurize --method trak``) are reused; the preconditioned query
   gradient is projected with the same matrix, and ``<P u, P v> / c``
@@ -23,7 +26,8 @@ the parameters of the Linear/Conv2d layers K-FAC covers; other parameters
 
 Draws: query ``q`` uses global index ``-(q + 1)`` and training image ``i`` index
 ``i``, both on the FEATURES stream with the draws of the features' config, so
-exact and projected mode estimate the same numbers.
+exact, stored and projected mode estimate the same numbers. Queries may take more
+draws than the training side (``query_timesteps``): they are few.
 
 Ensembles: member ``i`` scores only the images it trained on; the ensemble's
 score is ``(1/n) sum_{i in S(x)} score_i(q, x)`` (its eps is the members' mean).
@@ -31,7 +35,9 @@ score is ``(1/n) sum_{i in S(x)} score_i(q, x)`` (its eps is the members' mean).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -43,11 +49,13 @@ from tqdm.auto import tqdm
 
 from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
+from wherefrom.attribution.kfac.stored import influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
+from wherefrom.attribution.features import entry_name
 from wherefrom.attribution.trak import network_for
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import WherefromError
 from wherefrom.target import as_data, attributable
 from wherefrom.task import DiffusionTask, Stream, condition
 
@@ -80,18 +88,23 @@ def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPrecondition
     return out
 
 
-def query_gradients(
+def query_gradient_batches(
     net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None
-) -> Tensor:
-    """``Q x P`` gradients of the measurement of each query (index ``-(q + 1)``, condition ``cond[q]``)."""
+) -> Iterator[Tensor]:
+    """``B x P`` gradients of the measurement of each batch of queries (query ``q``: index ``-(q + 1)``, condition ``cond[q]``)."""
     device = next(net.parameters()).device
-    out = []
     for s in range(0, len(queries), batch_size):
         index = -torch.arange(s, min(s + batch_size, len(queries))) - 1
         x0 = queries[s : s + batch_size].to(device)
         c = None if cond is None else cond[s : s + batch_size].to(device)
-        out.append(per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES, c))
-    return torch.cat(out)
+        yield per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES, c)
+
+
+def query_gradients(
+    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None
+) -> Tensor:
+    """``Q x P`` gradients of the measurement of each query (see :func:`query_gradient_batches`)."""
+    return torch.cat(list(query_gradient_batches(net, task, queries, measurement, config, batch_size, cond)))
 
 
 def exact_scores(
@@ -126,16 +139,27 @@ def score_features(queries: Tensor, features: np.ndarray, block: int = BLOCK_ROW
 
 def loss_features(store: Store, model_id: str) -> tuple[str, dict]:
     """The store's TRAK training-loss features of ``model_id`` (projected mode needs ``output = loss``)."""
-    name = f"features/{model_id}"
+    name = entry_name("loss", model_id)
     if not store.has(name):
-        raise WherefromError(f"--grads projected needs {name} in {str(store.root)!r}; run `wherefrom featurize --method trak --out {store.root}`")
-    config = store.config(name)
-    if config["output"] != "loss":
-        raise FingerprintMismatchError(
-            f"{name} in {str(store.root)!r} holds gradients of {config['output']!r}, not of the training loss; "
-            "featurise with `--method trak` (output loss) for K-FAC's projected mode"
-        )
-    return name, config
+        raise WherefromError(f"grads='projected' needs {name} in {str(store.root)!r}; featurise with method 'trak' (output loss) into that store")
+    return name, store.config(name)
+
+
+class Grads(str, enum.Enum):
+    """Where K-FAC's training gradients come from."""
+
+    AUTO = "auto"  # stored when the store holds stored influence for every model id, else exact
+    STORED = "stored"  # the store's influence rows (the factors command's --features; any size, fast)
+    EXACT = "exact"  # formed densely from the checkpoint for every query call (small models; the reference)
+    PROJECTED = "projected"  # the store's TRAK training-loss features (random projection; weak at small D)
+
+
+def resolve_grads(store: Store, module, grads: Grads | str) -> Grads:
+    """``auto`` -> ``stored`` when every model id of ``module`` has stored influence in ``store``, else ``exact``."""
+    grads = Grads(grads)
+    if grads is not Grads.AUTO:
+        return grads
+    return Grads.STORED if all(store.has(influence_entry(m)) for m in module.denoisers()) else Grads.EXACT
 
 
 def influence_scores(
@@ -147,42 +171,54 @@ def influence_scores(
     ekfac: bool = False,
     damping: float | None = None,
     relative: float = HEURISTIC_DAMPING,
-    grads: str = "exact",
+    grads: Grads | str = Grads.EXACT,
     config: FeatureConfig | None = None,
     batch_size: int = 64,
     progress: bool = False,
     cond: Tensor | None = None,
+    query_timesteps: int | None = None,
 ) -> np.ndarray:
     """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids) for
     queries with conditions ``cond``.
 
-    ``config`` sets the draws of exact mode (default: TRAK's, output ``loss``, K = 10
-    uniform timesteps); projected mode uses the stored features' config. ``damping`` is an
-    absolute lambda for every layer; when ``None``, each layer gets ``relative`` x its mean eigenvalue.
+    ``config`` sets the draws of exact mode (default: output ``loss``, K = 10 uniform
+    timesteps); projected and stored mode use the stored features' config. ``query_timesteps``
+    gives the queries their own number of draws (default: the training side's). ``damping`` is
+    an absolute lambda for every layer; when ``None``, each layer gets ``relative`` x its mean eigenvalue.
     """
     if measurement not in MEASURES:
-        raise WherefromError(f"--measurement must be one of {list(MEASURES)} for K-FAC influence, got {measurement!r}")
-    if grads not in ("exact", "projected"):
-        raise WherefromError(f"--grads must be 'exact' or 'projected', got {grads!r}")
+        raise WherefromError(f"measurement must be one of {list(MEASURES)} for K-FAC influence, got {measurement!r}")
+    try:
+        grads = resolve_grads(store, module, grads)
+    except ValueError:
+        raise WherefromError(f"grads must be one of {[g.value for g in Grads]}, got {grads!r}") from None
     config = config or FeatureConfig(output="loss")
     nets = module.denoisers()
     total = np.zeros((len(queries), datamodule.num_images))
     for model_id, denoiser in nets.items():
         split = training_split(module, model_id, datamodule.indices)
         feature_config = config
-        if grads == "projected":
-            name, stored = loss_features(store, model_id)
-            net = network_for(module, store, model_id, stored)
-            feature_config = FeatureConfig.from_dict(stored)
+        if grads is Grads.PROJECTED:
+            name, stored_config = loss_features(store, model_id)
+            net = network_for(module, store, model_id, stored_config)
+            feature_config = FeatureConfig.from_dict(stored_config)
         else:
             net = denoiser
+        query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
         was_training = net.training
         net.eval()
         try:
             preconditioner = load_preconditioner(store, model_id, net, ekfac, damping, relative)
-            g_q = query_gradients(net, module.task, queries, measurement, feature_config, batch_size, cond)
+            if grads is Grads.STORED:
+                stored, rows = open_stored(store, model_id, net)
+                query_config = stored.config.features(query_timesteps)
+                batches = query_gradient_batches(net, module.task, queries, measurement, query_config, batch_size, cond)
+                part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows)
+                total += part
+                continue
+            g_q = query_gradients(net, module.task, queries, measurement, query_config, batch_size, cond)
             pre = precondition(net, g_q, preconditioner)
-            if grads == "exact":
+            if grads is Grads.EXACT:
                 part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
             else:
                 projection = Projection(feature_config, net, model_id)
@@ -196,31 +232,31 @@ def influence_scores(
     return total / len(nets)
 
 
-class Grads(str, enum.Enum):
-    """Where K-FAC's training gradients come from."""
-
-    EXACT = "exact"  # formed densely from the checkpoint (small models)
-    PROJECTED = "projected"  # the store's TRAK training-loss features (any size)
-
-
 @dataclass
 class KFAC:
     """K-FAC influence (Mlodozeniec et al. 2024) from a factor store.
+
+    Unit and sign: ``score(q, x) = grad m(q)^T (F + lambda I)^{-1} grad L(x)``; removing ``x``
+    from the N training images raises the query's measurement by about ``score / N``
+    (larger = more helpful to ``q``).
 
     Args:
         store: the folder written by ``wherefrom factors`` or the KFACFactors callback.
         measurement: the query function ``m``: one of :data:`MEASURES`.
         damping: relative damping, x each layer's mean eigenvalue.
-        grads: dense training gradients, or the store's TRAK (loss) features (:class:`Grads`).
-        timesteps: seeded ``(t, eps)`` draws per gradient in exact mode.
+        grads: training gradients from the store's stored influence (``stored``; ``auto`` picks it
+            when the store has it), formed densely per call (``exact``), or TRAK's features (:class:`Grads`).
+        timesteps: seeded ``(t, eps)`` draws per training gradient in exact mode.
+        query_timesteps: seeded draws per query gradient (default: the training side's).
         batch_size: gradient batch.
     """
 
     store: str | None = None
     measurement: Literal["loss", "elbo", "square_norm", "loss_at_time"] = "loss"
     damping: float = HEURISTIC_DAMPING
-    grads: Grads = Grads.EXACT
+    grads: Grads = Grads.AUTO
     timesteps: int = FeatureConfig.timesteps
+    query_timesteps: int | None = None
     batch_size: int = 64
 
     name: ClassVar[str] = "kfac"
@@ -234,8 +270,10 @@ class KFAC:
             self.grads = Grads(self.grads)
         except ValueError:
             raise WherefromError(f"grads must be one of {[g.value for g in Grads]}, got {self.grads!r}") from None
-        if self.damping <= 0 or self.timesteps < 1 or self.batch_size < 1:
-            raise WherefromError(f"damping must be > 0 and timesteps, batch_size >= 1; got {self.damping}, {self.timesteps}, {self.batch_size}")
+        if self.damping <= 0 or self.timesteps < 1 or self.batch_size < 1 or (self.query_timesteps is not None and self.query_timesteps < 1):
+            raise WherefromError(
+                f"damping must be > 0 and timesteps, query_timesteps, batch_size >= 1; got {self.damping}, {self.timesteps}, {self.query_timesteps}, {self.batch_size}"
+            )
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
@@ -243,11 +281,13 @@ class KFAC:
         module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
         store = Store.open(self.store)
         check_store(store, data.fingerprint, module.codes_fingerprint)
+        grads = resolve_grads(store, module, self.grads)
         scores = influence_scores(
-            module, data, queries, store, self.measurement, ekfac=self.ekfac, relative=self.damping, grads=self.grads.value,
+            module, data, queries, store, self.measurement, ekfac=self.ekfac, relative=self.damping, grads=grads,
             config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True, cond=cond,
+            query_timesteps=self.query_timesteps,
         )  # fmt: skip
-        return Attribution(scores, queries, self.name, split=data.indices)
+        return Attribution(scores, queries, self.name, split=data.indices, info={"grads": grads.value, "measurement": self.measurement})
 
 
 @dataclass
@@ -258,4 +298,4 @@ class EKFAC(KFAC):
     ekfac: ClassVar[bool] = True
 
 
-__all__ = ["EKFAC", "KFAC", "MEASURES", "Grads", "exact_scores", "influence_scores", "loss_features", "precondition", "projection_scale", "query_gradients", "score_features"]
+__all__ = ["EKFAC", "KFAC", "MEASURES", "Grads", "exact_scores", "influence_scores", "loss_features", "precondition", "projection_scale", "query_gradient_batches", "query_gradients", "resolve_grads", "score_features"]

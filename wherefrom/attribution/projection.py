@@ -33,6 +33,7 @@ stored training features.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -230,40 +231,60 @@ class Projection:
         return self._structured(task, x0, index, output, draws, stream, cond)
 
     def _structured(self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream, cond: Tensor | None) -> Tensor:
-        x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
-        (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
-        calls: list[tuple[LayerProjection, Tensor]] = []  # (layer, projected input) per call
-        outputs: list[Tensor] = []
-
-        def hook(layer: LayerProjection):
-            def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-                if len(out) != rows:
-                    raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use --projection dense")
-                with torch.no_grad():
-                    calls.append((layer, layer.project_input(inputs[0].detach())))
-                outputs.append(out)
-
-            return capture
-
-        handles = [layer.module.register_forward_hook(hook(layer)) for layer in self.layers]
-        try:
-            with torch.enable_grad():
-                rows_cond = None if cond is None else cond.repeat_interleave(k, 0)  # row (b, j): example b's condition
-                pred = predict_eps(self.model, x_t.flatten(0, 1), t.flatten(0, 1), rows_cond)
-                # mean over the K draws of each example, summed over examples (rows are independent)
-                value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
-                grads = torch.autograd.grad(value, outputs, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-        feats = {layer.name: layer.p_in.new_zeros(b, layer.p_out.shape[1], layer.p_in.shape[1]) for layer in self.layers}
-        with torch.no_grad():
-            for (layer, a), g in zip(calls, grads):
-                if g is not None:
-                    # sum over draws and positions of (P_out^T g)(P_in^T a)^T (LoGra, Sec. 3.2)
-                    gp = layer.project_output(g).unflatten(0, (b, k))
-                    feats[layer.name] += torch.einsum("bkop,bkip->boi", gp, a.unflatten(0, (b, k)))
-        return torch.cat([feats[layer.name].flatten(1) for layer in self.layers], 1)
+        feats = structured_grads(self.model, self.layers, task, x0, index, output, draws, stream, cond)
+        return torch.cat([f.flatten(1) for f in feats], 1)
 
 
-__all__ = ["BLOCK_SIZE", "LayerProjection", "Projection", "default_projector", "projection_seed"]
+def structured_grads(
+    model: nn.Module,
+    layers: Sequence[LayerProjection],
+    task: DiffusionTask,
+    x0: Tensor,
+    index: Tensor,
+    output: str,
+    draws: Draws,
+    stream: Stream = Stream.FEATURES,
+    cond: Tensor | None = None,
+) -> list[Tensor]:
+    """``P_out^T G P_in`` (``B x k_out x k_in``) of each of ``layers`` for a batch, ``G`` the
+    layer's gradient of ``output`` averaged over ``draws``, from forward hooks on the inputs and
+    one backward to the layer outputs (LoGra, Sec. 3.2): no per-sample gradient is formed.
+    Several projections of one module (e.g. the kept eigenbasis block and a residual sketch)
+    share the forward and backward pass."""
+    x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
+    (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
+    calls: list[tuple[int, Tensor]] = []  # (layer number, projected input) per call
+    outputs: list[Tensor] = []
+
+    def hook(number: int, layer: LayerProjection):
+        def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+            if len(out) != rows:
+                raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use --projection dense")
+            with torch.no_grad():
+                calls.append((number, layer.project_input(inputs[0].detach())))
+            outputs.append(out)
+
+        return capture
+
+    handles = [layer.module.register_forward_hook(hook(number, layer)) for number, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            rows_cond = None if cond is None else cond.repeat_interleave(k, 0)  # row (b, j): example b's condition
+            pred = predict_eps(model, x_t.flatten(0, 1), t.flatten(0, 1), rows_cond)
+            # mean over the K draws of each example, summed over examples (rows are independent)
+            value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
+            grads = torch.autograd.grad(value, outputs, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    feats = [layer.p_in.new_zeros(b, layer.p_out.shape[1], layer.p_in.shape[1]) for layer in layers]
+    with torch.no_grad():
+        for (number, a), g in zip(calls, grads):
+            if g is not None:
+                # sum over draws and positions of (P_out^T g)(P_in^T a)^T (LoGra, Sec. 3.2)
+                gp = layers[number].project_output(g).unflatten(0, (b, k))
+                feats[number] += torch.einsum("bkop,bkip->boi", gp, a.unflatten(0, (b, k)))
+    return feats
+
+
+__all__ = ["BLOCK_SIZE", "LayerProjection", "Projection", "default_projector", "projection_seed", "scaled_orthonormal", "structured_grads"]

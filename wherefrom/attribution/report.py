@@ -42,6 +42,7 @@ class Attribution:
     into ``topk.json`` (e.g. exact-ablation distances), one dict per query.
     ``artifacts``: named per-query image rows (``Q x R x C x H x W``), written as
     ``<name>.npy`` and ``<name>.png`` (each query, then its R images).
+    ``info``: how the scores were made (e.g. K-FAC's ``grads`` mode), written into ``topk.json``.
     """
 
     scores: np.ndarray
@@ -50,6 +51,7 @@ class Attribution:
     split: np.ndarray | None = None
     extra: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -148,7 +150,7 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
         if result.extra:
             row.update(result.extra[q])
         rows.append(row)
-    write_json(out / "topk.json", {"method": result.method, "top_k": int(idx.shape[1]), "queries": rows})
+    write_json(out / "topk.json", {"method": result.method, **result.info, "top_k": int(idx.shape[1]), "queries": rows})
     queries = show(result.queries)
     save_grid(beside_queries(queries, [show(train_images[i]) for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
     for name, images in result.artifacts.items():

@@ -42,7 +42,7 @@ from torch import Tensor
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
 from wherefrom.io import atomic_path, check_out_dir, write_json
 
-FORMAT = 2
+FORMAT = 3  # 3: features keyed by output function (features/<output>/<model_id>), stored influence
 SUFFIXES = {"array": (".npy", ".crc.npy", ".done.npy"), "tensors": (".safetensors",)}
 
 
@@ -307,6 +307,16 @@ class Store:
             )
         self.delete(name)
         return False
+
+    def clash(self, name: str, config: dict[str, Any]) -> str | None:
+        """How entry ``name``'s stored config differs from ``config`` on ``config``'s keys, e.g.
+        ``"timesteps 10 (stored) vs 100"``; ``None`` when the entry is absent or agrees."""
+        entry = self.manifest["entries"].get(name)
+        if entry is None:
+            return None
+        want = _jsonable(config)
+        diff = [f"{k} {entry['config'].get(k)!r} (stored) vs {v!r}" for k, v in sorted(want.items()) if entry["config"].get(k) != v]
+        return ", ".join(diff) or None
 
     def delete(self, name: str) -> None:
         entry = self.manifest["entries"].pop(name)

@@ -23,6 +23,7 @@ and loses 0.06 at 0.03.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.features import project_images
+from wherefrom.attribution.features import entry_name, project_images
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
@@ -122,16 +123,16 @@ def trak_scores(
 
 
 def feature_entries(store: Store, output: str) -> dict[str, dict]:
-    """The store's ``features/<model_id>`` configs; raise if made with another output function."""
-    entries = {k: v["config"] for k, v in store.entries("array").items() if k.startswith("features/")}
+    """The configs of the store's ``features/<output>/<model_id>`` entries (TRAK's and D-TRAK's sit side by side)."""
+    prefix = entry_name(output, "")
+    entries = {k: v["config"] for k, v in store.entries("array").items() if k.startswith(prefix)}
     if not entries:
-        raise WherefromError(f"store {str(store.root)!r} has no features; run `wherefrom featurize --ckpt CKPT --out {store.root}` first")
-    for name, config in entries.items():
-        if config["output"] != output:
-            raise FingerprintMismatchError(
-                f"{name} in {str(store.root)!r} was featurised with output {config['output']!r}, not {output!r}; "
-                "featurise with the matching --method into another store"
-            )
+        others = sorted({k.split("/")[1] for k in store.entries("array") if k.startswith("features/")})
+        have = f" (it has features of {others})" if others else ""
+        raise WherefromError(
+            f"store {str(store.root)!r} has no features of output {output!r}{have}; "
+            f"run `wherefrom featurize --ckpt CKPT --out {store.root}` with the matching --method first"
+        )
     return entries
 
 
@@ -170,9 +171,11 @@ def query_features(
 
 
 def store_scores(
-    module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int, cond: Tensor | None = None
+    module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int, cond: Tensor | None = None,
+    query_timesteps: int | None = None,
 ) -> np.ndarray:
-    """TRAK / D-TRAK scores (Q x N) of ``queries`` (conditions ``cond``) from the store's ``method`` features, averaged over its model ids."""
+    """TRAK / D-TRAK scores (Q x N) of ``queries`` (conditions ``cond``) from the store's ``method`` features, averaged over
+    its model ids; ``query_timesteps`` gives the queries their own number of draws (default: the features')."""
     store = Store.open(store)
     check_store(store, datamodule.fingerprint, module.codes_fingerprint)
     train, query = [], []
@@ -180,7 +183,9 @@ def store_scores(
         net = network_for(module, store, config["model_id"], config)
         was_training = net.training
         net.eval()
-        query.append(query_features(net, module, config["model_id"], FeatureConfig.from_dict(config), queries, batch_size, cond))
+        feature_config = FeatureConfig.from_dict(config)
+        query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
+        query.append(query_features(net, module, config["model_id"], query_config, queries, batch_size, cond))
         net.train(was_training)
         train.append(store.read_array(name))
     return trak_scores(train, query, damping, normalize=normalize)
@@ -194,12 +199,14 @@ class TRAK:
         store: the folder written by ``wherefrom featurize --method trak`` or the TRAKFeatures callback.
         damping: relative damping (x the feature kernel's mean nonzero eigenvalue, see :func:`damping_value`).
         normalize: unit-normalise training features first (ReTrac-style, opt-in).
+        query_timesteps: seeded draws per query feature (default: the training features').
         batch_size: query featurisation batch.
     """
 
     store: str | None = None
     damping: float = DAMPING["trak"]
     normalize: bool = False
+    query_timesteps: int | None = None
     batch_size: int = 64
 
     name: ClassVar[str] = "trak"
@@ -208,14 +215,14 @@ class TRAK:
     def __post_init__(self) -> None:
         if self.damping <= 0:
             raise WherefromError(f"damping must be > 0, got {self.damping}")
-        if self.batch_size < 1:
-            raise WherefromError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or (self.query_timesteps is not None and self.query_timesteps < 1):
+            raise WherefromError(f"batch_size and query_timesteps must be >= 1, got {self.batch_size} and {self.query_timesteps}")
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
         module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
-        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond)
+        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
         return Attribution(scores, queries, self.name, split=data.indices)
 
 

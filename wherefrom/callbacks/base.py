@@ -10,6 +10,7 @@ import lightning as L
 
 from wherefrom.attribution.features import on_rank_zero
 from wherefrom.attribution.store import Store
+from wherefrom.errors import FingerprintMismatchError
 from wherefrom.target import Target, resolve_data, resolve_target
 from wherefrom.task import DiffusionTask
 
@@ -40,9 +41,28 @@ class CaptureCallback(L.Callback):
             self._target = resolve_target(pl_module, type(self).__name__, self.denoiser, self.task)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Find the data and open the store now, so a mismatch fails before the first step."""
+        """Find the data, open the store and check the entries this callback will write, so a
+        mismatch fails before the first step."""
         self._data = resolve_data(trainer, type(self).__name__)
         on_rank_zero(trainer.strategy, self._open_store)
+        on_rank_zero(trainer.strategy, self._check_entries)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """The store entries this callback writes, with the config keys an existing entry must
+        share (the weights are checked when written)."""
+        return {}
+
+    def _check_entries(self) -> None:
+        """Refuse an existing entry made with another config (unless ``overwrite``): only that
+        entry would be replaced, never another callback's or method's."""
+        owner = type(self).__name__
+        for name, config in self.entries().items():
+            clash = None if self.overwrite else self._store.clash(name, config)
+            if clash:
+                raise FingerprintMismatchError(
+                    f"store {self.store!r} already holds {name} made with another config ({clash}); "
+                    f"point {owner}(store=...) at another folder, or pass {owner}(overwrite=True) to recompute that entry (only it)"
+                )
 
     def _open_store(self) -> None:
         """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""

@@ -3,9 +3,10 @@
 Drop-in for any Lightning pipeline: the networks, the noise schedule and the data are
 found as :mod:`wherefrom.target` describes, and checked before the first
 training step. Each denoiser (model id)
-gets ``factors/<id>``, ``eigen/<id>`` and optionally ``ekfac/<id>`` (see
-:mod:`wherefrom.attribution.kfac`); an encoded ensemble's member uses only the
-images of its code split.
+gets ``factors/<id>``, ``eigen/<id>``, optionally ``ekfac/<id>`` (see
+:mod:`wherefrom.attribution.kfac`) and, with ``features=True``, the stored influence
+``influence/<id>`` (:mod:`wherefrom.attribution.kfac.stored`); an encoded ensemble's member
+uses only the images of its code split.
 
 Modes:
 
@@ -34,7 +35,8 @@ import lightning as L
 import torch
 
 from wherefrom.attribution.features import gather, on_rank_zero
-from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
+from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, entry_names, fit_factors, tracked_layers, training_split
+from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
@@ -52,6 +54,10 @@ class KFACFactors(CaptureCallback):
         kfac: ``expand`` (default) or ``reduce``.
         passes: passes over the training set in ``after`` mode (and for EK-FAC).
         ekfac: also measure EK-FAC eigenvalues after training.
+        features: also store every training image's loss gradient in the factors' eigenbasis
+            (``influence/<id>``, written after the factors), so K-FAC / EK-FAC queries read it instead
+            of recomputing the training gradients (:mod:`wherefrom.attribution.kfac.stored`).
+        dim, residual_dim, timesteps: the stored influence's config (:class:`~wherefrom.attribution.kfac.stored.InfluenceConfig`).
         batch_size: images per batch of the dedicated passes.
         overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
@@ -64,6 +70,10 @@ class KFACFactors(CaptureCallback):
         kfac: str = KFACApprox.EXPAND.value,
         passes: int = FactorConfig.passes,
         ekfac: bool = False,
+        features: bool = False,
+        dim: int = InfluenceConfig.dim,
+        residual_dim: int = InfluenceConfig.residual_dim,
+        timesteps: int = InfluenceConfig.timesteps,
         batch_size: int = 64,
         overwrite: bool = False,
         denoiser: str | None = None,
@@ -73,6 +83,7 @@ class KFACFactors(CaptureCallback):
             raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
         default = Curvature.EMPIRICAL.value if mode == "during" else Curvature.MC.value
         self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
+        self.features = InfluenceConfig(dim=dim, residual_dim=residual_dim, timesteps=timesteps) if features else None
         super().__init__(store, overwrite, denoiser, task)
         self.batch_size = batch_size
         self.collectors: dict[str, FactorCollector] = {}
@@ -82,6 +93,17 @@ class KFACFactors(CaptureCallback):
     @property
     def state_key(self) -> str:
         return self._state_key(mode=self.config.mode)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """Per network: the factor entries (and ``influence/<id>`` with ``features``)."""
+        out = {}
+        for model_id in self._target.networks:
+            names = entry_names(model_id)
+            wanted = [names["factors"], names["eigen"]] + ([names["ekfac"]] if self.config.ekfac else [])
+            out.update({n: {**self.config.to_dict(), "model_id": model_id} for n in wanted})
+            if self.features is not None:
+                out[influence_entry(model_id)] = {**self.features.to_dict(), "model_id": model_id}
+        return out
 
     # --- during training -------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -146,6 +168,9 @@ class KFACFactors(CaptureCallback):
                 net, model_id, self._target.task, self._data, split, self._store, self.config, self.batch_size,
                 comm=trainer.strategy, progress=trainer.is_global_zero, collector=self.collectors.get(model_id),
             )  # fmt: skip
+            if self.features is not None:  # after the factors: the rows live in their eigenbasis
+                featurize_influence(net, model_id, self._target.task, self._data, split, self._store, self.features, self.batch_size,
+                                    comm=trainer.strategy, progress=trainer.is_global_zero)  # fmt: skip
             if trainer.is_global_zero:
                 layers = float(len(tracked_layers(net)))
                 log_scalars(trainer.loggers, {f"wherefrom/factors/{model_id}/layers": layers, f"wherefrom/factors/{model_id}/images": float(len(split))},

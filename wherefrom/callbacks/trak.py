@@ -5,6 +5,8 @@ found as :mod:`wherefrom.target` describes (wherefrom's own modules and
 datamodules, or a user's module with one diffusers UNet and scheduler trained from a
 plain DataLoader of ``{"index", "image"}``), and checked before the first training step.
 
+Entries: ``features/<output>/<id>``, so TRAK (``loss``) and D-TRAK (``square_norm``) callbacks
+attached together fill one store side by side (with :class:`~wherefrom.callbacks.KFACFactors`).
 Model ids: after training, the denoisers' ids (``model``, ``member0``, ...);
 with ``every_n_epochs = k``, also ``<id>@epoch<e>`` after every k-th epoch
 ``e`` before the last, whose weights are saved in the store
@@ -18,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.attribution.features import featurize, on_rank_zero
+from wherefrom.attribution.features import entry_name, featurize, on_rank_zero
 from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
 from wherefrom.attribution.projection import default_projector
 from wherefrom.attribution.report import log_scalars
@@ -75,6 +77,11 @@ class TRAKFeatures(CaptureCallback):
     @property
     def state_key(self) -> str:
         return self._state_key(output=self.config.output)
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """``features/<output>/<id>`` per network (the projector is resolved on the run's device)."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "projector" or self.projector}
+        return {entry_name(config["output"], model_id): config for model_id in self._target.networks}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

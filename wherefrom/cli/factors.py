@@ -5,6 +5,7 @@ from __future__ import annotations
 from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
 from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
 from wherefrom.attribution.kfac.preconditioner import entry_names
+from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
 from wherefrom.cli.parser import ConfigArgumentParser
@@ -18,16 +19,25 @@ def factors_main(argv: list[str]) -> None:
     p.add_argument("--kfac", choices=[k.value for k in KFACApprox], default=FactorConfig.kfac)
     p.add_argument("--ekfac", action="store_true", help="also measure EK-FAC eigenvalues (extra passes)")
     p.add_argument("--passes", type=int, default=FactorConfig.passes, help="passes over the data, fresh (t, eps) each")
+    g = p.add_argument_group("stored influence", "every training gradient written once in the factors' eigenbasis, so K-FAC/EK-FAC queries do not recompute them")
+    g.add_argument("--features", action="store_true", help="also write influence/<id> after the factors (read by attribute --method kfac|ekfac)")
+    g.add_argument("--dim", type=int, default=InfluenceConfig.dim, help="eigenbasis coordinates kept per image (float32: 4 bytes each)")
+    g.add_argument("--residual-dim", type=int, default=InfluenceConfig.residual_dim, help="random sketch of the other coordinates (0: none)")
+    g.add_argument("--timesteps", type=int, default=InfluenceConfig.timesteps, help="K draws averaged per training gradient")
     add_batch_size(p)
     add_device(p)
     add_overwrite(p, "replace a store or entries made for other data, config or weights")
     a = p.parse_args(argv)
     check_batch_size(a)
     config = FactorConfig(a.curvature, a.kfac, a.passes, a.ekfac)
+    features = InfluenceConfig(dim=a.dim, residual_dim=a.residual_dim, timesteps=a.timesteps) if a.features else None
     module, data = open_run(a, "wherefrom factors", a.device)
     store = Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite)
     for model_id, net in module.denoisers().items():
         split = training_split(module, model_id, data.indices)
         fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)
+        if features is not None:
+            featurize_influence(net, model_id, module.task, data, split, store, features, a.batch_size, progress=True)
     done = ", ".join(n for m in module.denoisers() for k, n in entry_names(m).items() if k != "ekfac" or a.ekfac)
+    done += "".join(f", {influence_entry(m)}" for m in module.denoisers() if features is not None)
     print(f"wrote {done} to {a.store}")
