@@ -3,7 +3,8 @@
 The pipeline below is written without wherefrom's module or datamodule: a LightningModule
 around a diffusers ``UNet2DModel`` + ``DDPMScheduler`` and a plain DataLoader of
 ``{"index", "image"}`` dicts. Attaching ``TRAKFeatures`` and ``KFACFactors`` is the only
-change; on 1 and 2 DDP ranks their features and factors equal the wherefrom-module path,
+change; on 1 and 2 DDP ranks the one store they fill (D-TRAK and TRAK features, factors, stored
+influence) equals the wherefrom-module path,
 and each missing requirement fails before the first training step with one line.
 """
 
@@ -24,6 +25,7 @@ from tests.conftest import TINY_UNET
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.kfac import FactorConfig, fit_factors
+from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.attribution.store import Store
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import DigitsDataModule
@@ -75,9 +77,10 @@ class Digits(Dataset):
 
 if __name__ == "__main__":
     root, devices = sys.argv[1], int(sys.argv[2])
-    callbacks = [
+    callbacks = [  # one store for every method
         TRAKFeatures(f"{root}/store", timesteps=3, proj_dim=64, batch_size=5),
-        KFACFactors(f"{root}/store", passes=2, batch_size=5),
+        TRAKFeatures(f"{root}/store", method="trak", timesteps=3, proj_dim=64, batch_size=5),
+        KFACFactors(f"{root}/store", passes=2, ekfac=True, features=True, dim=120, residual_dim=40, timesteps=3, batch_size=5),
     ]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks)
@@ -102,30 +105,39 @@ def ordinary(tmp_path_factory):
 
 
 def reference(store: Store, tmp_path) -> Store:
-    """The same statistics through wherefrom's own path: the store's saved weights, DigitsDataModule, featurize and fit_factors."""
+    """The same statistics through wherefrom's own path: the store's saved weights, DigitsDataModule,
+    featurize (both outputs), fit_factors and featurize_influence."""
     net = UNet2DModel(**TINY_UNET).double()
     net.load_state_dict(store.load_tensors("weights/model"))
     dm = DigitsDataModule(subset=SUBSET)
     ref = Store(tmp_path / "ref", dm.fingerprint)
     task = DiffusionTask()
-    featurize(net, "model", task, dm, ref, FeatureConfig.from_dict(store.config("features/square_norm/model")), batch_size=5)
-    fit_factors(net, "model", task, dm, np.asarray(SUBSET), ref, FactorConfig(passes=2), batch_size=5)
+    for output in ("square_norm", "loss"):
+        featurize(net, "model", task, dm, ref, FeatureConfig.from_dict(store.config(f"features/{output}/model")), batch_size=5)
+    fit_factors(net, "model", task, dm, np.asarray(SUBSET), ref, FactorConfig(passes=2, ekfac=True), batch_size=5)
+    featurize_influence(net, "model", task, dm, np.asarray(SUBSET), ref, InfluenceConfig.from_dict(store.config("influence/model")), batch_size=5)
     return ref
 
 
 def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tmp_path):
+    """D-TRAK and TRAK features, factors with EK-FAC and stored influence side by side in one store,
+    filled in one fit, on 1 and 2 DDP ranks alike and equal to wherefrom's own path."""
     _, stores = ordinary
     ref = reference(stores[1], tmp_path)
-    want = ref.read_array("features/square_norm/model")[SUBSET]
     for devices, store in stores.items():
-        got = store.read_array("features/square_norm/model")
-        assert got.shape == (max(SUBSET) + 1, want.shape[1])  # the DataLoader's global indices 0..26
-        # float64, the same batches and seeded draws: equal up to summation order across ranks
-        np.testing.assert_allclose(got[SUBSET], want, rtol=1e-10, atol=1e-12 * np.abs(want).max(), err_msg=f"{devices} ranks")
-        mine, theirs = store.load_tensors("factors/model"), ref.load_tensors("factors/model")  # (eigen/ is derived from these)
-        assert mine.keys() == theirs.keys() and store.has("eigen/model")
-        for key in mine:  # sums over the same per-example terms, in another order on 2 ranks
-            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10 * float(theirs[key].abs().max()) + 1e-300)
+        assert set(store.entries()) == set(ref.entries()) | {"weights/model"}
+        for name in ("features/square_norm/model", "features/loss/model", "influence/model"):
+            got, want = store.read_array(name), ref.read_array(name)[SUBSET]
+            assert got.shape == (max(SUBSET) + 1, want.shape[1])  # the DataLoader's global indices 0..26
+            # float64, the same batches and seeded draws: equal up to summation order across ranks
+            # (influence rows: the eigenbases of factors summed in another order)
+            tol = 1e-7 if name.startswith("influence") else 1e-10
+            np.testing.assert_allclose(got[SUBSET], want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=f"{name}, {devices} ranks")
+        for name in ("factors/model", "ekfac/model"):
+            mine, theirs = store.load_tensors(name), ref.load_tensors(name)  # (eigen/ is derived from factors/)
+            assert mine.keys() == theirs.keys() and store.has("eigen/model")
+            for key in mine:  # sums over the same per-example terms, in another order on 2 ranks
+                torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10 * float(theirs[key].abs().max()) + 1e-300)
 
 
 def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, tmp_path, monkeypatch):
@@ -226,3 +238,29 @@ def test_explicit_denoiser_and_task(tmp_path):
     assert target.networks["model"] is module.nets[1] and target.task.num_train_timesteps == 50
     with pytest.raises(WherefromError, match=r"TRAKFeatures\(denoiser='nets.7'\)"):
         resolve_target(module, "TRAKFeatures", denoiser="nets.7")
+
+
+def test_one_store_for_every_method_refuses_a_conflicting_entry_before_training(tmp_path):
+    """Another method's entries are no conflict (the check passes and the first step runs); an entry of the
+    same name made with another config is refused before the first step, without suggesting to replace
+    anything but that entry."""
+    from wherefrom.attribution.kfac.stored import InfluenceConfig
+    from wherefrom.errors import FingerprintMismatchError
+    from wherefrom.target import as_data
+
+    data = as_data(DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)}), batch_size=2), "test")
+    store = Store(tmp_path / "store", data.fingerprint)
+    store.array("features/square_norm/model", (4, 2), {**FeatureConfig(timesteps=2).to_dict(), "model_id": "model"})
+    store.array("influence/model", (4, 2), {**InfluenceConfig(dim=32).to_dict(), "model_id": "model"})
+    for fine in (TRAKFeatures(str(store.root), method="trak"), TRAKFeatures(str(store.root), timesteps=2), KFACFactors(str(store.root))):
+        with pytest.raises(AssertionError, match="the first training step ran"):
+            _fit(_Module(), fine)
+    cases = [
+        (TRAKFeatures(str(store.root), timesteps=3), r"features/square_norm/model made with another config \(timesteps 2 \(stored\) vs 3\)", "TRAKFeatures"),
+        (KFACFactors(str(store.root), features=True, dim=64), r"influence/model made with another config \(dim 32 \(stored\) vs 64\)", "KFACFactors"),
+    ]
+    for callback, message, owner in cases:
+        with pytest.raises(FingerprintMismatchError, match=message) as err:
+            _fit(_Module(), callback)
+        assert str(err.value).endswith(f"pass {owner}(overwrite=True) to recompute that entry (only it)") and "\n" not in str(err.value)
+    assert set(Store.open(store.root).entries()) == {"features/square_norm/model", "influence/model"}  # nothing was touched

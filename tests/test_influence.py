@@ -4,6 +4,8 @@ matrix and the gradients built explicitly (float64), projected vs exact mode, an
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,10 @@ from wherefrom.attribution.kfac import (
     entry_names,
     fit_factors,
     layer_dims,
+    load_preconditioner,
     tracked_layers,
 )
+from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
@@ -188,6 +192,70 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     cli.main(args + ["--measurement", "elbo", "--top-k", "3"])
     scores = np.load(out / "scores.npy")
     assert scores.shape == (2, 1797) and np.abs(scores[:, :24]).min() > 0 and (out / "topk.png").is_file()
+    assert json.loads((out / "topk.json").read_text())["grads"] == "exact"  # no stored influence yet
+    # stored influence beside the factors (kept): attribute reads it by default
+    cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8", "--features", "--dim", "10000000", "--timesteps", "3"])
+    assert Store.open(store).has(influence_entry("model"))
+    results = {}
+    for grads in ("auto", "exact"):
+        cli.main(args[:-1] + [str(tmp_path / grads), "--measurement", "elbo", "--timesteps", "3", "--grads", grads])
+        results[json.loads((tmp_path / grads / "topk.json").read_text())["grads"]] = np.load(tmp_path / grads / "scores.npy")
+    stored, exact = results["stored"], results["exact"]
+    np.testing.assert_allclose(stored, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())  # the whole basis kept; float32
     with pytest.raises(SystemExit) as exit_:
         cli.main(args + ["--measurement", "l1_norm"])
     assert exit_.value.code == 2 and "--measurement" in capsys.readouterr().err
+
+
+def test_stored_influence_with_the_whole_basis_equals_exact_mode(setup, tmp_path):
+    """Every eigenbasis coordinate kept, no sketch: stored rows reproduce exact mode (float64)."""
+    module, dm, store, queries = setup
+    config = InfluenceConfig(dim=10**7, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy)
+    featurize_influence(module.unet, "model", module.task, dm, np.asarray(TRAIN), store, config, batch_size=4)
+    stored = Store.open(store.root).config(influence_entry("model"))
+    assert stored["row_dim"] == sum(d_out * d_in for d_out, d_in in map(layer_dims, tracked_layers(module.unet).values()))
+    for ekfac in (False, True):
+        exact = influence_scores(module, dm, queries, store, "elbo", ekfac=ekfac, grads="exact", config=config.features(), batch_size=4)
+        got = influence_scores(module, dm, queries, store, "elbo", ekfac=ekfac, grads="stored", batch_size=4)
+        np.testing.assert_allclose(got, exact, rtol=1e-9, atol=1e-12 * np.abs(exact).max())
+        assert not got[:, len(TRAIN) :].any()
+
+
+def test_truncated_stored_influence_equals_an_explicit_dense_truncation(setup, tmp_path):
+    """Kept block + residual sketch, against the same truncation written with explicit Kronecker
+    matrices: ``u = kron(Q_G, Q_A)^T vec(G)``, the block's coordinates, and ``kron(P_out, P_in)^T``
+    applied to the rest; the query's ``u`` divided by ``Lambda + lambda`` first."""
+    module, dm, _, queries = setup
+    net, task = module.unet, module.task
+    store = Store(tmp_path / "store", dm.fingerprint)
+    fit_factors(net, "model", task, dm, np.asarray(TRAIN), store, FactorConfig(passes=2, ekfac=True), batch_size=4)
+    config = InfluenceConfig(dim=300, residual_dim=200, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, seed=5)
+    featurize_influence(net, "model", task, dm, np.asarray(TRAIN), store, config, batch_size=4)
+    stored, rows = open_stored(Store.open(store.root), "model", net)
+    assert 0 < sum(s.k_out * s.k_in for s in stored.layers) <= 300 and any(s.p_out is not None for s in stored.layers)
+    pre = load_preconditioner(store, "model", net, ekfac=True)
+    g_x = torch.stack([explicit_gradient(net, task, dm.images[i].double(), i, "loss") for i in TRAIN])
+    g_q = torch.stack([explicit_gradient(net, task, q, -(i + 1), "square_norm") for i, q in enumerate(queries)])
+    modules = dict(net.named_modules())
+    train_rows, query_rows = [], []
+    for s in stored.layers:
+        d_out, d_in = layer_dims(modules[s.name])
+        order = torch.cat([torch.arange(s.weight.start, s.weight.stop).view(d_out, d_in - 1), torch.arange(s.bias.start, s.bias.stop).view(d_out, 1)], 1)
+        rotate = torch.kron(s.qg, s.qa)  # columns: sorted eigen-direction pairs (i, j), row-major
+        keep = (torch.arange(d_out)[:, None] < s.k_out) & (torch.arange(d_in)[None, :] < s.k_in)
+        inverse = pre.inverse[s.name].flip(0).flip(1).reshape(-1)
+        for grads, weight, out in ((g_x, None, train_rows), (g_q, inverse, query_rows)):
+            u = grads.detach()[:, order.reshape(-1)] @ rotate
+            u = u if weight is None else u / (1 / weight)
+            part = [u[:, keep.reshape(-1)]]
+            if s.p_out is not None:
+                part.append(u * ~keep.reshape(-1) @ torch.kron(s.p_out, s.p_in))
+            out.append(torch.cat(part, 1))
+    want_rows = torch.cat(train_rows, 1)
+    np.testing.assert_allclose(rows[TRAIN], want_rows.numpy(), rtol=1e-9, atol=1e-12 * float(want_rows.abs().max()))
+    got = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="stored", batch_size=4)
+    want = torch.cat(query_rows, 1) @ want_rows.T
+    np.testing.assert_allclose(got[:, TRAIN], want.numpy(), rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    # the truncation approximates the exact score it was cut from
+    exact = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="exact", config=config.features(), batch_size=4)
+    assert np.corrcoef(got[:, TRAIN].ravel(), exact[:, TRAIN].ravel())[0, 1] > 0.5

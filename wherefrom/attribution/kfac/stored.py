@@ -296,7 +296,7 @@ def featurize_influence(
     stored = StoredInfluence(net, eigen, config, model_id)
     first = next(iter(trainable_parameters(net).values()))
     projections = [p for s in stored.layers for p in s.projections(first.device, first.dtype)]
-    meta = {**config.to_dict(), "model_id": model_id, "dim": stored.dim, "layout": stored.layout, "weights": weights_hash(net), "factors": factors}
+    meta = {**config.to_dict(), "model_id": model_id, "row_dim": stored.dim, "layout": stored.layout, "weights": weights_hash(net), "factors": factors}
     was_training = net.training
     net.eval()
     try:
