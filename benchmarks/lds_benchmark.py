@@ -36,8 +36,9 @@ import torch
 from wherefrom.attribution.baseline import pixel_scores, random_scores
 from wherefrom.attribution.features import entry_name, featurize
 from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
-from wherefrom.attribution.influence import precondition, query_gradients
+from wherefrom.attribution.influence import influence_scores, precondition, query_gradients
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
+from wherefrom.attribution.kfac.stored import InfluenceConfig, StoredInfluence, featurize_influence, load_eigen
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
 from wherefrom.checkpoint import load_module
@@ -136,15 +137,23 @@ class Context:
     def store(self, name: str) -> Store:
         return Store(self.bench.out / "stores" / name, self.dm.fingerprint)
 
-    def features(self, config: FeatureConfig) -> tuple[np.ndarray, torch.Tensor]:
-        """Stored training features (split rows) and query features of ``config``."""
+    def features(self, config: FeatureConfig, query_timesteps: int | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """Stored training features (split rows) and query features of ``config`` (queries with
+        ``query_timesteps`` draws when given)."""
         key = f"{config.output}_{config.projection}_{config.allocation}_{config.proj_dim}_k{config.timesteps}_s{config.seed}"
         store = self.store(key)
         featurize(self.net, "model", self.module.task, self.dm, store, config, batch_size=64, progress=True)
-        cached = store.root / "queries.npy"
+        cached = store.root / ("queries.npy" if query_timesteps is None else f"queries_k{query_timesteps}.npy")
         if not cached.is_file():
-            write_npy(cached, query_features(self.net, self.module, "model", config, self.queries).double().numpy())
+            q_config = dataclasses.replace(config, timesteps=query_timesteps or config.timesteps)
+            write_npy(cached, query_features(self.net, self.module, "model", q_config, self.queries).double().numpy())
         return store.read_array(entry_name(config.output, "model"))[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
+
+    def factors(self, passes: int) -> Store:
+        """The store of the attributed model's factors (``passes`` passes, with EK-FAC), fit once."""
+        store = self.store(f"factors_p{passes}")
+        fit_factors(self.net, "model", self.module.task, self.dm, self.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
+        return store
 
     def query_grads(self, output: str, timesteps: int) -> torch.Tensor:
         """Unprojected gradients of ``output`` for every query (the library's :func:`query_gradients`:
@@ -181,9 +190,9 @@ class Context:
         return out
 
 
-def trak_method(output: str, damping: float, normalize: bool = False, **feature: object) -> Callable[[Context], np.ndarray]:
+def trak_method(output: str, damping: float, normalize: bool = False, query_timesteps: int | None = None, **feature: object) -> Callable[[Context], np.ndarray]:
     def run(ctx: Context) -> np.ndarray:
-        phi, phi_q = ctx.features(FeatureConfig(output=output, **feature))
+        phi, phi_q = ctx.features(FeatureConfig(output=output, **feature), query_timesteps)
         return ctx.full(trak_scores([phi], [phi_q], damping, normalize=normalize))
 
     return run
@@ -203,18 +212,48 @@ def unprojected_method(output: str, damping: float, timesteps: int = 10, normali
 
 
 def kfac_method(
-    ekfac: bool, measurement: str, damping: float | None, passes: int, timesteps: int = 10, relative: float = HEURISTIC_DAMPING
+    ekfac: bool, measurement: str, damping: float | None, passes: int, timesteps: int = 10, relative: float = HEURISTIC_DAMPING,
+    query_timesteps: int | None = None,
 ) -> Callable[[Context], np.ndarray]:
     """(EK-)FAC influence with exact training gradients (the library's exact mode), the
-    dense training gradients cached across damping values."""
+    dense training gradients cached across damping values; queries with ``query_timesteps`` draws."""
 
     def run(ctx: Context) -> np.ndarray:
-        store = ctx.store(f"factors_p{passes}")
-        fit_factors(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, FactorConfig(passes=passes, ekfac=True), progress=True)
-        pre_cond = load_preconditioner(store, "model", ctx.net, ekfac, damping, relative)
-        g_q = ctx.query_grads(measurement, timesteps)
+        pre_cond = load_preconditioner(ctx.factors(passes), "model", ctx.net, ekfac, damping, relative)
+        g_q = ctx.query_grads(measurement, query_timesteps or timesteps)
         train_g, _ = ctx.dense_grads("loss", timesteps)
         return ctx.full((precondition(ctx.net, g_q, pre_cond).double() @ train_g.double().T).numpy())
+
+    return run
+
+
+def stored_method(ekfac: bool, dim: int, residual_dim: int = 0, query_timesteps: int | None = None) -> Callable[[Context], np.ndarray]:
+    """(EK-)FAC influence from stored rows (default factors and draws) at budget ``dim`` (+ a sketch of
+    ``residual_dim``), reduced from the cached dense training gradients: the numbers the stored
+    featurisation's hooks give (``tests/test_influence.py``), for a whole curve of dimensions at once."""
+
+    def run(ctx: Context) -> np.ndarray:
+        k = FeatureConfig.timesteps
+        store = ctx.factors(FactorConfig.passes)
+        stored = StoredInfluence(ctx.net, load_eigen(store, "model")[0], InfluenceConfig(dim=dim, residual_dim=residual_dim, timesteps=k), "model")
+        train_g, _ = ctx.dense_grads("loss", k)
+        rows = torch.cat([stored.rows(train_g[s : s + 64]) for s in range(0, len(train_g), 64)])
+        queries = stored.rows(ctx.query_grads("loss", query_timesteps or k), load_preconditioner(store, "model", ctx.net, ekfac))
+        return ctx.full((queries @ rows.T).numpy())
+
+    return run
+
+
+def stored_library_method(ekfac: bool) -> Callable[[Context], np.ndarray]:
+    """The library's own path at its defaults: ``featurize_influence`` into the factors' store (hooks,
+    no dense gradient), then ``influence_scores(grads="stored")``."""
+
+    def run(ctx: Context) -> np.ndarray:
+        store = ctx.factors(FactorConfig.passes)
+        start = time.perf_counter()
+        featurize_influence(ctx.net, "model", ctx.module.task, ctx.dm, ctx.split, store, InfluenceConfig(), progress=True)
+        print(f"[attribute] stored influence featurisation: {time.perf_counter() - start:.1f} s", flush=True)
+        return influence_scores(ctx.module, ctx.dm, ctx.queries, store, "loss", ekfac=ekfac, grads="stored", batch_size=32)
 
     return run
 
@@ -269,8 +308,10 @@ def tuned(variant: str) -> Callable[[Context], np.ndarray]:
 METHODS: dict[str, Callable[[Context], np.ndarray]] = {
     "dtrak": trak_method("square_norm", DAMPING["dtrak"]),
     "trak": trak_method("loss", DAMPING["trak"]),
-    "kfac": tuned(f"kfac passes={FactorConfig.passes} K={FeatureConfig.timesteps} loss lambda={HEURISTIC_DAMPING:g}"),
-    "ekfac": tuned(f"ekfac passes={FactorConfig.passes} K={FeatureConfig.timesteps} loss lambda={HEURISTIC_DAMPING:g}"),
+    "kfac": kfac_method(False, "loss", None, FactorConfig.passes, timesteps=FeatureConfig.timesteps),
+    "ekfac": kfac_method(True, "loss", None, FactorConfig.passes, timesteps=FeatureConfig.timesteps),
+    f"kfac stored (D={InfluenceConfig.dim})": stored_library_method(False),
+    f"ekfac stored (D={InfluenceConfig.dim})": stored_library_method(True),
     "ablation-loss (ensemble)": ensemble_loss_method,
     "dtrak K=10 structured": tuned(f"dtrak structured proportional K=10 lambda={DAMPING['dtrak']:g}"),
     "dtrak K=10 dense": tuned(f"dtrak dense lambda={DAMPING['dtrak']:g}"),
@@ -333,9 +374,10 @@ def table(results: dict[str, dict[str, lds.Correlation]], sets: list[str], ceili
     return "\n".join(lines)
 
 
-def report(bench: Benchmark) -> str:
+def report(bench: Benchmark, only: list[str] | None = None) -> str:
+    """The table of every method (those whose name contains one of ``only``, when given) on the report queries."""
     values, ceiling = measure_all(bench)
-    scores = attribute_all(bench, METHODS)
+    scores = attribute_all(bench, {m: fn for m, fn in METHODS.items() if not only or any(o in m for o in only)})
     sets = ["report_real", "report_generated"]
     results = grade(bench, scores, -values, sets)
     ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
@@ -351,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
     p.add_argument("stage", choices=["train", "queries", "measure", "attribute", "tune", "report", "all"])
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (train stage)")
+    p.add_argument("--methods", nargs="+", default=None, help="attribute/report: only the methods whose name contains one of these")
+    p.add_argument("--curves", nargs="+", default=None, help="tune: only the curves whose name contains one of these")
     a = p.parse_args(argv)
     bench = Benchmark.from_file(a.config, a.out)
     start = time.perf_counter()
@@ -363,13 +407,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("measure", "all"):
         measure_all(bench)
     if a.stage in ("attribute", "all"):
-        attribute_all(bench, METHODS)
+        attribute_all(bench, {m: fn for m, fn in METHODS.items() if not a.methods or any(o in m for o in a.methods)})
     if a.stage == "tune":
         from tune_defaults import tune  # benchmarks/tune_defaults.py
 
-        tune(bench)
+        tune(bench, a.curves)
     if a.stage in ("report", "all"):
-        print(report(bench))
+        print(report(bench, a.methods))
     print(f"[{a.stage}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 

@@ -1,6 +1,7 @@
 """The tuning curves that chose the attribution defaults (issue 10), on the tuning queries only.
 
     python benchmarks/lds_benchmark.py --config configs/lds_digits500.yaml tune
+    python benchmarks/lds_benchmark.py --config configs/lds_digits500.yaml tune --curves "stored dimension" "query draws"
 
 Every curve varies one setting around the defaults and grades it by LDS on the
 *tuning* query sets (held-out digits and samples disjoint from the report sets,
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from lds_benchmark import Context, attribute_all, grade, kfac_method, measure_all, trak_method, unprojected_method
+from lds_benchmark import Context, attribute_all, grade, kfac_method, measure_all, stored_method, trak_method, unprojected_method
 
 from wherefrom.evaluation.benchmark import Benchmark
 from wherefrom.io import write_json
@@ -21,6 +22,8 @@ from wherefrom.io import write_json
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 ROUND1 = dict(timesteps=10, allocation="uniform", proj_dim=2048)  # the defaults before tuning, pinned
 KFAC_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+STORED_DIMS = (512, 2048, 8192, 32768, 131072, 1 << 20)  # 1 << 20 keeps every coordinate of the default UNet (701,345 parameters)
+QUERY_DRAWS = (100, 300, 1000)
 SETS = ["tuning_real", "tuning_generated"]
 
 
@@ -54,21 +57,34 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
         out[f"{name}: gradient draws K=100 (8 factor passes)"] = {
             f"{name} passes=8 K=100 loss lambda={d:g}": kfac_method(ekfac, "loss", None, 8, timesteps=100, relative=d) for d in (0.01, 0.03, 0.1, 1.0, 10.0, 100.0)
         }
+        # issue 19: stored influence (eigenbasis block, optionally + a residual sketch) against its exact mode
+        out[f"{name}: stored dimension (8 passes, K=100)"] = {
+            f"{name} stored D={d} R={r}": stored_method(ekfac, d, r) for d, r in [(d, 0) for d in STORED_DIMS] + [(d, r) for d in (2048, 8192) for r in (2048, 8192)]
+        }
+        out[f"{name}: query draws (exact, 8 passes, K=100 training draws)"] = {
+            f"{name} passes=8 K=100 Kq={kq} loss": kfac_method(ekfac, "loss", None, 8, timesteps=100, query_timesteps=kq) for kq in QUERY_DRAWS
+        }
+    out["dtrak: query draws (structured proportional D=2048, K=100 training draws)"] = {
+        f"dtrak structured proportional K=100 Kq={kq} lambda=0.1": trak_method("square_norm", 0.1, query_timesteps=kq, timesteps=100) for kq in QUERY_DRAWS
+    }
     return out
 
 
-def tune(bench: Benchmark) -> str:
-    scores = {curve: attribute_all(bench, methods, folder="tuning_scores") for curve, methods in curves().items()}
+def tune(bench: Benchmark, only: list[str] | None = None) -> str:
+    """Compute and grade the curves (those whose name contains one of ``only``, when given)."""
+    chosen = {c: m for c, m in curves().items() if not only or any(o in c for o in only)}
+    scores = {curve: attribute_all(bench, methods, folder="tuning_scores") for curve, methods in chosen.items()}
     values, _ = measure_all(bench)
     lines, results = [], {}
-    for curve, methods in curves().items():
+    for curve, methods in chosen.items():
         graded = grade(bench, scores[curve], -values, SETS)
         lines += [f"\n### {curve}\n", "| variant | " + " | ".join(f"LDS, {s.replace('_', ' ')}" for s in SETS) + " |", "|---|---|---|"]
         for m, r in graded.items():
             lines.append(f"| {m} | " + " | ".join(r[s].summary() for s in SETS) + " |")
             results[m] = {s: {"mean": r[s].mean, "ci": [r[s].ci_low, r[s].ci_high]} for s in SETS}
     text = "\n".join(lines)
-    (bench.out / "tuning.md").write_text(text + "\n")
-    write_json(bench.out / "tuning.json", results)
+    suffix = "" if not only else "_" + "_".join(o.replace(" ", "-").replace(":", "") for o in only)
+    (bench.out / f"tuning{suffix}.md").write_text(text + "\n")
+    write_json(bench.out / f"tuning{suffix}.json", results)
     print(text)
     return text

@@ -27,8 +27,10 @@ _EXPORTS: dict[str, str] = {
     "EKFAC": "influence",
     "SyntheticAblation": "wherefrom.ensemble.synthetic",
     "AblationLoss": "wherefrom.ensemble.synthetic",
-    # the store
+    # the store, and stored influence (training gradients in the K-FAC eigenbasis)
     "Store": "store",
+    "InfluenceConfig": "wherefrom.attribution.kfac.stored",
+    "featurize_influence": "wherefrom.attribution.kfac.stored",
     # score functions
     "trak_scores": "trak",
     "kernel_scores": "trak",

@@ -156,10 +156,13 @@ class StoredLayer:
         return self.k_out * self.k_in + sketch
 
     def rotated(self, grads: Tensor) -> Tensor:
-        """``R = Q_G^T G Q_A`` (``B x d_out x d_in``, float64) from dense gradients ``B x P``."""
+        """``R = Q_G^T G Q_A`` (``B x d_out x d_in``, float64) from dense gradients ``B x P``; only its
+        kept block when the layer has no sketch."""
         g = grads[:, self.weight].double().reshape(len(grads), self.qg.shape[0], -1)
         if self.bias is not None:
             g = torch.cat([g, grads[:, self.bias].double().unsqueeze(-1)], -1)
+        if self.p_out is None:
+            return self.qg[:, : self.k_out].T @ g @ self.qa[:, : self.k_in]
         return self.qg.T @ g @ self.qa
 
     def reduce(self, r: Tensor) -> Tensor:
@@ -250,7 +253,7 @@ class StoredInfluence:
         for s in (s for s in self.layers if s.dim):
             r = s.rotated(grads.cpu())
             if preconditioner is not None:
-                r = r * preconditioner.inverse[s.name].double().cpu().flip(0).flip(1)
+                r = r * preconditioner.inverse[s.name].double().cpu().flip(0).flip(1)[: r.shape[1], : r.shape[2]]
             out.append(s.reduce(r))
         return torch.cat(out, 1)
 
