@@ -4,7 +4,8 @@
 
 For each N, in a fresh single-threaded process: ``featurize`` (D-TRAK, structured projection,
 K = 1, D = 256) of N random 3 x 32 x 32 images from an ``.npy`` into a store, D-TRAK scores of
-16 queries from the memory-mapped features (blockwise), and one K-FAC factor pass. Peak memory
+16 queries from the memory-mapped features (blockwise), one K-FAC factor pass, the stored
+influence featurisation (default ``dim``, K = 1) and K-FAC scores of the 16 queries from it. Peak memory
 is the largest anonymous resident set (``RssAnon``: the memory-mapped features' page cache does
 not count) sampled every 2 ms, less the process's footprint before the data was loaded.
 
@@ -57,7 +58,9 @@ def child(n: int, root: Path, unet: dict) -> dict:
 
     from wherefrom.attribution.features import entry_name, featurize
     from wherefrom.attribution.gradients import FeatureConfig
+    from wherefrom.attribution.influence import influence_scores
     from wherefrom.attribution.kfac import FactorConfig, fit_factors
+    from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
     from wherefrom.attribution.store import Store
     from wherefrom.attribution.trak import query_features, trak_scores
     from wherefrom.datamodules import ArrayDataModule
@@ -78,11 +81,17 @@ def child(n: int, root: Path, unet: dict) -> dict:
     run = SimpleNamespace(task=task)  # what query_features reads of a module
     score_s, score_peak = measure(lambda: trak_scores([phi], [query_features(net, run, "model", config, queries)], 0.1))
     fac_s, fac_peak = measure(lambda: fit_factors(net, "model", task, data, data.indices, store, FactorConfig(passes=1), BATCH))
+    config = InfluenceConfig(timesteps=1)
+    inf_s, inf_peak = measure(lambda: featurize_influence(net, "model", task, data, data.indices, store, config, BATCH))
+    run = SimpleNamespace(task=task, denoisers=lambda: {"model": net})  # what influence_scores reads of a module
+    stored_s, stored_peak = measure(lambda: influence_scores(run, data, queries, store, "loss", grads="stored", batch_size=QUERIES))
     return {
         "n": n, "data_mib": data.images.numel() * 4 / 2**20, "dense_features_mib": n * DIM * 4 / 2**20,
         "featurize_s": feat_s, "featurize_peak_mib": feat_peak - base,
         "score_s": score_s, "score_peak_mib": score_peak - base,
         "factors_s": fac_s, "factors_peak_mib": fac_peak - base,
+        "influence_s": inf_s, "influence_peak_mib": inf_peak - base, "influence_dim": store.config(influence_entry("model"))["row_dim"],
+        "stored_score_s": stored_s, "stored_score_peak_mib": stored_peak - base,
     }  # fmt: skip
 
 
@@ -123,6 +132,14 @@ def main() -> None:
         f0, k0 = ref["n"] / ref["featurize_s"], ref["n"] / ref["factors_s"]
         print(f"| {r['n']:,} | {f:.0f} | {f / f0:.2f} | {r['featurize_peak_mib']:.0f} | {r['score_peak_mib']:.0f} | {k:.0f} | {k / k0:.2f} | "
               f"{r['factors_peak_mib']:.0f} | {r['data_mib']:.0f} | {r['dense_features_mib']:.0f} |")  # fmt: skip
+    print(f"\nStored influence (K-FAC eigenbasis rows, {ref['influence_dim']} coordinates per image, K=1), {QUERIES} K-FAC queries scored from the store:\n")
+    print("| N | influence featurisation img/s | vs ref | peak MiB | stored scoring s | s per 1,000 images | vs ref | scoring peak MiB | rows on disk MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, f0 = r["n"] / r["influence_s"], ref["n"] / ref["influence_s"]
+        per, per0 = 1000 * r["stored_score_s"] / r["n"], 1000 * ref["stored_score_s"] / ref["n"]
+        print(f"| {r['n']:,} | {f:.0f} | {f / f0:.2f} | {r['influence_peak_mib']:.0f} | {r['stored_score_s']:.1f} | {per:.3f} | {per / per0:.2f} | "
+              f"{r['stored_score_peak_mib']:.0f} | {r['n'] * r['influence_dim'] * 4 / 2**20:.0f} |")  # fmt: skip
     (root / "results.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DAMPING, DTRAK, TRAK, kernel_scores, query_features, trak_scores
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import WherefromError
 
 
 def _closed_form(phi: np.ndarray, phi_q: np.ndarray, lam: float) -> np.ndarray:
@@ -66,6 +67,11 @@ def test_attribute_scores_stored_features_against_fresh_query_features(featurise
     np.testing.assert_allclose(result.scores, trak_scores([phi], [phi_q]), rtol=2**-23, atol=1e-12 * np.abs(result.scores).max())
     outside = np.setdiff1d(np.arange(dm.num_images), SUBSET)
     assert not result.scores[:, outside].any() and np.abs(result.scores[:, SUBSET]).min() > 0
+    # queries may take more draws than the training features: their features alone change
+    more = DTRAK(store=str(root / "store"), batch_size=1, query_timesteps=5).attribute(model, dm, queries)
+    phi_q5 = query_features(model.unet, model, "model", dataclasses.replace(config, timesteps=5), queries, batch_size=1)
+    np.testing.assert_allclose(more.scores, trak_scores([phi], [phi_q5]), rtol=2**-23, atol=1e-12 * np.abs(more.scores).max())
+    assert not np.allclose(more.scores, result.scores)
     # query noise is seeded by -(q + 1): a query's features do not depend on its batch (float64: exact up to rounding;
     # float32 kernels differ with the batch shape, on some CPUs by 1e-4 relative)
     net64 = copy.deepcopy(model.unet).double()
