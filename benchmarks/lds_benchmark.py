@@ -375,9 +375,9 @@ def table(results: dict[str, dict[str, lds.Correlation]], sets: list[str], ceili
 
 
 def report(bench: Benchmark, only: list[str] | None = None) -> str:
-    """The table of every method (those whose name contains one of ``only``, when given) on the report queries."""
+    """The table of every method (those named in ``only``, when given) on the report queries."""
     values, ceiling = measure_all(bench)
-    scores = attribute_all(bench, {m: fn for m, fn in METHODS.items() if not only or any(o in m for o in only)})
+    scores = attribute_all(bench, {m: fn for m, fn in METHODS.items() if not only or m in only})
     sets = ["report_real", "report_generated"]
     results = grade(bench, scores, -values, sets)
     ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default: the config's `out`)")
     p.add_argument("stage", choices=["train", "queries", "measure", "attribute", "tune", "report", "all"])
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (train stage)")
-    p.add_argument("--methods", nargs="+", default=None, help="attribute/report: only the methods whose name contains one of these")
+    p.add_argument("--methods", nargs="+", default=None, help="attribute/report: only these methods (their names in the table)")
     p.add_argument("--curves", nargs="+", default=None, help="tune: only the curves whose name contains one of these")
     a = p.parse_args(argv)
     bench = Benchmark.from_file(a.config, a.out)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("measure", "all"):
         measure_all(bench)
     if a.stage in ("attribute", "all"):
-        attribute_all(bench, {m: fn for m, fn in METHODS.items() if not a.methods or any(o in m for o in a.methods)})
+        attribute_all(bench, {m: fn for m, fn in METHODS.items() if not a.methods or m in a.methods})
     if a.stage == "tune":
         from tune_defaults import tune  # benchmarks/tune_defaults.py
 

@@ -85,7 +85,7 @@ CASES = [
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/truncated --queries {root}/queries.npy --out {root}/a", "truncated"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/badmanifest --queries {root}/queries.npy --out {root}/a", "manifest"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/queries.npy --out {root}/afile", "is a file"),
-    ("attribute --ckpt {root}/model.ckpt --method trak --store {root}/store --queries {root}/queries.npy --out {root}/a", "featurised with output"),
+    ("attribute --ckpt {root}/model.ckpt --method trak --store {root}/store --queries {root}/queries.npy --out {root}/a", "no features of output 'loss'"),
     ("featurize --ckpt {root}/model.ckpt --out {root}/truncated --proj-dim 32 --timesteps 1", "with --repair"),
     ("featurize --ckpt {root}/model.ckpt --out {root}/store --proj-dim 64 --timesteps 1", "different config"),
     ("featurize --ckpt {root}/model.ckpt --out {root}/afile", "is a file, not a folder"),

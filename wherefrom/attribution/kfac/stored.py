@@ -135,6 +135,13 @@ def block_shape(mass: Tensor, budget: int) -> tuple[int, int]:
     return shape
 
 
+def canonical(q: Tensor) -> Tensor:
+    """Eigenvectors (columns) with the sign that makes each one's largest-magnitude entry positive,
+    so stored coordinates do not flip with round-off in the factors (e.g. another rank count)."""
+    top = q.gather(0, q.abs().argmax(0, keepdim=True))
+    return q * torch.where(top < 0, -1.0, 1.0)
+
+
 @dataclass
 class StoredLayer:
     """One layer of a stored influence row: its sorted eigenbasis, kept block and residual sketch."""
@@ -235,7 +242,7 @@ class StoredInfluence:
             if share > 0:
                 r_in, r_out = layer_shape(share, d_in, d_out)
                 p_in, p_out = (scaled_orthonormal(d, r, generator_for(seed, RESIDUAL_TAG, number, side)) for side, (d, r) in enumerate([(d_in, r_in), (d_out, r_out)]))
-            qa, qg = (q.detach().double().flip(1).cpu() for q in (e.qa, e.qg))
+            qa, qg = (canonical(q.detach().double().flip(1).cpu()) for q in (e.qa, e.qg))
             self.layers.append(StoredLayer(n, modules[n], offsets[f"{n}.weight"], offsets.get(f"{n}.bias"), qa, qg, k_out, k_in, p_out, p_in))
         self.dim = sum(layer.dim for layer in self.layers)
 
@@ -327,4 +334,4 @@ def open_stored(store: Store, model_id: str, net: nn.Module) -> tuple[StoredInfl
     return stored, store.read_array(name)
 
 
-__all__ = ["InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
+__all__ = ["InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
