@@ -27,7 +27,7 @@ from wherefrom.attribution.kfac import (
     load_preconditioner,
     tracked_layers,
 )
-from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry, open_stored
+from wherefrom.attribution.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.store import Store
 from wherefrom.datamodules import DigitsDataModule
@@ -259,3 +259,10 @@ def test_truncated_stored_influence_equals_an_explicit_dense_truncation(setup, t
     # the truncation approximates the exact score it was cut from
     exact = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="exact", config=config.features(), batch_size=4)
     assert np.corrcoef(got[:, TRAIN].ravel(), exact[:, TRAIN].ravel())[0, 1] > 0.5
+
+
+def test_layout_allocates_by_effective_dimension_and_keeps_the_heaviest_block():
+    assert allocate(10, [1, 100, 100], [1.0, 1.0, 2.0]) == [1, 3, 6] and allocate(10, [3, 100, 100], [1.0, 1.0, 2.0]) == [2, 2, 5]  # a capped share leaves the rest to the others
+    assert allocate(10, [0, 5, 5], [9.0, 1.0, 1.0]) == [0, 5, 5] and allocate(4, [5, 5], [0.0, 1.0]) == [0, 4]
+    mass = torch.tensor([[4.0, 3.0, 0.1], [3.0, 0.1, 0.1], [0.1, 0.1, 0.1]])
+    assert block_shape(mass, 2) == (1, 2) and block_shape(mass, 4) == (2, 2) and block_shape(mass, 9) == (3, 3) and block_shape(mass, 0) == (0, 0)
