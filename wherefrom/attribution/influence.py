@@ -47,13 +47,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from wherefrom.attribution.features import entry_name
 from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
 from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
 from wherefrom.attribution.kfac.stored import influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
-from wherefrom.attribution.features import entry_name
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
 from wherefrom.target import as_data, attributable
@@ -181,8 +181,8 @@ def influence_scores(
     """``Q x N`` (EK-)FAC influence scores of ``module``'s denoisers (mean over model ids) for
     queries with conditions ``cond``.
 
-    ``config`` sets the draws of exact mode (default: output ``loss``, K = 10 uniform
-    timesteps); projected and stored mode use the stored features' config. ``query_timesteps``
+    ``config`` sets the draws of exact mode (default: output ``loss`` with
+    :class:`FeatureConfig`'s draws); projected and stored mode use the stored features' config. ``query_timesteps``
     gives the queries their own number of draws (default: the training side's). ``damping`` is
     an absolute lambda for every layer; when ``None``, each layer gets ``relative`` x its mean eigenvalue.
     """
@@ -204,28 +204,25 @@ def influence_scores(
             feature_config = FeatureConfig.from_dict(stored_config)
         else:
             net = denoiser
-        query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
         was_training = net.training
         net.eval()
         try:
             preconditioner = load_preconditioner(store, model_id, net, ekfac, damping, relative)
             if grads is Grads.STORED:
                 stored, rows = open_stored(store, model_id, net)
-                query_config = stored.config.features(query_timesteps)
-                batches = query_gradient_batches(net, module.task, queries, measurement, query_config, batch_size, cond)
+                batches = query_gradient_batches(net, module.task, queries, measurement, stored.config.features(query_timesteps), batch_size, cond)
                 part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows)
-                total += part
-                continue
-            g_q = query_gradients(net, module.task, queries, measurement, query_config, batch_size, cond)
-            pre = precondition(net, g_q, preconditioner)
-            if grads is Grads.EXACT:
-                part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
             else:
-                projection = Projection(feature_config, net, model_id)
-                part = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
-                mask = np.zeros(datamodule.num_images, dtype=bool)
-                mask[split] = True
-                part[:, ~mask] = 0.0
+                query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
+                pre = precondition(net, query_gradients(net, module.task, queries, measurement, query_config, batch_size, cond), preconditioner)
+                if grads is Grads.EXACT:
+                    part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
+                else:
+                    projection = Projection(feature_config, net, model_id)
+                    part = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
+                    mask = np.zeros(datamodule.num_images, dtype=bool)
+                    mask[split] = True
+                    part[:, ~mask] = 0.0
         finally:
             net.train(was_training)
         total += part
