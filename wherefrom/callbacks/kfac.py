@@ -35,7 +35,7 @@ import lightning as L
 import torch
 
 from wherefrom.attribution.features import gather, on_rank_zero
-from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, entry_names, fit_factors, tracked_layers, training_split
+from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
 from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
@@ -98,9 +98,7 @@ class KFACFactors(CaptureCallback):
         """Per network: the factor entries (and ``influence/<id>`` with ``features``)."""
         out = {}
         for model_id in self._target.networks:
-            names = entry_names(model_id)
-            wanted = [names["factors"], names["eigen"]] + ([names["ekfac"]] if self.config.ekfac else [])
-            out.update({n: {**self.config.to_dict(), "model_id": model_id} for n in wanted})
+            out.update({n: {**self.config.to_dict(), "model_id": model_id} for n in self.config.entries(model_id)})
             if self.features is not None:
                 out[influence_entry(model_id)] = {**self.features.to_dict(), "model_id": model_id}
         return out

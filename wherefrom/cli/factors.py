@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
 from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.attribution.kfac.preconditioner import entry_names
 from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
@@ -38,6 +37,6 @@ def factors_main(argv: list[str]) -> None:
         fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)
         if features is not None:
             featurize_influence(net, model_id, module.task, data, split, store, features, a.batch_size, progress=True)
-    done = ", ".join(n for m in module.denoisers() for k, n in entry_names(m).items() if k != "ekfac" or a.ekfac)
+    done = ", ".join(n for m in module.denoisers() for n in config.entries(m))
     done += "".join(f", {influence_entry(m)}" for m in module.denoisers() if features is not None)
     print(f"wrote {done} to {a.store}")

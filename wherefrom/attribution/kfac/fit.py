@@ -54,6 +54,11 @@ class FactorConfig:
         if self.passes < 1:
             raise WherefromError(f"passes must be >= 1, got {self.passes}")
 
+    def entries(self, model_id: str) -> list[str]:
+        """The store entries these factors fill for ``model_id`` (EK-FAC's eigenvalues only with ``ekfac``)."""
+        names = entry_names(model_id)
+        return [names["factors"], names["eigen"]] + ([names["ekfac"]] if self.ekfac else [])
+
     def to_dict(self) -> dict[str, object]:
         return {"curvature": self.curvature, "kfac": self.kfac, "passes": self.passes, "ekfac": self.ekfac, "mode": self.mode}
 
@@ -95,7 +100,7 @@ def fit_factors(
     """
     comm = comm or LocalComm()
     names = entry_names(model_id)
-    wanted = [names["factors"], names["eigen"]] + ([names["ekfac"]] if config.ekfac else [])
+    wanted = config.entries(model_id)
     meta = {**config.to_dict(), "model_id": model_id, "weights": weights_hash(net), "task": task.config}
 
     def check() -> bool:
