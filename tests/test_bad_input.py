@@ -40,6 +40,9 @@ def world(tmp_path_factory) -> Path:
     manifest.write_text(manifest.read_text()[:30])
     np.save(root / "queries.npy", dm.images[:2].numpy())
     np.save(root / "wrongshape.npy", np.zeros((2, 3, 8, 8), np.float32))
+    nan = dm.images[:3].numpy().copy()
+    nan[1, 0, 2, 2] = np.nan
+    np.save(root / "nan_queries.npy", nan)
     (root / "truncated.npy").write_bytes((root / "queries.npy").read_bytes()[:90])
     np.save(root / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(root / "nan_scores.npy", np.full((2, 1797), np.nan))
@@ -82,6 +85,9 @@ CASES = [
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/truncated.npy --out {root}/a", "not a readable .npy"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/pickled.npy --out {root}/a", "not a readable .npy"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/wrongshape.npy --out {root}/a", "have shape (3, 8, 8)"),
+    ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/nan_queries.npy --out {root}/a", "1 of 3 images hold NaN (e.g. image 1)"),
+    ("attribute --ckpt {root}/model.ckpt --method pixel --steps 0 --out {root}/a", "--num-samples and --steps must be >= 1, got 8 and 0"),
+    ("attribute --ckpt {root}/model.ckpt --method pixel --steps 5000 --out {root}/a", "steps must be in [1, 1000], got 5000"),  # no progress line first
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/truncated --queries {root}/queries.npy --out {root}/a", "truncated"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/badmanifest --queries {root}/queries.npy --out {root}/a", "manifest"),
     ("attribute --ckpt {root}/model.ckpt --method dtrak --store {root}/store --queries {root}/queries.npy --out {root}/afile", "is a file"),
@@ -108,6 +114,10 @@ CASES = [
     ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.member 16", "member must be in [0, n)"),
     ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --model.init_args.n 1", "number of members n must be in"),
     ("fit --config {root}/missing.yaml", "does not exist"),
+    ("fit --config " + str(CONFIGS / "digits.yaml") + " --model.bogus 1", "DiffusionModel takes no option 'bogus' (--model.bogus); see `wherefrom fit --print_config`"),
+    # refused in setup, after LightningCLI made its log folder and config.yaml: the folder is removed again ("d" below)
+    ("fit --config " + str(CONFIGS / "digits.yaml") + ' --trainer.default_root_dir {root}/d --model.init_args.unet {{"sample_size":16}}', "but the UNet expects (1, 16, 16)"),
+    ("fit --config " + str(CONFIGS / "digits_ensemble.yaml") + " --trainer.default_root_dir {root}/d/sub --model.init_args.n 4 --model.init_args.w 2", "distinct codes"),
     ("demo --out {root}/d --num-images 1", "--num-images must be in"),
     ("demo --out {root}/demo_prev --members 4 --code-weight 2", "distinct codes"),  # a previous run's folders survive a typo
     ("demo --out {root}/d --members 4 --code-weight 2", "distinct codes"),
@@ -135,10 +145,11 @@ def _noise(line: str) -> bool:
     return line.startswith(("Seed set to", "GPU available", "TPU available", "HPU available", "💡", "Restoring states"))
 
 
-def test_fit_with_a_missing_ckpt_path_is_one_line(world, capsys, tmp_path):
-    code, err = cli(capsys, "fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path),
-                    "--trainer.logger", "false", "--trainer.callbacks", "[]", "--ckpt_path", str(world / "missing.ckpt"))  # fmt: skip
+def test_fit_with_a_missing_ckpt_path_is_one_line_and_leaves_nothing(world, capsys, tmp_path):
+    code, err = cli(capsys, "fit", "--config", str(CONFIGS / "digits.yaml"), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+                    "--trainer.callbacks", "[]", "--ckpt_path", str(world / "missing.ckpt"))  # fmt: skip
     assert code == 2 and "pass an existing checkpoint to --ckpt_path" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # LightningCLI had written run/lightning_logs/version_0/config.yaml and an event file
 
 
 def test_subset_file_with_a_word_is_one_line(world):

@@ -4,7 +4,10 @@ A checkpoint written through a wherefrom module records its class and datamodule
 (:func:`record_provenance`), so every command rebuilds both from the file alone. Any
 other Lightning checkpoint is rebuilt from its saved ``hyper_parameters`` given the
 class: ``class_path`` (the CLI's ``--model.class_path`` / ``--data.class_path``), else
-the ``_class_path`` LightningCLI saves beside the hyperparameters.
+the ``_class_path`` LightningCLI saves beside the hyperparameters in subclass mode
+(``--model.class_path`` on its command line). A plain ``LightningCLI(MyModule, MyData)``
+records no class (only ``_instantiator``; its ``config.yaml`` holds the arguments alone),
+so its checkpoints need the class given.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def check_state_dict(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         )
 
 
+def _plain_cli(hparams: dict[str, Any]) -> str:
+    """Why a LightningCLI checkpoint names no class: a plain ``LightningCLI(MyModule, ...)`` saves ``_instantiator`` only."""
+    return " (a plain LightningCLI(YourModule, ...) run records no class, only its arguments)" if "_instantiator" in hparams else ""
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's dict, on the CPU (one-line error for a missing or foreign file)."""
     path = Path(path)
@@ -109,7 +117,7 @@ def load_module(path: str | Path, class_path: str | None = None) -> L.LightningM
     hparams = ckpt.get("hyper_parameters", {}) or {}
     name = class_path or ckpt.get(CLASS_KEY) or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it; pass --model.class_path your_package.YourModule")
+        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it{_plain_cli(hparams)}; pass --model.class_path your_package.YourModule")
     cls = import_class(name, "--model.class_path")
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise WherefromError(f"--model.class_path {name!r} is not a LightningModule class")
@@ -136,7 +144,7 @@ def load_datamodule(path: str | Path, class_path: str | None = None, **overrides
     hparams = ckpt.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {}
     name = class_path or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} records no datamodule; pass --data.class_path your_package.YourDataModule (and --data.init_args)")
+        raise CheckpointError(f"{str(path)!r} records no datamodule{_plain_cli(hparams)}; pass --data.class_path your_package.YourDataModule (and --data.init_args)")
     cls = import_class(name, "--data.class_path")
     if not (isinstance(cls, type) and issubclass(cls, (L.LightningDataModule, Dataset))):
         raise WherefromError(f"--data.class_path {name!r} is neither a LightningDataModule nor a Dataset class")

@@ -152,6 +152,7 @@ def generate(
         raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
     if cond is not None and len(cond) != num_samples:
         raise WherefromError(f"need one condition per sample: {num_samples} samples, {len(cond)} conditions")
+    sampling_timesteps(task, steps)  # validates steps before any work is shown
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="generating", disable=not progress):
         queries = list(range(start, min(start + batch_size, num_samples)))

@@ -7,8 +7,9 @@
   :meth:`DiffusionTask.from_scheduler` of the module's single diffusers scheduler;
 * **data**: a wherefrom datamodule (``fingerprint``, ``indices``, ``dataset``), else a map-style
   dataset (given, or a DataLoader's or a LightningDataModule's train dataset) seen through
-  :class:`DatasetView`: indices from each item's ``"index"`` (or its position), images from
-  ``"image"`` (or a tuple's first tensor).
+  :class:`DatasetView`: indices from each item's ``"index"``, else its position (in a ``Subset``'s
+  parent dataset, said once), images from ``"image"`` (or a tuple's first tensor, or the item itself);
+* **queries**: :func:`as_queries` checks them as every command and attributor takes them.
 
 Resolution raises one line naming the caller's own arguments (a callback's keyword, a
 command's flag), so a pipeline that lacks something fails before any work is done.
@@ -24,9 +25,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from wherefrom.datamodules.base import fingerprint
+from wherefrom.datamodules.base import fingerprint, to_model_range
 from wherefrom.errors import WherefromError
 from wherefrom.task import DiffusionTask, predict_eps
 
@@ -130,20 +132,35 @@ def resolve_target(
         try:
             task = DiffusionTask.from_scheduler(scheduler)
         except WherefromError as e:
-            raise WherefromError(f"{owner}: {e}; pass {spell('task')} if the model was trained otherwise") from None
+            raise WherefromError(f"{owner}: {e}") from None
+    else:  # a given task sets the schedule; it cannot change what a scheduler of the module says the network predicts
+        for scheduler in _schedulers(module):
+            try:
+                DiffusionTask.from_scheduler(scheduler)
+            except WherefromError as e:
+                raise WherefromError(f"{owner}: {e}; a task cannot stand in for it") from None
     return Target(nets, task, module)
 
 
-def attributable(module: Any, owner: str) -> Any:
+def _schedulers(module: Any) -> list[Any]:
+    """The diffusers schedulers held by ``module`` (as attributes, or by its children)."""
+    from diffusers import SchedulerMixin
+
+    found = [v for m in ([module, *module.modules()] if isinstance(module, nn.Module) else [module]) for v in vars(m).values()]
+    return list({id(v): v for v in found if isinstance(v, SchedulerMixin)}.values())
+
+
+def attributable(module: Any, owner: str, denoiser: str | None = None) -> Any:
     """``module`` itself when it is :class:`~wherefrom.model.Attributable` (a wherefrom module or a
-    :class:`Target`), else its resolved :class:`Target`."""
-    if hasattr(module, "denoisers") and isinstance(getattr(module, "task", None), DiffusionTask):
+    :class:`Target`) and no ``denoiser`` path is given, else its resolved :class:`Target`."""
+    if denoiser is None and hasattr(module, "denoisers") and isinstance(getattr(module, "task", None), DiffusionTask):
         return module
-    return resolve_target(module, owner)
+    return resolve_target(module, owner, denoiser)
 
 
-def _image(item: Any, owner: str) -> tuple[Tensor, int | None]:
-    """The image of a training item and its ``"index"`` (``None``: use its position)."""
+def item_image(item: Any, owner: str) -> tuple[Tensor, int | None]:
+    """The image of a training item (or of a collated batch: the batch's images) and its ``"index"``
+    (``None``: use its position): a dict's ``"image"``, a tuple's first tensor, or the tensor itself."""
     if isinstance(item, dict):
         if "image" not in item:
             raise WherefromError(f"{owner}: the training items are dicts without an 'image' key (keys {sorted(item)}); yield {{'index', 'image'}}")
@@ -166,7 +183,7 @@ class _ByIndex(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         g = int(self.indices[i])
         item = self.view.source[self.view.position[g]]
-        out = {"index": torch.tensor(g), "image": _image(item, self.view.owner)[0].float()}
+        out = {"index": torch.tensor(g), "image": item_image(item, self.view.owner)[0].float()}
         for key in ("label", "cond"):  # a conditional pipeline's class label or text embedding
             if isinstance(item, dict) and key in item:
                 out[key] = torch.as_tensor(item[key])
@@ -177,8 +194,9 @@ class DatasetView:
     """A map-style dataset of a user's pipeline seen as wherefrom data: ``indices`` (global, from the
     items' ``"index"`` or their positions), ``num_images`` (largest index + 1), ``fingerprint``,
     ``dataset(indices)`` yielding ``{"index", "image"}`` (and the items' ``"label"`` / ``"cond"``) and ``images`` (the full index space,
-    zero where no item has that index). Reads every item once for its index; images are read
-    again when needed."""
+    zero where no item has that index). An item without ``"index"`` is indexed by its position: in
+    the root dataset of a (nested) ``Subset``, so ``Subset(data, range(100, 200))`` keeps 100..199,
+    and a warning says so once. Reads every item once for its index; images are read again when needed."""
 
     def __init__(self, dataset: Any, owner: str) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -186,11 +204,17 @@ class DatasetView:
         if len(dataset) == 0:
             raise WherefromError(f"{owner}: the training dataset is empty")
         self.owner, self.source = owner, dataset
-        indices, shapes = [], set()
+        positions, root = _root_positions(dataset)
+        indices, shapes, unnamed = [], set(), 0
         for pos in range(len(dataset)):
-            image, index = _image(dataset[pos], owner)
-            indices.append(pos if index is None else index)
+            image, index = item_image(dataset[pos], owner)
+            unnamed += index is None
+            indices.append(int(positions[pos]) if index is None else index)
             shapes.add(tuple(image.shape))
+        if unnamed:
+            where = f"their positions in the {type(root).__name__} the Subset selects from" if root is not dataset else "their positions"
+            rank_zero_warn(f"{owner}: {unnamed} training items carry no 'index'; {where} are used as their global indices "
+                           "(yield {'index', 'image'} items to choose them)")  # fmt: skip
         if len(shapes) != 1:
             raise WherefromError(f"{owner}: the training images have different shapes {sorted(shapes)[:3]}; resize them to one shape")
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -204,7 +228,7 @@ class DatasetView:
 
     def image(self, index: int) -> Tensor:
         """The image of global index ``index`` (float)."""
-        return _image(self.source[self.position[index]], self.owner)[0].float()
+        return item_image(self.source[self.position[index]], self.owner)[0].float()
 
     @property
     def images(self) -> Tensor:
@@ -217,6 +241,15 @@ class DatasetView:
 
     def dataset(self, indices: np.ndarray | None = None) -> Dataset:
         return _ByIndex(self, self.indices if indices is None else indices)
+
+
+def _root_positions(dataset: Any) -> tuple[np.ndarray, Any]:
+    """Each item's position in the root dataset of a chain of ``Subset`` s, and that root."""
+    positions = np.arange(len(dataset))
+    while isinstance(dataset, Subset):
+        positions = np.asarray(dataset.indices, dtype=np.int64)[positions]
+        dataset = dataset.dataset
+    return positions, dataset
 
 
 def is_wherefrom_data(data: Any) -> bool:
@@ -247,4 +280,22 @@ def resolve_data(trainer: Any, owner: str) -> Any:
     return as_data(getattr(loader, "dataset", loader), owner)
 
 
-__all__ = ["DatasetView", "Target", "as_data", "attributable", "flag", "keyword", "resolve_data", "resolve_target"]
+def as_queries(queries: Any, data: Any, source: str) -> Tensor:
+    """Query images as every command and attributor takes them, checked against the training data:
+    ``Q x C x H x W`` (or ``Q x H x W``) of the training images' shape, a tensor or an array, uint8
+    in [0, 255] or floats in [-1, 1] (a latent model's: any finite floats). Float queries keep
+    their dtype; ``source`` names them in the one-line error."""
+    if getattr(data, "codec", None) is not None:  # a latent model's samples: unbounded latents, any channels
+        x = queries.detach().cpu() if isinstance(queries, Tensor) else torch.as_tensor(np.asarray(queries))
+        if not x.is_floating_point() or not torch.isfinite(x).all():
+            raise WherefromError(f"{source}: latents must be finite floats (samples.npy of `wherefrom sample`), got {x.dtype}")
+    else:
+        x = to_model_range(queries, source)
+        if isinstance(queries, Tensor) and queries.is_floating_point():
+            x = queries.detach().reshape(x.shape)  # checked; kept in their own dtype and device (float64 stays exact)
+    if tuple(x.shape[1:]) != tuple(data.image_shape):
+        raise WherefromError(f"{source} have shape {tuple(x.shape[1:])} but the training images are {tuple(data.image_shape)}")
+    return x
+
+
+__all__ = ["DatasetView", "Target", "as_data", "as_queries", "attributable", "flag", "item_image", "keyword", "resolve_data", "resolve_target"]

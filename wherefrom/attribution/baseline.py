@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.attribution.report import Attribution, Needs
-from wherefrom.target import as_data
+from wherefrom.target import as_data, as_queries
 from wherefrom.task import mix_seed
 
 
@@ -40,6 +40,7 @@ class Random:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
         return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
 
 
@@ -52,6 +53,7 @@ class Pixel:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
         return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
 
 

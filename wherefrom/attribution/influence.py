@@ -56,7 +56,7 @@ from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
-from wherefrom.target import as_data, attributable
+from wherefrom.target import as_data, as_queries, attributable
 from wherefrom.task import DiffusionTask, Stream, condition
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
@@ -246,6 +246,7 @@ class KFAC:
         timesteps: seeded ``(t, eps)`` draws per training gradient in exact mode.
         query_timesteps: seeded draws per query gradient (default: the training side's).
         batch_size: gradient batch.
+        denoiser: attribute path of the network on a module that holds several (e.g. ``"unet"``).
     """
 
     store: str | None = None
@@ -255,6 +256,7 @@ class KFAC:
     timesteps: int = FeatureConfig.timesteps
     query_timesteps: int | None = None
     batch_size: int = 64
+    denoiser: str | None = None
 
     name: ClassVar[str] = "kfac"
     needs: ClassVar[Needs] = Needs.FACTORS
@@ -275,7 +277,9 @@ class KFAC:
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom factors` (or the KFACFactors callback)")
-        module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
+        data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        module = attributable(module, type(self).__name__, self.denoiser)
         store = Store.open(self.store)
         check_store(store, data.fingerprint, module.codes_fingerprint)
         grads = resolve_grads(store, module, self.grads)

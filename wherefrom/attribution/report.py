@@ -115,10 +115,16 @@ def log_scalars(loggers: Sequence[Any], metrics: dict[str, float], step: int = 0
         logger.log_metrics(metrics, step=step)
 
 
-def log_attribution(loggers: Sequence[Any], result: Attribution, train_images: Tensor, top_k: int = 10, step: int = 0) -> None:
+def log_attribution(loggers: Sequence[Any], result: Attribution, data: Any, top_k: int = 10, step: int = 0) -> None:
     """Log ``result`` to Lightning loggers: scalars (queries, mean top-1 and top-k score) to every logger,
     and the top-k grid (each query, then its top-k) to those that take images (TensorBoard's
-    ``experiment.add_image``, or a ``log_image`` method such as Weights & Biases')."""
+    ``experiment.add_image``, or a ``log_image`` method such as Weights & Biases').
+
+    ``data``: the training data as the attributors take it (a datamodule, Dataset or DataLoader),
+    or its images over the whole index space (``N x C x H x W``)."""
+    from wherefrom.target import as_data
+
+    train_images = data if isinstance(data, Tensor) else as_data(data, "log_attribution").images
     idx, top = result.topk(top_k)
     prefix = f"wherefrom/{result.method}"
     log_scalars(loggers, {f"{prefix}/queries": float(len(top)), f"{prefix}/top1_score": float(top[:, 0].mean()),

@@ -40,7 +40,7 @@ from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
-from wherefrom.target import as_data, attributable
+from wherefrom.target import as_data, as_queries, attributable
 
 DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)
 BLOCK_ROWS = 8192
@@ -201,6 +201,7 @@ class TRAK:
         normalize: unit-normalise training features first (ReTrac-style, opt-in).
         query_timesteps: seeded draws per query feature (default: the training features').
         batch_size: query featurisation batch.
+        denoiser: attribute path of the network on a module that holds several (e.g. ``"unet"``).
     """
 
     store: str | None = None
@@ -208,6 +209,7 @@ class TRAK:
     normalize: bool = False
     query_timesteps: int | None = None
     batch_size: int = 64
+    denoiser: str | None = None
 
     name: ClassVar[str] = "trak"
     needs: ClassVar[Needs] = Needs.FEATURES
@@ -221,7 +223,9 @@ class TRAK:
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
-        module, data = attributable(module, type(self).__name__), as_data(data, type(self).__name__)
+        data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        module = attributable(module, type(self).__name__, self.denoiser)
         scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
         return Attribution(scores, queries, self.name, split=data.indices)
 

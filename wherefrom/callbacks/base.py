@@ -11,6 +11,7 @@ import lightning as L
 from wherefrom.attribution.features import on_rank_zero
 from wherefrom.attribution.store import Store
 from wherefrom.errors import FingerprintMismatchError
+from wherefrom.io import weights_hash
 from wherefrom.target import Target, resolve_data, resolve_target
 from wherefrom.task import DiffusionTask
 
@@ -47,22 +48,29 @@ class CaptureCallback(L.Callback):
         on_rank_zero(trainer.strategy, self._open_store)
         on_rank_zero(trainer.strategy, self._check_entries)
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """The store entries this callback writes, with the config keys an existing entry must
-        share (the weights are checked when written)."""
+    def entries(self, model_id: str) -> dict[str, dict[str, Any]]:
+        """The store entries this callback writes for ``model_id``, with the config keys an existing
+        entry must share."""
         return {}
 
-    def _check_entries(self) -> None:
-        """Refuse an existing entry made with another config (unless ``overwrite``): only that
-        entry would be replaced, never another callback's or method's."""
+    def _check_entries(self, suffix: str = "") -> None:
+        """Refuse (unless ``overwrite``) an existing entry of model ids ``<id><suffix>`` made with another
+        config, or from other weights than the networks' now: before the first step, an entry that another
+        model or run made (finishing this run would fail or mix the two); before writing, any mismatch.
+        Only that entry would be replaced, never another callback's or method's."""
+        if self.overwrite:
+            return
         owner = type(self).__name__
-        for name, config in self.entries().items():
-            clash = None if self.overwrite else self._store.clash(name, config)
-            if clash:
-                raise FingerprintMismatchError(
-                    f"store {self.store!r} already holds {name} made with another config ({clash}); "
-                    f"point {owner}(store=...) at another folder, or pass {owner}(overwrite=True) to recompute that entry (only it)"
-                )
+        fix = f"point {owner}(store=...) at another folder, or pass {owner}(overwrite=True) to recompute that entry (only it)"
+        for model_id, net in self._target.networks.items():
+            weights = {"weights": weights_hash(net)}
+            for name, config in self.entries(model_id + suffix).items():
+                clash = self._store.clash(name, config)
+                if clash:
+                    raise FingerprintMismatchError(f"store {self.store!r} already holds {name} made with another config ({clash}); {fix}")
+                clash = self._store.clash(name, weights)
+                if clash:
+                    raise FingerprintMismatchError(f"store {self.store!r} already holds {name} made from another model's weights ({clash}); {fix}")
 
     def _open_store(self) -> None:
         """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""

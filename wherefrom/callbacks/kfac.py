@@ -40,6 +40,7 @@ from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influen
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
+from wherefrom.target import item_image
 from wherefrom.task import DiffusionTask
 
 
@@ -94,13 +95,11 @@ class KFACFactors(CaptureCallback):
     def state_key(self) -> str:
         return self._state_key(mode=self.config.mode)
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """Per network: the factor entries (and ``influence/<id>`` with ``features``)."""
-        out = {}
-        for model_id in self._target.networks:
-            out.update({n: {**self.config.to_dict(), "model_id": model_id} for n in self.config.entries(model_id)})
-            if self.features is not None:
-                out[influence_entry(model_id)] = {**self.features.to_dict(), "model_id": model_id}
+    def entries(self, model_id: str) -> dict[str, dict[str, Any]]:
+        """The factor entries (and ``influence/<id>`` with ``features``)."""
+        out = {n: {**self.config.to_dict(), "model_id": model_id} for n in self.config.entries(model_id)}
+        if self.features is not None:
+            out[influence_entry(model_id)] = {**self.features.to_dict(), "model_id": model_id}
         return out
 
     # --- during training -------------------------------------------------------------
@@ -127,7 +126,7 @@ class KFACFactors(CaptureCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.collectors:
-            self._output_size = batch["image"][0].numel()  # eps predictions have the image's shape
+            self._output_size = item_image(batch, type(self).__name__)[0][0].numel()  # eps predictions have an image's shape
             for c in self.collectors.values():
                 c.active = True
 
@@ -160,6 +159,7 @@ class KFACFactors(CaptureCallback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._detach()
         on_rank_zero(trainer.strategy, self._open_store)
+        on_rank_zero(trainer.strategy, self._check_entries)  # nothing is written on a mismatch
         for model_id, net in self._target.networks.items():
             split = training_split(pl_module, model_id, self._data.indices)
             fit_factors(

@@ -78,10 +78,11 @@ class TRAKFeatures(CaptureCallback):
     def state_key(self) -> str:
         return self._state_key(output=self.config.output)
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """``features/<output>/<id>`` per network (the projector is resolved on the run's device)."""
+    def entries(self, model_id: str) -> dict[str, dict[str, Any]]:
+        """``features/<output>/<id>`` and the weights they are made from, ``weights/<id>`` (the projector
+        is resolved on the run's device)."""
         config = {k: v for k, v in self.config.to_dict().items() if k != "projector" or self.projector}
-        return {entry_name(config["output"], model_id): config for model_id in self._target.networks}
+        return {entry_name(config["output"], model_id): {**config, "model_id": model_id}, f"weights/{model_id}": {"model_id": model_id}}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -98,6 +99,7 @@ class TRAKFeatures(CaptureCallback):
         target, data, strategy = self._target, self._data, trainer.strategy
         config = FeatureConfig(**{**self.config.to_dict(), "projector": self.projector or default_projector(pl_module.device)})
         on_rank_zero(strategy, self._open_store)
+        on_rank_zero(strategy, lambda: self._check_entries(suffix))  # nothing is written on a mismatch
         store = self._store
         with torch.inference_mode(False), torch.enable_grad():
             for name, net in target.networks.items():

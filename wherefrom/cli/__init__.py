@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
+import shutil
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 from wherefrom.errors import WherefromError, one_line
 
@@ -44,16 +49,52 @@ def _ours(error: BaseException) -> WherefromError | None:
     return None
 
 
+class _Made:
+    """The folders a LightningCLI run creates (its logs, saved config and checkpoints), removed when the
+    run is refused before its first training step: a refused command leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.folders: list[Path] = []
+
+    def before(self, trainer: Any) -> None:
+        """Note, before the run, each output folder's first ancestor that does not exist yet."""
+        self.trainer = trainer
+        outputs = [trainer.default_root_dir, *(getattr(lg, "log_dir", None) for lg in trainer.loggers),
+                   *(getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks)]  # fmt: skip
+        for out in filter(None, outputs):
+            path = Path(out).resolve()
+            if path.exists():
+                continue
+            while not path.parent.exists():
+                path = path.parent
+            if path not in self.folders:
+                self.folders.append(path)
+
+    def undo(self) -> None:
+        if self.trainer is not None and self.trainer.is_global_zero and self.trainer.global_step == 0:
+            for path in self.folders:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def lightning_main(argv: list[str]) -> None:
-    """LightningCLI; its parse errors, our constructors' errors and a missing
-    ``--ckpt_path`` become one-line :class:`WherefromError` s."""
+    """LightningCLI; its parse errors, our constructors' errors and a missing ``--ckpt_path`` become
+    one-line :class:`WherefromError` s, and a run refused before its first step leaves no folders."""
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
+
+    made = _Made()
+
+    class CLI(LightningCLI):
+        def before_fit(self) -> None:
+            made.before(self.trainer)
+
+        before_validate = before_test = before_predict = before_fit
 
     try:
         with warnings.catch_warnings():  # argv is passed explicitly (main, in-process tests, the LDS recipe)
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            LightningCLI(
+            CLI(
                 L.LightningModule,
                 L.LightningDataModule,
                 subclass_mode_model=True,
@@ -64,17 +105,38 @@ def lightning_main(argv: list[str]) -> None:
                 parser_kwargs={"exit_on_error": False},
             )
     except WherefromError:
+        made.undo()
         raise
     except argparse.ArgumentError as e:
         cmd = argv[0] if argv and not argv[0].startswith("-") else "fit"
-        raise WherefromError(f"{one_line(e, 1000)}; see `wherefrom {cmd} --help`") from None
+        raise WherefromError(_class_problem(one_line(e, 2000), cmd) or f"{one_line(e, 1000)}; see `wherefrom {cmd} --help`") from None
     except FileNotFoundError as e:
+        made.undo()
         raise WherefromError(f"{e}; pass an existing checkpoint to --ckpt_path (or drop it to start from scratch)") from None
     except ValueError as e:  # jsonargparse wraps the errors of our constructors
         ours = _ours(e)
         if ours is None:
             raise
+        made.undo()
         raise ours from None
+
+
+# jsonargparse's union dump for a bad option of a --model / --data class: the key, the class, and its one problem
+_CLASS_PROBLEM = re.compile(r'Parser key "(\w+)": Does not validate.*? - Problem with given class_path \'([\w.]+)\': (.*?) - Expected a <class \'NoneType\'>')
+
+
+def _class_problem(message: str, cmd: str) -> str | None:
+    """A bad option of a ``--model`` / ``--data`` class as one sentence (``None``: not that case),
+    e.g. "DiffusionModel takes no option 'bogus'; see `wherefrom fit --print_config`"."""
+    found = _CLASS_PROBLEM.search(message)
+    if found is None:
+        return None
+    key, path, problem = found.groups()
+    name = path.rpartition(".")[2]
+    unknown = re.fullmatch(r"Option '([\w.]+)' is not accepted", problem)
+    if unknown:
+        return f"{name} takes no option {unknown.group(1)!r} (--{key}.{unknown.group(1)}); see `wherefrom {cmd} --print_config` for its options"
+    return f"--{key} {path}: {problem.replace('Parser key', 'option')}; see `wherefrom {cmd} --print_config`"
 
 
 def _usage() -> str:
@@ -86,6 +148,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a user's own package in the working directory, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return

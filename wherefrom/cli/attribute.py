@@ -19,21 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.report import Attributor, Needs, write_attribution
 from wherefrom.cli.options import add_run, add_sampling, open_run, query_cond, query_conditions
 from wherefrom.cli.parser import ConfigArgumentParser
-from wherefrom.datamodules.base import to_model_range
 from wherefrom.ensemble.synthetic import SyntheticAblation
 from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir, load_array
-from wherefrom.target import flag
+from wherefrom.sampling import sampling_timesteps
+from wherefrom.target import as_queries, flag
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
 COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k", "guidance")
+# options of the run (:func:`~wherefrom.cli.options.add_run`): applied when it is opened, never passed to an attributor
+RUN_OPTIONS = ("denoiser",)
 # the command that writes what each kind of attributor reads, for the missing-store message
 WRITER = {Needs.FEATURES: "featurize", Needs.FACTORS: "factors"}
 
@@ -85,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     add_sampling(p, "generated queries")
     group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")
     for name, opt in method_options().items():
-        if name in COMMAND_OPTIONS:
+        if name in COMMAND_OPTIONS or name in RUN_OPTIONS:
             continue
         shown = "; ".join(f"{m} {opt.defaults[m]}" for m in opt.methods)
         if opt.type is bool:
@@ -100,7 +101,7 @@ def make_attributor(args: argparse.Namespace) -> Attributor:
     """The attributor of ``--method`` with the options given on the command line (a flag it does not take is refused)."""
     cls = ATTRIBUTORS[args.method]
     fields, options = {f.name for f in dataclasses.fields(cls)}, method_options()
-    given = {k: v for k, v in vars(args).items() if k in options and k not in COMMAND_OPTIONS and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in options and k not in COMMAND_OPTIONS + RUN_OPTIONS and v is not None}
     stray = sorted(set(given) - fields)
     if stray:
         raise WherefromError(f"{flag(stray[0])} does not apply to --method {args.method}; its options are {', '.join(map(flag, sorted(fields))) or 'none'}")
@@ -120,15 +121,7 @@ def load_queries(spec: str, datamodule) -> Tensor:
     if not Path(spec).is_file():
         raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
     array = load_array(spec, "queries")
-    if getattr(datamodule, "codec", None) is not None:  # a latent model's samples: unbounded latents, any channels
-        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
-            raise WherefromError(f"queries {spec}: latents must be finite floats (samples.npy of `wherefrom sample`), got {array.dtype}")
-        queries = torch.from_numpy(np.asarray(array, dtype=np.float32))
-    else:
-        queries = to_model_range(array, f"queries {spec}")
-    if tuple(queries.shape[1:]) != tuple(datamodule.image_shape):
-        raise WherefromError(f"queries have shape {tuple(queries.shape[1:])} but the training images are {tuple(datamodule.image_shape)}")
-    return queries
+    return as_queries(np.asarray(array, dtype=np.float32) if np.issubdtype(array.dtype, np.floating) else array, datamodule, f"queries {spec}")
 
 
 def attribute_main(argv: list[str]) -> None:
@@ -140,10 +133,11 @@ def attribute_main(argv: list[str]) -> None:
             "--method ablation attributes the ensemble's own samples (it needs the sampler's exogenous noise); "
             "drop --queries and pass --num-samples and --seed"
         )
-    if args.queries is None and args.num_samples < 1:
-        raise WherefromError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.queries is None and min(args.num_samples, args.steps) < 1:
+        raise WherefromError(f"--num-samples and --steps must be >= 1, got {args.num_samples} and {args.steps}")
     module, data = open_run(args, "wherefrom attribute")
     if args.queries is None:  # the model's own samples, seeded
+        sampling_timesteps(module.task, args.steps)  # --steps at most the model's T, checked before any work
         conditions = query_conditions(args, data, args.num_samples)
         queries = module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
     else:

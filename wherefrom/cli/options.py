@@ -20,25 +20,33 @@ from wherefrom.sampling import SchedulerType
 from wherefrom.target import as_data, flag, resolve_target
 
 
-def add_run(p: ConfigArgumentParser, ckpt_help: str = "checkpoint from `wherefrom fit` or any Lightning run (single model or ensemble)") -> None:
-    """``--ckpt`` and how to read a checkpoint wherefrom did not write."""
+def add_run(
+    p: ConfigArgumentParser, ckpt_help: str = "checkpoint from `wherefrom fit` or any Lightning run (single model or ensemble)", data: bool = True
+) -> None:
+    """``--ckpt`` and how to read a checkpoint wherefrom did not write (``data``: also its training data)."""
     p.add_argument("--ckpt", required=True, help=ckpt_help)
     g = p.add_argument_group("your own Lightning module", "for a checkpoint written without wherefrom's modules")
     g.add_argument("--model.class_path", default=None, help="its LightningModule class, e.g. my_package.MyModule (default: the one it records)")
-    g.add_argument("--data.class_path", default=None, help="its LightningDataModule or map-style Dataset class (default: the one it records)")
-    g.add_argument("--data.init_args", type=dict, default=None, help="the datamodule's arguments over the saved ones, e.g. '{root: data}'")
+    if data:
+        g.add_argument("--data.class_path", default=None, help="its LightningDataModule or map-style Dataset class (default: the one it records)")
+        g.add_argument("--data.init_args", type=dict, default=None, help="the datamodule's arguments over the saved ones, e.g. '{root: data}'")
     g.add_argument("--denoiser", default=None, help="attribute path of the network on the module, e.g. unet (default: its single diffusers UNet)")
+
+
+def open_module(a: Any, owner: str, device: str | None = None) -> Any:
+    """The run's :class:`~wherefrom.model.Attributable` module, from :func:`add_run`'s options."""
+    module = load_module(a.ckpt, a.model.class_path)
+    if device is not None:
+        module = module.to(device)
+    if a.denoiser is not None or not hasattr(module, "denoisers"):
+        module = resolve_target(module, owner, a.denoiser, spell=flag)
+    return module
 
 
 def open_run(a: Any, owner: str, device: str | None = None) -> tuple[Any, Any]:
     """The run's :class:`~wherefrom.model.Attributable` module and its training data, from :func:`add_run`'s options."""
-    module = load_module(a.ckpt, a.model.class_path)
-    if device is not None:
-        module = module.to(device)
-    datamodule = load_datamodule(a.ckpt, a.data.class_path, **(a.data.init_args or {}))
-    if a.denoiser is not None or not hasattr(module, "denoisers"):
-        module = resolve_target(module, owner, a.denoiser, spell=flag)
-    return module, as_data(datamodule, owner)
+    module = open_module(a, owner, device)
+    return module, as_data(load_datamodule(a.ckpt, a.data.class_path, **(a.data.init_args or {})), owner)
 
 
 def add_device(p: ConfigArgumentParser) -> None:
@@ -108,4 +116,4 @@ def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
 
 
-__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_run", "query_cond", "query_conditions"]
+__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from wherefrom.cli.options import add_batch_size, add_overwrite, add_sampling, query_conditions
+from wherefrom.cli.options import add_batch_size, add_overwrite, add_run, add_sampling, open_module, query_conditions
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
 
 
-def load_sampler_module(ckpt: str):
-    """A module with ``eps_fn``/``task``/``image_shape`` from a .ckpt or a diffusers export folder."""
-    from wherefrom.checkpoint import load_module, load_pretrained
+def load_sampler_module(a: Any, owner: str):
+    """A module with ``generate``/``task`` from :func:`~wherefrom.cli.options.add_run`'s options: a
+    diffusers export folder, a wherefrom checkpoint, or any Lightning run's (its single network)."""
+    from wherefrom.checkpoint import load_pretrained
     from wherefrom.model import DiffusionModel
 
-    if Path(ckpt).is_dir():
-        unet, task = load_pretrained(ckpt)
+    if Path(a.ckpt).is_dir():
+        unet, task = load_pretrained(a.ckpt)
         config = dict(unet.config)
         classes = config.pop("num_class_embeds", None)  # a class-conditional export: the classes and the null class
         schedule = {k: v for k, v in task.config.items() if k != "measure_time"}
         module = DiffusionModel(unet=config, num_classes=None if classes is None else classes - 1, **schedule)
         module.unet.load_state_dict(unet.state_dict())
         return module.eval()
-    return load_module(ckpt)
+    return open_module(a, owner)
 
 
 def run_data(ckpt: str):
@@ -37,7 +39,7 @@ def sample_main(argv: list[str]) -> None:
     from wherefrom.sampling import sampling_timesteps
 
     p = ConfigArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
-    p.add_argument("--ckpt", required=True, help="a .ckpt from `wherefrom fit` or a diffusers export folder")
+    add_run(p, "a .ckpt from `wherefrom fit` or any Lightning run, or a diffusers export folder", data=False)
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--out", required=True, help="output folder (samples.png, samples.npy)")
     add_sampling(p)
@@ -47,7 +49,7 @@ def sample_main(argv: list[str]) -> None:
     if a.num_samples < 1 or a.batch_size < 1:
         raise WherefromError(f"--num-samples and --batch-size must be >= 1, got {a.num_samples} and {a.batch_size}")
     check_out_dir(a.out)
-    module, data = load_sampler_module(a.ckpt), run_data(a.ckpt)
+    module, data = load_sampler_module(a, "wherefrom sample"), run_data(a.ckpt)
     decode = getattr(data, "decode", lambda x: x)  # how the samples look: a latent model's VAE decodes them
     sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
     kwargs = {}
@@ -69,18 +71,24 @@ def sample_main(argv: list[str]) -> None:
 
 
 def export_main(argv: list[str]) -> None:
+    from wherefrom.checkpoint import save_pretrained
     from wherefrom.io import check_out_dir
+    from wherefrom.target import Target
 
     p = ConfigArgumentParser(prog="wherefrom export", description="Export a single model's UNet (diffusers format).")
-    p.add_argument("--ckpt", required=True)
+    add_run(p, "a .ckpt from `wherefrom fit` or any Lightning run", data=False)
     p.add_argument("--out", required=True, help="a new or empty folder")
     add_overwrite(p, "write into a non-empty --out (replacing same-named files)")
     a = p.parse_args(argv)
     out = check_out_dir(a.out)
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise WherefromError(f"--out {a.out!r} is not empty; export into a new folder or pass --overwrite")
-    module = load_sampler_module(a.ckpt)
+    module = load_sampler_module(a, "wherefrom export")
+    if isinstance(module, Target) and len(module.networks) == 1:  # a Lightning run's own network (or --denoiser's)
+        save_pretrained(next(iter(module.networks.values())), module.task, out)
+        print(f"wrote diffusers UNet to {a.out}")
+        return
     if not hasattr(module, "save_pretrained"):
-        raise WherefromError("only single-model checkpoints export to one diffusers UNet")
+        raise WherefromError("only single-model checkpoints export to one diffusers UNet; pick one network with --denoiser, e.g. members.member0")
     module.save_pretrained(out)
     print(f"wrote {'LoRA adapter' if module.hparams.get('lora') else 'diffusers UNet'} to {a.out}")

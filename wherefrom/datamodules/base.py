@@ -101,9 +101,9 @@ def fingerprint(n: int, shape: Sequence[int], indices: np.ndarray, conditioning:
 def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
     """Validate an N x C x H x W (or N x H x W) array and map it to float32 in [-1, 1].
 
-    uint8 is read as [0, 255]; floats must already be in [-1, 1].
+    uint8 is read as [0, 255]; floats must already be in [-1, 1] and finite.
     """
-    x = torch.as_tensor(np.asarray(images))
+    x = images.detach().cpu() if isinstance(images, Tensor) else torch.as_tensor(np.asarray(images))
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4:
@@ -117,8 +117,13 @@ def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
         return x.float() / 127.5 - 1
     if not x.dtype.is_floating_point:
         raise WherefromError(f"{source}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    if not finite.all():
+        bad = torch.nonzero(~finite).flatten()
+        what = "NaN" if torch.isnan(x[bad]).any() else "infinite values"
+        raise WherefromError(f"{source}: {bad.numel()} of {len(x)} images hold {what} (e.g. image {int(bad[0])}); fix or drop them")
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - 1e-6 or hi > 1 + 1e-6 or not np.isfinite([lo, hi]).all():
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
         raise WherefromError(f"{source}: float images must be in [-1, 1], found [{lo:.3g}, {hi:.3g}]; rescale, e.g. x / 127.5 - 1 for [0, 255]")
     return x.float()
 

@@ -46,6 +46,7 @@ from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
 from wherefrom.sampling import EpsFn, SchedulerType, guided, sample
+from wherefrom.target import as_data, as_queries
 from wherefrom.task import predict_eps
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
@@ -374,6 +375,8 @@ class SyntheticAblation:
             raise WherefromError(f"steps, top_k and batch_size must be >= 1, got {self.steps}, {self.top_k}, {self.batch_size}")
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
+        data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
         module = _ensemble(module, self.name)
         # guidance's null: the module's null class, or a text ensemble's empty caption from its data
         null = module.null_condition if module.null_condition is not None else getattr(data, "null_condition", None)
@@ -427,6 +430,8 @@ class AblationLoss:
             raise WherefromError(f"timesteps must be >= 1, got {self.timesteps}")
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
+        data = as_data(data, type(self).__name__)
+        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
         sampler = _ensemble(module, self.name).sampler()
         quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
         scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)

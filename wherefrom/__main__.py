@@ -1,0 +1,5 @@
+"""``python -m wherefrom``: the ``wherefrom`` command."""
+
+from wherefrom.cli import main
+
+main()
