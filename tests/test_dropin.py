@@ -29,7 +29,8 @@ from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influen
 from wherefrom.attribution.store import Store
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.errors import WherefromError
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
 
 SUBSET = list(range(3, 27))
@@ -171,11 +172,11 @@ def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, t
 
 
 class _Items(Dataset):
-    def __init__(self, item):
-        self.item = item
+    def __init__(self, item, n=4):
+        self.item, self.n = item, n
 
     def __len__(self):
-        return 4
+        return self.n
 
     def __getitem__(self, i):
         return self.item(i)
@@ -207,7 +208,7 @@ def test_missing_requirements_fail_before_the_first_step_with_one_line(make, tmp
     name = type(make(tmp_path)).__name__
     cases = [
         (_Module(unets=2), None, rf"{name} needs the module's diffusers UNet .*found 2 \(nets.0, nets.1\); pass {name}\(denoiser=...\)"),
-        (_Module(prediction_type="v_prediction"), None, rf"{name}: DDPMScheduler has prediction_type='v_prediction'.*pass {name}\(task="),
+        (_Module(prediction_type="v_prediction"), None, rf"{name}: DDPMScheduler has prediction_type='v_prediction'; wherefrom's attribution models prediction_type='epsilon' only \(eps-prediction DDPM with a named beta schedule\)$"),
         (_Module(), lambda i: {"index": i, "pixels": torch.zeros(1, 8, 8)}, rf"{name}: the training items are dicts without an 'image' key"),
         (_Module(), lambda i: {"index": 0, "image": torch.zeros(1, 8, 8)}, rf"{name}: the training items' 'index' values must be distinct"),
     ]
@@ -230,10 +231,10 @@ def test_state_key_is_the_resolved_store_path(tmp_path, monkeypatch):
 
 
 def test_explicit_denoiser_and_task(tmp_path):
-    """``denoiser=`` picks one of two UNets; ``task=`` replaces a scheduler it cannot honour."""
+    """``denoiser=`` picks one of two UNets; ``task=`` replaces the scheduler's schedule."""
     from wherefrom.target import resolve_target
 
-    module = _Module(unets=2, prediction_type="v_prediction")
+    module = _Module(unets=2)
     target = resolve_target(module, "TRAKFeatures", denoiser="nets.1", task=DiffusionTask(num_train_timesteps=50, measure_time=5))
     assert target.networks["model"] is module.nets[1] and target.task.num_train_timesteps == 50
     with pytest.raises(WherefromError, match=r"TRAKFeatures\(denoiser='nets.7'\)"):
@@ -245,22 +246,302 @@ def test_one_store_for_every_method_refuses_a_conflicting_entry_before_training(
     same name made with another config is refused before the first step, without suggesting to replace
     anything but that entry."""
     from wherefrom.attribution.kfac.stored import InfluenceConfig
-    from wherefrom.errors import FingerprintMismatchError
     from wherefrom.target import as_data
 
     data = as_data(DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)}), batch_size=2), "test")
     store = Store(tmp_path / "store", data.fingerprint)
-    store.array("features/square_norm/model", (4, 2), {**FeatureConfig(timesteps=2).to_dict(), "model_id": "model"})
-    store.array("influence/model", (4, 2), {**InfluenceConfig(dim=32).to_dict(), "model_id": "model"})
+    module = _Module()
+    weights = {"model_id": "model", "weights": weights_hash(module.nets[0])}  # made from this module's weights
+    store.array("features/square_norm/model", (4, 2), {**FeatureConfig(timesteps=2).to_dict(), **weights})
+    store.array("influence/model", (4, 2), {**InfluenceConfig(dim=32).to_dict(), **weights})
     for fine in (TRAKFeatures(str(store.root), method="trak"), TRAKFeatures(str(store.root), timesteps=2), KFACFactors(str(store.root))):
         with pytest.raises(AssertionError, match="the first training step ran"):
-            _fit(_Module(), fine)
+            _fit(module, fine)
     cases = [
         (TRAKFeatures(str(store.root), timesteps=3), r"features/square_norm/model made with another config \(timesteps 2 \(stored\) vs 3\)", "TRAKFeatures"),
         (KFACFactors(str(store.root), features=True, dim=64), r"influence/model made with another config \(dim 32 \(stored\) vs 64\)", "KFACFactors"),
     ]
     for callback, message, owner in cases:
         with pytest.raises(FingerprintMismatchError, match=message) as err:
-            _fit(_Module(), callback)
+            _fit(module, callback)
         assert str(err.value).endswith(f"pass {owner}(overwrite=True) to recompute that entry (only it)") and "\n" not in str(err.value)
     assert set(Store.open(store.root).entries()) == {"features/square_norm/model", "influence/model"}  # nothing was touched
+
+
+# --- a user's pipeline in every form (issue 20): each case reproduces the user's exact situation first ---------------
+
+
+def _digits(n: int = 16) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().images[:n, None]).float() / 8 - 1
+
+
+def _x0(batch):
+    """A user's training step reads its images from whatever its DataLoader yields."""
+    return batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class _Trainable(L.LightningModule):
+    """An ordinary module that trains on dicts, ``(image, label)`` tuples or bare tensors alike, with
+    noise seeded per batch (the same steps whatever the form); lr 0 keeps the seeded weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet = UNet2DModel(**TINY_UNET)
+        self.noise_scheduler = DDPMScheduler()
+
+    def training_step(self, batch, batch_idx):
+        x0 = _x0(batch)
+        g = torch.Generator().manual_seed(batch_idx)
+        noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (len(x0),), generator=g)
+        return torch.nn.functional.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+FORMS = {
+    "dicts": lambda x, i: {"index": i, "image": x[i]},
+    "tuples": lambda x, i: (x[i], i % 10),
+    "tensors": lambda x, i: x[i],
+}
+
+
+def test_kfac_during_training_reads_every_batch_form(tmp_path):
+    """`KFACFactors(mode="during")` crashed at the first tuple or tensor batch (``batch["image"]``); now the three
+    forms give the same factors, from the same training steps."""
+    images = _digits()
+    factors = {}
+    for form, item in FORMS.items():
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[KFACFactors(str(tmp_path / form), mode="during")])  # fmt: skip
+        trainer.fit(_Trainable(), DataLoader(_Items(lambda i, item=item: item(images, i), n=16), batch_size=8))
+        factors[form] = Store.open(tmp_path / form).load_tensors("factors/model")
+    for form in ("tuples", "tensors"):
+        assert factors[form].keys() == factors["dicts"].keys()
+        for key, value in factors["dicts"].items():  # the same float32 operations in the same order
+            torch.testing.assert_close(factors[form][key], value, rtol=0, atol=0, msg=f"{form}: {key}")
+    assert any(v.abs().sum() > 0 for k, v in factors["dicts"].items() if not k.endswith("_count"))
+
+
+def test_v_prediction_is_refused_even_when_a_task_is_passed(tmp_path):
+    """The refusal no longer says "pass task=": following it featurised a v-prediction model with the epsilon loss."""
+    from wherefrom import DTRAK
+
+    for make in (TRAKFeatures, KFACFactors):
+        with pytest.raises(WherefromError, match=r"prediction_type='v_prediction'.*; a task cannot stand in for it$") as err:
+            _fit(_Module(prediction_type="v_prediction"), make(str(tmp_path / "store"), task=DiffusionTask()))
+        assert "\n" not in str(err.value) and "task=" not in str(err.value)
+    with pytest.raises(WherefromError, match=r"^DTRAK: DDPMScheduler has prediction_type='v_prediction'"):
+        DTRAK(store=str(tmp_path / "store")).attribute(_Module(prediction_type="v_prediction"), DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)})), torch.zeros(1, 1, 8, 8))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_subset_keeps_its_parents_indices_and_says_so(tmp_path):
+    """``Subset(data, range(100, 110))`` of items without "index" was featurised as indices 0..9; now as 100..109,
+    with one warning at setup that positions (in the parent) are used."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from wherefrom.target import as_data
+
+    images = torch.rand(120, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    subset = Subset(Subset(TensorDataset(images), range(50, 120)), range(50, 60))  # nested: 100..109 of the root
+    with pytest.warns(UserWarning) as record:
+        view = as_data(DataLoader(subset), "TRAKFeatures")
+    said = [str(w.message) for w in record if "carry no 'index'" in str(w.message)]
+    assert said == ["TRAKFeatures: 10 training items carry no 'index'; their positions in the TensorDataset the Subset selects from "
+                    "are used as their global indices (yield {'index', 'image'} items to choose them)"]  # fmt: skip
+    assert view.indices.tolist() == list(range(100, 110)) and view.num_images == 110
+    assert torch.equal(view.images[100:110], images[100:110]) and not view.images[:100].any()
+    # a callback in a fit on that Subset writes the rows of 100..109
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[TRAKFeatures(str(tmp_path / "store"), timesteps=1, proj_dim=8)])  # fmt: skip
+    trainer.fit(_Trainable(), DataLoader(subset, batch_size=5))
+    rows = Store.open(tmp_path / "store").read_array("features/square_norm/model")
+    assert rows.shape[0] == 110 and np.abs(rows[100:]).min(1).all() and not rows[:100].any()
+
+
+@pytest.mark.parametrize("name", ["random", "pixel", "trak", "dtrak", "kfac", "ekfac", "ablation", "ablation-loss"])
+def test_every_attributor_checks_its_queries_as_the_cli_does(name, tmp_path):
+    """Bad queries returned scores silently or raised raw conv / AttributeError tracebacks; now each gets the
+    CLI's one line, before any store or network is touched."""
+    from wherefrom.attribution.api import ATTRIBUTORS, attributor
+
+    method = attributor(name, **({"store": str(tmp_path / "none")} if "store" in ATTRIBUTORS[name].__dataclass_fields__ else {}))
+    loader = DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)}))
+    good = torch.zeros(6, 1, 8, 8)
+    nan = good.clone()
+    nan[4, 0, 1, 1] = float("nan")
+    cases = [
+        (torch.zeros(6, 1, 16, 16), r" have shape \(1, 16, 16\) but the training images are \(1, 8, 8\)$"),
+        (good + 8, r": float images must be in \[-1, 1\], found \[8, 8\]; rescale"),
+        (torch.zeros(6, 3, 8, 8), r" have shape \(3, 8, 8\)"),
+        (nan, r": 1 of 6 images hold NaN \(e.g. image 4\)"),
+        (torch.zeros(6, 8, 8, 1), r": images need 1 or 3 channels in dim 1, got shape \(6, 8, 8, 1\) \(channels-last\?"),
+    ]
+    owner = type(method).__name__
+    for queries, message in cases:
+        for form in (queries, queries.numpy()):
+            with pytest.raises(WherefromError, match=rf"^{owner} queries{message}") as err:
+                method.attribute(_Module(), loader, form)
+            assert "\n" not in str(err.value)
+    assert not (tmp_path / "none").exists()
+
+
+def test_queries_as_arrays_and_without_channels_score_as_the_tensor():
+    """One validation for the API and the CLI: a numpy array, and ``Q x H x W`` for one-channel data, are the CLI's
+    forms too; float64 queries keep their dtype."""
+    from wherefrom import Pixel
+    from wherefrom.target import as_data, as_queries
+
+    loader = DataLoader(_Items(lambda i: {"index": i, "image": _digits(4)[i]}))
+    queries = _digits(16)[10:13]
+    want = Pixel().attribute(None, loader, queries).scores
+    for form in (queries.numpy(), queries[:, 0]):
+        np.testing.assert_array_equal(Pixel().attribute(None, loader, form).scores, want)
+    as_uint8 = ((queries + 1) * 127.5).round().to(torch.uint8)  # read as [0, 255]
+    np.testing.assert_array_equal(Pixel().attribute(None, loader, as_uint8.numpy()).scores, Pixel().attribute(None, loader, as_uint8 / 127.5 - 1).scores)
+    assert as_queries(queries.double(), as_data(loader, "test"), "queries").dtype == torch.float64
+
+
+def test_log_attribution_takes_the_data_the_attributors_take(tmp_path):
+    """`log_attribution(loggers, result, dataset)` raised ``'dict' object has no attribute 'float'``."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from wherefrom import Pixel
+    from wherefrom.attribution.report import log_attribution
+    from wherefrom.target import as_data
+
+    loader = DataLoader(_Items(lambda i: {"index": i, "image": _digits(4)[i]}))
+    result = Pixel().attribute(None, loader, _digits(8)[5:7])
+    logger = CSVLogger(tmp_path)
+    for step, data in enumerate((loader, loader.dataset, as_data(loader, "test").images)):
+        log_attribution([logger], result, data, top_k=2, step=step)
+    logger.finalize("success")
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    assert [float(r["wherefrom/pixel/top1_score"]) for r in rows] == pytest.approx([float(result.topk(1)[1].mean())] * 3)
+
+
+def test_a_store_of_another_model_is_refused_before_the_first_step(tmp_path):
+    """A store made by another model was refused only after training (a traceback, with the weights entry already
+    replaced); now one line before the first step, and nothing in the store changes. The same model finishing
+    its own store (a resumed run) is no conflict."""
+    store = tmp_path / "store"
+    callbacks = lambda: [TRAKFeatures(str(store), timesteps=1, proj_dim=8, batch_size=2), KFACFactors(str(store), passes=1, batch_size=2)]  # noqa: E731
+    for callback in callbacks():
+        _fit(_Trainable(), callback)  # the first model fills the store
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    for callback in callbacks():
+        with pytest.raises(FingerprintMismatchError, match=r"already holds \S+ made from another model's weights \(weights '\w+' \(stored\) vs '\w+'\); point") as err:
+            _fit(_Module(), callback)  # _Module fails its first step: the refusal came before it
+        assert "\n" not in str(err.value)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    for callback in callbacks():  # the same weights (lr 0): the check passes and the run completes
+        _fit(_Trainable(), callback)
+
+
+def test_every_network_reading_attributor_takes_denoiser(tmp_path):
+    """The two-UNet message said ``pass DTRAK(denoiser=...)``, which DTRAK did not take."""
+    from wherefrom import DTRAK, KFAC
+    from wherefrom.target import as_data, resolve_target
+
+    module = _Module(unets=2)
+    loader = DataLoader(_Items(lambda i: {"index": i, "image": _digits(4)[i]}))
+    store = Store(tmp_path / "store", as_data(loader, "test").fingerprint)
+    featurize(module.nets[1], "model", DiffusionTask(), as_data(loader, "test"), store, FeatureConfig(timesteps=1, proj_dim=16))
+    queries = _digits(8)[5:7]
+    for cls in (DTRAK, KFAC):
+        with pytest.raises(WherefromError, match=rf"found 2 \(nets.0, nets.1\); pass {cls.__name__}\(denoiser=...\)$"):
+            cls(store=str(tmp_path / "store")).attribute(module, loader, queries)
+    got = DTRAK(store=str(tmp_path / "store"), denoiser="nets.1").attribute(module, loader, queries).scores
+    want = DTRAK(store=str(tmp_path / "store")).attribute(resolve_target(module, "test", denoiser="nets.1"), loader, queries).scores
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(WherefromError, match=r"DTRAK\(denoiser='nets.7'\): _Module has no attribute 'nets.7'"):
+        DTRAK(store=str(tmp_path / "store"), denoiser="nets.7").attribute(module, loader, queries)
+
+
+USER_PACKAGE = '''
+import lightning as L
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from sklearn.datasets import load_digits
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+
+class Denoiser(L.LightningModule):
+    def __init__(self, unet_config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.unet = UNet2DModel(**unet_config)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def training_step(self, batch, batch_idx):
+        x0 = batch["image"]
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (len(x0),))
+        return F.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class Digits(Dataset):
+    def __init__(self, n):
+        self.images = torch.from_numpy(load_digits().images[:n, None]).float() / 8 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"index": i, "image": self.images[i]}
+
+
+class DigitsData(L.LightningDataModule):
+    def __init__(self, n: int = 12):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self):
+        return DataLoader(Digits(self.hparams.n), batch_size=6)
+'''
+
+
+def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path, monkeypatch):
+    """A user's package in the working directory, trained by a plain ``LightningCLI(Denoiser, DigitsData)``: the
+    `wherefrom` script imports the package from there (it said "No module named 'mypipe'"), `python -m wherefrom`
+    works, the run's missing class names is one line that says why, and `sample` takes ``--model.class_path``."""
+    import os
+    from pathlib import Path
+
+    from wherefrom.checkpoint import load_module
+    from wherefrom.target import resolve_target
+
+    (tmp_path / "mypipe").mkdir()
+    (tmp_path / "mypipe" / "__init__.py").write_text("")
+    (tmp_path / "mypipe" / "pipeline.py").write_text(USER_PACKAGE)
+    (tmp_path / "main.py").write_text("from lightning.pytorch.cli import LightningCLI\nfrom mypipe.pipeline import Denoiser, DigitsData\nLightningCLI(Denoiser, DigitsData)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = lambda *argv: subprocess.run([*map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
+    unet = "{" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in {**TINY_UNET, "out_channels": 1}.items()) + "}"
+    r = run(sys.executable, "main.py", "fit", "--model.unet_config", unet, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    script = Path(sys.executable).parent / "wherefrom"  # the console script: not run from the working directory by itself
+    r = run(script, "sample", "--ckpt", ckpt, "--out", "s")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "records no class, only its arguments); pass --model.class_path" in r.stderr
+    r = run(script, "sample", "--ckpt", ckpt, "--model.class_path", "mypipe.pipeline.Denoiser", "--num-samples", "2", "--steps", "3", "--out", "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = resolve_target(load_module(ckpt, "mypipe.pipeline.Denoiser"), "test")
+    np.testing.assert_allclose(np.load(tmp_path / "s" / "samples.npy"), target.generate(2, seed=0, steps=3).numpy(), rtol=1e-5, atol=1e-5)
+    r = run(sys.executable, "-m", "wherefrom", "featurize", "--ckpt", ckpt, "--model.class_path", "mypipe.pipeline.Denoiser",
+            "--data.class_path", "mypipe.pipeline.DigitsData", "--out", "store", "--timesteps", "1", "--proj-dim", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(Store.open(tmp_path / "store").read_array("features/square_norm/model")) == 12  # every image of the saved DigitsData(n=12)

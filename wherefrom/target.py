@@ -158,19 +158,24 @@ def attributable(module: Any, owner: str, denoiser: str | None = None) -> Any:
     return resolve_target(module, owner, denoiser)
 
 
-def item_image(item: Any, owner: str) -> tuple[Tensor, int | None]:
-    """The image of a training item (or of a collated batch: the batch's images) and its ``"index"``
-    (``None``: use its position): a dict's ``"image"``, a tuple's first tensor, or the tensor itself."""
+def item_image(item: Any, owner: str) -> Tensor:
+    """The image of a training item, or the images of a collated batch: a dict's ``"image"``, a
+    tuple's first tensor, or the tensor itself."""
     if isinstance(item, dict):
         if "image" not in item:
             raise WherefromError(f"{owner}: the training items are dicts without an 'image' key (keys {sorted(item)}); yield {{'index', 'image'}}")
-        index = item.get("index")
-        return torch.as_tensor(item["image"]), None if index is None else int(index)
+        return torch.as_tensor(item["image"])
     if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
-        return item[0], None
+        return item[0]
     if isinstance(item, Tensor):
-        return item, None
+        return item
     raise WherefromError(f"{owner}: cannot find the image in a training item of type {type(item).__name__}; yield {{'index', 'image'}}")
+
+
+def _item_index(item: Any) -> int | None:
+    """A training item's own global index (a dict's ``"index"``; ``None``: use its position)."""
+    index = item.get("index") if isinstance(item, dict) else None
+    return None if index is None else int(index)
 
 
 class _ByIndex(Dataset):
@@ -183,7 +188,7 @@ class _ByIndex(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         g = int(self.indices[i])
         item = self.view.source[self.view.position[g]]
-        out = {"index": torch.tensor(g), "image": item_image(item, self.view.owner)[0].float()}
+        out = {"index": torch.tensor(g), "image": item_image(item, self.view.owner).float()}
         for key in ("label", "cond"):  # a conditional pipeline's class label or text embedding
             if isinstance(item, dict) and key in item:
                 out[key] = torch.as_tensor(item[key])
@@ -207,7 +212,8 @@ class DatasetView:
         positions, root = _root_positions(dataset)
         indices, shapes, unnamed = [], set(), 0
         for pos in range(len(dataset)):
-            image, index = item_image(dataset[pos], owner)
+            item = dataset[pos]
+            image, index = item_image(item, owner), _item_index(item)
             unnamed += index is None
             indices.append(int(positions[pos]) if index is None else index)
             shapes.add(tuple(image.shape))
@@ -228,7 +234,7 @@ class DatasetView:
 
     def image(self, index: int) -> Tensor:
         """The image of global index ``index`` (float)."""
-        return item_image(self.source[self.position[index]], self.owner)[0].float()
+        return item_image(self.source[self.position[index]], self.owner).float()
 
     @property
     def images(self) -> Tensor:

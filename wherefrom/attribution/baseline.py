@@ -40,7 +40,7 @@ class Random:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
 
 
@@ -53,7 +53,7 @@ class Pixel:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
 
 

@@ -278,7 +278,7 @@ class KFAC:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom factors` (or the KFACFactors callback)")
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)
         store = Store.open(self.store)
         check_store(store, data.fingerprint, module.codes_fingerprint)

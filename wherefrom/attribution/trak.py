@@ -224,7 +224,7 @@ class TRAK:
         if self.store is None:
             raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)
         scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
         return Attribution(scores, queries, self.name, split=data.indices)

@@ -126,7 +126,7 @@ class KFACFactors(CaptureCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.collectors:
-            self._output_size = item_image(batch, type(self).__name__)[0][0].numel()  # eps predictions have an image's shape
+            self._output_size = item_image(batch, type(self).__name__)[0].numel()  # eps predictions have an image's shape
             for c in self.collectors.values():
                 c.active = True
 

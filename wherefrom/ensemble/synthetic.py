@@ -376,7 +376,7 @@ class SyntheticAblation:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = _ensemble(module, self.name)
         # guidance's null: the module's null class, or a text ensemble's empty caption from its data
         null = module.null_condition if module.null_condition is not None else getattr(data, "null_condition", None)
@@ -431,7 +431,7 @@ class AblationLoss:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__}: queries")
+        queries = as_queries(queries, data, f"{type(self).__name__} queries")
         sampler = _ensemble(module, self.name).sampler()
         quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
         scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)
