@@ -511,37 +511,45 @@ class DigitsData(L.LightningDataModule):
 '''
 
 
-def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path, monkeypatch):
+def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path, monkeypatch, capsys):
     """A user's package in the working directory, trained by a plain ``LightningCLI(Denoiser, DigitsData)``: the
     `wherefrom` script imports the package from there (it said "No module named 'mypipe'"), `python -m wherefrom`
-    works, the run's missing class names is one line that says why, and `sample` takes ``--model.class_path``."""
+    works, the run's missing class names is one line that says why, and `sample` / `export` take ``--model.class_path``."""
     import os
+    import runpy
     from pathlib import Path
 
+    from lightning.pytorch.cli import LightningCLI
+
+    from tests.conftest import cli
     from wherefrom.checkpoint import load_module
     from wherefrom.target import resolve_target
 
     (tmp_path / "mypipe").mkdir()
     (tmp_path / "mypipe" / "__init__.py").write_text("")
     (tmp_path / "mypipe" / "pipeline.py").write_text(USER_PACKAGE)
-    (tmp_path / "main.py").write_text("from lightning.pytorch.cli import LightningCLI\nfrom mypipe.pipeline import Denoiser, DigitsData\nLightningCLI(Denoiser, DigitsData)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = lambda *argv: subprocess.run([*map(str, argv)], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
-    unet = "{" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in {**TINY_UNET, "out_channels": 1}.items()) + "}"
-    r = run(sys.executable, "main.py", "fit", "--model.unet_config", unet, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
-    script = Path(sys.executable).parent / "wherefrom"  # the console script: not run from the working directory by itself
-    r = run(script, "sample", "--ckpt", ckpt, "--out", "s")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "records no class, only its arguments); pass --model.class_path" in r.stderr
-    r = run(script, "sample", "--ckpt", ckpt, "--model.class_path", "mypipe.pipeline.Denoiser", "--num-samples", "2", "--steps", "3", "--out", "s")
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    from mypipe.pipeline import Denoiser, DigitsData
+
+    unet = "{" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in {**TINY_UNET, "out_channels": 1}.items()) + "}"
+    LightningCLI(Denoiser, DigitsData, args=["fit", "--model.unet_config", unet, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
+                                             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])  # fmt: skip
+    (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    capsys.readouterr()  # the fit's own output
+    code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--out", "s")  # the checkpoint holds {'_instantiator': ...} only
+    assert code == 2 and err.count("\n") == 1 and "records no class, only its arguments); pass --model.class_path" in err, err
+    # the console script, from the folder that holds the package (its own sys.path does not have that folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    argv = ["sample", "--ckpt", str(ckpt), "--model.class_path", "mypipe.pipeline.Denoiser", "--num-samples", "2", "--steps", "3", "--out", "s"]
+    r = subprocess.run([str(Path(sys.executable).parent / "wherefrom"), *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     target = resolve_target(load_module(ckpt, "mypipe.pipeline.Denoiser"), "test")
     np.testing.assert_allclose(np.load(tmp_path / "s" / "samples.npy"), target.generate(2, seed=0, steps=3).numpy(), rtol=1e-5, atol=1e-5)
-    r = run(sys.executable, "-m", "wherefrom", "featurize", "--ckpt", ckpt, "--model.class_path", "mypipe.pipeline.Denoiser",
-            "--data.class_path", "mypipe.pipeline.DigitsData", "--out", "store", "--timesteps", "1", "--proj-dim", "8")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert cli(capsys, "export", "--ckpt", str(ckpt), "--model.class_path", "mypipe.pipeline.Denoiser", "--out", "unet")[0] == 0  # the run's own UNet
+    assert cli(capsys, "sample", "--ckpt", "unet", "--num-samples", "2", "--steps", "3", "--out", "s2")[0] == 0
+    np.testing.assert_allclose(np.load(tmp_path / "s2" / "samples.npy"), np.load(tmp_path / "s" / "samples.npy"), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(sys, "argv", ["wherefrom", "featurize", "--ckpt", str(ckpt), "--model.class_path", "mypipe.pipeline.Denoiser",
+                                      "--data.class_path", "mypipe.pipeline.DigitsData", "--out", "store", "--timesteps", "1", "--proj-dim", "8"])  # fmt: skip
+    runpy.run_module("wherefrom", run_name="__main__")  # python -m wherefrom
     assert len(Store.open(tmp_path / "store").read_array("features/square_norm/model")) == 12  # every image of the saved DigitsData(n=12)

@@ -44,7 +44,7 @@ def featurize_main(argv: list[str]) -> None:
         seed=a.seed,
     )
     module, data = open_run(a, "wherefrom featurize", a.device)
-    store = Store(a.out, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair)
+    store = Store(a.out, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=("--out", "--overwrite"))
     for model_id, net in module.denoisers().items():
         featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
     print(f"wrote {', '.join(entry_name(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.out}")
