@@ -141,34 +141,35 @@ def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tm
                 torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10 * float(theirs[key].abs().max()) + 1e-300)
 
 
-def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, tmp_path, monkeypatch):
+def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, tmp_path, monkeypatch, capsys):
     """`featurize` and `attribute` read the user's checkpoint given its classes; the features equal the
     callback's (float32 here, float64 there), and the command's scores equal the Python API's."""
-    from tests.trak_helpers import run_cli
+    from tests.conftest import cli
     from wherefrom import DTRAK
     from wherefrom.checkpoint import load_module
 
     root, stores = ordinary
+    monkeypatch.chdir(root)  # `pipeline` is importable from the working directory, as for a user
+    monkeypatch.syspath_prepend(str(root))
     run = ["--ckpt", str(root / "ranks1" / "last.ckpt"), "--model.class_path", "pipeline.Denoiser",
            "--data.class_path", "pipeline.Digits", "--data.init_args", f"{{indices: {SUBSET}}}"]  # fmt: skip
-    r = run_cli("featurize", *run, "--out", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5", cwd=root)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, err = cli(capsys, "featurize", *run, "--out", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5")
+    assert code == 0, err[-2000:]
     got, want = Store.open(tmp_path / "store").read_array("features/square_norm/model"), stores[1].read_array("features/square_norm/model")
     np.testing.assert_allclose(got[SUBSET], want[SUBSET], rtol=1e-4, atol=1e-5 * np.abs(want).max())
     queries = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     np.save(tmp_path / "queries.npy", queries.numpy())
-    r = run_cli("attribute", *run, "--method", "dtrak", "--store", str(tmp_path / "store"), "--queries", str(tmp_path / "queries.npy"),
-                "--out", str(tmp_path / "scores"), cwd=root)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    monkeypatch.syspath_prepend(str(root))
+    code, err = cli(capsys, "attribute", *run, "--method", "dtrak", "--store", str(tmp_path / "store"), "--queries", str(tmp_path / "queries.npy"),
+                    "--out", str(tmp_path / "scores"))  # fmt: skip
+    assert code == 0, err[-2000:]
     from pipeline import Digits
 
     module = load_module(root / "ranks1" / "last.ckpt", "pipeline.Denoiser")  # the user's own class, not a wherefrom module
     api = DTRAK(store=str(tmp_path / "store")).attribute(module, DataLoader(Digits(SUBSET)), queries)
     np.testing.assert_allclose(np.load(tmp_path / "scores" / "scores.npy"), api.scores, rtol=1e-6, atol=1e-7 * np.abs(api.scores).max())
     # without the class, the command says which flag to pass
-    r = run_cli("featurize", "--ckpt", str(root / "ranks1" / "last.ckpt"), "--out", str(tmp_path / "s2"), cwd=root)
-    assert r.returncode == 2 and "pass --model.class_path" in r.stderr and r.stderr.count("\n") == 1
+    code, err = cli(capsys, "featurize", "--ckpt", str(root / "ranks1" / "last.ckpt"), "--out", str(tmp_path / "s2"))
+    assert code == 2 and "pass --model.class_path" in err and err.count("\n") == 1, err
 
 
 class _Items(Dataset):
