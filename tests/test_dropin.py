@@ -47,7 +47,7 @@ from wherefrom.callbacks import KFACFactors, TRAKFeatures  # the only wherefrom 
 
 
 class Denoiser(L.LightningModule):
-    def __init__(self, unet_config):
+    def __init__(self, unet_config: dict):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
@@ -465,42 +465,8 @@ def test_every_network_reading_attributor_takes_denoiser(tmp_path):
         DTRAK(store=str(tmp_path / "store"), denoiser="nets.7").attribute(module, loader, queries)
 
 
-USER_PACKAGE = '''
-import lightning as L
-import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from sklearn.datasets import load_digits
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
-
-
-class Denoiser(L.LightningModule):
-    def __init__(self, unet_config: dict):
-        super().__init__()
-        self.save_hyperparameters()
-        torch.manual_seed(0)
-        self.unet = UNet2DModel(**unet_config)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
-
-    def training_step(self, batch, batch_idx):
-        x0 = batch["image"]
-        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (len(x0),))
-        return F.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-
-class Digits(Dataset):
-    def __init__(self, n):
-        self.images = torch.from_numpy(load_digits().images[:n, None]).float() / 8 - 1
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"index": i, "image": self.images[i]}
-
+# the ordinary pipeline as a user's package, with a LightningDataModule for a plain LightningCLI
+USER_PACKAGE = PIPELINE + '''
 
 class DigitsData(L.LightningDataModule):
     def __init__(self, n: int = 12):
@@ -508,7 +474,7 @@ class DigitsData(L.LightningDataModule):
         self.save_hyperparameters()
 
     def train_dataloader(self):
-        return DataLoader(Digits(self.hparams.n), batch_size=6)
+        return DataLoader(Digits(list(range(self.hparams.n))), batch_size=6)
 '''
 
 
@@ -535,7 +501,7 @@ def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path
 
     unet = "{" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in {**TINY_UNET, "out_channels": 1}.items()) + "}"
     LightningCLI(Denoiser, DigitsData, args=["fit", "--model.unet_config", unet, "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
-                                             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])  # fmt: skip
+                                             "--trainer.precision", "64-true", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])  # fmt: skip
     (ckpt,) = (tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
     capsys.readouterr()  # the fit's own output
     code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--out", "s")  # the checkpoint holds {'_instantiator': ...} only

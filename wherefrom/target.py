@@ -85,11 +85,17 @@ class Target:
         return generate(lambda x, t: predict_eps(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)
 
 
-def _find(module: nn.Module, accept, what: str, option: str) -> Any:
-    """The single attribute of ``module`` (searched through its children and plain attributes) that ``accept`` takes."""
-    found = {name: m for name, m in module.named_modules() if name and accept(m)}
+def _found(module: Any, accept) -> dict[int, tuple[str, Any]]:
+    """The attributes of ``module`` (its children and plain attributes) that ``accept`` takes, once each."""
+    children = module.named_modules() if isinstance(module, nn.Module) else []
+    found = {name: m for name, m in children if name and accept(m)}
     found.update({name: v for name, v in vars(module).items() if not name.startswith("_") and accept(v)})
-    unique = {id(v): (name, v) for name, v in found.items()}
+    return {id(v): (name, v) for name, v in found.items()}
+
+
+def _find(module: nn.Module, accept, what: str, option: str) -> Any:
+    """The single attribute of ``module`` (searched as :func:`_found` does) that ``accept`` takes."""
+    unique = _found(module, accept)
     if len(unique) == 1:
         return next(iter(unique.values()))[1]
     names = sorted(name for name, _ in unique.values())
@@ -124,30 +130,23 @@ def resolve_target(
         nets = {"model": _find(module, lambda m: type(m).__name__ in UNET_CLASSES, what, spell("denoiser"))}
     if task is None:
         task = getattr(module, "task", None)
-    if not isinstance(task, DiffusionTask):
-        from diffusers import SchedulerMixin
+    from diffusers import SchedulerMixin
 
+    is_scheduler = lambda v: isinstance(v, SchedulerMixin)  # noqa: E731
+    if not isinstance(task, DiffusionTask):
         what = f"{owner} needs the module's diffusers noise scheduler (e.g. DDPMScheduler)"
-        scheduler = _find(module, lambda v: isinstance(v, SchedulerMixin), what, spell("task"))
+        scheduler = _find(module, is_scheduler, what, spell("task"))
         try:
             task = DiffusionTask.from_scheduler(scheduler)
         except WherefromError as e:
             raise WherefromError(f"{owner}: {e}") from None
     else:  # a given task sets the schedule; it cannot change what a scheduler of the module says the network predicts
-        for scheduler in _schedulers(module):
+        for _, scheduler in _found(module, is_scheduler).values():
             try:
                 DiffusionTask.from_scheduler(scheduler)
             except WherefromError as e:
                 raise WherefromError(f"{owner}: {e}; a task cannot stand in for it") from None
     return Target(nets, task, module)
-
-
-def _schedulers(module: Any) -> list[Any]:
-    """The diffusers schedulers held by ``module`` (as attributes, or by its children)."""
-    from diffusers import SchedulerMixin
-
-    found = [v for m in ([module, *module.modules()] if isinstance(module, nn.Module) else [module]) for v in vars(m).values()]
-    return list({id(v): v for v in found if isinstance(v, SchedulerMixin)}.values())
 
 
 def attributable(module: Any, owner: str, denoiser: str | None = None) -> Any:
@@ -289,10 +288,12 @@ def resolve_data(trainer: Any, owner: str) -> Any:
 def as_queries(queries: Any, data: Any, source: str) -> Tensor:
     """Query images as every command and attributor takes them, checked against the training data:
     ``Q x C x H x W`` (or ``Q x H x W``) of the training images' shape, a tensor or an array, uint8
-    in [0, 255] or floats in [-1, 1] (a latent model's: any finite floats). Float queries keep
-    their dtype; ``source`` names them in the one-line error."""
+    in [0, 255] or floats in [-1, 1] (a latent model's: any finite floats). Arrays come back as
+    float32, float tensors keep their dtype and device; ``source`` names them in the one-line error."""
     if getattr(data, "codec", None) is not None:  # a latent model's samples: unbounded latents, any channels
-        x = queries.detach().cpu() if isinstance(queries, Tensor) else torch.as_tensor(np.asarray(queries))
+        x = queries.detach() if isinstance(queries, Tensor) else torch.as_tensor(np.asarray(queries))
+        if not isinstance(queries, Tensor) and x.is_floating_point():
+            x = x.float()  # arrays are read as float32, as to_model_range reads images
         if not x.is_floating_point() or not torch.isfinite(x).all():
             raise WherefromError(f"{source}: latents must be finite floats (samples.npy of `wherefrom sample`), got {x.dtype}")
     else:

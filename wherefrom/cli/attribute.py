@@ -18,7 +18,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
@@ -121,7 +120,7 @@ def load_queries(spec: str, datamodule) -> Tensor:
     if not Path(spec).is_file():
         raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
     array = load_array(spec, "queries")
-    return as_queries(np.asarray(array, dtype=np.float32) if np.issubdtype(array.dtype, np.floating) else array, datamodule, f"queries {spec}")
+    return as_queries(array, datamodule, f"queries {spec}")
 
 
 def attribute_main(argv: list[str]) -> None:
