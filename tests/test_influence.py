@@ -4,6 +4,7 @@ matrix and the gradients built explicitly (float64), projected vs exact mode, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -29,7 +30,7 @@ from wherefrom.attribution.kfac import (
 )
 from wherefrom.attribution.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.store import Store
+from wherefrom.attribution.store import Store, as_tensor
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
 from wherefrom.task import Stream, predict_eps
@@ -194,7 +195,7 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     assert scores.shape == (2, 1797) and np.abs(scores[:, :24]).min() > 0 and (out / "topk.png").is_file()
     assert json.loads((out / "topk.json").read_text())["grads"] == "exact"  # no stored influence yet
     # stored influence beside the factors (kept): attribute reads it by default
-    cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8", "--features", "--dim", "10000000", "--timesteps", "3"])
+    cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8", "--features", "--dim", "10000000", "--timesteps", "3", "--features-dtype", "float32"])
     assert Store.open(store).has(influence_entry("model"))
     results = {}
     for grads in ("auto", "exact"):
@@ -210,7 +211,7 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
 def test_stored_influence_with_the_whole_basis_equals_exact_mode(setup, tmp_path):
     """Every eigenbasis coordinate kept, no sketch: stored rows reproduce exact mode (float64)."""
     module, dm, store, queries = setup
-    config = InfluenceConfig(dim=10**7, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy)
+    config = InfluenceConfig(dim=10**7, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, dtype="float64")
     featurize_influence(module.unet, "model", module.task, dm, np.asarray(TRAIN), store, config, batch_size=4)
     stored = Store.open(store.root).config(influence_entry("model"))
     assert stored["row_dim"] == sum(d_out * d_in for d_out, d_in in map(layer_dims, tracked_layers(module.unet).values()))
@@ -229,7 +230,7 @@ def test_truncated_stored_influence_equals_an_explicit_dense_truncation(setup, t
     net, task = module.unet, module.task
     store = Store(tmp_path / "store", dm.fingerprint)
     fit_factors(net, "model", task, dm, np.asarray(TRAIN), store, FactorConfig(passes=2, ekfac=True), batch_size=4)
-    config = InfluenceConfig(dim=300, residual_dim=200, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, seed=5)
+    config = InfluenceConfig(dim=300, residual_dim=200, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, seed=5, dtype="float64")
     featurize_influence(net, "model", task, dm, np.asarray(TRAIN), store, config, batch_size=4)
     stored, rows = open_stored(Store.open(store.root), "model", net)
     assert 0 < sum(s.k_out * s.k_in for s in stored.layers) <= 300 and any(s.p_out is not None for s in stored.layers)
@@ -259,6 +260,17 @@ def test_truncated_stored_influence_equals_an_explicit_dense_truncation(setup, t
     # the truncation approximates the exact score it was cut from
     exact = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="exact", config=config.features(), batch_size=4)
     assert np.corrcoef(got[:, TRAIN].ravel(), exact[:, TRAIN].ravel())[0, 1] > 0.5
+    # bfloat16 rows (the default) are these rows rounded to bfloat16 (within half its ulp, 2^-8
+    # relative, of the float64 rows), and their scores the query rows against the rounded rows
+    store = Store(tmp_path / "store", dm.fingerprint, overwrite=True)
+    featurize_influence(net, "model", task, dm, np.asarray(TRAIN), store, dataclasses.replace(config, dtype="bfloat16"), batch_size=4)
+    half_stored, half = open_stored(Store.open(store.root), "model", net)
+    assert half.dtype == np.uint16 and half_stored.config.dtype == "bfloat16"
+    rounded = as_tensor(half, "bfloat16").double()
+    np.testing.assert_allclose(rounded[TRAIN].numpy(), want_rows.numpy(), rtol=2**-8, atol=1e-30)
+    got = influence_scores(module, dm, queries, store, "square_norm", ekfac=True, grads="stored", batch_size=4)
+    want = torch.cat(query_rows, 1).float() @ rounded[TRAIN].float().T
+    np.testing.assert_allclose(got[:, TRAIN], want.numpy(), rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_layout_allocates_by_effective_dimension_and_keeps_the_heaviest_block():

@@ -53,14 +53,14 @@ from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, la
 from wherefrom.attribution.kfac.stored import influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
 from wherefrom.attribution.report import Attribution, Needs
-from wherefrom.attribution.store import Store, check_store
+from wherefrom.attribution.store import Store, as_tensor, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
 from wherefrom.target import as_data, as_queries, attributable
 from wherefrom.task import DiffusionTask, Stream, condition
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
-BLOCK_ROWS = 65536
+BLOCK_BYTES = 1 << 28  # the store rows in memory at once while scoring (256 MiB)
 
 
 def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPreconditioner) -> Tensor:
@@ -128,12 +128,20 @@ def projection_scale(projection: Projection) -> float:
     return float(projection.dim) if projection.kind is ProjectionKind.DENSE else 1.0
 
 
-def score_features(queries: Tensor, features: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
-    """``queries @ features^T`` (``Q x D`` by ``N x D``, read in row blocks; float32 stays float32)."""
+def score_features(queries: Tensor, features: np.ndarray, dtype: str | None = None, block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+    """``queries @ features^T`` (``Q x D`` by ``N x D``) as float64, read in row blocks of at most
+    ``block_bytes`` (memory flat in N). ``dtype``: the store array's dtype (default: the numpy
+    array's). The product runs in float32 for float32 and bfloat16 stores (bfloat16 blocks are
+    widened one at a time) and in float64 for float64 ones."""
+    dtype = dtype or features.dtype.name
     out = np.empty((len(queries), len(features)), dtype=np.float64)
+    block = max(1, block_bytes // max(1, features[:1].nbytes))
+    q = None
     for s in range(0, len(features), block):
-        rows = torch.from_numpy(np.ascontiguousarray(features[s : s + block])).to(queries.device, queries.dtype)
-        out[:, s : s + block] = (queries @ rows.T).cpu().numpy()
+        rows = as_tensor(features[s : s + block], dtype).to(queries.device)
+        rows = rows.float() if rows.dtype == torch.bfloat16 else rows
+        q = queries.to(rows.dtype) if q is None else q
+        out[:, s : s + block] = (q @ rows.T).double().cpu().numpy()
     return out
 
 
@@ -211,7 +219,7 @@ def influence_scores(
             if grads is Grads.STORED:
                 stored, rows = open_stored(store, model_id, net)
                 batches = query_gradient_batches(net, module.task, queries, measurement, stored.config.features(query_timesteps), batch_size, cond)
-                part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows)
+                part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows, stored.config.dtype)
             else:
                 query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
                 pre = precondition(net, query_gradients(net, module.task, queries, measurement, query_config, batch_size, cond), preconditioner)

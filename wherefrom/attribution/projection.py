@@ -35,6 +35,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -99,6 +100,11 @@ class LayerProjection:
     p_out: Tensor
     weight: slice
     bias: slice | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(k_out, k_in)`` of the projected gradient."""
+        return self.p_out.shape[1], self.p_in.shape[1]
 
     @property
     def dim(self) -> int:
@@ -235,9 +241,24 @@ class Projection:
         return torch.cat([f.flatten(1) for f in feats], 1)
 
 
+class LayerReduction(Protocol):
+    """What :func:`structured_grads` needs of a layer's projection: the module it hooks, the
+    ``(k_out, k_in)`` shape it yields, and its two sides (e.g. :class:`LayerProjection`)."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def project_input(self, x: Tensor) -> Tensor: ...  # R x k_in x positions
+
+    def project_output(self, g: Tensor) -> Tensor: ...  # R x k_out x positions
+
+
 def structured_grads(
     model: nn.Module,
-    layers: Sequence[LayerProjection],
+    layers: Sequence[LayerReduction],
     task: DiffusionTask,
     x0: Tensor,
     index: Tensor,
@@ -248,20 +269,19 @@ def structured_grads(
 ) -> list[Tensor]:
     """``P_out^T G P_in`` (``B x k_out x k_in``) of each of ``layers`` for a batch, ``G`` the
     layer's gradient of ``output`` averaged over ``draws``, from forward hooks on the inputs and
-    one backward to the layer outputs (LoGra, Sec. 3.2): no per-sample gradient is formed.
-    Several projections of one module (e.g. the kept eigenbasis block and a residual sketch)
-    share the forward and backward pass."""
+    one backward to the layer outputs (LoGra, Sec. 3.2): no per-sample gradient of the whole
+    model is formed. Several projections of one module share the forward and backward pass;
+    each layer's inputs are projected after the backward, one layer at a time."""
     x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
     (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
-    calls: list[tuple[int, Tensor]] = []  # (layer number, projected input) per call
+    calls: list[tuple[int, Tensor]] = []  # (layer number, layer input) per call
     outputs: list[Tensor] = []
 
-    def hook(number: int, layer: LayerProjection):
+    def hook(number: int, layer: LayerReduction):
         def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
             if len(out) != rows:
                 raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use --projection dense")
-            with torch.no_grad():
-                calls.append((number, layer.project_input(inputs[0].detach())))
+            calls.append((number, inputs[0].detach()))  # autograd keeps this input for the backward anyway
             outputs.append(out)
 
         return capture
@@ -277,14 +297,15 @@ def structured_grads(
     finally:
         for h in handles:
             h.remove()
-    feats = [layer.p_in.new_zeros(b, layer.p_out.shape[1], layer.p_in.shape[1]) for layer in layers]
+    feats = [x_t.new_zeros(b, *layer.shape) for layer in layers]
     with torch.no_grad():
-        for (number, a), g in zip(calls, grads):
+        for (number, x), g in zip(calls, grads):
             if g is not None:
                 # sum over draws and positions of (P_out^T g)(P_in^T a)^T (LoGra, Sec. 3.2)
                 gp = layers[number].project_output(g).unflatten(0, (b, k))
-                feats[number] += torch.einsum("bkop,bkip->boi", gp, a.unflatten(0, (b, k)))
+                a = layers[number].project_input(x).unflatten(0, (b, k))
+                feats[number] += torch.einsum("bkop,bkip->boi", gp, a)
     return feats
 
 
-__all__ = ["BLOCK_SIZE", "LayerProjection", "Projection", "default_projector", "projection_seed", "scaled_orthonormal", "structured_grads"]
+__all__ = ["BLOCK_SIZE", "LayerProjection", "LayerReduction", "Projection", "default_projector", "projection_seed", "scaled_orthonormal", "structured_grads"]

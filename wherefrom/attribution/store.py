@@ -31,12 +31,14 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.torch import load_file, save_file
+import torch
 from torch import Tensor
 
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
@@ -51,11 +53,26 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
+def on_disk(dtype: str) -> str:
+    """The ``.npy`` dtype of an array of ``dtype``: bfloat16 rows are kept as their 16-bit patterns
+    (numpy has no bfloat16)."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def as_tensor(rows: np.ndarray, dtype: str) -> Tensor:
+    """Rows of a store array of ``dtype`` as a tensor of that dtype, sharing memory when contiguous
+    (read-only: a store opened read-only maps its files read-only)."""
+    rows = np.ascontiguousarray(rows)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(rows)
+
+
 def row_crcs(rows: np.ndarray) -> np.ndarray:
     """CRC-32 of each row's bytes (uint32)."""
     rows = np.ascontiguousarray(rows)
     flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))
-    return np.fromiter((zlib.crc32(r.tobytes()) for r in flat), dtype=np.uint32, count=len(rows))
+    return np.fromiter((zlib.crc32(r) for r in flat), dtype=np.uint32, count=len(rows))  # each row in place (buffer protocol)
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, str, int]:
@@ -106,9 +123,9 @@ class StoreArray:
     """
 
     def __init__(self, base: Path, shape: tuple[int, ...], dtype: str, read_only: bool = False, repair: bool = False) -> None:
-        self.path = base
+        self.path, self.dtype = base, dtype
         files = {kind: Path(str(base) + suffix) for kind, suffix in zip(("data", "crc", "done"), SUFFIXES["array"])}
-        specs = {"data": (shape, dtype), "crc": ((shape[0],), "uint32"), "done": ((shape[0],), "uint8")}
+        specs = {"data": (shape, on_disk(dtype)), "crc": ((shape[0],), "uint32"), "done": ((shape[0],), "uint8")}
         damage = {kind: _npy_damage(files[kind], *specs[kind]) for kind in files}
         if any(damage.values()):
             kind, why = next((k, w) for k, w in damage.items() if w)
@@ -145,13 +162,17 @@ class StoreArray:
             with atomic_path(files[kind]) as tmp:
                 np.lib.format.open_memmap(str(tmp), mode="w+", dtype=dtype, shape=shape)[:] = kept
 
-    def _bad_rows(self, block: int = 65536) -> np.ndarray:
-        """Done rows whose bytes do not match their checksum."""
+    def _bad_rows(self, block_bytes: int = 1 << 26) -> np.ndarray:
+        """Done rows whose bytes do not match their checksum (read in blocks of at most ``block_bytes``;
+        a block whose rows are all done is checked in place, without a copy)."""
         bad = []
+        block = max(1, block_bytes // max(1, self.data[:1].nbytes))
         for s in range(0, len(self.done), block):
             done = np.flatnonzero(self.done[s : s + block]) + s
-            if done.size:
-                bad.append(done[row_crcs(self.data[done]) != self.crc[done]])
+            if not done.size:
+                continue
+            rows = self.data[s : s + block] if done.size == len(self.done[s : s + block]) else self.data[done]
+            bad.append(done[row_crcs(rows) != self.crc[done]])
         return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
     @staticmethod
@@ -170,8 +191,11 @@ class StoreArray:
     def write(self, rows: np.ndarray | Tensor, values: np.ndarray | Tensor) -> None:
         """Write ``values`` at ``rows``: data, then checksums, then the done-mask reach disk."""
         rows = np.asarray(rows, dtype=np.int64)
-        values = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
-        values = np.ascontiguousarray(values.astype(self.data.dtype, copy=False))
+        if self.dtype == "bfloat16":
+            values = torch.as_tensor(values).detach().cpu().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            values = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+            values = np.ascontiguousarray(values.astype(self.data.dtype, copy=False))
         self.data[rows] = values
         self._sync(self.data)
         self.crc[rows] = row_crcs(values)
@@ -332,7 +356,7 @@ class Store:
         if not self._check_entry(name, "array", config, shape=list(shape), dtype=dtype):
             base.parent.mkdir(parents=True, exist_ok=True)
             # files first, then the manifest entry: a crash in between just recreates them
-            for suffix, (dt, sh) in zip(SUFFIXES["array"], [(dtype, shape), (np.uint32, shape[:1]), (np.uint8, shape[:1])]):
+            for suffix, (dt, sh) in zip(SUFFIXES["array"], [(on_disk(dtype), shape), (np.uint32, shape[:1]), (np.uint8, shape[:1])]):
                 with atomic_path(str(base) + suffix) as tmp:
                     np.lib.format.open_memmap(str(tmp), mode="w+", dtype=dt, shape=sh).flush()
             self.manifest["entries"][name] = {"kind": "array", "shape": list(shape), "dtype": dtype, "config": _jsonable(config)}
@@ -392,4 +416,4 @@ def check_store(store: Store, fingerprint: str, codes_fingerprint: str | None = 
         )
 
 
-__all__ = ["FORMAT", "Store", "StoreArray", "check_store", "row_crcs"]
+__all__ = ["FORMAT", "Store", "StoreArray", "as_tensor", "check_store", "on_disk", "row_crcs"]

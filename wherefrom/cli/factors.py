@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
 from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+from wherefrom.attribution.kfac.stored import DTYPES, InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
 from wherefrom.cli.parser import ConfigArgumentParser
@@ -20,16 +20,17 @@ def factors_main(argv: list[str]) -> None:
     p.add_argument("--passes", type=int, default=FactorConfig.passes, help="passes over the data, fresh (t, eps) each")
     g = p.add_argument_group("stored influence", "every training gradient written once in the factors' eigenbasis, so K-FAC/EK-FAC queries do not recompute them")
     g.add_argument("--features", action="store_true", help="also write influence/<id> after the factors (read by attribute --method kfac|ekfac)")
-    g.add_argument("--dim", type=int, default=InfluenceConfig.dim, help="eigenbasis coordinates kept per image (float32: 4 bytes each)")
+    g.add_argument("--dim", type=int, default=InfluenceConfig.dim, help="eigenbasis coordinates kept per image (--features-dtype bytes each: bfloat16 2, float32 4)")
     g.add_argument("--residual-dim", type=int, default=InfluenceConfig.residual_dim, help="random sketch of the other coordinates (0: none)")
     g.add_argument("--timesteps", type=int, default=InfluenceConfig.timesteps, help="K draws averaged per training gradient")
+    g.add_argument("--features-dtype", choices=DTYPES, default=InfluenceConfig.dtype, help="precision of the stored rows (bfloat16: LDS unchanged at half float32's bytes)")
     add_batch_size(p)
     add_device(p)
     add_overwrite(p, "replace a store or entries made for other data, config or weights")
     a = p.parse_args(argv)
     check_batch_size(a)
     config = FactorConfig(a.curvature, a.kfac, a.passes, a.ekfac)
-    features = InfluenceConfig(dim=a.dim, residual_dim=a.residual_dim, timesteps=a.timesteps) if a.features else None
+    features = InfluenceConfig(dim=a.dim, residual_dim=a.residual_dim, timesteps=a.timesteps, dtype=a.features_dtype) if a.features else None
     module, data = open_run(a, "wherefrom factors", a.device)
     store = Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite)
     for model_id, net in module.denoisers().items():

@@ -10,13 +10,17 @@ eigenvalue) the rotated gradient ``R = Q_G^T G Q_A`` diagonalises the damped (EK
 
 A stored row holds, per layer,
 
-* the block ``B = R[:k_out, :k_in]`` of the top eigen-directions, computed like the structured
-  projection from hooks (``P_out = Q_G[:, :k_out]``, ``P_in = Q_A[:, :k_in]``; LoGra, Choe et
-  al. 2024, Sec. 3.3, initialises its projections from K-FAC eigenvectors), and
+* the block ``B = R[:k_out, :k_in]`` of the top eigen-directions (``P_out = Q_G[:, :k_out]``,
+  ``P_in = Q_A[:, :k_in]``; LoGra, Choe et al. 2024, Sec. 3.3, initialises its projections
+  from K-FAC eigenvectors), and
 * optionally a sketch ``S = P_out^T (R - [B 0; 0 0]) P_in`` of the rest with scaled orthonormal
   (Haar) ``P_out, P_in`` (``r_out x r_in``; ``E[P P^T] = I``, so sketch inner products estimate
-  the rest's without bias), from the same hooks as ``(Q_G P_out)^T G (Q_A P_in)`` minus the
-  block's share ``P_out[:k_out]^T B P_in[:k_in]``.
+  the rest's without bias).
+
+Training rows come from hooks: each layer's per-example gradient ``G = sum_pos g_pos a_pos^T``
+(averaged over the K draws) is formed from one forward and one backward of the batch, then
+rotated and reduced exactly as a dense gradient is; rows are stored in ``dtype`` (bfloat16 by
+default: its 8-bit mantissa leaves the LDS unchanged, benchmarks/results/stored_influence_digits500.md).
 
 The query side forms ``W = R_q / (Lambda + lambda)`` exactly and reduces it the same way, so
 ``score = <W_B, B_x> + <P_out^T W_rest P_in, S_x>``; with the whole basis kept and no sketch
@@ -44,14 +48,15 @@ from torch import Tensor, nn
 
 from wherefrom.attribution.features import Comm, LocalComm, on_rank_zero, write_rows
 from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
-from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
+from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen, inputs_with_bias, layer_dims, positions
 from wherefrom.attribution.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors, entry_names
-from wherefrom.attribution.projection import LayerProjection, layer_shape, projection_seed, scaled_orthonormal, structured_grads
+from wherefrom.attribution.projection import layer_shape, projection_seed, scaled_orthonormal, structured_grads
 from wherefrom.attribution.store import Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, TimestepStrategy, condition, generator_for
 
+DTYPES = ("bfloat16", "float32", "float64")  # precisions of the stored rows
 RESIDUAL_TAG = 2  # extra seed word of the residual sketches (apart from TRAK's projections)
 
 
@@ -70,19 +75,25 @@ class InfluenceConfig:
         timesteps: K, the seeded ``(t, eps)`` draws averaged per training gradient (exact mode's K).
         strategy: ``uniform`` or ``random`` timesteps, as for TRAK features.
         seed: seed of the residual sketches, mixed with the model id.
+        dtype: precision of the stored rows: ``bfloat16`` (2 bytes per coordinate), ``float32`` or ``float64``.
     """
 
-    dim: int = 131072  # the tuning curve (benchmarks/results/stored_influence_digits500.md): the best budget short of the whole basis
+    # the tuning curve (benchmarks/results/stored_influence_digits500.md): the smallest budget within
+    # 0.02 of exact mode for K-FAC and EK-FAC on both tuning query sets (512 KiB per image in bfloat16)
+    dim: int = 262144
     residual_dim: int = 0
     timesteps: int = FeatureConfig.timesteps
     strategy: str = TimestepStrategy.UNIFORM.value
     seed: int = 0
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.residual_dim < 0 or self.timesteps < 1:
             raise WherefromError(f"dim and timesteps must be >= 1 and residual_dim >= 0, got {self.dim}, {self.timesteps}, {self.residual_dim}")
         if self.strategy not in {s.value for s in TimestepStrategy}:
             raise WherefromError(f"strategy must be one of {[s.value for s in TimestepStrategy]}, got {self.strategy!r}")
+        if self.dtype not in DTYPES:
+            raise WherefromError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
     def features(self, timesteps: int | None = None) -> FeatureConfig:
         """The draws of the training gradients (or, with ``timesteps``, of query gradients) as a
@@ -94,6 +105,9 @@ class InfluenceConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> InfluenceConfig:
+        missing = [f.name for f in fields(cls) if f.name not in config]
+        if missing:
+            raise WherefromError(f"these stored influence rows lack {missing} in their config (an older wherefrom wrote them); featurise into a new store")
         return cls(**{f.name: config[f.name] for f in fields(cls)})
 
 
@@ -162,15 +176,27 @@ class StoredLayer:
         sketch = 0 if self.p_out is None else self.p_out.shape[1] * self.p_in.shape[1]
         return self.k_out * self.k_in + sketch
 
-    def rotated(self, grads: Tensor) -> Tensor:
-        """``R = Q_G^T G Q_A`` (``B x d_out x d_in``, float64) from dense gradients ``B x P``; only its
-        kept block when the layer has no sketch."""
-        g = grads[:, self.weight].double().reshape(len(grads), self.qg.shape[0], -1)
-        if self.bias is not None:
-            g = torch.cat([g, grads[:, self.bias].double().unsqueeze(-1)], -1)
-        if self.p_out is None:
-            return self.qg[:, : self.k_out].T @ g @ self.qa[:, : self.k_in]
-        return self.qg.T @ g @ self.qa
+    # the layer's whole per-example gradient from hooks (a LayerReduction for structured_grads)
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qg.shape[0], self.qa.shape[0]
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return inputs_with_bias(self.module, x).transpose(1, 2)
+
+    def project_output(self, g: Tensor) -> Tensor:
+        return positions(self.module, g).transpose(1, 2)
+
+    def layer_grad(self, grads: Tensor) -> Tensor:
+        """The layer's ``B x d_out x d_in`` gradient (bias column last) in dense gradients ``B x P``."""
+        g = grads[:, self.weight].reshape(len(grads), self.qg.shape[0], -1)
+        return g if self.bias is None else torch.cat([g, grads[:, self.bias].unsqueeze(-1)], -1)
+
+    def rotated(self, g: Tensor) -> Tensor:
+        """``R = Q_G^T G Q_A`` of the layer's gradients ``G`` (``B x d_out x d_in``), in their
+        dtype; only its kept block when the layer has no sketch."""
+        ko, ki = (self.k_out, self.k_in) if self.p_out is None else self.shape
+        return self.qg[:, :ko].T.to(g) @ g @ self.qa[:, :ki].to(g)
 
     def reduce(self, r: Tensor) -> Tensor:
         """``[R[:k_out, :k_in], P_out^T (R - block) P_in]`` flattened (``B x dim``)."""
@@ -179,27 +205,7 @@ class StoredLayer:
         if self.p_out is not None:
             rest = r.clone()
             rest[:, : self.k_out, : self.k_in] = 0
-            parts.append((self.p_out.T @ rest @ self.p_in).flatten(1))
-        return torch.cat(parts, 1)
-
-    def projections(self, device: torch.device, dtype: torch.dtype) -> list[LayerProjection]:
-        """The hooks' projections: the kept block (if any), then the sketch ``(Q_G P_out)^T G (Q_A P_in)`` (if any)."""
-        made = lambda p_in, p_out: LayerProjection(self.name, self.module, p_in.to(device, dtype), p_out.to(device, dtype), self.weight, self.bias)  # noqa: E731
-        out = [made(self.qa[:, : self.k_in], self.qg[:, : self.k_out])] if self.k_out else []
-        if self.p_out is not None:
-            out.append(made(self.qa @ self.p_in, self.qg @ self.p_out))
-        return out
-
-    def from_hooks(self, feats: list[Tensor]) -> Tensor:
-        """A row part from the hooks' outputs (:meth:`projections`' order): the block, and the sketch minus the block's share."""
-        block = feats.pop(0) if self.k_out else None
-        parts = [] if block is None else [block.flatten(1)]
-        if self.p_out is not None:
-            sketch = feats.pop(0)
-            if block is not None:
-                p_out, p_in = self.p_out[: self.k_out].to(block), self.p_in[: self.k_in].to(block)
-                sketch = sketch - p_out.T @ block @ p_in
-            parts.append(sketch.flatten(1))
+            parts.append((self.p_out.T.to(r) @ rest @ self.p_in.to(r)).flatten(1))
         return torch.cat(parts, 1)
 
 
@@ -258,20 +264,24 @@ class StoredInfluence:
             raise WherefromError(f"expected B x {self.num_params} gradients of model {self.model_id!r}, got {tuple(grads.shape)}")
         out = []
         for s in (s for s in self.layers if s.dim):
-            r = s.rotated(grads.cpu())
+            r = s.rotated(s.layer_grad(grads.cpu().double()))
             if preconditioner is not None:
                 r = r * preconditioner.inverse[s.name].double().cpu().flip(0).flip(1)[: r.shape[1], : r.shape[2]]
             out.append(s.reduce(r))
         return torch.cat(out, 1)
 
-    def training_rows(self, task: DiffusionTask, batch: dict[str, Tensor], projections: list[LayerProjection]) -> Tensor:
-        """Stored rows of a batch of training images (``B x dim``, the network's dtype) from hooks."""
-        first = projections[0].p_in
+    def training_rows(self, task: DiffusionTask, batch: dict[str, Tensor]) -> Tensor:
+        """Stored rows of a batch of training images (``B x dim``, the network's dtype): each
+        layer's per-example gradient from hooks, then rotated and reduced as :meth:`rows` does.
+        Forming ``G`` before rotating contracts the draws and positions once, at
+        ``d_out d_in`` per position, instead of projecting every position's input."""
+        first = next(iter(trainable_parameters(self.net).values()))
         x0 = batch["image"].to(first.device, first.dtype)
         cond = condition(batch)
         cond = None if cond is None else cond.to(first.device)
-        feats = structured_grads(self.net, projections, task, x0, batch["index"], "loss", self.config.features().draws(task), Stream.FEATURES, cond)
-        return torch.cat([s.from_hooks(feats) for s in self.layers if s.dim], 1)
+        layers = [s for s in self.layers if s.dim]
+        grads = structured_grads(self.net, layers, task, x0, batch["index"], "loss", self.config.features().draws(task), Stream.FEATURES, cond)
+        return torch.cat([s.reduce(s.rotated(g)) for s, g in zip(layers, grads)], 1)
 
 
 def load_eigen(store: Store | None, model_id: str, comm: Comm | None = None) -> tuple[dict[str, LayerEigen], str]:
@@ -305,14 +315,13 @@ def featurize_influence(
     eigen, factors = load_eigen(store, model_id, comm)
     stored = StoredInfluence(net, eigen, config, model_id)
     first = next(iter(trainable_parameters(net).values()))
-    projections = [p for s in stored.layers for p in s.projections(first.device, first.dtype)]
     meta = {**config.to_dict(), "model_id": model_id, "row_dim": stored.dim, "layout": stored.layout, "weights": weights_hash(net), "factors": factors}
     was_training = net.training
     net.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            write_rows(store, influence_entry(model_id), meta, stored.dim, first.dtype, first.device, datamodule, split,
-                       lambda batch: stored.training_rows(task, batch, projections), batch_size, comm, progress)  # fmt: skip
+            write_rows(store, influence_entry(model_id), meta, stored.dim, getattr(torch, config.dtype), first.device, datamodule, split,
+                       lambda batch: stored.training_rows(task, batch), batch_size, comm, progress)  # fmt: skip
     finally:
         net.train(was_training)
 
@@ -334,4 +343,4 @@ def open_stored(store: Store, model_id: str, net: nn.Module) -> tuple[StoredInfl
     return stored, store.read_array(name)
 
 
-__all__ = ["InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
+__all__ = ["DTYPES", "InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
