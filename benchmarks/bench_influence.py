@@ -69,13 +69,16 @@ def main() -> None:
         )
         query_s, stored_scores = timed(lambda: attribute("stored"))
         exact_s, exact_scores = timed(lambda: attribute("exact"))
-        row_bytes = {name: int(np.prod(store.manifest["entries"][name]["shape"][1:])) * 4 for name in (influence_entry("model"), entry_name("square_norm", "model"))}
+        row_bytes = {
+            name: int(np.prod(entry["shape"][1:])) * (2 if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"]).itemsize)
+            for name, entry in ((n, store.manifest["entries"][n]) for n in (influence_entry("model"), entry_name("square_norm", "model")))
+        }
     full = np.corrcoef(stored_scores.ravel(), exact_scores.ravel())[0, 1]
     print("| what | seconds | ratio | goal |")
     print("|---|---|---|---|")
     print(f"| factors, 1 pass + EK-FAC (not in the ratios) | {fit_s:.1f} | | |")
     print(f"| D-TRAK featurisation (structured D={dtrak.proj_dim}) | {dtrak_s:.1f} | 1.00 (reference) | |")
-    print(f"| influence featurisation (D={a.dim}) | {stored_s:.1f} | {stored_s / dtrak_s:.2f} x D-TRAK's | <= 1.5 |")
+    print(f"| influence featurisation (D={a.dim}, {config.dtype}) | {stored_s:.1f} | {stored_s / dtrak_s:.2f} x D-TRAK's | <= 1.5 |")
     print(f"| EK-FAC attribute, exact mode | {exact_s:.1f} | 1.00 (reference) | |")
     print(f"| EK-FAC attribute, stored mode | {query_s:.1f} | {exact_s / query_s:.1f} x faster | >= 20 |")
     print(f"\nstore per image: stored influence {row_bytes[influence_entry('model')]:,} B, D-TRAK features {row_bytes[entry_name('square_norm', 'model')]:,} B; "

@@ -91,6 +91,7 @@ def child(n: int, root: Path, unet: dict) -> dict:
         "score_s": score_s, "score_peak_mib": score_peak - base,
         "factors_s": fac_s, "factors_peak_mib": fac_peak - base,
         "influence_s": inf_s, "influence_peak_mib": inf_peak - base, "influence_dim": store.config(influence_entry("model"))["row_dim"],
+        "influence_row_bytes": store.config(influence_entry("model"))["row_dim"] * (2 if config.dtype == "bfloat16" else np.dtype(config.dtype).itemsize),
         "stored_score_s": stored_s, "stored_score_peak_mib": stored_peak - base,
     }  # fmt: skip
 
@@ -132,14 +133,14 @@ def main() -> None:
         f0, k0 = ref["n"] / ref["featurize_s"], ref["n"] / ref["factors_s"]
         print(f"| {r['n']:,} | {f:.0f} | {f / f0:.2f} | {r['featurize_peak_mib']:.0f} | {r['score_peak_mib']:.0f} | {k:.0f} | {k / k0:.2f} | "
               f"{r['factors_peak_mib']:.0f} | {r['data_mib']:.0f} | {r['dense_features_mib']:.0f} |")  # fmt: skip
-    print(f"\nStored influence (K-FAC eigenbasis rows, {ref['influence_dim']} coordinates per image, K=1), {QUERIES} K-FAC queries scored from the store:\n")
+    print(f"\nStored influence (K-FAC eigenbasis rows, {ref['influence_dim']} coordinates per image in bfloat16, K=1), {QUERIES} K-FAC queries scored from the store:\n")
     print("| N | influence featurisation img/s | vs ref | peak MiB | stored scoring s | s per 1,000 images | vs ref | scoring peak MiB | rows on disk MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f, f0 = r["n"] / r["influence_s"], ref["n"] / ref["influence_s"]
         per, per0 = 1000 * r["stored_score_s"] / r["n"], 1000 * ref["stored_score_s"] / ref["n"]
         print(f"| {r['n']:,} | {f:.0f} | {f / f0:.2f} | {r['influence_peak_mib']:.0f} | {r['stored_score_s']:.1f} | {per:.3f} | {per / per0:.2f} | "
-              f"{r['stored_score_peak_mib']:.0f} | {r['n'] * r['influence_dim'] * 4 / 2**20:.0f} |")  # fmt: skip
+              f"{r['stored_score_peak_mib']:.0f} | {r['n'] * r['influence_row_bytes'] / 2**20:.0f} |")  # fmt: skip
     (root / "results.json").write_text(json.dumps(rows, indent=2))
 
 

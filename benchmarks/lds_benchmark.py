@@ -227,17 +227,17 @@ def kfac_method(
     return run
 
 
-def stored_method(ekfac: bool, dim: int, residual_dim: int = 0, query_timesteps: int | None = None) -> Callable[[Context], np.ndarray]:
+def stored_method(ekfac: bool, dim: int, residual_dim: int = 0, query_timesteps: int | None = None, dtype: str = "float32") -> Callable[[Context], np.ndarray]:
     """(EK-)FAC influence from stored rows (default factors and draws) at budget ``dim`` (+ a sketch of
-    ``residual_dim``), reduced from the cached dense training gradients: the numbers the stored
-    featurisation's hooks give (``tests/test_influence.py``), for a whole curve of dimensions at once."""
+    ``residual_dim``) kept in ``dtype``, reduced from the cached dense training gradients: the numbers
+    the stored featurisation's hooks give (``tests/test_influence.py``), for a whole curve of dimensions at once."""
 
     def run(ctx: Context) -> np.ndarray:
         k = FeatureConfig.timesteps
         store = ctx.factors(FactorConfig.passes)
         stored = StoredInfluence(ctx.net, load_eigen(store, "model")[0], InfluenceConfig(dim=dim, residual_dim=residual_dim, timesteps=k), "model")
         train_g, _ = ctx.dense_grads("loss", k)
-        rows = torch.cat([stored.rows(train_g[s : s + 64]) for s in range(0, len(train_g), 64)])
+        rows = torch.cat([stored.rows(train_g[s : s + 64]).to(getattr(torch, dtype)).double() for s in range(0, len(train_g), 64)])
         queries = stored.rows(ctx.query_grads("loss", query_timesteps or k), load_preconditioner(store, "model", ctx.net, ekfac))
         return ctx.full((queries @ rows.T).numpy())
 

@@ -22,7 +22,7 @@ from wherefrom.io import write_json
 DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 ROUND1 = dict(timesteps=10, allocation="uniform", proj_dim=2048)  # the defaults before tuning, pinned
 KFAC_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-STORED_DIMS = (512, 2048, 8192, 32768, 131072, 1 << 20)  # 1 << 20 keeps every coordinate of the default UNet (701,345 parameters)
+STORED_DIMS = (512, 2048, 8192, 32768, 131072, 196608, 262144, 393216, 1 << 20)  # 1 << 20 keeps every coordinate of the default UNet (701,345 parameters)
 QUERY_DRAWS = (100, 300, 1000)
 SETS = ["tuning_real", "tuning_generated"]
 
@@ -59,7 +59,8 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
         }
         # issue 19: stored influence (eigenbasis block, optionally + a residual sketch) against its exact mode
         out[f"{name}: stored dimension (8 passes, K=100)"] = {
-            f"{name} stored D={d} R={r}": stored_method(ekfac, d, r) for d, r in [(d, 0) for d in STORED_DIMS] + [(d, r) for d in (2048, 8192) for r in (2048, 8192)]
+            **{f"{name} stored D={d} R={r}": stored_method(ekfac, d, r) for d, r in [(d, 0) for d in STORED_DIMS] + [(d, r) for d in (2048, 8192) for r in (2048, 8192)]},
+            **{f"{name} stored D={d} R=0 bfloat16": stored_method(ekfac, d, dtype="bfloat16") for d in (262144, 1 << 20)},  # the stored precision
         }
         out[f"{name}: query draws (exact, 8 passes, K=100 training draws)"] = {
             f"{name} passes=8 K=100 Kq={kq} loss": kfac_method(ekfac, "loss", None, 8, timesteps=100, query_timesteps=kq) for kq in QUERY_DRAWS

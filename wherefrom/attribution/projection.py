@@ -126,6 +126,14 @@ class LayerProjection:
             return torch.einsum("rop,ok->rkp", g.flatten(2), self.p_out)
         return (g.reshape(len(g), -1, g.shape[-1]) @ self.p_out).transpose(1, 2)
 
+    def reduce_grad(self, x: Tensor, g: Tensor, batch: int, draws: int) -> Tensor:
+        """``P_out^T G P_in`` per example (``batch x k_out x k_in``) from the layer's inputs ``x`` and
+        output gradients ``g`` of its ``batch x draws`` rows: the sum over draws and positions of
+        ``(P_out^T g)(P_in^T a)^T`` (LoGra, Sec. 3.2)."""
+        gp = self.project_output(g).unflatten(0, (batch, draws))
+        a = self.project_input(x).unflatten(0, (batch, draws))
+        return torch.einsum("bkop,bkip->boi", gp, a)
+
     def project_dense(self, grads: Tensor) -> Tensor:
         """``P_out^T G P_in`` from the dense gradient: ``B x (k_out k_in)``."""
         g = grads[:, self.weight].reshape(len(grads), self.p_out.shape[0], -1)
@@ -242,8 +250,9 @@ class Projection:
 
 
 class LayerReduction(Protocol):
-    """What :func:`structured_grads` needs of a layer's projection: the module it hooks, the
-    ``(k_out, k_in)`` shape it yields, and its two sides (e.g. :class:`LayerProjection`)."""
+    """What :func:`structured_grads` needs of a layer: the module it hooks, the ``(k_out, k_in)``
+    shape it yields, and the reduction of the layer's inputs and output gradients (e.g.
+    :class:`LayerProjection`)."""
 
     name: str
     module: nn.Module
@@ -251,9 +260,7 @@ class LayerReduction(Protocol):
     @property
     def shape(self) -> tuple[int, int]: ...
 
-    def project_input(self, x: Tensor) -> Tensor: ...  # R x k_in x positions
-
-    def project_output(self, g: Tensor) -> Tensor: ...  # R x k_out x positions
+    def reduce_grad(self, x: Tensor, g: Tensor, batch: int, draws: int) -> Tensor: ...  # batch x k_out x k_in
 
 
 def structured_grads(
@@ -301,10 +308,7 @@ def structured_grads(
     with torch.no_grad():
         for (number, x), g in zip(calls, grads):
             if g is not None:
-                # sum over draws and positions of (P_out^T g)(P_in^T a)^T (LoGra, Sec. 3.2)
-                gp = layers[number].project_output(g).unflatten(0, (b, k))
-                a = layers[number].project_input(x).unflatten(0, (b, k))
-                feats[number] += torch.einsum("bkop,bkip->boi", gp, a)
+                feats[number] += layers[number].reduce_grad(x, g, b, k)
     return feats
 
 

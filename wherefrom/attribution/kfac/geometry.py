@@ -65,9 +65,14 @@ def window_sums(x: Tensor, conv: nn.Conv2d, ho: int, wo: int) -> Tensor:
     return rect.flatten(-3)
 
 
+def unfolded(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """im2col columns ``B x C k_h k_w x R`` (the conv's input at each output position, channel-major)."""
+    return F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride)
+
+
 def patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """im2col patches ``B x R x C k_h k_w`` (the conv's input at each output position)."""
-    return F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride).transpose(1, 2)
+    return unfolded(x, conv).transpose(1, 2)
 
 
 class _ShiftCorrelator:

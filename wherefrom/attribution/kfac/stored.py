@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from wherefrom.attribution.features import Comm, LocalComm, on_rank_zero, write_rows
 from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
-from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen, inputs_with_bias, layer_dims, positions
+from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
+from wherefrom.attribution.kfac.geometry import unfolded
 from wherefrom.attribution.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors, entry_names
 from wherefrom.attribution.projection import layer_shape, projection_seed, scaled_orthonormal, structured_grads
 from wherefrom.attribution.store import Store
@@ -176,16 +177,21 @@ class StoredLayer:
         sketch = 0 if self.p_out is None else self.p_out.shape[1] * self.p_in.shape[1]
         return self.k_out * self.k_in + sketch
 
-    # the layer's whole per-example gradient from hooks (a LayerReduction for structured_grads)
     @property
     def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)``: hooks yield the layer's whole per-example gradient (a ``LayerReduction``)."""
         return self.qg.shape[0], self.qa.shape[0]
 
-    def project_input(self, x: Tensor) -> Tensor:
-        return inputs_with_bias(self.module, x).transpose(1, 2)
-
-    def project_output(self, g: Tensor) -> Tensor:
-        return positions(self.module, g).transpose(1, 2)
+    def reduce_grad(self, x: Tensor, g: Tensor, batch: int, draws: int) -> Tensor:
+        """The layer's per-example gradient ``[sum g a^T, sum g]`` (``batch x d_out x d_in``, bias
+        column last), summed over draws and positions, from its inputs and output gradients."""
+        if isinstance(self.module, nn.Conv2d):
+            a, g = unfolded(x, self.module), g.flatten(2)  # R x d_w x positions, R x d_out x positions
+        else:
+            a, g = (t.reshape(len(t), -1, t.shape[-1]).transpose(1, 2) for t in (x, g))
+        a, g = (t.unflatten(0, (batch, draws)) for t in (a, g))
+        weight = torch.einsum("bkop,bkip->boi", g, a)
+        return weight if self.module.bias is None else torch.cat([weight, g.sum((1, 3)).unsqueeze(-1)], -1)
 
     def layer_grad(self, grads: Tensor) -> Tensor:
         """The layer's ``B x d_out x d_in`` gradient (bias column last) in dense gradients ``B x P``."""
@@ -196,7 +202,9 @@ class StoredLayer:
         """``R = Q_G^T G Q_A`` of the layer's gradients ``G`` (``B x d_out x d_in``), in their
         dtype; only its kept block when the layer has no sketch."""
         ko, ki = (self.k_out, self.k_in) if self.p_out is None else self.shape
-        return self.qg[:, :ko].T.to(g) @ g @ self.qa[:, :ki].to(g)
+        (d_out, d_in), qg, qa = self.shape, self.qg[:, :ko].to(g), self.qa[:, :ki].to(g)
+        # the cheaper association of the two products
+        return (qg.T @ g) @ qa if ko * d_in * (d_out + ki) <= ki * d_out * (d_in + ko) else qg.T @ (g @ qa)
 
     def reduce(self, r: Tensor) -> Tensor:
         """``[R[:k_out, :k_in], P_out^T (R - block) P_in]`` flattened (``B x dim``)."""
@@ -258,15 +266,15 @@ class StoredInfluence:
         return [[s.name, s.k_out, s.k_in, 0 if s.p_out is None else s.p_out.shape[1], 0 if s.p_in is None else s.p_in.shape[1]] for s in self.layers]
 
     def rows(self, grads: Tensor, preconditioner: KFACPreconditioner | None = None) -> Tensor:
-        """Rows (``B x dim``, float64) of dense gradients ``B x P``: the training rows as stored, or
+        """Rows (``B x dim``, the gradients' dtype) of dense gradients ``B x P``: the training rows as stored, or
         with ``preconditioner`` the query rows ``W = R / (Lambda + lambda)`` reduced alike."""
         if grads.dim() != 2 or grads.shape[1] != self.num_params:
             raise WherefromError(f"expected B x {self.num_params} gradients of model {self.model_id!r}, got {tuple(grads.shape)}")
-        out = []
+        out, grads = [], grads.cpu()
         for s in (s for s in self.layers if s.dim):
-            r = s.rotated(s.layer_grad(grads.cpu().double()))
+            r = s.rotated(s.layer_grad(grads))
             if preconditioner is not None:
-                r = r * preconditioner.inverse[s.name].double().cpu().flip(0).flip(1)[: r.shape[1], : r.shape[2]]
+                r = r * preconditioner.inverse[s.name].cpu().flip(0).flip(1)[: r.shape[1], : r.shape[2]].to(r)
             out.append(s.reduce(r))
         return torch.cat(out, 1)
 
