@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from wherefrom.attribution.baseline import Pixel
+from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule
 from wherefrom.errors import WherefromError
 
@@ -106,6 +110,13 @@ def test_folder_source(tmp_path):
     dm = FolderDataModule(str(tmp_path))
     assert dm.image_shape == (3, 6, 6)
     assert torch.allclose(dm.images[0], torch.tensor(arrays[0]).permute(2, 0, 1).float() / 127.5 - 1)
+    # topk.json names each training image by its file under the folder
+    assert dm.image_names() == ["img0.png", "img1.png", "sub/img2.png"]
+    result = Pixel().attribute(None, dm, dm.images[[2, 0]])
+    write_attribution(tmp_path / "out", result, dm.images, top_k=2)
+    rows = json.loads((tmp_path / "out" / "topk.json").read_text())["queries"]
+    assert [r["names"][0] for r in rows] == ["sub/img2.png", "img0.png"] and all(len(r["names"]) == 2 for r in rows)
+    shutil.rmtree(tmp_path / "out")  # its topk.png is no training image
     assert FolderDataModule(str(tmp_path), mode="L").image_shape == (1, 6, 6)
     Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
     with pytest.raises(WherefromError, match="different sizes"):

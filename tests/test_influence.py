@@ -16,7 +16,7 @@ from tests.trak_helpers import tiny_config
 from wherefrom import cli
 from wherefrom.attribution.features import featurize
 from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
-from wherefrom.attribution.influence import MEASURES, influence_scores, projection_scale
+from wherefrom.attribution.influence import EKFAC, MEASURES, influence_scores, projection_scale
 from wherefrom.attribution.kfac import (
     HEURISTIC_DAMPING,
     FactorConfig,
@@ -30,6 +30,7 @@ from wherefrom.attribution.kfac import (
 )
 from wherefrom.attribution.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
 from wherefrom.attribution.projection import Projection
+from wherefrom.attribution.report import write_attribution
 from wherefrom.attribution.store import Store, as_tensor
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
@@ -206,6 +207,20 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(args + ["--measurement", "l1_norm"])
     assert exit_.value.code == 2 and "--measurement" in capsys.readouterr().err
+
+
+def test_topk_json_states_the_unit_names_and_predicted_change(setup, tmp_path):
+    """K-FAC's ``predicted_change`` is score / N (N training images), each top image is named by its
+    digit class, and the unit is the method's."""
+    module, dm, store, queries = setup
+    result = EKFAC(store=str(store.root), measurement="elbo", grads="exact", timesteps=CONFIG.timesteps, batch_size=4).attribute(module, dm, queries)
+    write_attribution(tmp_path, result, dm.images, top_k=3)
+    top = json.loads((tmp_path / "topk.json").read_text())
+    assert top["unit"] == EKFAC.unit and "score / N" in top["unit"] and top["removal_scale"] == 1 / len(TRAIN)
+    classes = dm.labels
+    for row in top["queries"]:
+        np.testing.assert_allclose(row["predicted_change"], [s / len(TRAIN) for s in row["scores"]], rtol=1e-15)
+        assert row["names"] == [DigitsDataModule.class_names[classes[i]] for i in row["indices"]]
 
 
 def test_stored_influence_with_the_whole_basis_equals_exact_mode(setup, tmp_path):

@@ -281,8 +281,8 @@ def set_rows(queries: dict[str, Tensor], sets: list[str]) -> dict[str, slice]:
 
 def rows_of(result: Attribution, rows: slice, queries: Tensor) -> Attribution:
     """The part of ``result`` for the queries at ``rows`` (scores, per-query extras and artifacts)."""
-    return Attribution(result.scores[rows], queries, result.method, result.split, result.extra[rows],
-                       {k: v[rows] for k, v in result.artifacts.items()})  # fmt: skip
+    return dataclasses.replace(result, scores=result.scores[rows], queries=queries, extra=result.extra[rows],
+                               artifacts={k: v[rows] for k, v in result.artifacts.items()})  # fmt: skip
 
 
 def attribute_and_remove(cfg: DemoConfig, module, dm, methods: dict[str, Any], queries: dict[str, Tensor], classes: dict[str, np.ndarray],

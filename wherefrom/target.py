@@ -274,6 +274,13 @@ def as_data(data: Any, owner: str) -> Any:
     return DatasetView(data, owner)
 
 
+def image_names(data: Any) -> list[str]:
+    """Each training index's identity, as ``topk.json`` and reports show it: a wherefrom
+    datamodule's ``image_names()`` (file, caption or class), else the index itself."""
+    names = getattr(data, "image_names", None)
+    return list(names()) if callable(names) else [str(i) for i in range(data.num_images)]
+
+
 def resolve_data(trainer: Any, owner: str) -> Any:
     """The trainer's wherefrom datamodule, else a :class:`DatasetView` of its train DataLoader's dataset."""
     dm = trainer.datamodule

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.attribution.report import Attribution, Needs
-from wherefrom.target import as_data, as_queries
+from wherefrom.target import as_data, as_queries, image_names
 from wherefrom.task import mix_seed
 
 
@@ -37,11 +37,12 @@ class Random:
 
     name: ClassVar[str] = "random"
     needs: ClassVar[Needs] = Needs.NOTHING
+    unit: ClassVar[str] = "i.i.d. standard-normal noise: the chance baseline"
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
-        return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices)
+        return Attribution(random_scores(len(queries), data.num_images, self.seed), queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
 
 
 @dataclass
@@ -50,11 +51,12 @@ class Pixel:
 
     name: ClassVar[str] = "pixel"
     needs: ClassVar[Needs] = Needs.NOTHING
+    unit: ClassVar[str] = "minus the squared pixel distance to the query (images in [-1, 1]); larger = more similar"
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
-        return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices)
+        return Attribution(pixel_scores(queries, data.images, np.asarray(data.indices)), queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
 
 
 __all__ = ["Pixel", "Random", "pixel_scores", "random_scores"]

@@ -56,7 +56,7 @@ from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, as_tensor, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
-from wherefrom.target import as_data, as_queries, attributable
+from wherefrom.target import as_data, as_queries, attributable, image_names
 from wherefrom.task import DiffusionTask, Stream, condition
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
@@ -268,6 +268,10 @@ class KFAC:
 
     name: ClassVar[str] = "kfac"
     needs: ClassVar[Needs] = Needs.FACTORS
+    unit: ClassVar[str] = (
+        "influence grad m(q)^T (F + lambda I)^-1 grad L(x): removing the image from the N training images raises the "
+        "query's measurement by about score / N (predicted_change); larger = more helpful to the query"
+    )
     ekfac: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -296,7 +300,8 @@ class KFAC:
             config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True, cond=cond,
             query_timesteps=self.query_timesteps,
         )  # fmt: skip
-        return Attribution(scores, queries, self.name, split=data.indices, info={"grads": grads.value, "measurement": self.measurement})
+        return Attribution(scores, queries, self.name, split=data.indices, info={"grads": grads.value, "measurement": self.measurement},
+                           unit=self.unit, removal_scale=1.0 / len(data.indices), names=image_names(data))  # fmt: skip
 
 
 @dataclass

@@ -43,6 +43,10 @@ class Attribution:
     ``artifacts``: named per-query image rows (``Q x R x C x H x W``), written as
     ``<name>.npy`` and ``<name>.png`` (each query, then its R images).
     ``info``: how the scores were made (e.g. K-FAC's ``grads`` mode), written into ``topk.json``.
+    ``unit``: what a score measures and its sign (the method's :attr:`Attributor.unit`).
+    ``removal_scale``: for influence scores, the factor that turns a score into the predicted
+    change of the query's measurement if the image were removed (``1 / N``); ``None`` otherwise.
+    ``names``: each training index's identity (file, caption, class or index; :func:`wherefrom.target.image_names`).
     """
 
     scores: np.ndarray
@@ -52,6 +56,9 @@ class Attribution:
     extra: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    unit: str = ""
+    removal_scale: float | None = None
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -62,6 +69,8 @@ class Attribution:
         for name, rows in self.artifacts.items():
             if rows.dim() != 5 or len(rows) != len(self.queries):
                 raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
+        if self.names is not None and len(self.names) != self.scores.shape[1]:
+            raise ValueError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
 
     @property
     def columns(self) -> np.ndarray:
@@ -99,6 +108,7 @@ class Attributor(Protocol):
 
     name: ClassVar[str]
     needs: ClassVar[Needs]
+    unit: ClassVar[str]  # what a score measures and its sign, as --help, topk.json and reports state it
 
     def attribute(self, module: Any, data: Any, queries: Tensor, cond: Tensor | None = None) -> Attribution: ...
 
@@ -153,10 +163,15 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
     rows = []
     for q in range(len(idx)):
         row = {"query": q, "indices": idx[q].tolist(), "scores": top[q].tolist()}
+        if result.names is not None:
+            row["names"] = [result.names[i] for i in idx[q]]
+        if result.removal_scale is not None:  # the measurement's predicted change if the image were removed
+            row["predicted_change"] = (top[q].astype(np.float64) * result.removal_scale).tolist()
         if result.extra:
             row.update(result.extra[q])
         rows.append(row)
-    write_json(out / "topk.json", {"method": result.method, **result.info, "top_k": int(idx.shape[1]), "queries": rows})
+    meta = {"method": result.method, "unit": result.unit, **({"removal_scale": result.removal_scale} if result.removal_scale is not None else {})}
+    write_json(out / "topk.json", {**meta, **result.info, "top_k": int(idx.shape[1]), "queries": rows})
     queries = show(result.queries)
     save_grid(beside_queries(queries, [show(train_images[i]) for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
     for name, images in result.artifacts.items():

@@ -40,7 +40,7 @@ from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.attribution.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
-from wherefrom.target import as_data, as_queries, attributable
+from wherefrom.target import as_data, as_queries, attributable, image_names
 
 DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)
 BLOCK_ROWS = 8192
@@ -213,6 +213,7 @@ class TRAK:
 
     name: ClassVar[str] = "trak"
     needs: ClassVar[Needs] = Needs.FEATURES
+    unit: ClassVar[str] = "TRAK's kernel-regression weight of the image for the query's loss; larger = more influential (a relative score, not a loss change)"
 
     def __post_init__(self) -> None:
         if self.damping <= 0:
@@ -227,7 +228,7 @@ class TRAK:
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)
         scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
-        return Attribution(scores, queries, self.name, split=data.indices)
+        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
 
 
 @dataclass
@@ -237,6 +238,7 @@ class DTRAK(TRAK):
     damping: float = DAMPING["dtrak"]
 
     name: ClassVar[str] = "dtrak"
+    unit: ClassVar[str] = "D-TRAK's kernel-regression weight of the image for the query's mean eps^2; larger = more influential (a relative score, not a loss change)"
 
 
 __all__ = ["DAMPING", "DTRAK", "TRAK", "store_scores", "damping_value", "kernel_scores", "feature_entries", "network_for", "query_features", "trak_scores"]

@@ -75,7 +75,11 @@ def method_options() -> dict[str, Option]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ConfigArgumentParser(prog="wherefrom attribute", description="Score every training image's influence on each query.")
+    units = "\n".join(f"  {name}: {cls.unit}" for name, cls in sorted(ATTRIBUTORS.items()))
+    p = ConfigArgumentParser(
+        prog="wherefrom attribute", description="Score every training image's influence on each query.",
+        epilog=f"what a score means, per method (topk.json's \"unit\"):\n{units}", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     add_run(p)
     p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")

@@ -234,6 +234,16 @@ class ImageDataModule(L.LightningDataModule):
             self._cond = self.embed(self._captions)
         self.indices = select_indices(cut, self.subset, self.exclude, random_pool(cut, self.pool_size, self.pool_seed))
 
+    def image_names(self) -> list[str]:
+        """Each training image's identity over the index space: its caption (text data), else its
+        class (data with labels), else its index."""
+        if self._captions is not None:
+            return list(self._captions)
+        labels, classes = getattr(self, "labels", None), getattr(self, "class_names", None)
+        if labels is not None:
+            return [classes[int(c)] if classes else f"class {int(c)}" for c in np.asarray(labels)[: self.num_images]]
+        return [str(i) for i in range(self.num_images)]
+
     @property
     def codec(self):
         """The :class:`~wherefrom.latent.LatentCodec` of ``vae`` (``None`` in pixel space)."""

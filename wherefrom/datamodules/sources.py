@@ -61,6 +61,12 @@ class FolderDataModule(ImageDataModule):
             raise WherefromError(f"image folder {str(self.root)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return files
 
+    def image_names(self) -> list[str]:
+        """Each training image's file relative to ``root`` (with its caption, for text data)."""
+        files = [p.relative_to(self.root).as_posix() for p in self.files()[: self.num_images]]
+        captions = self._captions
+        return files if captions is None else [f"{f}: {c}" for f, c in zip(files, captions)]
+
     def load_images(self) -> np.ndarray:
         arrays = []
         for path in self.files():

@@ -46,7 +46,7 @@ from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
 from wherefrom.sampling import EpsFn, SchedulerType, guided, sample
-from wherefrom.target import as_data, as_queries
+from wherefrom.target import as_data, as_queries, image_names
 from wherefrom.task import predict_eps
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
@@ -368,6 +368,7 @@ class SyntheticAblation:
 
     name: ClassVar[str] = "ablation"
     needs: ClassVar[Needs] = Needs.ENSEMBLE
+    unit: ClassVar[str] = "how far the query sample moves (L2 over pixels in [-1, 1]) when the image's members are dropped, to first order; larger = more influential"
 
     def __post_init__(self) -> None:
         self.scheduler = SchedulerType(self.scheduler)
@@ -390,7 +391,7 @@ class SyntheticAblation:
                 "samples: generate them with the same seed, steps and scheduler"
             )
         lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
-        result = Attribution(synthetic_scores(lin, codes, data.num_images), queries, self.name, split=data.indices)
+        result = Attribution(synthetic_scores(lin, codes, data.num_images), queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
         top, _ = result.topk(self.top_k)
         deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
         result.artifacts["counterfactuals"] = lin.counterfactuals(deltas)
@@ -422,6 +423,7 @@ class AblationLoss:
 
     name: ClassVar[str] = "ablation-loss"
     needs: ClassVar[Needs] = Needs.ENSEMBLE
+    unit: ClassVar[str] = "the exact rise of the query's measurement when the image's ensemble members are dropped; larger = more helpful to the query"
 
     def __post_init__(self) -> None:
         if self.measurement not in ("loss", "elbo"):
@@ -435,7 +437,7 @@ class AblationLoss:
         sampler = _ensemble(module, self.name).sampler()
         quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
         scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)
-        return Attribution(scores, queries, self.name, split=data.indices)
+        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
 
 
 __all__ = [
