@@ -13,7 +13,7 @@ Roles:
 from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
 from wherefrom.attribution.baseline import Pixel, Random
 from wherefrom.attribution.influence import EKFAC, KFAC
-from wherefrom.attribution.report import Attribution, Attributor, Needs, write_attribution
+from wherefrom.attribution.report import Attribution, Attributor, Needs, view, write_attribution
 from wherefrom.attribution.store import Store
 from wherefrom.attribution.trak import DTRAK, TRAK
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
@@ -60,6 +60,7 @@ __all__ = [
     "ATTRIBUTORS",
     "attributor",
     "register",
+    "view",
     "write_attribution",
     "AblationLoss",
     "DTRAK",

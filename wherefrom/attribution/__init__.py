@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "Attribution": "report",
     "Attributor": "report",
     "Needs": "report",
+    "view": "report",
     "write_attribution": "report",
     # attributors and their registry
     "ATTRIBUTORS": "api",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wherefrom.attribution.html import Report, inline_report, summary_html, write_run_report
 from wherefrom.errors import WherefromError
 from wherefrom.io import image_grid, save_grid, write_json, write_npy
 
@@ -71,6 +72,10 @@ class Attribution:
                 raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
         if self.names is not None and len(self.names) != self.scores.shape[1]:
             raise ValueError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: each query beside its top 5 (names, scores, predicted changes)."""
+        return summary_html(topk_table(self, 5), self.queries.float().cpu())
 
     @property
     def columns(self) -> np.ndarray:
@@ -148,18 +153,12 @@ def log_attribution(loggers: Sequence[Any], result: Attribution, data: Any, top_
             logger.log_image(key=f"{prefix}/topk", images=[grid.permute(1, 2, 0).numpy()], step=step)
 
 
-def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None) -> Path:
-    """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
-    its top-k training images, one row per query) and every artifact of ``result``; grids show
-    ``decode(x)`` (a latent model's decoder) when given, the arrays stay what the model saw."""
-    show = decode or (lambda x: x)
+def topk_table(result: Attribution, top_k: int) -> dict[str, Any]:
+    """What ``topk.json`` holds: per query the top-k indices, scores, names and (influence methods)
+    predicted changes, with the method, its unit and ``info``."""
     if top_k < 1:
         raise WherefromError(f"--top-k must be >= 1, got {top_k}")
-    if result.scores.shape[1] != len(train_images):
-        raise WherefromError(f"scores cover {result.scores.shape[1]} training images but the training set has {len(train_images)}")
-    out = Path(out)
     idx, top = result.topk(top_k)
-    write_npy(out / "scores.npy", result.scores)
     rows = []
     for q in range(len(idx)):
         row = {"query": q, "indices": idx[q].tolist(), "scores": top[q].tolist()}
@@ -171,10 +170,36 @@ def write_attribution(out: str | Path, result: Attribution, train_images: Tensor
             row.update(result.extra[q])
         rows.append(row)
     meta = {"method": result.method, "unit": result.unit, **({"removal_scale": result.removal_scale} if result.removal_scale is not None else {})}
-    write_json(out / "topk.json", {**meta, **result.info, "top_k": int(idx.shape[1]), "queries": rows})
+    return {**meta, **result.info, "top_k": int(idx.shape[1]), "queries": rows}
+
+
+def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None) -> Path:
+    """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
+    its top-k training images, one row per query), every artifact of ``result`` and the browsable
+    report ``index.html`` (:mod:`wherefrom.attribution.html`); images show ``decode(x)`` (a latent
+    model's decoder) when given, the arrays stay what the model saw."""
+    show = decode or (lambda x: x)
+    if result.scores.shape[1] != len(train_images):
+        raise WherefromError(f"scores cover {result.scores.shape[1]} training images but the training set has {len(train_images)}")
+    table = topk_table(result, top_k)
+    out = Path(out)
+    write_npy(out / "scores.npy", result.scores)
+    write_json(out / "topk.json", table)
+    idx = [row["indices"] for row in table["queries"]]
     queries = show(result.queries)
-    save_grid(beside_queries(queries, [show(train_images[i]) for i in idx]), out / "topk.png", nrow=idx.shape[1] + 1)
+    save_grid(beside_queries(queries, [show(train_images[i]) for i in idx]), out / "topk.png", nrow=table["top_k"] + 1)
     for name, images in result.artifacts.items():
         write_npy(out / f"{name}.npy", images.float().cpu().numpy())
         save_grid(beside_queries(queries, [show(row) for row in images]), out / f"{name}.png", nrow=images.shape[1] + 1)
+    write_run_report(out, table, result.queries, train_images, result.artifacts, show)
     return out
+
+
+def view(result: Attribution, data: Any, top_k: int = 10) -> Report:
+    """The browsable report of ``result`` (as ``wherefrom attribute`` writes it) with its images
+    embedded: a notebook cell shows it inline; ``.save("report.html")`` writes it. ``data``: the
+    training data as the attributors take it (a datamodule, Dataset or DataLoader)."""
+    from wherefrom.target import as_data
+
+    data = as_data(data, "view")
+    return Report(inline_report(topk_table(result, top_k), result.queries.float().cpu(), data.images, result.artifacts, getattr(data, "decode", None) or (lambda x: x)))

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "featurize": ("wherefrom.cli.featurize:featurize_main", "TRAK / D-TRAK features of a run into a store"),
     "factors": ("wherefrom.cli.factors:factors_main", "K-FAC / EK-FAC factors of a run into a store"),
     "attribute": ("wherefrom.cli.attribute:attribute_main", "score training images' influence on queries"),
+    "view": ("wherefrom.cli.view:view_main", "merge attribution runs over the same queries into one browsable report"),
     "lds": ("wherefrom.cli.evaluate:lds_main", "linear datamodelling score: subsets, train, measure, score"),
     "counterfactual": ("wherefrom.cli.evaluate:counterfactual_main", "retrain without each query's top influences and compare"),
     "loo": ("wherefrom.cli.evaluate:loo_main", "grade methods against an encoded ensemble's exact leave-one-out"),

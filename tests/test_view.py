@@ -1,0 +1,123 @@
+"""The browsable report: opened in headless Chromium, the page shows for the selected query exactly
+the top-k names and scores of ``topk.json``; ``wherefrom view`` merges runs over the same queries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import wherefrom
+from wherefrom import cli
+from wherefrom.attribution.baseline import Pixel, Random
+from wherefrom.attribution.report import write_attribution
+from wherefrom.datamodules import DigitsDataModule, FolderDataModule
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+browser = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium (.ci/run installs Debian's: apt-get install chromium)")
+
+
+class Hits(HTMLParser):
+    """Each method section's hits (index, score, name, predicted change) in a rendered page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.methods: dict[str, list[dict]] = {}
+        self._method, self._span = None, None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "section" and "data-method" in a:
+            self._method = a["data-method"]
+            self.methods[self._method] = []
+        elif tag == "figure" and self._method:
+            self.methods[self._method].append({"index": int(a["data-index"]), "score": float(a["data-score"])})
+        elif tag == "span":
+            self._span = a.get("class")
+
+    def handle_data(self, data: str) -> None:
+        if self._span in ("name", "change"):
+            self.methods[self._method][-1][self._span] = data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "span":
+            self._span = None
+
+
+def rendered(page: Path, query: int) -> dict[str, list[dict]]:
+    """The page as Chromium renders it with ``query`` selected (``#q=``, as a click or the arrow keys do)."""
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", f"{page.resolve().as_uri()}#q={query}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    parser = Hits()
+    parser.feed(dom)
+    return parser.methods
+
+
+def folder_data(root: Path) -> FolderDataModule:
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (root / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"class{i % 2}" / f"img{i}.png")
+    dm = FolderDataModule(str(root), mode="L")
+    dm.setup()
+    return dm
+
+
+@browser
+def test_the_report_shows_topk_json_for_the_selected_query(tmp_path):
+    dm = folder_data(tmp_path / "data")
+    result = Pixel().attribute(None, dm, dm.images[[4, 1, 2]] * 0.5)
+    result = dataclasses.replace(result, removal_scale=0.5)  # as an influence method's: the predicted change is shown
+    write_attribution(tmp_path / "run", result, dm.images, top_k=3)
+    top = json.loads((tmp_path / "run" / "topk.json").read_text())["queries"]
+    for q in (0, 2):
+        hits = rendered(tmp_path / "run" / "index.html", q)["pixel"]
+        assert [h["index"] for h in hits] == top[q]["indices"] and [h["score"] for h in hits] == top[q]["scores"]
+        assert [h["name"] for h in hits] == top[q]["names"] and all(n.startswith("class") and n.endswith(".png") for n in top[q]["names"])
+        assert [float(h["change"].split(": ")[1]) for h in hits] == pytest.approx(top[q]["predicted_change"], rel=5e-3)  # 3 digits shown
+
+
+@browser
+def test_view_merges_two_methods_over_the_same_queries(tmp_path, capsys):
+    dm = DigitsDataModule(subset=list(range(40)))
+    dm.setup()
+    queries = dm.images[[3, 7, 11]] * 0.9
+    runs = [tmp_path / m.name for m in (Pixel(), Random())]
+    for method, run in zip((Pixel(), Random()), runs):
+        write_attribution(run, method.attribute(None, dm, queries), dm.images, top_k=4)
+    cli.main(["view", *map(str, runs), "--out", str(tmp_path / "merged")])
+    shown = rendered(tmp_path / "merged" / "index.html", 2)
+    assert list(shown) == ["pixel", "random"]
+    for run in runs:
+        row = json.loads((run / "topk.json").read_text())["queries"][2]
+        hits = shown[run.name]
+        assert [h["index"] for h in hits] == row["indices"] and [h["score"] for h in hits] == row["scores"] and [h["name"] for h in hits] == row["names"]
+    # another run's queries, or an existing report, are refused before anything is written
+    write_attribution(tmp_path / "other", Pixel().attribute(None, dm, queries[:2]), dm.images, top_k=4)
+    for args, message in ((["view", str(runs[0]), str(tmp_path / "other"), "--out", str(tmp_path / "m2")], "other queries"),
+                          (["view", *map(str, runs), "--out", str(tmp_path / "merged")], "--overwrite")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+
+
+def test_notebook_views_embed_their_images():
+    dm = DigitsDataModule(subset=list(range(30)))
+    dm.setup()
+    result = Pixel().attribute(None, dm, dm.images[[5, 6]])
+    page = wherefrom.view(result, dm, top_k=3)
+    assert page.page.count('"image": "data:image/png;base64,') == 2 * 3 and "images/" not in page.page
+    assert page._repr_html_().startswith("<iframe srcdoc=")
+    table = result._repr_html_()
+    idx, _ = result.topk(5)
+    assert table.count("<tr>") == 2 * 6 and all(f"{DigitsDataModule.class_names[dm.labels[i]]} ({i})" in table for i in idx.ravel())
