@@ -49,6 +49,11 @@ def test_tiny_demo_writes_the_whole_report(tmp_path, capsys):
             assert len(r["loss_rise_per_query"]) == 3 and -1 <= r["lds"]["mean"] <= 1
             assert set(np.ravel(r["removed"])) <= pool  # top-k ranks the training images only
     assert results["winner"]["generated"] in ATTRIBUTORS and "won." in report
+    # the browsable report of each query set, linked from report.md, holds every method's run
+    for qset in ("generated", "real"):
+        assert f"(report/{qset}/index.html)" in report
+        page = (out / "report" / qset / "index.html").read_text()
+        assert all(f'"method": "{m}"' in page for m in results["methods"][qset])
     assert {"ensemble samples", "real held-out digits"} <= set(results["quality"])
     # the subset models behind the LDS and the fit's LightningCLI config
     assert np.load(out / "lds" / "measurements.npy").shape == (3, 1, 6)

@@ -15,7 +15,8 @@
    moves, against ``removal_k`` random images; optionally an LDS over ``lds_subsets``
    retrained halves.
 5. ``DIR/report.md``: which method won and by how much, every figure with its 95% interval,
-   the sample-quality fractions, top-k and counterfactual grids, and the time per stage.
+   the sample-quality fractions, top-k and counterfactual grids, and the time per stage; beside
+   it ``DIR/report/<set>/index.html``, every method's top-k side by side, query by query.
 
 The defaults take under 10 minutes on 2 idle CPU cores; the size options scale it up
 to the LDS benchmark (``--num-images 500 --lds-subsets 64 ...``), ``--tiny`` shrinks it to
@@ -42,6 +43,7 @@ import yaml
 from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
+from wherefrom.attribution.html import merge_reports
 from wherefrom.attribution.report import Attribution, write_attribution
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble.codes import validate_codes
@@ -431,6 +433,7 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, Method
         if "random" in res:
             lines += verdict(qset, res, k) + [""]
     lines += ["![evaluation](evaluation.png)", ""]
+    lines += ["Browse every method's top-k side by side, query by query: " + ", ".join(f"[{qset} queries](report/{qset}/index.html)" for qset in results) + ".", ""]
     for qset, res in results.items():
         has_distance = qset == "generated"
         has_lds = any(r.lds is not None for r in res.values())
@@ -470,6 +473,8 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, Method
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in timer.seconds.items()]
     lines += [f"| **total** | {total:.1f} |", ""]
+    for qset, res in results.items():  # the browsable report of each query set's runs (wherefrom view)
+        merge_reports([out / "methods" / qset / m for m in res], out / "report" / qset)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
