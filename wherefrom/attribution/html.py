@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor
 
 from wherefrom.errors import WherefromError
-from wherefrom.io import atomic_path, to_uint8
+from wherefrom.io import atomic_path, to_uint8, write_json
 
 IMAGES = "images"
 
@@ -91,7 +91,7 @@ def write_run_report(out: str | Path, top: dict[str, Any], queries: Tensor, trai
         return f"{IMAGES}/{name}"
 
     run = run_images(top, queries, train_images, artifacts, show, save)
-    (out / IMAGES / "run.json").write_text(json.dumps(run))
+    write_json(out / IMAGES / "run.json", run)  # what `wherefrom view` merges
     with atomic_path(out / "index.html") as tmp:
         tmp.write_text(page([run], f"wherefrom: {top['method']}"))
     return out / "index.html"
@@ -117,7 +117,8 @@ def merge_reports(runs: Sequence[str | Path], out: str | Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
 
         def moved(rel: str, run: Path = run, target: Path = target, k: int = k) -> str:
-            shutil.copyfile(run / rel, target / Path(rel).name)
+            with atomic_path(target / Path(rel).name) as tmp:
+                shutil.copyfile(run / rel, tmp)
             return f"{IMAGES}/{k}/{Path(rel).name}"
 
         for row in data["rows"]:
@@ -197,7 +198,7 @@ img { image-rendering: pixelated; width: 64px; height: 64px; object-fit: contain
 const data = JSON.parse(document.getElementById("data").textContent);
 const runs = data.runs, count = runs[0].rows.length;
 const el = (tag, attrs = {}, text) => { const e = document.createElement(tag); Object.assign(e, attrs); if (text !== undefined) e.textContent = text; return e; };
-const img = (src, alt) => el("img", {src, alt, loading: "lazy"});
+const img = (src, alt) => el("img", {src, alt, title: alt, loading: "lazy"});
 const grid = document.getElementById("queries");
 runs[0].rows.forEach((row, q) => { const b = el("button", {title: "query " + q}); b.dataset.query = q; b.append(img(row.query, "query " + q)); b.onclick = () => select(q); grid.append(b); });
 function select(q) {
