@@ -374,6 +374,20 @@ def table(results: dict[str, dict[str, lds.Correlation]], sets: list[str], ceili
     return "\n".join(lines)
 
 
+def calibration_table(bench: Benchmark, scores: dict[str, np.ndarray], losses: np.ndarray, sets: list[str]) -> str:
+    """Per method and query set, how literally ``score / N`` predicts the subset models' measured
+    loss differences (:func:`lds.calibration`; N: the attributed model's training images). Only
+    influence methods (K-FAC, EK-FAC) claim slope 1; the others' scale is relative by design."""
+    _, rows = all_queries(bench)
+    subsets, n = lds.read_subsets(bench)
+    masks, scale = lds.subset_masks(subsets, n), 1.0 / len(np.unique(subsets))
+    lines = ["| method | " + " | ".join(f"slope, R^2 ({s.replace('_', ' ')})" for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for m, sc in scores.items():
+        fits = [lds.calibration(sc[rows[s]], masks, losses[:, rows[s]], scale) for s in sets]
+        lines.append(f"| {m} | " + " | ".join(f"{c.slope:.3g}, {c.r2:.3f}" for c in fits) + " |")
+    return "\n".join(lines)
+
+
 def report(bench: Benchmark, only: list[str] | None = None) -> str:
     """The table of every method (those named in ``only``, when given) on the report queries."""
     values, ceiling = measure_all(bench)
@@ -381,7 +395,7 @@ def report(bench: Benchmark, only: list[str] | None = None) -> str:
     sets = ["report_real", "report_generated"]
     results = grade(bench, scores, -values, sets)
     ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
-    text = table(results, sets, ceil)
+    text = table(results, sets, ceil) + "\n\nCalibration: measured vs predicted (score / N) loss of the subset models\n\n" + calibration_table(bench, scores, values, sets)
     write_json(bench.out / "results.json", {m: {s: vars(c) for s, c in r.items()} for m, r in results.items()} | {"noise_ceiling": {s: vars(c) for s, c in (ceil or {}).items()}})
     (bench.out / "results.md").write_text(text + "\n")
     return text

@@ -210,3 +210,21 @@ def test_pool_draws_a_random_training_set_and_keeps_the_rest_held_out():
         DigitsDataModule(pool_size=50, pool_seed=3, subset=[int(dm.held_out[0])]).setup()
     with pytest.raises(WherefromError, match="pool_size must be in"):
         DigitsDataModule(pool_size=5000).setup()
+
+
+def test_calibration_equals_a_hand_computed_regression():
+    """Slope and R^2 of measured vs predicted subset losses (each centred per query), against explicit
+    loops and numpy's own least squares; losses built from the scores recover their scale exactly."""
+    rng = np.random.default_rng(0)
+    scores, masks = rng.normal(size=(3, 7)), rng.random((5, 7)) < 0.5
+    losses = rng.normal(size=(5, 3))
+    pred, meas = [], []
+    for q in range(3):
+        p = [-0.1 * sum(scores[q, i] for i in range(7) if masks[j, i]) for j in range(5)]
+        pred += [v - np.mean(p) for v in p]
+        meas += [losses[j, q] - losses[:, q].mean() for j in range(5)]
+    got = lds.calibration(scores, masks, losses, 0.1)
+    assert got.slope == pytest.approx(np.polyfit(pred, meas, 1)[0], rel=1e-12) and got.r2 == pytest.approx(np.corrcoef(pred, meas)[0, 1] ** 2, rel=1e-12)
+    exact = 2.0 * (-0.1 * scores @ masks.T).T + rng.normal(size=3)  # twice the predicted change, plus per-query offsets
+    calibrated = lds.calibration(scores, masks, exact, 0.1)
+    assert (calibrated.slope, calibrated.r2) == pytest.approx((2.0, 1.0), rel=1e-12)

@@ -91,6 +91,29 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) ->
     return spearman_rows(predicted, targets.T)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Whether a score's scale can be taken literally: measured vs predicted loss of the subset
+    models, both centred per query, fitted by one least-squares slope (1: calibrated) with its R^2."""
+
+    slope: float
+    r2: float
+
+
+def calibration(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, scale: float) -> Calibration:
+    """:class:`Calibration` of ``scores`` (Q x N) whose ``scale x score`` predicts the rise of a
+    query's loss when the image is removed (influence: ``scale = 1 / N``). The model trained on
+    subset ``S_j`` lacks the images outside it, so up to a per-query constant its predicted loss is
+    ``-scale sum_{i in S_j} score_i``; ``losses``: the measured M x Q losses of the subset models."""
+    predicted = -scale * (np.asarray(scores, np.float64) @ np.asarray(masks, bool).T.astype(np.float64))  # Q x M
+    measured = np.asarray(losses, np.float64).T
+    if measured.shape != predicted.shape:
+        raise WherefromError(f"losses are {losses.shape}, expected (subsets, queries) = {predicted.shape[::-1]}")
+    p, m = (x - x.mean(1, keepdims=True) for x in (predicted, measured))  # per-query intercepts
+    slope = float((p * m).sum() / (p * p).sum())
+    return Calibration(slope, float(1 - ((m - slope * p) ** 2).sum() / (m * m).sum()))
+
+
 def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (NaN for fewer than 2 values)."""
     cfg = cfg or BootstrapConfig()
