@@ -30,6 +30,7 @@ class Hits(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.methods: dict[str, list[dict]] = {}
+        self.groups: dict[str, list[dict]] = {}  # per method: the groups of largest summed score
         self._method, self._span = None, None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
@@ -37,6 +38,8 @@ class Hits(HTMLParser):
         if tag == "section" and "data-method" in a:
             self._method = a["data-method"]
             self.methods[self._method] = []
+        elif tag == "li" and "data-group" in a:
+            self.groups.setdefault(self._method, []).append({"group": a["data-group"], "total": float(a["data-total"])})
         elif tag == "figure" and self._method:
             self.methods[self._method].append({"index": int(a["data-index"]), "score": float(a["data-score"])})
         elif tag == "span":
@@ -51,7 +54,7 @@ class Hits(HTMLParser):
             self._span = None
 
 
-def rendered(page: Path, query: int) -> dict[str, list[dict]]:
+def rendered(page: Path, query: int) -> Hits:
     """The page as Chromium renders it with ``query`` selected (``#q=``, as a click or the arrow keys do)."""
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", f"{page.resolve().as_uri()}#q={query}"],
@@ -59,7 +62,7 @@ def rendered(page: Path, query: int) -> dict[str, list[dict]]:
     ).stdout  # fmt: skip
     parser = Hits()
     parser.feed(dom)
-    return parser.methods
+    return parser
 
 
 def folder_data(root: Path) -> FolderDataModule:
@@ -80,7 +83,7 @@ def test_the_report_shows_topk_json_for_the_selected_query(tmp_path):
     write_attribution(tmp_path / "run", result, dm.images, top_k=3)
     top = json.loads((tmp_path / "run" / "topk.json").read_text())["queries"]
     for q in (0, 2):
-        hits = rendered(tmp_path / "run" / "index.html", q)["pixel"]
+        hits = rendered(tmp_path / "run" / "index.html", q).methods["pixel"]
         assert [h["index"] for h in hits] == top[q]["indices"] and [h["score"] for h in hits] == top[q]["scores"]
         assert [h["name"] for h in hits] == top[q]["names"] and all(n.startswith("class") and n.endswith(".png") for n in top[q]["names"])
         assert [float(h["change"].split(": ")[1]) for h in hits] == pytest.approx(top[q]["predicted_change"], rel=5e-3)  # 3 digits shown
@@ -88,15 +91,21 @@ def test_the_report_shows_topk_json_for_the_selected_query(tmp_path):
 
 @browser
 def test_view_merges_two_methods_over_the_same_queries(tmp_path, capsys):
-    dm = DigitsDataModule(subset=list(range(40)))
+    dm = DigitsDataModule(subset=list(range(40)), groups="labels")
     dm.setup()
     queries = dm.images[[3, 7, 11]] * 0.9
     runs = [tmp_path / m.name for m in (Pixel(), Random())]
     for method, run in zip((Pixel(), Random()), runs):
-        write_attribution(run, method.attribute(None, dm, queries), dm.images, top_k=4)
+        write_attribution(run, method.attribute(None, dm, queries), dm.images, top_k=4, group_ids=dm.group_ids)
     cli.main(["view", *map(str, runs), "--out", str(tmp_path / "merged")])
-    shown = rendered(tmp_path / "merged" / "index.html", 2)
+    page = rendered(tmp_path / "merged" / "index.html", 2)
+    shown = page.methods
     assert list(shown) == ["pixel", "random"]
+    # per-group totals: the summed scores of each digit class's training images, largest first
+    scores = np.load(runs[0] / "scores.npy")[2]
+    totals = {str(c): float(sum(scores[i] for i in range(40) if dm.labels[i] == c)) for c in set(dm.labels[:40].tolist())}
+    want = sorted(totals.items(), key=lambda kv: -kv[1])[:4]
+    assert [(g["group"], g["total"]) for g in page.groups["pixel"]] == [(k, pytest.approx(v, rel=1e-6)) for k, v in want]
     for run in runs:
         row = json.loads((run / "topk.json").read_text())["queries"][2]
         hits = shown[run.name]

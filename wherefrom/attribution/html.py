@@ -4,7 +4,8 @@ network or CDN) over PNGs in ``images/``, so it opens from a local folder or a C
 It shows the query grid; for the selected query (click, the arrow keys, or ``index.html#q=3``),
 each method's top-k side by side with rank, name (file, caption, class or index), score and, for
 influence methods, the predicted change of the query's measurement if the image were removed;
-per-hit artifacts (e.g. an ensemble's exact counterfactual) appear under each hit. Images load
+per-hit artifacts (e.g. an ensemble's exact counterfactual) appear beside each hit, and the
+groups of largest summed score above the hits when the run has groups. Images load
 lazily, so a report of 1,000 queries opens at once.
 
 :func:`write_run_report` writes one run's report beside its ``topk.json`` (``wherefrom attribute``
@@ -70,7 +71,7 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
             if images.shape[1] == len(hits):  # one image per hit, e.g. an ensemble's counterfactual without it
                 for r, hit in enumerate(hits):
                     hit.setdefault("artifacts", {})[name] = image(f"{name}_{q}_{r}.png", images[q, r])
-        rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits})
+        rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits, **({"groups": row["groups"]} if "groups" in row else {})})
     return {"method": top["method"], "unit": top.get("unit", ""), "rows": rows}
 
 
@@ -209,6 +210,11 @@ function select(q) {
   for (const run of runs) {
     const col = el("section", {className: "method"}); col.dataset.method = run.method;
     col.append(el("h2", {}, run.method), el("p", {className: "unit"}, run.unit));
+    if (run.rows[q].groups) {
+      const list = el("ol", {className: "groups", title: "groups by summed score"});
+      for (const g of run.rows[q].groups) { const li = el("li", {}, g.group + ": " + g.total.toPrecision(4)); li.dataset.group = g.group; li.dataset.total = g.total; list.append(li); }
+      col.append(el("p", {className: "unit"}, "groups, by summed score:"), list);
+    }
     run.rows[q].hits.forEach((hit, r) => {
       const fig = el("figure", {className: "hit"}); fig.dataset.index = hit.index; fig.dataset.score = hit.score;
       fig.append(img(hit.image, "training image " + hit.index));

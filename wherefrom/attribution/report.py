@@ -153,12 +153,14 @@ def log_attribution(loggers: Sequence[Any], result: Attribution, data: Any, top_
             logger.log_image(key=f"{prefix}/topk", images=[grid.permute(1, 2, 0).numpy()], step=step)
 
 
-def topk_table(result: Attribution, top_k: int) -> dict[str, Any]:
+def topk_table(result: Attribution, top_k: int, group_ids: np.ndarray | None = None) -> dict[str, Any]:
     """What ``topk.json`` holds: per query the top-k indices, scores, names and (influence methods)
-    predicted changes, with the method, its unit and ``info``."""
+    predicted changes, with the method, its unit and ``info``; with ``group_ids`` (one per training
+    index) also the ``top_k`` groups of largest summed score (:meth:`Attribution.by_group`)."""
     if top_k < 1:
         raise WherefromError(f"--top-k must be >= 1, got {top_k}")
     idx, top = result.topk(top_k)
+    groups, sums = result.by_group(group_ids) if group_ids is not None else (None, None)
     rows = []
     for q in range(len(idx)):
         row = {"query": q, "indices": idx[q].tolist(), "scores": top[q].tolist()}
@@ -166,6 +168,9 @@ def topk_table(result: Attribution, top_k: int) -> dict[str, Any]:
             row["names"] = [result.names[i] for i in idx[q]]
         if result.removal_scale is not None:  # the measurement's predicted change if the image were removed
             row["predicted_change"] = (top[q].astype(np.float64) * result.removal_scale).tolist()
+        if groups is not None:
+            best = np.argsort(-sums[q], kind="stable")[:top_k]
+            row["groups"] = [{"group": str(groups[g]), "total": float(sums[q, g])} for g in best]
         if result.extra:
             row.update(result.extra[q])
         rows.append(row)
@@ -173,15 +178,19 @@ def topk_table(result: Attribution, top_k: int) -> dict[str, Any]:
     return {**meta, **result.info, "top_k": int(idx.shape[1]), "queries": rows}
 
 
-def write_attribution(out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None) -> Path:
+def write_attribution(
+    out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None,
+    group_ids: np.ndarray | None = None,
+) -> Path:  # fmt: skip
     """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
     its top-k training images, one row per query), every artifact of ``result`` and the browsable
     report ``index.html`` (:mod:`wherefrom.attribution.html`); images show ``decode(x)`` (a latent
-    model's decoder) when given, the arrays stay what the model saw."""
+    model's decoder) when given, the arrays stay what the model saw. ``group_ids``: one group per
+    training index (a class, an artist, a source), whose summed scores are listed too."""
     show = decode or (lambda x: x)
     if result.scores.shape[1] != len(train_images):
         raise WherefromError(f"scores cover {result.scores.shape[1]} training images but the training set has {len(train_images)}")
-    table = topk_table(result, top_k)
+    table = topk_table(result, top_k, group_ids)
     out = Path(out)
     write_npy(out / "scores.npy", result.scores)
     write_json(out / "topk.json", table)

@@ -148,5 +148,5 @@ def attribute_main(argv: list[str]) -> None:
         conditions = query_conditions(args, data, len(queries))
     cond = query_cond(module, conditions, len(queries))
     result = method.attribute(module, data, queries, cond=cond)
-    out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None))
+    out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None), getattr(data, "group_ids", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")
