@@ -54,6 +54,7 @@ def test_tiny_demo_writes_the_whole_report(tmp_path, capsys):
         assert f"(report/{qset}/index.html)" in report
         page = (out / "report" / qset / "index.html").read_text()
         assert all(f'"method": "{m}"' in page for m in results["methods"][qset])
+        assert '"figures": ["images/figure_0.png", "images/figure_1.png"]' in page and (out / "report" / qset / "images" / "figure_1.png").is_file()
     assert {"ensemble samples", "real held-out digits"} <= set(results["quality"])
     # the subset models behind the LDS and the fit's LightningCLI config
     assert np.load(out / "lds" / "measurements.npy").shape == (3, 1, 6)

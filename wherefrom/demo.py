@@ -473,8 +473,9 @@ def write_report(out: Path, cfg: DemoConfig, results: dict[str, dict[str, Method
     lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in timer.seconds.items()]
     lines += [f"| **total** | {total:.1f} |", ""]
-    for qset, res in results.items():  # the browsable report of each query set's runs (wherefrom view)
-        merge_reports([out / "methods" / qset / m for m in res], out / "report" / qset)
+    figures = [f for f in (out / "evaluation.png", out / "counterfactuals.png") if f.is_file()]
+    for qset, res in results.items():  # the browsable report of each query set's runs (wherefrom view), with the evaluation figures
+        merge_reports([out / "methods" / qset / m for m in res], out / "report" / qset, figures)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -75,9 +75,10 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
     return {"method": top["method"], "unit": top.get("unit", ""), "rows": rows}
 
 
-def page(runs: Sequence[dict[str, Any]], title: str) -> str:
-    """The report page over ``runs`` (:func:`run_images`' data; the queries are the first run's)."""
-    data = json.dumps({"title": title, "runs": list(runs)}).replace("</", "<\\/")
+def page(runs: Sequence[dict[str, Any]], title: str, figures: Sequence[str] = ()) -> str:
+    """The report page over ``runs`` (:func:`run_images`' data; the queries are the first run's),
+    with evaluation ``figures`` (image references) below."""
+    data = json.dumps({"title": title, "runs": list(runs), "figures": list(figures)}).replace("</", "<\\/")
     return PAGE.replace("{{title}}", html.escape(title)).replace("{{data}}", data)
 
 
@@ -98,10 +99,14 @@ def write_run_report(out: str | Path, top: dict[str, Any], queries: Tensor, trai
     return out / "index.html"
 
 
-def merge_reports(runs: Sequence[str | Path], out: str | Path) -> Path:
+def merge_reports(runs: Sequence[str | Path], out: str | Path, figures: Sequence[str | Path] = ()) -> Path:
     """One report of several runs over the same queries (each written by ``wherefrom attribute``):
-    ``out/index.html`` with the runs' images copied into ``out/images/<k>/``."""
+    ``out/index.html`` with the runs' images copied into ``out/images/<k>/``, and evaluation
+    ``figures`` (PNGs, e.g. the demo's or a benchmark's) shown below them."""
     out = Path(out)
+    missing = [str(f) for f in figures if not Path(f).is_file()]
+    if missing:
+        raise WherefromError(f"figure {missing[0]!r} does not exist; pass PNG files")
     loaded = []
     for run in runs:
         path = Path(run) / IMAGES / "run.json"
@@ -128,8 +133,13 @@ def merge_reports(runs: Sequence[str | Path], out: str | Path) -> Path:
                 hit["image"] = moved(hit["image"])
                 hit["artifacts"] = {n: moved(p) for n, p in hit.get("artifacts", {}).items()}
         merged.append(data)
+    shown = []
+    for k, figure in enumerate(map(Path, figures)):
+        with atomic_path(out / IMAGES / f"figure_{k}{figure.suffix}") as tmp:
+            shutil.copyfile(figure, tmp)
+        shown.append(f"{IMAGES}/figure_{k}{figure.suffix}")
     with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page(merged, "wherefrom: " + ", ".join(d["method"] for d in merged)))
+        tmp.write_text(page(merged, "wherefrom: " + ", ".join(d["method"] for d in merged), shown))
     return out / "index.html"
 
 
@@ -186,6 +196,7 @@ img { image-rendering: pixelated; width: 64px; height: 64px; object-fit: contain
 #methods { display: flex; gap: 2em; margin-top: 1em; align-items: flex-start; }
 .method h2 { font-size: 1.1em; margin: 0; } .unit { color: #666; max-width: 24em; font-size: 0.85em; }
 .hit { display: flex; gap: 0.5em; margin: 4px 0; align-items: center; }
+img.figure { width: auto; height: auto; max-width: 100%; image-rendering: auto; background: none; margin-top: 1em; }
 .hit figcaption span { display: block; } .score, .change { font-variant-numeric: tabular-nums; color: #444; }
 </style></head>
 <body>
@@ -194,6 +205,7 @@ img { image-rendering: pixelated; width: 64px; height: 64px; object-fit: contain
 <div id="queries"></div>
 <h2 id="current"></h2>
 <div id="methods"></div>
+<div id="figures"></div>
 <script id="data" type="application/json">{{data}}</script>
 <script>
 const data = JSON.parse(document.getElementById("data").textContent);
@@ -229,6 +241,7 @@ function select(q) {
   }
   history.replaceState(null, "", "#q=" + q); current = q;
 }
+for (const src of data.figures || []) { const f = el("img", {src, alt: "evaluation figure", loading: "lazy"}); f.className = "figure"; document.getElementById("figures").append(f); }
 let current = 0;
 document.addEventListener("keydown", e => { if (e.key === "ArrowRight" || e.key === "ArrowDown") select(current + 1); if (e.key === "ArrowLeft" || e.key === "ArrowUp") select(current - 1); });
 const m = location.hash.match(/q=(\\d+)/); select(m ? +m[1] : 0);

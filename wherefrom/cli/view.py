@@ -16,6 +16,7 @@ def view_main(argv: list[str]) -> None:
     p = ConfigArgumentParser(prog="wherefrom view", description="Merge attribution runs over the same queries into one report (index.html).")
     p.add_argument("runs", nargs="+", help="folders written by `wherefrom attribute` (each holds index.html and images/)")
     p.add_argument("--out", required=True, help="folder for the merged index.html and its images/")
+    p.add_argument("--figures", nargs="*", default=[], help="evaluation figures (PNGs, e.g. a demo's evaluation.png) shown below the runs")
     add_overwrite(p, "replace an existing report in --out")
     a = p.parse_args(argv)
     out = check_out_dir(a.out)
@@ -23,5 +24,5 @@ def view_main(argv: list[str]) -> None:
         raise WherefromError(f"--out {a.out!r} is one of the runs; pass a new folder")
     if (out / "index.html").exists() and not a.overwrite:
         raise WherefromError(f"--out {a.out!r} already holds a report (index.html); pass another folder or --overwrite to replace it")
-    page = merge_reports(a.runs, out)
+    page = merge_reports(a.runs, out, a.figures)
     print(f"wrote {page} ({len(a.runs)} runs); open it in a browser")
