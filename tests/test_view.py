@@ -79,13 +79,16 @@ def folder_data(root: Path) -> FolderDataModule:
 def test_the_report_shows_topk_json_for_the_selected_query(tmp_path):
     dm = folder_data(tmp_path / "data")
     result = Pixel().attribute(None, dm, dm.images[[4, 1, 2]] * 0.5)
-    result = dataclasses.replace(result, removal_scale=0.5)  # as an influence method's: the predicted change is shown
+    # as an influence method's: the predicted change is shown; names with markup stay text
+    names = [f"</script><!--<script>{n} & <b>" for n in result.names]
+    result = dataclasses.replace(result, removal_scale=0.5, names=names)
     write_attribution(tmp_path / "run", result, dm.images, top_k=3)
     top = json.loads((tmp_path / "run" / "topk.json").read_text())["queries"]
     for q in (0, 2):
         hits = rendered(tmp_path / "run" / "index.html", q).methods["pixel"]
         assert [h["index"] for h in hits] == top[q]["indices"] and [h["score"] for h in hits] == top[q]["scores"]
-        assert [h["name"] for h in hits] == top[q]["names"] and all(n.startswith("class") and n.endswith(".png") for n in top[q]["names"])
+        assert [h["name"] for h in hits] == top[q]["names"] == [names[i] for i in top[q]["indices"]]
+        assert all(n.split(">")[-2].endswith(".png & <b") for n in top[q]["names"])  # each folder file's name inside the markup
         assert [float(h["change"].split(": ")[1]) for h in hits] == pytest.approx(top[q]["predicted_change"], rel=5e-3)  # 3 digits shown
 
 
@@ -112,12 +115,15 @@ def test_view_merges_two_methods_over_the_same_queries(tmp_path, capsys):
         assert [h["index"] for h in hits] == row["indices"] and [h["score"] for h in hits] == row["scores"] and [h["name"] for h in hits] == row["names"]
     # another run's queries, or an existing report, are refused before anything is written
     write_attribution(tmp_path / "other", Pixel().attribute(None, dm, queries[:2]), dm.images, top_k=4)
+    before = (tmp_path / "merged" / "index.html").read_bytes()
+    (tmp_path / "broken").mkdir()
     for args, message in ((["view", str(runs[0]), str(tmp_path / "other"), "--out", str(tmp_path / "m2")], "other queries"),
+                          (["view", str(runs[0]), str(tmp_path / "broken"), "--out", str(tmp_path / "m2")], "no readable report"),
                           (["view", *map(str, runs), "--out", str(tmp_path / "merged")], "--overwrite")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             cli.main(args)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "m2").exists()
+    assert not (tmp_path / "m2").exists() and (tmp_path / "merged" / "index.html").read_bytes() == before
 
 
 def test_notebook_views_embed_their_images():

@@ -185,7 +185,9 @@ def featurize(
     was_training = model.training
     model.eval()
     try:
-        write_rows(store, entry_name(config.output, model_id), meta, projection.dim, projection.dtype, projection.device,
+        # a bfloat16 model's features are kept in float32: TRAK's kernel needs their precision
+        dtype = torch.float32 if projection.dtype == torch.bfloat16 else projection.dtype
+        write_rows(store, entry_name(config.output, model_id), meta, projection.dim, dtype, projection.device,
                    datamodule, datamodule.indices, rows, batch_size, comm, progress)  # fmt: skip
     finally:
         model.train(was_training)

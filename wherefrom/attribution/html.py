@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor
 
 from wherefrom.errors import WherefromError
-from wherefrom.io import atomic_path, to_uint8, write_json
+from wherefrom.io import atomic_path, to_uint8, write_bytes, write_json
 
 IMAGES = "images"
 
@@ -44,9 +44,9 @@ def png_bytes(image: Tensor, scale: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def data_uri(png: bytes) -> str:
+    """A PNG embedded in the page itself."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artifacts: dict[str, Tensor],
@@ -67,10 +67,9 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
         for key in ("names", "predicted_change"):
             for hit, value in zip(hits, row.get(key, [])):
                 hit[key.removesuffix("s")] = value
-        for name, images in artifacts.items():
-            if images.shape[1] == len(hits):  # one image per hit, e.g. an ensemble's counterfactual without it
-                for r, hit in enumerate(hits):
-                    hit.setdefault("artifacts", {})[name] = image(f"{name}_{q}_{r}.png", images[q, r])
+        for name, images in artifacts.items():  # per-hit rows in rank order, e.g. an ensemble's counterfactual without each hit
+            for r, hit in enumerate(hits[: images.shape[1]]):
+                hit.setdefault("artifacts", {})[name] = image(f"{name}_{q}_{r}.png", images[q, r])
         rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits, **({"groups": row["groups"]} if "groups" in row else {})})
     return {"method": top["method"], "unit": top.get("unit", ""), "rows": rows}
 
@@ -78,7 +77,8 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
 def page(runs: Sequence[dict[str, Any]], title: str, figures: Sequence[str] = ()) -> str:
     """The report page over ``runs`` (:func:`run_images`' data; the queries are the first run's),
     with evaluation ``figures`` (image references) below."""
-    data = json.dumps({"title": title, "runs": list(runs), "figures": list(figures)}).replace("</", "<\\/")
+    # no "<" in the data block: a name such as "</script><!--<script>" cannot end or comment it out
+    data = json.dumps({"title": title, "runs": list(runs), "figures": list(figures)}).replace("<", "\\u003c")
     return PAGE.replace("{{title}}", html.escape(title)).replace("{{data}}", data)
 
 
@@ -89,13 +89,12 @@ def write_run_report(out: str | Path, top: dict[str, Any], queries: Tensor, trai
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
 
     def save(name: str, png: bytes) -> str:
-        _write_bytes(out / IMAGES / name, png)
+        write_bytes(out / IMAGES / name, png)
         return f"{IMAGES}/{name}"
 
     run = run_images(top, queries, train_images, artifacts, show, save)
     write_json(out / IMAGES / "run.json", run)  # what `wherefrom view` merges
-    with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page([run], f"wherefrom: {top['method']}"))
+    write_bytes(out / "index.html", page([run], f"wherefrom: {top['method']}"))
     return out / "index.html"
 
 
@@ -108,11 +107,17 @@ def merge_reports(runs: Sequence[str | Path], out: str | Path, figures: Sequence
     if missing:
         raise WherefromError(f"figure {missing[0]!r} does not exist; pass PNG files")
     loaded = []
-    for run in runs:
-        path = Path(run) / IMAGES / "run.json"
-        if not path.is_file():
-            raise WherefromError(f"{str(run)!r} holds no report ({path} is missing); pass folders written by `wherefrom attribute`")
-        loaded.append((Path(run), json.loads(path.read_text())))
+    for run in map(Path, runs):  # everything is read and checked before anything is written
+        path = run / IMAGES / "run.json"
+        try:
+            data = json.loads(path.read_text())
+            files = [run / r["query"] for r in data["rows"]] + [run / f for r in data["rows"] for h in r["hits"] for f in (h["image"], *h.get("artifacts", {}).values())]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise WherefromError(f"{str(run)!r} holds no readable report ({path}: {e}); pass folders written by `wherefrom attribute`") from None
+        gone = next((f for f in files if not f.is_file()), None)
+        if gone is not None:
+            raise WherefromError(f"the report in {str(run)!r} lacks its image {str(gone)!r}; rerun the attribution that wrote it")
+        loaded.append((run, data))
     digests = [[hashlib.sha256((run / row["query"]).read_bytes()).hexdigest() for row in data["rows"]] for run, data in loaded]
     for (run, _), d in zip(loaded[1:], digests[1:]):
         if d != digests[0]:
@@ -138,15 +143,13 @@ def merge_reports(runs: Sequence[str | Path], out: str | Path, figures: Sequence
         with atomic_path(out / IMAGES / f"figure_{k}{figure.suffix}") as tmp:
             shutil.copyfile(figure, tmp)
         shown.append(f"{IMAGES}/figure_{k}{figure.suffix}")
-    with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page(merged, "wherefrom: " + ", ".join(d["method"] for d in merged), shown))
+    write_bytes(out / "index.html", page(merged, "wherefrom: " + ", ".join(d["method"] for d in merged), shown))
     return out / "index.html"
 
 
 def inline_report(top: dict[str, Any], queries: Tensor, train_images: Tensor, artifacts: dict[str, Tensor], show: Callable[[Tensor], Tensor]) -> str:
     """The report page of one run with every image embedded (a notebook cell's HTML)."""
-    uri = lambda name, png: "data:image/png;base64," + base64.b64encode(png).decode()  # noqa: E731
-    return page([run_images(top, queries, train_images, artifacts, show, uri)], f"wherefrom: {top['method']}")
+    return page([run_images(top, queries, train_images, artifacts, show, lambda name, png: data_uri(png))], f"wherefrom: {top['method']}")
 
 
 class Report:
@@ -160,15 +163,14 @@ class Report:
         return f'<iframe srcdoc="{html.escape(self.page, quote=True)}" style="width: 100%; height: 640px; border: 0"></iframe>'
 
     def save(self, path: str | Path) -> Path:
-        with atomic_path(path) as tmp:
-            tmp.write_text(self.page)
+        write_bytes(path, self.page)
         return Path(path)
 
 
 def summary_html(table: dict[str, Any], queries: Tensor, limit: int = 8) -> str:
     """A static table of the first ``limit`` queries' top-k (``table``: ``topk.json``'s content):
     each query's image beside its hits' ranks, names, scores and predicted changes."""
-    uri = lambda x: "data:image/png;base64," + base64.b64encode(png_bytes(x, scale=4)).decode()  # noqa: E731
+    uri = lambda x: data_uri(png_bytes(x, scale=4))  # noqa: E731
     change = "predicted_change" in (table["queries"][0] if table["queries"] else {})
     head = "<tr><th>#</th><th>training image</th><th>score</th>" + ("<th>removing it</th>" if change else "") + "</tr>"
     parts = [f"<p><b>{html.escape(table['method'])}</b>: {html.escape(table.get('unit', ''))}</p>"]
@@ -244,7 +246,8 @@ function select(q) {
 for (const src of data.figures || []) { const f = el("img", {src, alt: "evaluation figure", loading: "lazy"}); f.className = "figure"; document.getElementById("figures").append(f); }
 let current = 0;
 document.addEventListener("keydown", e => { if (e.key === "ArrowRight" || e.key === "ArrowDown") select(current + 1); if (e.key === "ArrowLeft" || e.key === "ArrowUp") select(current - 1); });
-const m = location.hash.match(/q=(\\d+)/); select(m ? +m[1] : 0);
+const m = location.hash.match(/q=(\\d+)/);
+if (count) select(m ? +m[1] : 0); else document.getElementById("current").textContent = "no queries";
 </script></body></html>
 """
 

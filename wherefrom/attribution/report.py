@@ -205,10 +205,14 @@ def write_attribution(
 
 
 def view(result: Attribution, data: Any, top_k: int = 10) -> Report:
-    """The browsable report of ``result`` (as ``wherefrom attribute`` writes it) with its images
-    embedded: a notebook cell shows it inline; ``.save("report.html")`` writes it. ``data``: the
-    training data as the attributors take it (a datamodule, Dataset or DataLoader)."""
+    """The browsable report of ``result`` (as ``wherefrom attribute`` writes it, with the data's
+    group totals when it has groups) with its images embedded: a notebook cell shows it inline;
+    ``.save("report.html")`` writes it. ``data``: the training data as the attributors take it
+    (a datamodule, Dataset or DataLoader)."""
     from wherefrom.target import as_data
 
     data = as_data(data, "view")
-    return Report(inline_report(topk_table(result, top_k), result.queries.float().cpu(), data.images, result.artifacts, getattr(data, "decode", None) or (lambda x: x)))
+    if result.scores.shape[1] != data.num_images:
+        raise WherefromError(f"view: the scores cover {result.scores.shape[1]} training images but the data has {data.num_images}; pass the data the attribution used")
+    table = topk_table(result, top_k, getattr(data, "group_ids", None))
+    return Report(inline_report(table, result.queries.float().cpu(), data.images, result.artifacts, getattr(data, "decode", None) or (lambda x: x)))

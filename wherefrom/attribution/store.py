@@ -363,10 +363,14 @@ class Store:
             self._save()
         return StoreArray(base, shape, dtype, repair=self.repair)
 
-    def read_array(self, name: str) -> np.ndarray:
+    def read_array(self, name: str, raw: bool = False) -> np.ndarray:
+        """The checked, memory-mapped array ``name``. A bfloat16 array maps its 16-bit patterns and
+        is read only with ``raw=True`` (decode blocks with :func:`as_tensor`)."""
         entry = self.manifest["entries"].get(name)
         if entry is None or entry["kind"] != "array":
             raise WherefromError(f"store {str(self.root)!r} has no array {name!r} (has {sorted(self.entries('array'))})")
+        if entry["dtype"] == "bfloat16" and not raw:
+            raise WherefromError(f"store array {name!r} holds bfloat16 rows, which this reader does not decode; write it in float32")
         if self.read_only:
             return StoreArray(self.root / name, tuple(entry["shape"]), entry["dtype"], read_only=True).read()
         return self.array(name, tuple(entry["shape"]), entry["config"], entry["dtype"]).read()

@@ -108,7 +108,7 @@ class InfluenceConfig:
     def from_dict(cls, config: dict[str, Any]) -> InfluenceConfig:
         missing = [f.name for f in fields(cls) if f.name not in config]
         if missing:
-            raise WherefromError(f"these stored influence rows lack {missing} in their config (an older wherefrom wrote them); featurise into a new store")
+            raise WherefromError(f"these stored influence rows lack {missing} in their config (an older wherefrom wrote them); fit the factors with features again, overwriting them")
         return cls(**{f.name: config[f.name] for f in fields(cls)})
 
 
@@ -348,7 +348,7 @@ def open_stored(store: Store, model_id: str, net: nn.Module) -> tuple[StoredInfl
     stored = StoredInfluence(net, eigen_from_tensors(store.load_tensors(eigen_name)), InfluenceConfig.from_dict(meta), model_id)
     if stored.layout != meta["layout"]:
         raise FingerprintMismatchError(f"the stored influence of {model_id!r} in {str(store.root)!r} has another layout than its factors give; featurise again")
-    return stored, store.read_array(name)
+    return stored, store.read_array(name, raw=True)
 
 
 __all__ = ["DTYPES", "InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
