@@ -31,7 +31,7 @@ def pixel_scores(queries: Tensor, images: Tensor, indices: np.ndarray) -> np.nda
 
 @dataclass
 class Random:
-    """Seeded i.i.d. standard-normal scores (row q depends only on ``(seed, q)``)."""
+    """Seeded i.i.d. standard-normal scores (row q depends only on ``(seed, q)``): the chance baseline, no unit."""
 
     seed: int = 0
 
@@ -47,7 +47,8 @@ class Random:
 
 @dataclass
 class Pixel:
-    """Pixel similarity: a training image scores ``-||x_q - x_i||^2``."""
+    """Pixel similarity: a training image scores ``-||x_q - x_i||^2`` (squared L2 over pixels in
+    [-1, 1], negated: larger = more similar)."""
 
     name: ClassVar[str] = "pixel"
     needs: ClassVar[Needs] = Needs.NOTHING

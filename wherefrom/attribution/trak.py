@@ -195,6 +195,9 @@ def store_scores(
 class TRAK:
     """TRAK (Park et al. 2023) with the training-loss output function, from a feature store.
 
+    Unit and sign: a kernel-regression weight of the image for the query (comparable between
+    images for one query, not a loss change); larger = more influential.
+
     Args:
         store: the folder written by ``wherefrom featurize --method trak`` or the TRAKFeatures callback.
         damping: relative damping (x the feature kernel's mean nonzero eigenvalue, see :func:`damping_value`).

@@ -350,6 +350,9 @@ class SyntheticAblation:
     """Synthetic ablation (Dai, Yew & Gifford): every training image's effect on the ensemble's
     own samples, from one Jacobian of the sampling chain in the member weights.
 
+    Unit and sign: how far (L2 over pixels in [-1, 1]) the sample moves, to first order, when the
+    image's members are dropped; larger = more influential.
+
     The queries must be the ensemble's samples ``0..Q-1`` with this ``seed``, ``steps``,
     ``scheduler`` (the chain's exogenous noise) and, for a conditional ensemble, their conditions
     ``cond`` and classifier-free ``guidance``. The result carries the top-k synthetic
@@ -415,7 +418,9 @@ class SyntheticAblation:
 class AblationLoss:
     """Signed encoded-ensemble scores: the rise of each query's ``measurement`` (loss or elbo, over
     ``timesteps`` seeded draws) when an image's members are dropped, exact for all N images from
-    one quadratic form per query (:func:`quadratic_measurement`)."""
+    one quadratic form per query (:func:`quadratic_measurement`).
+
+    Unit and sign: the measurement's own unit; larger = the image's members helped the query more."""
 
     measurement: Literal["loss", "elbo"] = "loss"
     timesteps: int = 100
