@@ -81,7 +81,7 @@ if __name__ == "__main__":
     callbacks = [  # one store for every method
         TRAKFeatures(f"{root}/store", timesteps=3, proj_dim=64, batch_size=5),
         TRAKFeatures(f"{root}/store", method="trak", timesteps=3, proj_dim=64, batch_size=5),
-        KFACFactors(f"{root}/store", passes=2, ekfac=True, features=True, dim=120, residual_dim=40, timesteps=3, batch_size=5),
+        KFACFactors(f"{root}/store", passes=2, ekfac=True, features=True, dim=120, residual_dim=40, timesteps=3, features_dtype="float64", batch_size=5),
     ]
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks)
