@@ -30,10 +30,18 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from trak.projectors import BasicProjector, ProjectionType
 
-from wherefrom.attribution.features import entry_name, featurize
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig, Projector, trainable_parameters
-from wherefrom.attribution.projection import BLOCK_SIZE, default_projector, projection_seed
-from wherefrom.attribution.store import Store
+from wherefrom.features import (
+    BLOCK_SIZE,
+    METHOD_OUTPUTS,
+    default_projector,
+    entry_name,
+    FeatureConfig,
+    featurize,
+    projection_seed,
+    Projector,
+    trainable_parameters,
+)
+from wherefrom.store import Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel

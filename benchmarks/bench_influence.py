@@ -24,12 +24,11 @@ import time
 import numpy as np
 import torch
 
-from wherefrom.attribution.features import entry_name, featurize
-from wherefrom.attribution.gradients import FeatureConfig
+from wherefrom.features import entry_name, FeatureConfig, featurize
 from wherefrom.attribution.influence import influence_scores
-from wherefrom.attribution.kfac import FactorConfig, fit_factors
-from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
-from wherefrom.attribution.store import Store
+from wherefrom.kfac import FactorConfig, fit_factors
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+from wherefrom.store import Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel

@@ -56,12 +56,12 @@ def measure(fn) -> tuple[float, float]:
 def child(n: int, root: Path, unet: dict) -> dict:
     import torch
 
-    from wherefrom.attribution.features import entry_name, featurize
-    from wherefrom.attribution.gradients import FeatureConfig
+    from wherefrom.features import entry_name, featurize
+    from wherefrom.features import FeatureConfig
     from wherefrom.attribution.influence import influence_scores
-    from wherefrom.attribution.kfac import FactorConfig, fit_factors
-    from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
-    from wherefrom.attribution.store import Store
+    from wherefrom.kfac import FactorConfig, fit_factors
+    from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+    from wherefrom.store import Store
     from wherefrom.attribution.trak import query_features, trak_scores
     from wherefrom.datamodules import ArrayDataModule
     from wherefrom.task import DiffusionTask

@@ -34,12 +34,11 @@ import numpy as np
 import torch
 
 from wherefrom.attribution.baseline import pixel_scores, random_scores
-from wherefrom.attribution.features import entry_name, featurize
-from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads
+from wherefrom.features import entry_name, FeatureConfig, featurize, per_sample_grads
 from wherefrom.attribution.influence import influence_scores, precondition, query_gradients
-from wherefrom.attribution.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
-from wherefrom.attribution.kfac.stored import InfluenceConfig, StoredInfluence, featurize_influence, load_eigen
-from wherefrom.attribution.store import Store
+from wherefrom.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
+from wherefrom.kfac.stored import InfluenceConfig, StoredInfluence, featurize_influence, load_eigen
+from wherefrom.store import Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import WherefromError

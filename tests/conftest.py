@@ -74,7 +74,7 @@ def attribute_every_method(capsys, ckpt, root, queries: list[str], ensemble=None
     import numpy as np
 
     from wherefrom.attribution.api import ATTRIBUTORS
-    from wherefrom.attribution.report import Needs
+    from wherefrom.attribution.protocol import Needs
 
     small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
     for method in ("trak", "dtrak"):

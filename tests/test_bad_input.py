@@ -12,9 +12,8 @@ import torch
 
 from tests.conftest import cli
 from tests.trak_helpers import tiny_checkpoint
-from wherefrom.attribution.features import featurize
-from wherefrom.attribution.gradients import FeatureConfig
-from wherefrom.attribution.store import Store
+from wherefrom.features import FeatureConfig, featurize
+from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

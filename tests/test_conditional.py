@@ -19,7 +19,7 @@ from tests.test_synthetic import check_jvp_columns
 from tests.trak_helpers import tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
-from wherefrom.attribution.gradients import per_sample_grads
+from wherefrom.features import per_sample_grads
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.model import DiffusionModel, build_unet
@@ -119,9 +119,9 @@ def test_condition_dropout_is_seeded_per_index_and_epoch(monkeypatch):
 def test_labels_reach_only_networks_that_take_them(tmp_path, capsys):
     """An unconditional UNet featurised on labelled data ignores the labels (same features); a
     conditional model on unlabelled data, or the reverse, is refused before training."""
-    from wherefrom.attribution.features import featurize
-    from wherefrom.attribution.gradients import FeatureConfig
-    from wherefrom.attribution.store import Store
+    from wherefrom.features import featurize
+    from wherefrom.features import FeatureConfig
+    from wherefrom.store import Store
     from wherefrom.target import DatasetView
 
     net, config = build_unet(TINY_UNET, 0).double(), FeatureConfig(timesteps=2, proj_dim=32)

@@ -22,11 +22,10 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
 from tests.conftest import TINY_UNET
-from wherefrom.attribution.features import featurize
-from wherefrom.attribution.gradients import FeatureConfig
-from wherefrom.attribution.kfac import FactorConfig, fit_factors
-from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence
-from wherefrom.attribution.store import Store
+from wherefrom.features import FeatureConfig, featurize
+from wherefrom.kfac import FactorConfig, fit_factors
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
+from wherefrom.store import Store
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
@@ -246,7 +245,7 @@ def test_one_store_for_every_method_refuses_a_conflicting_entry_before_training(
     """Another method's entries are no conflict (the check passes and the first step runs); an entry of the
     same name made with another config is refused before the first step, without suggesting to replace
     anything but that entry."""
-    from wherefrom.attribution.kfac.stored import InfluenceConfig
+    from wherefrom.kfac.stored import InfluenceConfig
     from wherefrom.target import as_data
 
     data = as_data(DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)}), batch_size=2), "test")

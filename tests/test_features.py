@@ -15,11 +15,19 @@ from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
-from wherefrom.attribution.features import featurize, project_images
-from wherefrom.attribution.gradients import FeatureConfig, per_sample_grads, trainable_parameters
-from wherefrom.attribution.kfac import tracked_layers
-from wherefrom.attribution.projection import BLOCK_SIZE, Projection, default_projector, projection_seed
-from wherefrom.attribution.store import Store
+from wherefrom.features import (
+    BLOCK_SIZE,
+    default_projector,
+    FeatureConfig,
+    featurize,
+    per_sample_grads,
+    project_images,
+    Projection,
+    projection_seed,
+    trainable_parameters,
+)
+from wherefrom.kfac import tracked_layers
+from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
 from wherefrom.model import DiffusionModel

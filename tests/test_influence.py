@@ -14,10 +14,9 @@ import torch
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import tiny_config
 from wherefrom import cli
-from wherefrom.attribution.features import featurize
-from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
+from wherefrom.features import FeatureConfig, featurize, Projection, trainable_parameters
 from wherefrom.attribution.influence import EKFAC, MEASURES, influence_scores, projection_scale
-from wherefrom.attribution.kfac import (
+from wherefrom.kfac import (
     HEURISTIC_DAMPING,
     FactorConfig,
     KFACPreconditioner,
@@ -28,10 +27,9 @@ from wherefrom.attribution.kfac import (
     load_preconditioner,
     tracked_layers,
 )
-from wherefrom.attribution.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
-from wherefrom.attribution.projection import Projection
+from wherefrom.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
 from wherefrom.attribution.report import write_attribution
-from wherefrom.attribution.store import Store, as_tensor
+from wherefrom.store import Store, as_tensor
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
 from wherefrom.task import Stream, predict_eps

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
-from wherefrom.attribution.kfac import (
+from wherefrom.kfac import (
     FactorCollector,
     FactorConfig,
     KFACApprox,
@@ -29,7 +29,7 @@ from wherefrom.attribution.kfac import (
     eigendecompose,
     tracked_layers,
 )
-from wherefrom.attribution.store import Store
+from wherefrom.store import Store
 from wherefrom.callbacks import KFACFactors
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble

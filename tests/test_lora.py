@@ -17,9 +17,9 @@ from tests.test_synthetic import check_jvp_columns
 from tests.trak_helpers import tiny_config
 from wherefrom import DTRAK, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
-from wherefrom.attribution.gradients import trainable_parameters
-from wherefrom.attribution.kfac import tracked_layers
-from wherefrom.attribution.store import Store
+from wherefrom.features import trainable_parameters
+from wherefrom.kfac import tracked_layers
+from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.lora import add_lora, load_adapter, save_adapter

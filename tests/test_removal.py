@@ -44,7 +44,7 @@ def test_estimate_leaves_out_infeasible_queries():
 
 
 def test_scores_aggregate_per_group_over_the_training_split():
-    from wherefrom.attribution.report import Attribution
+    from wherefrom.attribution.protocol import Attribution
 
     scores = np.arange(12, dtype=np.float32).reshape(2, 6)
     result = Attribution(scores, torch.zeros(2, 1, 8, 8), "m", split=np.array([0, 2, 3, 5]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wherefrom.attribution.store import FORMAT, Store, check_store
+from wherefrom.store import FORMAT, Store, check_store
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
 
 

@@ -16,8 +16,8 @@ from torch.profiler import ProfilerActivity, profile
 from tests.conftest import TINY_UNET, cli
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
+from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.ensemble.synthetic import (
-    SyntheticAblation,
     ablated_weights,
     exact_ablation,
     linearize,

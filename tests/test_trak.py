@@ -11,9 +11,8 @@ import pytest
 
 from tests.trak_helpers import SUBSET, tiny_checkpoint
 from wherefrom import cli
-from wherefrom.attribution.features import featurize
-from wherefrom.attribution.gradients import FeatureConfig
-from wherefrom.attribution.store import Store
+from wherefrom.features import FeatureConfig, featurize
+from wherefrom.store import Store
 from wherefrom.attribution.trak import DAMPING, DTRAK, TRAK, kernel_scores, query_features, trak_scores
 from wherefrom.errors import WherefromError
 

@@ -13,15 +13,16 @@ Roles:
 from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
 from wherefrom.attribution.baseline import Pixel, Random
 from wherefrom.attribution.influence import EKFAC, KFAC
-from wherefrom.attribution.report import Attribution, Attributor, Needs, view, write_attribution
-from wherefrom.attribution.store import Store
+from wherefrom.attribution.protocol import Attribution, Attributor, Needs
+from wherefrom.attribution.report import view, write_attribution
+from wherefrom.store import Store
 from wherefrom.attribution.trak import DTRAK, TRAK
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
 from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
-from wherefrom.ensemble.synthetic import AblationLoss, SyntheticAblation
+from wherefrom.attribution.ablation import AblationLoss, SyntheticAblation
 from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
 from wherefrom.model import Attributable, DiffusionModel, DiffusionRecipe
 from wherefrom.sampling import generate

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.html import merge_reports
-from wherefrom.attribution.report import Attribution, write_attribution
+from wherefrom.attribution.protocol import Attribution
+from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble.codes import validate_codes
 from wherefrom.ensemble.synthetic import quadratic_measurement

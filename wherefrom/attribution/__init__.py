@@ -1,53 +1,53 @@
-"""Attribution: typed attributors behind one protocol, the store they read, and the score functions.
+"""Attribution: every attributor behind one protocol, their registry, and how results are written.
 
-Names are imported on first use (the ensemble's attributors import this package's
-modules, so an eager import here would be circular).
+- :mod:`~wherefrom.attribution.protocol`: :class:`Attributor`, the :class:`Attribution` it returns, :class:`Needs`
+- attributors: :mod:`~wherefrom.attribution.baseline` (random, pixel), :mod:`~wherefrom.attribution.trak`
+  (TRAK, D-TRAK), :mod:`~wherefrom.attribution.influence` (K-FAC, EK-FAC),
+  :mod:`~wherefrom.attribution.ablation` (the encoded ensemble's synthetic ablation and ablation-loss)
+- :mod:`~wherefrom.attribution.api`: the :data:`ATTRIBUTORS` registry
+- :mod:`~wherefrom.attribution.report` and :mod:`~wherefrom.attribution.html`: files, reports, notebook views
 """
 
-from __future__ import annotations
+from wherefrom.attribution.ablation import AblationLoss, SyntheticAblation
+from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
+from wherefrom.attribution.baseline import Pixel, Random, pixel_scores, random_scores
+from wherefrom.attribution.influence import EKFAC, KFAC, influence_scores
+from wherefrom.attribution.protocol import Attribution, Attributor, Needs
+from wherefrom.attribution.report import view, write_attribution
+from wherefrom.attribution.trak import DTRAK, TRAK, kernel_scores, trak_scores
+from wherefrom.ensemble.synthetic import measurement_scores, synthetic_scores
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
+from wherefrom.store import Store
 
-import importlib
-from typing import Any
-
-_EXPORTS: dict[str, str] = {
+__all__ = [
     # the protocol and its result
-    "Attribution": "report",
-    "Attributor": "report",
-    "Needs": "report",
-    "view": "report",
-    "write_attribution": "report",
+    "Attribution",
+    "Attributor",
+    "Needs",
+    "view",
+    "write_attribution",
     # attributors and their registry
-    "ATTRIBUTORS": "api",
-    "attributor": "api",
-    "register": "api",
-    "Random": "baseline",
-    "Pixel": "baseline",
-    "TRAK": "trak",
-    "DTRAK": "trak",
-    "KFAC": "influence",
-    "EKFAC": "influence",
-    "SyntheticAblation": "wherefrom.ensemble.synthetic",
-    "AblationLoss": "wherefrom.ensemble.synthetic",
+    "ATTRIBUTORS",
+    "attributor",
+    "register",
+    "Random",
+    "Pixel",
+    "TRAK",
+    "DTRAK",
+    "KFAC",
+    "EKFAC",
+    "SyntheticAblation",
+    "AblationLoss",
     # the store, and stored influence (training gradients in the K-FAC eigenbasis)
-    "Store": "store",
-    "InfluenceConfig": "wherefrom.attribution.kfac.stored",
-    "featurize_influence": "wherefrom.attribution.kfac.stored",
+    "Store",
+    "InfluenceConfig",
+    "featurize_influence",
     # score functions
-    "trak_scores": "trak",
-    "kernel_scores": "trak",
-    "influence_scores": "influence",
-    "pixel_scores": "baseline",
-    "random_scores": "baseline",
-    "synthetic_scores": "wherefrom.ensemble.synthetic",
-    "measurement_scores": "wherefrom.ensemble.synthetic",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'wherefrom.attribution' has no attribute {name!r}")
-    where = _EXPORTS[name]
-    module = importlib.import_module(where if "." in where else f"wherefrom.attribution.{where}")
-    return getattr(module, name)
+    "trak_scores",
+    "kernel_scores",
+    "influence_scores",
+    "pixel_scores",
+    "random_scores",
+    "synthetic_scores",
+    "measurement_scores",
+]

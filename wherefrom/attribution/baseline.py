@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wherefrom.attribution.report import Attribution, Needs
+from wherefrom.attribution.protocol import Attribution, Needs
 from wherefrom.target import as_data, as_queries, image_names
 from wherefrom.task import mix_seed
 

@@ -6,7 +6,7 @@ For a query ``q`` and a training image ``x``::
 
 ``m`` is the measurement (``loss``, ``elbo``, ``square_norm``, ``loss_at_time``)
 and ``L`` the training loss, each averaged over K seeded ``(t, eps)`` draws;
-``F`` is the block-diagonal (EK-)FAC curvature of :mod:`wherefrom.attribution.kfac`
+``F`` is the block-diagonal (EK-)FAC curvature of :mod:`wherefrom.kfac`
 with its per-layer damping. Up-weighting ``x`` by ``e`` moves the optimum by
 ``-e (F + lambda I)^{-1} grad L(x)`` (Koh & Liang 2017, eq. 1-2), so removing it
 (``e = -1/N``) raises ``m(q)`` by about ``score / N``: larger = more helpful to ``q``.
@@ -16,7 +16,7 @@ the parameters of the Linear/Conv2d layers K-FAC covers; other parameters
 (GroupNorm affines) get zero weight, as in the structured TRAK projection.
 
 * **stored** (default when the store has it): each training gradient was written once
-  in the K-FAC eigenbasis (:mod:`wherefrom.attribution.kfac.stored`); a call computes
+  in the K-FAC eigenbasis (:mod:`wherefrom.kfac.stored`); a call computes
   only the Q query gradients and one product with the stored rows.
 * **exact**: training gradients are formed densely for every call (small models; the reference).
 * **projected**: the store's TRAK features (output ``loss``, written by
@@ -47,13 +47,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.features import entry_name
-from wherefrom.attribution.gradients import FeatureConfig, ProjectionKind, per_sample_grads, trainable_parameters
-from wherefrom.attribution.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
-from wherefrom.attribution.kfac.stored import influence_entry, open_stored
-from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.report import Attribution, Needs
-from wherefrom.attribution.store import Store, as_tensor, check_store
+from wherefrom.features import entry_name, FeatureConfig, per_sample_grads, Projection, ProjectionKind, trainable_parameters
+from wherefrom.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
+from wherefrom.kfac.stored import influence_entry, open_stored
+from wherefrom.attribution.protocol import Attribution, Needs
+from wherefrom.store import Store, as_tensor, check_store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
 from wherefrom.target import as_data, as_queries, attributable, image_names

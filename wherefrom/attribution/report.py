@@ -1,121 +1,23 @@
-"""What every attribution method returns and how it is written.
-
-Every method is an *attributor*: a typed dataclass with
-``attribute(module, data, queries) -> Attribution`` (:class:`Attributor`), registered in
-:data:`wherefrom.attribution.ATTRIBUTORS` with what it needs (:class:`Needs`).
-:func:`write_attribution` writes the same files for all of them (``scores.npy``,
-``topk.json``, ``topk.png`` and any per-query image rows), so reports and evaluation
-read one format.
+"""How every attribution is written and shown: :func:`write_attribution` writes the same files
+for every method (``scores.npy``, ``topk.json``, ``topk.png``, any per-query image rows and the
+browsable ``index.html``), so reports and evaluation read one format; :func:`view` is the same
+report in a notebook, :func:`log_attribution` the top-k to Lightning's loggers.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from wherefrom.attribution.html import Report, inline_report, summary_html, write_run_report
+from wherefrom.attribution.html import Report, inline_report, write_run_report
+from wherefrom.attribution.protocol import Attribution, topk_table
 from wherefrom.errors import WherefromError
 from wherefrom.io import image_grid, save_grid, write_json, write_npy
-
-
-class Needs(str, enum.Enum):
-    """What an attributor reads besides the module, its data and the queries."""
-
-    NOTHING = "nothing"
-    FEATURES = "features"  # a store of TRAK features (`wherefrom featurize` or the TRAKFeatures callback)
-    FACTORS = "factors"  # a store of K-FAC factors (`wherefrom factors` or the KFACFactors callback)
-    ENSEMBLE = "ensemble"  # an encoded ensemble with its codes (the module itself)
-
-
-@dataclass
-class Attribution:
-    """Scores of Q queries against all N training indices (larger = more influential).
-
-    ``split``: the global indices the model trained on; only these are ranked by
-    :meth:`topk` (``None``: all N). ``extra``: method-specific per-query results that go
-    into ``topk.json`` (e.g. exact-ablation distances), one dict per query.
-    ``artifacts``: named per-query image rows (``Q x R x C x H x W``), written as
-    ``<name>.npy`` and ``<name>.png`` (each query, then its R images).
-    ``info``: how the scores were made (e.g. K-FAC's ``grads`` mode), written into ``topk.json``.
-    ``unit``: what a score measures and its sign (the method's :attr:`Attributor.unit`).
-    ``removal_scale``: for influence scores, the factor that turns a score into the predicted
-    change of the query's measurement if the image were removed (``1 / N``); ``None`` otherwise.
-    ``names``: each training index's identity (file, caption, class or index; :func:`wherefrom.target.image_names`).
-    """
-
-    scores: np.ndarray
-    queries: Tensor
-    method: str
-    split: np.ndarray | None = None
-    extra: list[dict[str, Any]] = field(default_factory=list)
-    artifacts: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    unit: str = ""
-    removal_scale: float | None = None
-    names: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        self.scores = np.asarray(self.scores, dtype=np.float32)
-        if self.scores.ndim != 2 or self.scores.shape[0] != len(self.queries):
-            raise ValueError(f"scores must be Q x N with Q = {len(self.queries)} queries, got {self.scores.shape}")
-        if self.split is not None:
-            self.split = np.sort(np.asarray(self.split, dtype=np.int64))
-        for name, rows in self.artifacts.items():
-            if rows.dim() != 5 or len(rows) != len(self.queries):
-                raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
-        if self.names is not None and len(self.names) != self.scores.shape[1]:
-            raise ValueError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
-
-    def _repr_html_(self) -> str:
-        """A notebook's view: each query beside its top 5 (names, scores, predicted changes)."""
-        return summary_html(topk_table(self, 5), self.queries.float().cpu())
-
-    @property
-    def columns(self) -> np.ndarray:
-        """The global indices that are ranked: the training split (all N when unknown)."""
-        return np.arange(self.scores.shape[1]) if self.split is None else self.split
-
-    def topk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Global indices (Q x k) and scores of the k most influential training images per query."""
-        cols = self.columns
-        k = min(k, len(cols))
-        order = np.argsort(-self.scores[:, cols], axis=1, kind="stable")[:, :k]
-        idx = cols[order]
-        return idx, np.take_along_axis(self.scores, idx, axis=1)
-
-    def by_group(self, group_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Scores per group (class, artist, source): the groups (sorted) and ``Q x G`` sums of the
-        scores of each group's training images. For linear scores (TRAK, K-FAC, LDS's datamodels)
-        the sum is the group's predicted effect; ``group_ids`` covers the full index space."""
-        group_ids = np.asarray(group_ids)
-        if group_ids.shape != (self.scores.shape[1],):
-            raise WherefromError(f"group ids must give one group per training index ({self.scores.shape[1]}), got shape {group_ids.shape}")
-        cols = self.columns
-        groups, inverse = np.unique(group_ids[cols], return_inverse=True)
-        sums = np.zeros((len(self.scores), len(groups)))
-        np.add.at(sums.T, inverse, self.scores[:, cols].astype(np.float64).T)
-        return groups, sums
-
-
-@runtime_checkable
-class Attributor(Protocol):
-    """One attribution method: its options are the dataclass fields, ``name`` its CLI name.
-
-    ``attribute`` scores every training image for each query; ``cond`` holds the queries'
-    conditions for a conditional model (class labels or text embeddings, one per query)."""
-
-    name: ClassVar[str]
-    needs: ClassVar[Needs]
-    unit: ClassVar[str]  # what a score measures and its sign, as --help, topk.json and reports state it
-
-    def attribute(self, module: Any, data: Any, queries: Tensor, cond: Tensor | None = None) -> Attribution: ...
 
 
 def beside_queries(queries: Tensor, rows: Sequence[Tensor]) -> Tensor:
@@ -151,31 +53,6 @@ def log_attribution(loggers: Sequence[Any], result: Attribution, data: Any, top_
             experiment.add_image(f"{prefix}/topk", grid, global_step=step)
         elif callable(getattr(logger, "log_image", None)):
             logger.log_image(key=f"{prefix}/topk", images=[grid.permute(1, 2, 0).numpy()], step=step)
-
-
-def topk_table(result: Attribution, top_k: int, group_ids: np.ndarray | None = None) -> dict[str, Any]:
-    """What ``topk.json`` holds: per query the top-k indices, scores, names and (influence methods)
-    predicted changes, with the method, its unit and ``info``; with ``group_ids`` (one per training
-    index) also the ``top_k`` groups of largest summed score (:meth:`Attribution.by_group`)."""
-    if top_k < 1:
-        raise WherefromError(f"--top-k must be >= 1, got {top_k}")
-    idx, top = result.topk(top_k)
-    groups, sums = result.by_group(group_ids) if group_ids is not None else (None, None)
-    rows = []
-    for q in range(len(idx)):
-        row = {"query": q, "indices": idx[q].tolist(), "scores": top[q].tolist()}
-        if result.names is not None:
-            row["names"] = [result.names[i] for i in idx[q]]
-        if result.removal_scale is not None:  # the measurement's predicted change if the image were removed
-            row["predicted_change"] = (top[q].astype(np.float64) * result.removal_scale).tolist()
-        if groups is not None:
-            best = np.argsort(-sums[q], kind="stable")[:top_k]
-            row["groups"] = [{"group": str(groups[g]), "total": float(sums[q, g])} for g in best]
-        if result.extra:
-            row.update(result.extra[q])
-        rows.append(row)
-    meta = {"method": result.method, "unit": result.unit, **({"removal_scale": result.removal_scale} if result.removal_scale is not None else {})}
-    return {**meta, **result.info, "top_k": int(idx.shape[1]), "queries": rows}
 
 
 def write_attribution(

@@ -33,11 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.features import entry_name, project_images
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
-from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.report import Attribution, Needs
-from wherefrom.attribution.store import Store, check_store
+from wherefrom.features import METHOD_OUTPUTS, entry_name, FeatureConfig, project_images, Projection
+from wherefrom.attribution.protocol import Attribution, Needs
+from wherefrom.store import Store, check_store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.target import as_data, as_queries, attributable, image_names

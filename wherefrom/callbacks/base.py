@@ -8,8 +8,8 @@ from typing import Any
 
 import lightning as L
 
-from wherefrom.attribution.features import on_rank_zero
-from wherefrom.attribution.store import Store
+from wherefrom.ddp import on_rank_zero
+from wherefrom.store import Store
 from wherefrom.errors import FingerprintMismatchError
 from wherefrom.io import weights_hash
 from wherefrom.target import Target, resolve_data, resolve_target

@@ -4,8 +4,8 @@ Drop-in for any Lightning pipeline: the networks, the noise schedule and the dat
 found as :mod:`wherefrom.target` describes, and checked before the first
 training step. Each denoiser (model id)
 gets ``factors/<id>``, ``eigen/<id>``, optionally ``ekfac/<id>`` (see
-:mod:`wherefrom.attribution.kfac`) and, with ``features=True``, the stored influence
-``influence/<id>`` (:mod:`wherefrom.attribution.kfac.stored`); an encoded ensemble's member
+:mod:`wherefrom.kfac`) and, with ``features=True``, the stored influence
+``influence/<id>`` (:mod:`wherefrom.kfac.stored`); an encoded ensemble's member
 uses only the images of its code split.
 
 Modes:
@@ -34,9 +34,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.attribution.features import gather, on_rank_zero
-from wherefrom.attribution.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
-from wherefrom.attribution.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+from wherefrom.ddp import gather, on_rank_zero
+from wherefrom.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
@@ -57,8 +57,8 @@ class KFACFactors(CaptureCallback):
         ekfac: also measure EK-FAC eigenvalues after training.
         features: also store every training image's loss gradient in the factors' eigenbasis
             (``influence/<id>``, written after the factors), so K-FAC / EK-FAC queries read it instead
-            of recomputing the training gradients (:mod:`wherefrom.attribution.kfac.stored`).
-        dim, residual_dim, timesteps, features_dtype: the stored influence's config (``features_dtype``: its ``dtype``) (:class:`~wherefrom.attribution.kfac.stored.InfluenceConfig`).
+            of recomputing the training gradients (:mod:`wherefrom.kfac.stored`).
+        dim, residual_dim, timesteps, features_dtype: the stored influence's config (``features_dtype``: its ``dtype``) (:class:`~wherefrom.kfac.stored.InfluenceConfig`).
         batch_size: images per batch of the dedicated passes.
         overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
@@ -120,7 +120,7 @@ class KFACFactors(CaptureCallback):
 
     def _grad_scale(self, trainer: L.Trainer, rows: int) -> float:
         """From the gradient of the batch-mean training loss to the per-example
-        empirical-Fisher vector ``sqrt(D) grad_f l`` (see :mod:`wherefrom.attribution.kfac`)."""
+        empirical-Fisher vector ``sqrt(D) grad_f l`` (see :mod:`wherefrom.kfac`)."""
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         return rows * trainer.accumulate_grad_batches * math.sqrt(self._output_size) / loss_scale

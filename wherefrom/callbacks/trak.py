@@ -20,9 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.attribution.features import entry_name, featurize, on_rank_zero
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, FeatureConfig
-from wherefrom.attribution.projection import default_projector
+from wherefrom.ddp import on_rank_zero
+from wherefrom.features import METHOD_OUTPUTS, default_projector, entry_name, FeatureConfig, featurize
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
@@ -37,7 +36,7 @@ class TRAKFeatures(CaptureCallback):
         store: the store folder.
         method: ``dtrak`` (output ``square_norm``) or ``trak`` (output ``loss``).
         output: override the output function (a measurement name).
-        timesteps, strategy, proj_dim, projection, allocation, seed: see :class:`~wherefrom.attribution.gradients.FeatureConfig`.
+        timesteps, strategy, proj_dim, projection, allocation, seed: see :class:`~wherefrom.features.gradients.FeatureConfig`.
         projector: the dense mode's trak projector (default: ``cuda`` with fast_jl on a GPU, else ``basic``).
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).

@@ -21,10 +21,11 @@ from typing import Any
 from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
-from wherefrom.attribution.report import Attributor, Needs, write_attribution
+from wherefrom.attribution.protocol import Attributor, Needs
+from wherefrom.attribution.report import write_attribution
 from wherefrom.cli.options import add_run, add_sampling, open_run, query_cond, query_conditions
 from wherefrom.cli.parser import ConfigArgumentParser
-from wherefrom.ensemble.synthetic import SyntheticAblation
+from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.sampling import sampling_timesteps

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
-from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.attribution.kfac.stored import DTYPES, InfluenceConfig, featurize_influence, influence_entry
-from wherefrom.attribution.store import Store
+from wherefrom.kfac.factors import Curvature, KFACApprox
+from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
+from wherefrom.kfac.stored import DTYPES, InfluenceConfig, featurize_influence, influence_entry
+from wherefrom.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
 from wherefrom.cli.parser import ConfigArgumentParser
 

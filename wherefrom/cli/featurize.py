@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from wherefrom.attribution.features import entry_name, featurize
-from wherefrom.attribution.gradients import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind
-from wherefrom.attribution.projection import default_projector
-from wherefrom.attribution.store import Store
+from wherefrom.features import METHOD_OUTPUTS, Allocation, default_projector, entry_name, FeatureConfig, featurize, ProjectionKind
+from wherefrom.store import Store
 from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.task import TimestepStrategy

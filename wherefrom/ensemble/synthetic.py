@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,13 +40,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.report import Attribution, Needs
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.distances import LPIPSDistance, alexnet_weights_path, l2_distance
-from wherefrom.sampling import EpsFn, SchedulerType, guided, sample
-from wherefrom.target import as_data, as_queries, image_names
+from wherefrom.sampling import EpsFn, guided, sample
 from wherefrom.task import predict_eps
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
@@ -319,134 +316,20 @@ def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Se
     each equal to ``sampler.ablate([indices[b]], [queries[b]])``, in batches of ``batch_size`` pairs."""
     if len(queries) != len(indices):
         raise WherefromError(f"need one training index per query, got {len(queries)} queries and {len(indices)} indices")
-    codes = _codes(sampler)
+    codes = sampler_codes(sampler)
     weights = ablated_weights(sampler.uniform_weights(), codes.bits[codes.rows(np.asarray(indices, dtype=np.int64))])
     with torch.no_grad():
         return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in range(0, len(queries), batch_size)])
 
 
-def _codes(sampler: EnsembleSampler) -> Codes:
+def sampler_codes(sampler: EnsembleSampler) -> Codes:
+    """The codes of an ensemble's sampler (refused when it has none)."""
     if sampler.codes is None:
         raise WherefromError("synthetic ablation needs the ensemble's codes; load an assembled or jointly trained ensemble checkpoint")
     return sampler.codes
 
 
-# --- `wherefrom attribute --method ablation` ---------------------------------------------------------------
-
-
-def _rerank(name: str, candidates: np.ndarray, distances: np.ndarray) -> dict[str, list]:
-    order = np.argsort(-distances, kind="stable")
-    return {f"exact_{name}": distances.tolist(), f"{name}_order": candidates[order].tolist()}
-
-
-def _ensemble(module, name: str):
-    if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
-        raise WherefromError(f"{name} needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
-    return module.eval()
-
-
-@dataclass
-class SyntheticAblation:
-    """Synthetic ablation (Dai, Yew & Gifford): every training image's effect on the ensemble's
-    own samples, from one Jacobian of the sampling chain in the member weights.
-
-    Unit and sign: how far (L2 over pixels in [-1, 1]) the sample moves, to first order, when the
-    image's members are dropped; larger = more influential.
-
-    The queries must be the ensemble's samples ``0..Q-1`` with this ``seed``, ``steps``,
-    ``scheduler`` (the chain's exogenous noise) and, for a conditional ensemble, their conditions
-    ``cond`` and classifier-free ``guidance``. The result carries the top-k synthetic
-    counterfactuals (artifact ``counterfactuals``); ``exact`` also reruns the chain without the
-    members of each top-k image (artifact ``exact_counterfactuals``) and adds, per query, the
-    exact L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
-    """
-
-    seed: int = 0
-    steps: int = 100
-    scheduler: SchedulerType = SchedulerType.DDPM
-    exact: bool = False
-    top_k: int = 10
-    batch_size: int = 64
-    guidance: float = 1.0
-
-    name: ClassVar[str] = "ablation"
-    needs: ClassVar[Needs] = Needs.ENSEMBLE
-    unit: ClassVar[str] = "how far the query sample moves (L2 over pixels in [-1, 1]) when the image's members are dropped, to first order; larger = more influential"
-
-    def __post_init__(self) -> None:
-        self.scheduler = SchedulerType(self.scheduler)
-        if min(self.steps, self.top_k, self.batch_size) < 1:
-            raise WherefromError(f"steps, top_k and batch_size must be >= 1, got {self.steps}, {self.top_k}, {self.batch_size}")
-
-    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
-        data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__} queries")
-        module = _ensemble(module, self.name)
-        # guidance's null: the module's null class, or a text ensemble's empty caption from its data
-        null = module.null_condition if module.null_condition is not None else getattr(data, "null_condition", None)
-        sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler, cond=cond, guidance=self.guidance, null=null)
-        codes = _codes(sampler)
-        lin = linearize(sampler, len(queries), batch_size=self.batch_size, progress=True)
-        gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
-        if gap > QUERY_TOLERANCE:
-            raise WherefromError(
-                f"the queries differ from the ensemble's own samples by {gap:.3g}; synthetic ablation attributes the ensemble's "
-                "samples: generate them with the same seed, steps and scheduler"
-            )
-        lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
-        result = Attribution(synthetic_scores(lin, codes, data.num_images), queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
-        top, _ = result.topk(self.top_k)
-        deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
-        result.artifacts["counterfactuals"] = lin.counterfactuals(deltas)
-        if self.exact:
-            pairs_q = np.repeat(np.arange(len(top)), top.shape[1])
-            exact = exact_ablation(sampler, pairs_q.tolist(), top.ravel().tolist(), self.batch_size)
-            x0 = lin.x0[torch.as_tensor(pairs_q)]
-            l2 = l2_distance(x0, exact).reshape(top.shape).double().cpu().numpy()
-            result.extra = [_rerank("l2", top[q], l2[q]) for q in range(len(top))]
-            if alexnet_weights_path().is_file():
-                lp = LPIPSDistance().to(x0.device)(x0, exact).reshape(top.shape).double().cpu().numpy()
-                for q, extra in enumerate(result.extra):
-                    extra.update(_rerank("lpips", top[q], lp[q]))
-            else:
-                print(f"LPIPS re-ranking skipped: no backbone weights at {alexnet_weights_path()}")
-            result.artifacts["exact_counterfactuals"] = exact.reshape(*top.shape, *exact.shape[1:])
-        return result
-
-
-@dataclass
-class AblationLoss:
-    """Signed encoded-ensemble scores: the rise of each query's ``measurement`` (loss or elbo, over
-    ``timesteps`` seeded draws) when an image's members are dropped, exact for all N images from
-    one quadratic form per query (:func:`quadratic_measurement`).
-
-    Unit and sign: the measurement's own unit; larger = the image's members helped the query more."""
-
-    measurement: Literal["loss", "elbo"] = "loss"
-    timesteps: int = 100
-    seed: int = 0
-
-    name: ClassVar[str] = "ablation-loss"
-    needs: ClassVar[Needs] = Needs.ENSEMBLE
-    unit: ClassVar[str] = "the exact rise of the query's measurement when the image's ensemble members are dropped; larger = more helpful to the query"
-
-    def __post_init__(self) -> None:
-        if self.measurement not in ("loss", "elbo"):
-            raise WherefromError(f"measurement must be 'loss' or 'elbo' for ablation-loss, got {self.measurement!r}")
-        if self.timesteps < 1:
-            raise WherefromError(f"timesteps must be >= 1, got {self.timesteps}")
-
-    def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
-        data = as_data(data, type(self).__name__)
-        queries = as_queries(queries, data, f"{type(self).__name__} queries")
-        sampler = _ensemble(module, self.name).sampler()
-        quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
-        scores = measurement_scores(quad, sampler.uniform_weights(), _codes(sampler), data.num_images)
-        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
-
-
 __all__ = [
-    "AblationLoss",
     "JacobianStrategy",
     "Linearization",
     "QuadraticMeasurement",
@@ -459,6 +342,6 @@ __all__ = [
     "linearize",
     "row_weighted_eps",
     "sample_rows",
+    "sampler_codes",
     "synthetic_scores",
-    "SyntheticAblation",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.kfac.factors import (
+from wherefrom.kfac.factors import (
     KFACApprox,
     Layer,
     LayerEigen,

@@ -1,5 +1,5 @@
 """The curvature pass: output vectors ``r`` with ``E[r r^T] = S S^T`` (type-2, MC, empirical; see
-:mod:`wherefrom.attribution.kfac`) backpropagated through the network over seeded draws."""
+:mod:`wherefrom.kfac`) backpropagated through the network over seeded draws."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.kfac.collector import FactorCollector
-from wherefrom.attribution.kfac.factors import MC_TAG, Curvature
+from wherefrom.kfac.collector import FactorCollector
+from wherefrom.kfac.factors import MC_TAG, Curvature
 from wherefrom.task import DiffusionTask, Stream, condition, generator_for, predict_eps
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.kfac.geometry import conv_out_size, conv_patch_gram, patches, toeplitz_gram, window_sums
+from wherefrom.kfac.geometry import conv_out_size, conv_patch_gram, patches, toeplitz_gram, window_sums
 from wherefrom.errors import WherefromError
 
 MC_TAG = 1  # extra seed word separating the MC pseudo-target noise from the (t, eps) draws

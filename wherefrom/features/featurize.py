@@ -3,9 +3,9 @@ chunked, resumable, rank-invariant row writer (:func:`write_rows`) every per-ima
 
 Row ``i`` of ``features/<output>/<model_id>`` (N x D, N the size of the global index
 space) is the projected per-sample gradient of image ``i`` (see
-:class:`~wherefrom.attribution.projection.Projection`); rows outside the
+:class:`~wherefrom.features.projection.Projection`); rows outside the
 selected split are zero, i.e. without influence. The manifest holds the full
-:class:`~wherefrom.attribution.gradients.FeatureConfig` plus the model id, the
+:class:`~wherefrom.features.gradients.FeatureConfig` plus the model id, the
 actual dimension and a hash of the weights.
 
 Work is split into *chunks*: ``batch_size`` consecutive indices of the sorted
@@ -20,7 +20,7 @@ round, and only global rank 0 writes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,60 +28,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.gradients import FeatureConfig
-from wherefrom.attribution.projection import Projection
-from wherefrom.attribution.store import Store
+from wherefrom.features.config import FeatureConfig
+from wherefrom.features.projection import Projection
+from wherefrom.store import Store
+from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.errors import WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, condition
-
-T = TypeVar("T")
-
-
-class Comm(Protocol):
-    """The collectives featurisation needs; a Lightning ``Strategy`` provides them."""
-
-    world_size: int
-    global_rank: int
-
-    def all_gather(self, tensor: Tensor) -> Tensor: ...
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
-
-
-class LocalComm:
-    """A single process."""
-
-    world_size = 1
-    global_rank = 0
-
-    def all_gather(self, tensor: Tensor) -> Tensor:
-        return tensor.unsqueeze(0)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
-
-
-def gather(comm: Comm, tensor: Tensor) -> Tensor:
-    """``world x ...`` (Lightning's single-device strategy returns the tensor unstacked)."""
-    out = comm.all_gather(tensor)
-    return out if out.dim() > tensor.dim() else out.unsqueeze(0)
-
-
-def on_rank_zero(comm: Comm, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on global rank 0 only; broadcast its result, or its error, to every rank."""
-    result: Any = None
-    error: WherefromError | None = None
-    if comm.global_rank == 0:
-        try:
-            result = fn()
-        except WherefromError as e:
-            error = e
-    result, error = comm.broadcast((result, error), src=0)
-    if error is not None:
-        raise error
-    return result
-
 
 def entry_name(output: str, model_id: str) -> str:
     """The store entry of model id ``model_id``'s features of output function ``output``: TRAK
@@ -193,4 +146,4 @@ def featurize(
         model.train(was_training)
 
 
-__all__ = ["Comm", "LocalComm", "entry_name", "featurize", "gather", "on_rank_zero", "project_images", "write_rows"]
+__all__ = ["entry_name", "featurize", "project_images", "write_rows"]

@@ -4,7 +4,7 @@ stored rows instead of recomputing every training gradient.
 
 In the Kronecker eigenbasis ``Q_G (x) Q_A`` of a layer (eigenvectors sorted by decreasing
 eigenvalue) the rotated gradient ``R = Q_G^T G Q_A`` diagonalises the damped (EK-)FAC inverse
-(George et al. 2018, eq. 10; :class:`~wherefrom.attribution.kfac.KFACPreconditioner`)::
+(George et al. 2018, eq. 10; :class:`~wherefrom.kfac.KFACPreconditioner`)::
 
     g_q^T (F + lambda I)^{-1} g_x = sum_l sum_ij R_q[i, j] R_x[i, j] / (Lambda_ij + lambda_l)
 
@@ -46,13 +46,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.features import Comm, LocalComm, on_rank_zero, write_rows
-from wherefrom.attribution.gradients import FeatureConfig, trainable_parameters
-from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
-from wherefrom.attribution.kfac.geometry import unfolded
-from wherefrom.attribution.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors, entry_names
-from wherefrom.attribution.projection import layer_shape, projection_seed, scaled_orthonormal, structured_grads
-from wherefrom.attribution.store import Store
+from wherefrom.ddp import Comm, LocalComm, on_rank_zero
+from wherefrom.features import (
+    FeatureConfig,
+    layer_shape,
+    projection_seed,
+    scaled_orthonormal,
+    structured_grads,
+    trainable_parameters,
+    write_rows,
+)
+from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
+from wherefrom.kfac.geometry import unfolded
+from wherefrom.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors, entry_names
+from wherefrom.store import Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, TimestepStrategy, condition, generator_for

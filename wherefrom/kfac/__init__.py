@@ -48,9 +48,9 @@ it uses only training-set curvature, never an evaluation set. An absolute
 
 from __future__ import annotations
 
-from wherefrom.attribution.kfac.collector import FactorCollector
-from wherefrom.attribution.kfac.curvature import backpropagate, factor_pass, frozen, mc_noise, output_vectors
-from wherefrom.attribution.kfac.factors import (
+from wherefrom.kfac.collector import FactorCollector
+from wherefrom.kfac.curvature import backpropagate, factor_pass, frozen, mc_noise, output_vectors
+from wherefrom.kfac.factors import (
     HEURISTIC_DAMPING,
     Curvature,
     KFACApprox,
@@ -62,8 +62,8 @@ from wherefrom.attribution.kfac.factors import (
     layer_dims,
     tracked_layers,
 )
-from wherefrom.attribution.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.attribution.kfac.preconditioner import (
+from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
+from wherefrom.kfac.preconditioner import (
     KFACPreconditioner,
     correction_tensors,
     eigen_from_tensors,

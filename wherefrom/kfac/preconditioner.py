@@ -8,8 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.kfac.factors import HEURISTIC_DAMPING, LayerEigen
-from wherefrom.attribution.store import Store
+from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen
+from wherefrom.store import Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 

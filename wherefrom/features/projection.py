@@ -2,7 +2,7 @@
 
 Both modes are one fixed linear map ``R^P -> R^D`` per (seed, model id), applied
 either to a dense gradient (:meth:`Projection.project`, the layout of
-:func:`~wherefrom.attribution.gradients.per_sample_grads`) or, without forming
+:func:`~wherefrom.features.gradients.per_sample_grads`) or, without forming
 the gradient, to a batch of examples (:meth:`Projection.projected_grads`). The
 two give the same numbers, so a scorer may transform a gradient in parameter
 space (e.g. K-FAC preconditioning) and project it with the matrix used for the
@@ -40,17 +40,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from wherefrom.attribution.gradients import (
-    Allocation,
-    Draws,
-    FeatureConfig,
-    ProjectionKind,
-    Projector,
-    noisy_inputs,
-    per_sample_grads,
-    trainable_parameters,
-)
 from wherefrom.errors import WherefromError
+from wherefrom.features.config import Allocation, FeatureConfig, ProjectionKind, Projector
+from wherefrom.features.gradients import Draws, noisy_inputs, per_sample_grads, trainable_parameters
 from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict_eps
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix

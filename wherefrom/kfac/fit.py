@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.attribution.features import Comm, LocalComm, gather, on_rank_zero
-from wherefrom.attribution.kfac.collector import FactorCollector
-from wherefrom.attribution.kfac.curvature import factor_pass
-from wherefrom.attribution.kfac.factors import Curvature, KFACApprox
-from wherefrom.attribution.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose, entry_names
-from wherefrom.attribution.store import Store
+from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
+from wherefrom.kfac.collector import FactorCollector
+from wherefrom.kfac.curvature import factor_pass
+from wherefrom.kfac.factors import Curvature, KFACApprox
+from wherefrom.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose, entry_names
+from wherefrom.store import Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
