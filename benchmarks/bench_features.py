@@ -30,18 +30,9 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from trak.projectors import BasicProjector, ProjectionType
 
-from wherefrom.features import (
-    BLOCK_SIZE,
-    METHOD_OUTPUTS,
-    default_projector,
-    entry_name,
-    FeatureConfig,
-    featurize,
-    projection_seed,
-    Projector,
-    trainable_parameters,
-)
-from wherefrom.store import Store
+from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize, projection_seed, Projector, trainable_parameters
+from wherefrom.features.projection import BLOCK_SIZE
+from wherefrom.store import Entry, Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
@@ -110,7 +101,7 @@ def timed_featurize(module: DiffusionModel, dm: DigitsDataModule, config: Featur
         start = now()
         featurize(module.unet, "model", module.task, dm, store, config, batch_size)
         elapsed = now() - start
-        return elapsed, torch.from_numpy(store.read_array(entry_name(config.output, "model"))[dm.indices].copy())
+        return elapsed, torch.from_numpy(store.read_array(Entry.features(config.output, "model"))[dm.indices].copy())
 
 
 def main() -> None:

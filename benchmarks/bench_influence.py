@@ -24,11 +24,11 @@ import time
 import numpy as np
 import torch
 
-from wherefrom.features import entry_name, FeatureConfig, featurize
+from wherefrom.features import FeatureConfig, featurize
 from wherefrom.attribution.influence import influence_scores
 from wherefrom.kfac import FactorConfig, fit_factors
-from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
-from wherefrom.store import Store
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
+from wherefrom.store import Entry, Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
@@ -70,7 +70,7 @@ def main() -> None:
         exact_s, exact_scores = timed(lambda: attribute("exact"))
         row_bytes = {
             name: int(np.prod(entry["shape"][1:])) * (2 if entry["dtype"] == "bfloat16" else np.dtype(entry["dtype"]).itemsize)
-            for name, entry in ((n, store.manifest["entries"][n]) for n in (influence_entry("model"), entry_name("square_norm", "model")))
+            for name, entry in ((n, store.manifest["entries"][n]) for n in (Entry.influence("model"), Entry.features("square_norm", "model")))
         }
     full = np.corrcoef(stored_scores.ravel(), exact_scores.ravel())[0, 1]
     print("| what | seconds | ratio | goal |")
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"| influence featurisation (D={a.dim}, {config.dtype}) | {stored_s:.1f} | {stored_s / dtrak_s:.2f} x D-TRAK's | <= 1.5 |")
     print(f"| EK-FAC attribute, exact mode | {exact_s:.1f} | 1.00 (reference) | |")
     print(f"| EK-FAC attribute, stored mode | {query_s:.1f} | {exact_s / query_s:.1f} x faster | >= 20 |")
-    print(f"\nstore per image: stored influence {row_bytes[influence_entry('model')]:,} B, D-TRAK features {row_bytes[entry_name('square_norm', 'model')]:,} B; "
+    print(f"\nstore per image: stored influence {row_bytes[Entry.influence('model')]:,} B, D-TRAK features {row_bytes[Entry.features('square_norm', 'model')]:,} B; "
           f"stored vs exact scores: Pearson r = {full:.3f} over all query x image pairs")  # fmt: skip
 
 

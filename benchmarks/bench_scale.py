@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_topk import PeakMemory, rss_anon_mib  # noqa: E402
 
 from wherefrom.model import build_unet  # noqa: E402
+from wherefrom.store import Entry
 
 UNET = dict(
     sample_size=32, in_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
@@ -56,11 +57,11 @@ def measure(fn) -> tuple[float, float]:
 def child(n: int, root: Path, unet: dict) -> dict:
     import torch
 
-    from wherefrom.features import entry_name, featurize
+    from wherefrom.features import featurize
     from wherefrom.features import FeatureConfig
     from wherefrom.attribution.influence import influence_scores
     from wherefrom.kfac import FactorConfig, fit_factors
-    from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+    from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
     from wherefrom.store import Store
     from wherefrom.attribution.trak import query_features, trak_scores
     from wherefrom.datamodules import ArrayDataModule
@@ -76,7 +77,7 @@ def child(n: int, root: Path, unet: dict) -> dict:
     store = Store(root / f"store{n}", data.fingerprint, overwrite=True)
     feat_s, feat_peak = measure(lambda: featurize(net, "model", task, data, store, config, BATCH))
     queries = data.images[:QUERIES] * -1
-    phi = store.read_array(entry_name(config.output, "model"))
+    phi = store.read_array(Entry.features(config.output, "model"))
 
     run = SimpleNamespace(task=task)  # what query_features reads of a module
     score_s, score_peak = measure(lambda: trak_scores([phi], [query_features(net, run, "model", config, queries)], 0.1))
@@ -90,8 +91,8 @@ def child(n: int, root: Path, unet: dict) -> dict:
         "featurize_s": feat_s, "featurize_peak_mib": feat_peak - base,
         "score_s": score_s, "score_peak_mib": score_peak - base,
         "factors_s": fac_s, "factors_peak_mib": fac_peak - base,
-        "influence_s": inf_s, "influence_peak_mib": inf_peak - base, "influence_dim": store.config(influence_entry("model"))["row_dim"],
-        "influence_row_bytes": store.config(influence_entry("model"))["row_dim"] * (2 if config.dtype == "bfloat16" else np.dtype(config.dtype).itemsize),
+        "influence_s": inf_s, "influence_peak_mib": inf_peak - base, "influence_dim": store.config(Entry.influence("model"))["row_dim"],
+        "influence_row_bytes": store.config(Entry.influence("model"))["row_dim"] * (2 if config.dtype == "bfloat16" else np.dtype(config.dtype).itemsize),
         "stored_score_s": stored_s, "stored_score_peak_mib": stored_peak - base,
     }  # fmt: skip
 

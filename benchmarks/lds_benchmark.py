@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from wherefrom.attribution.baseline import pixel_scores, random_scores
-from wherefrom.features import entry_name, FeatureConfig, featurize, per_sample_grads
+from wherefrom.features import FeatureConfig, featurize, per_sample_grads
 from wherefrom.attribution.influence import influence_scores, precondition, query_gradients
 from wherefrom.kfac import HEURISTIC_DAMPING, FactorConfig, fit_factors, load_preconditioner
 from wherefrom.kfac.stored import InfluenceConfig, StoredInfluence, featurize_influence, load_eigen
-from wherefrom.store import Store
+from wherefrom.store import Entry, Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import WherefromError
@@ -146,7 +146,7 @@ class Context:
         if not cached.is_file():
             q_config = dataclasses.replace(config, timesteps=query_timesteps or config.timesteps)
             write_npy(cached, query_features(self.net, self.module, "model", q_config, self.queries).double().numpy())
-        return store.read_array(entry_name(config.output, "model"))[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
+        return store.read_array(Entry.features(config.output, "model"))[self.split].astype(np.float64), torch.from_numpy(np.load(cached))
 
     def factors(self, passes: int) -> Store:
         """The store of the attributed model's factors (``passes`` passes, with EK-FAC), fit once."""
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if a.stage in ("train", "all"):
         train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
-        lds.train_subsets(bench, workers=a.workers, config=Path(a.config))
+        lds.train_subsets(bench, workers=a.workers)
         ensemble_checkpoint(bench)
     if a.stage in ("queries", "all"):
         make_queries(bench)

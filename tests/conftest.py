@@ -78,7 +78,7 @@ def attribute_every_method(capsys, ckpt, root, queries: list[str], ensemble=None
 
     small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
     for method in ("trak", "dtrak"):
-        code, err = cli(capsys, "featurize", "--ckpt", str(ckpt), "--method", method, "--out", str(root / f"store_{method}"), *small)
+        code, err = cli(capsys, "featurize", "--ckpt", str(ckpt), "--method", method, "--store", str(root / f"store_{method}"), *small)
         assert code == 0, err
     code, err = cli(capsys, "factors", "--ckpt", str(ckpt), "--store", str(root / "store_trak"), "--ekfac", "--passes", "1", "--batch-size", "8")
     assert code == 0, err

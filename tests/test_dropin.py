@@ -152,7 +152,7 @@ def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, t
     monkeypatch.syspath_prepend(str(root))
     run = ["--ckpt", str(root / "ranks1" / "last.ckpt"), "--model.class_path", "pipeline.Denoiser",
            "--data.class_path", "pipeline.Digits", "--data.init_args", f"{{indices: {SUBSET}}}"]  # fmt: skip
-    code, err = cli(capsys, "featurize", *run, "--out", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5")
+    code, err = cli(capsys, "featurize", *run, "--store", str(tmp_path / "store"), "--timesteps", "3", "--proj-dim", "64", "--batch-size", "5")
     assert code == 0, err[-2000:]
     got, want = Store.open(tmp_path / "store").read_array("features/square_norm/model"), stores[1].read_array("features/square_norm/model")
     np.testing.assert_allclose(got[SUBSET], want[SUBSET], rtol=1e-4, atol=1e-5 * np.abs(want).max())
@@ -167,7 +167,7 @@ def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, t
     api = DTRAK(store=str(tmp_path / "store")).attribute(module, DataLoader(Digits(SUBSET)), queries)
     np.testing.assert_allclose(np.load(tmp_path / "scores" / "scores.npy"), api.scores, rtol=1e-6, atol=1e-7 * np.abs(api.scores).max())
     # without the class, the command says which flag to pass
-    code, err = cli(capsys, "featurize", "--ckpt", str(root / "ranks1" / "last.ckpt"), "--out", str(tmp_path / "s2"))
+    code, err = cli(capsys, "featurize", "--ckpt", str(root / "ranks1" / "last.ckpt"), "--store", str(tmp_path / "s2"))
     assert code == 2 and "pass --model.class_path" in err and err.count("\n") == 1, err
 
 

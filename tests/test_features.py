@@ -15,17 +15,8 @@ from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 from tests.conftest import TINY_UNET
 from tests.trak_helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
-from wherefrom.features import (
-    BLOCK_SIZE,
-    default_projector,
-    FeatureConfig,
-    featurize,
-    per_sample_grads,
-    project_images,
-    Projection,
-    projection_seed,
-    trainable_parameters,
-)
+from wherefrom.features import default_projector, FeatureConfig, featurize, per_sample_grads, project_images, Projection, projection_seed, trainable_parameters
+from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.kfac import tracked_layers
 from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
@@ -178,7 +169,7 @@ def test_callback_with_two_ddp_ranks_equals_one_process(runs):
 def test_sigkill_mid_run_then_resume_is_byte_identical(runs, tmp_path):
     ckpt = runs[1] / "run" / "last.ckpt"
     args = ("featurize", "--ckpt", str(ckpt), "--projection", "dense", "--proj-dim", "1024", "--timesteps", "4", "--batch-size", "1")
-    proc = run_cli(*args, "--out", str(tmp_path / "killed"), cwd=tmp_path, background=True)
+    proc = run_cli(*args, "--store", str(tmp_path / "killed"), cwd=tmp_path, background=True)
     done = tmp_path / "killed" / "features" / "square_norm" / "model.done.npy"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -190,8 +181,8 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(runs, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert 3 <= np.load(done)[SUBSET].sum() < len(SUBSET), "the kill must land mid-run"
 
-    cli.main([*args, "--out", str(tmp_path / "killed")])  # resume
-    cli.main([*args, "--out", str(tmp_path / "clean")])  # an uninterrupted run
+    cli.main([*args, "--store", str(tmp_path / "killed")])  # resume
+    cli.main([*args, "--store", str(tmp_path / "clean")])  # an uninterrupted run
     for suffix in (".npy", ".done.npy"):
         clean = (tmp_path / "clean" / "features" / "square_norm" / f"model{suffix}").read_bytes()
         assert clean == (tmp_path / "killed" / "features" / "square_norm" / f"model{suffix}").read_bytes()
@@ -211,7 +202,7 @@ def _cli_error(capsys, *args: str) -> str:
 
 def test_mismatched_store_and_bad_input_fail_clearly(runs, tmp_path, capsys):
     ckpt, store = str(runs[1] / "run" / "last.ckpt"), str(tmp_path / "store")
-    args = ("featurize", "--ckpt", ckpt, "--out", store, "--timesteps", "1", "--batch-size", "8")
+    args = ("featurize", "--ckpt", ckpt, "--store", store, "--timesteps", "1", "--batch-size", "8")
     cli.main([*args, "--proj-dim", "64"])
     before = Store.open(store).read_array("features/square_norm/model").copy()
     err = _cli_error(capsys, *args, "--proj-dim", "32")

@@ -16,20 +16,10 @@ from tests.trak_helpers import tiny_config
 from wherefrom import cli
 from wherefrom.features import FeatureConfig, featurize, Projection, trainable_parameters
 from wherefrom.attribution.influence import EKFAC, MEASURES, influence_scores, projection_scale
-from wherefrom.kfac import (
-    HEURISTIC_DAMPING,
-    FactorConfig,
-    KFACPreconditioner,
-    LayerEigen,
-    entry_names,
-    fit_factors,
-    layer_dims,
-    load_preconditioner,
-    tracked_layers,
-)
-from wherefrom.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, influence_entry, open_stored
+from wherefrom.kfac import HEURISTIC_DAMPING, FactorConfig, KFACPreconditioner, LayerEigen, fit_factors, layer_dims, load_preconditioner, tracked_layers
+from wherefrom.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, open_stored
 from wherefrom.attribution.report import write_attribution
-from wherefrom.store import Store, as_tensor
+from wherefrom.store import as_tensor, Entry, Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.model import DiffusionModel
 from wherefrom.task import Stream, predict_eps
@@ -180,7 +170,7 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     cli.main(["fit", "--config", str(tiny_config(tmp_path))])
     ckpt, store = str(tmp_path / "run" / "last.ckpt"), str(tmp_path / "store")
     cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8"])
-    assert set(Store.open(store).entries("tensors")) == set(entry_names("model").values())
+    assert set(Store.open(store).entries("tensors")) == set(Entry.kfac("model").values())
     config = Store.open(store).config("factors/model")
     assert config["curvature"] == "mc" and config["kfac"] == "expand" and config["ekfac"]
     cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8"])  # same config: kept
@@ -195,7 +185,7 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "topk.json").read_text())["grads"] == "exact"  # no stored influence yet
     # stored influence beside the factors (kept): attribute reads it by default
     cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8", "--features", "--dim", "10000000", "--timesteps", "3", "--features-dtype", "float32"])
-    assert Store.open(store).has(influence_entry("model"))
+    assert Store.open(store).has(Entry.influence("model"))
     results = {}
     for grads in ("auto", "exact"):
         cli.main(args[:-1] + [str(tmp_path / grads), "--measurement", "elbo", "--timesteps", "3", "--grads", grads])
@@ -226,7 +216,7 @@ def test_stored_influence_with_the_whole_basis_equals_exact_mode(setup, tmp_path
     module, dm, store, queries = setup
     config = InfluenceConfig(dim=10**7, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, dtype="float64")
     featurize_influence(module.unet, "model", module.task, dm, np.asarray(TRAIN), store, config, batch_size=4)
-    stored = Store.open(store.root).config(influence_entry("model"))
+    stored = Store.open(store.root).config(Entry.influence("model"))
     assert stored["row_dim"] == sum(d_out * d_in for d_out, d_in in map(layer_dims, tracked_layers(module.unet).values()))
     for ekfac in (False, True):
         exact = influence_scores(module, dm, queries, store, "elbo", ekfac=ekfac, grads="exact", config=config.features(), batch_size=4)

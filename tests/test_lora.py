@@ -150,7 +150,7 @@ def test_lora_fine_tuning_keeps_the_base_and_is_attributed_by_every_method(lora_
     np.testing.assert_allclose(scores["dtrak"], api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())
     # the LoRA ensemble's members have features of their own adapters
     small = ["--timesteps", "2", "--proj-dim", "64", "--batch-size", "8"]
-    assert cli(capsys, "featurize", "--ckpt", str(ens), "--out", str(tmp_path / "ens_store"), *small)[0] == 0
+    assert cli(capsys, "featurize", "--ckpt", str(ens), "--store", str(tmp_path / "ens_store"), *small)[0] == 0
     assert len([k for k in Store.open(tmp_path / "ens_store").entries("array") if k.startswith("features/")]) == 4
     code, err = cli(capsys, "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "adapter"))
     assert code == 0, err

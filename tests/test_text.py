@@ -139,7 +139,7 @@ def test_latent_text_conditional_lora_fine_tuning_composes(encoder_dir, tmp_path
     ckpt = str(tmp_path / "lora" / "run" / "last.ckpt")
     caption = ["--captions", "a digit three"]
     assert cli(capsys, "sample", "--ckpt", ckpt, "--num-samples", "2", "--steps", "3", *caption, "--guidance", "2", "--out", str(tmp_path / "s"))[0] == 0
-    assert cli(capsys, "featurize", "--ckpt", ckpt, "--out", str(tmp_path / "store"), "--timesteps", "2", "--proj-dim", "32")[0] == 0
+    assert cli(capsys, "featurize", "--ckpt", ckpt, "--store", str(tmp_path / "store"), "--timesteps", "2", "--proj-dim", "32")[0] == 0
     code, err = cli(capsys, "attribute", "--ckpt", ckpt, "--method", "dtrak", "--store", str(tmp_path / "store"),
                     "--queries", str(tmp_path / "s" / "samples.npy"), *caption, "--out", str(tmp_path / "a"))  # fmt: skip
     assert code == 0, err

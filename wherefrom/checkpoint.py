@@ -3,9 +3,8 @@
 A checkpoint written through a wherefrom module records its class and datamodule
 (:func:`record_provenance`), so every command rebuilds both from the file alone. Any
 other Lightning checkpoint is rebuilt from its saved ``hyper_parameters`` given the
-class: ``class_path`` (the CLI's ``--model.class_path`` / ``--data.class_path``), else
-the ``_class_path`` LightningCLI saves beside the hyperparameters in subclass mode
-(``--model.class_path`` on its command line). A plain ``LightningCLI(MyModule, MyData)``
+class: ``class_path``, else the ``_class_path`` LightningCLI saves beside the
+hyperparameters in subclass mode. A plain ``LightningCLI(MyModule, MyData)``
 records no class (only ``_instantiator``; its ``config.yaml`` holds the arguments alone),
 so its checkpoints need the class given.
 """
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from wherefrom.errors import CheckpointError, WherefromError, one_line
+from wherefrom.errors import CheckpointError, Spell, WherefromError, keyword, one_line
 from wherefrom.io import write_json
 
 CLASS_KEY, DATAMODULE_KEY = "wherefrom_class", "wherefrom_datamodule"
@@ -106,21 +105,23 @@ def _construct(cls: type, kwargs: dict[str, Any], path: str | Path, what: str) -
         ) from None
 
 
-def load_module(path: str | Path, class_path: str | None = None) -> L.LightningModule:
+def load_module(path: str | Path, class_path: str | None = None, spell: Spell | None = None) -> L.LightningModule:
     """Rebuild the LightningModule of a checkpoint, in eval mode.
 
     The class is ``class_path``, else the one a wherefrom module recorded, else LightningCLI's
     ``_class_path``; it is built from the saved ``hyper_parameters`` and given the weights
-    (after its ``on_load_checkpoint``, as Lightning's loader does).
+    (after its ``on_load_checkpoint``, as Lightning's loader does). ``spell`` writes
+    ``class_path`` in messages (default: as this function's keyword argument).
     """
+    o = spell or keyword("load_module")
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {}) or {}
     name = class_path or ckpt.get(CLASS_KEY) or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it{_plain_cli(hparams)}; pass --model.class_path your_package.YourModule")
-    cls = import_class(name, "--model.class_path")
+        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it{_plain_cli(hparams)}; pass its class, {o('class_path')} your_package.YourModule")
+    cls = import_class(name, o("class_path"))
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise WherefromError(f"--model.class_path {name!r} is not a LightningModule class")
+        raise WherefromError(f"{o('class_path')} {name!r} is not a LightningModule class")
     module = _construct(cls, init_args(hparams), path, "hyper_parameters")
     module.on_load_checkpoint(ckpt)  # wherefrom's modules check the architecture and restore codes here
     try:
@@ -130,13 +131,15 @@ def load_module(path: str | Path, class_path: str | None = None) -> L.LightningM
     return module.eval()
 
 
-def load_datamodule(path: str | Path, class_path: str | None = None, **overrides: Any) -> Any:
+def load_datamodule(path: str | Path, class_path: str | None = None, spell: Spell | None = None, **overrides: Any) -> Any:
     """The datamodule a checkpoint was trained with (``overrides`` replace init args).
 
     A wherefrom run records it; otherwise ``class_path`` (or LightningCLI's ``_class_path``), a
     LightningDataModule or a map-style Dataset class, is built from the checkpoint's
-    ``datamodule_hyper_parameters`` and ``overrides``.
+    ``datamodule_hyper_parameters`` and ``overrides``. ``spell`` writes ``class_path`` and
+    ``init_args`` (the overrides) in messages.
     """
+    o = spell or (lambda argument: "load_datamodule(..., **overrides)" if argument == "init_args" else f"load_datamodule(..., {argument}=...)")
     ckpt = read_checkpoint(path)
     info = ckpt.get(DATAMODULE_KEY)
     if info is not None and class_path is None:
@@ -144,10 +147,10 @@ def load_datamodule(path: str | Path, class_path: str | None = None, **overrides
     hparams = ckpt.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {}
     name = class_path or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} records no datamodule{_plain_cli(hparams)}; pass --data.class_path your_package.YourDataModule (and --data.init_args)")
-    cls = import_class(name, "--data.class_path")
+        raise CheckpointError(f"{str(path)!r} records no datamodule{_plain_cli(hparams)}; pass its class, {o('class_path')} your_package.YourDataModule (and its arguments, {o('init_args')})")
+    cls = import_class(name, o("class_path"))
     if not (isinstance(cls, type) and issubclass(cls, (L.LightningDataModule, Dataset))):
-        raise WherefromError(f"--data.class_path {name!r} is neither a LightningDataModule nor a Dataset class")
+        raise WherefromError(f"{o('class_path')} {name!r} is neither a LightningDataModule nor a Dataset class")
     return _construct(cls, {**init_args(hparams), **overrides}, path, "datamodule_hyper_parameters")
 
 

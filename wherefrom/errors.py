@@ -1,7 +1,20 @@
 """User-facing errors. Every bad input raises one of these with a message that
-says what was wrong and what to do; the CLI prints it on one line and exits 2."""
+says what was wrong and what to do; the CLI prints it on one line and exits 2.
+
+Library code names its options as keyword arguments; a front end that spells them otherwise
+passes a :data:`Spell` (the CLI: its flags; a callback: :func:`keyword` of its class)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+
+Spell = Callable[[str], str]  # how the caller's option is written in a message: "denoiser" -> "TRAKFeatures(denoiser=...)"
+
+
+def keyword(owner: str) -> Spell:
+    """Options spelled as keyword arguments of ``owner`` (a callback, attributor or config)."""
+    return lambda argument: f"{owner}({argument}=...)"
 
 
 def one_line(error: BaseException, limit: int = 150) -> str:

@@ -80,7 +80,7 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> np.ndarra
     raise WherefromError(f"{what} file {str(path)!r} has no array {key!r} (has {keys})")
 
 
-def check_out_dir(path: str | Path, what: str = "--out") -> Path:
+def check_out_dir(path: str | Path, what: str = "output folder") -> Path:
     """Raise before any work if an output folder path is an existing file (or lies under one)."""
     path = Path(path)
     for p in (path, *path.parents):

@@ -81,11 +81,11 @@ def load_base(unet: nn.Module, state: dict[str, torch.Tensor], path: str | Path)
     own = {k.replace(".base_layer", ""): k for k in unet.state_dict() if "lora_" not in k}
     if own.keys() != state.keys():
         example = sorted(own.keys() ^ state.keys())[0]
-        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config (e.g. {example!r}); use the base's --model.unet")
+        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config (e.g. {example!r}); use the base's unet config")
     try:
         unet.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     except RuntimeError as e:
-        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config; use the base's --model.unet ({one_line(e)})") from None
+        raise CheckpointError(f"the base weights in {str(path)!r} do not fit the UNet config; use the base's unet config ({one_line(e)})") from None
 
 
 def share_frozen(net: nn.Module, base: nn.Module) -> None:

@@ -75,13 +75,13 @@ def image_shape(unet: UNet2DModel) -> tuple[int, int, int]:
     return (unet.config.in_channels, h, w)
 
 
-def check_data_shape(unet: UNet2DModel, datamodule: Any) -> None:
+def check_data_shape(unet: UNet2DModel, datamodule: Any, owner: str = "DiffusionModel") -> None:
     """Raise if the datamodule's images do not fit the UNet's input."""
     shape = getattr(datamodule, "image_shape", None)
     if shape is not None and tuple(shape) != image_shape(unet):
         raise WherefromError(
             f"the data has images of shape {tuple(shape)} but the UNet expects {image_shape(unet)}; "
-            "set --model.unet.in_channels / sample_size to match the data"
+            f"set in_channels / sample_size of {owner}(unet=...) to match the data"
         )
 
 
@@ -119,7 +119,7 @@ class DiffusionRecipe(L.LightningModule):
             checkpoint holds every weight, so it reloads without this file.
         lora: fine-tune LoRA adapters on the frozen base instead of every weight (:mod:`wherefrom.lora`):
             ``{r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}`` (keys optional).
-        clip_sample: sampling clips each predicted x0 to [-1, 1]; a latent model (``--data.vae``)
+        clip_sample: sampling clips each predicted x0 to [-1, 1]; a latent model (the data's ``vae``)
             needs ``false``, as latents are unbounded.
     """
 
@@ -150,9 +150,10 @@ class DiffusionRecipe(L.LightningModule):
             raise WherefromError(f"cond_dropout is a probability in [0, 1), got {cond_dropout}")
         keys = {k for k in ("num_class_embeds", "class_embed_type", "projection_class_embeddings_input_dim") if (unet or {}).get(k) is not None}
         if keys:
-            raise WherefromError(f"--model.unet.{sorted(keys)[0]}: class conditioning is set by --model.num_classes (it adds the null class of guidance)")
+            model = type(self).__name__
+            raise WherefromError(f"{model}(unet=...) sets {sorted(keys)[0]}: class conditioning is set by {model}(num_classes=...) (it adds the null class of guidance)")
         if num_classes is not None and (unet or {}).get("cross_attention_dim") is not None:
-            raise WherefromError("--model.num_classes is for UNet2DModel; a text-conditional UNet (cross_attention_dim) is conditioned by captions")
+            raise WherefromError(f"{type(self).__name__}(num_classes=...) is for UNet2DModel; a text-conditional UNet (cross_attention_dim) is conditioned by captions")
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning reads the calling frames)
         self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
         self._null_text: Tensor | None = None  # a text model's empty-caption embedding, from its data in setup
@@ -207,7 +208,7 @@ class DiffusionRecipe(L.LightningModule):
         caption embeddings ``cond`` (``B x L x D``) for a text-conditional one, neither otherwise."""
         if self.is_text:
             if cond is None or len(cond) != num_samples:
-                raise WherefromError(f"this model is text-conditional; pass one caption per sample ({num_samples}), e.g. --captions 'a digit three'")
+                raise WherefromError(f"this model is text-conditional; pass one caption per sample ({num_samples})")
             return cond
         if cond is not None:
             raise WherefromError("captions are for text-conditional models (a UNet with cross_attention_dim); this one is not")
@@ -218,10 +219,10 @@ class DiffusionRecipe(L.LightningModule):
         k = self.hparams.num_classes
         if k is None:
             if labels is not None:
-                raise WherefromError("this model is unconditional; drop the labels (train with --model.num_classes for a class-conditional one)")
+                raise WherefromError(f"this model is unconditional; drop the labels (train with {type(self).__name__}(num_classes=...) for a class-conditional one)")
             return None
         if labels is None:
-            raise WherefromError(f"this model is class-conditional ({k} classes); pass a label per sample (e.g. --labels 0,1,2)")
+            raise WherefromError(f"this model is class-conditional ({k} classes); pass a label per sample (or one for all)")
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if len(labels) == 1:
             labels = labels.expand(num_samples)
@@ -231,19 +232,20 @@ class DiffusionRecipe(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        check_data_shape(next(iter(self.denoisers().values())), dm)
+        model, data = type(self).__name__, type(dm).__name__
+        check_data_shape(next(iter(self.denoisers().values())), dm, model)
         if self.hparams.num_classes is not None and not getattr(dm, "conditional", False):
-            raise WherefromError(f"the model is class-conditional ({self.hparams.num_classes} classes) but the data yields no labels; pass --data.conditional true")
+            raise WherefromError(f"the model is class-conditional ({self.hparams.num_classes} classes) but the data yields no labels; pass {data}(conditional=True)")
         if self.is_text:
             if getattr(dm, "text_encoder", None) is None:
-                raise WherefromError("the UNet is text-conditional (cross_attention_dim) but the data has no captions; pass --data.captions and --data.text_encoder")
+                raise WherefromError(f"the UNet is text-conditional (cross_attention_dim) but the data has no captions; pass {data}(captions=...) and {data}(text_encoder=...)")
             self._null_text = dm.null_condition  # condition dropout's target
         elif getattr(dm, "text_encoder", None) is not None:
-            raise WherefromError("the data has captions but the UNet takes no text; give --model.unet a cross_attention_dim (a UNet2DConditionModel) or drop --data.captions")
+            raise WherefromError(f"the data has captions but the UNet takes no text; give {model}(unet=...) a cross_attention_dim (a UNet2DConditionModel) or drop {data}(captions=...)")
         if self.hparams.num_classes is None and getattr(dm, "conditional", False):
-            raise WherefromError("the data yields class labels but the model is unconditional; pass --model.num_classes or drop --data.conditional")
+            raise WherefromError(f"the data yields class labels but the model is unconditional; pass {model}(num_classes=...) or drop {data}(conditional=...)")
         if getattr(dm, "vae", None) is not None and self.hparams.clip_sample:
-            raise WherefromError("latents are unbounded: a latent model (--data.vae) needs --model.clip_sample false")
+            raise WherefromError(f"latents are unbounded: a latent model ({data}(vae=...)) needs {model}(clip_sample=False)")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -273,7 +275,7 @@ class DiffusionRecipe(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        # a fresh run starts from the base; a restored or reloaded one (--ckpt_path, load_module) holds its weights
+        # a fresh run starts from the base; a restored or reloaded one (ckpt_path, load_module) holds its weights
         if self.hparams.base is not None and not self._weights_set:
             self.load_base()
         self._weights_set = True

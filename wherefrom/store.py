@@ -18,7 +18,7 @@ that are not done. The manifest and safetensors files are replaced atomically
 Integrity: nothing is trusted before it is checked. Every array file's header
 and size must match the manifest, every done row its checksum, every tensor
 file its hash; a damaged entry raises :class:`StoreDamagedError` (never zero-
-filled or resized), and ``repair=True`` (``--repair``) marks exactly the damaged
+filled or resized), and ``repair=True`` marks exactly the damaged
 rows not done so the writing command recomputes them. :meth:`Store.open` is
 read-only: it memory-maps arrays with ``mode="r"`` and writes nothing.
 
@@ -122,7 +122,9 @@ class StoreArray:
         repair: rebuild damaged files and mark damaged rows not done instead of raising.
     """
 
-    def __init__(self, base: Path, shape: tuple[int, ...], dtype: str, read_only: bool = False, repair: bool = False) -> None:
+    def __init__(
+        self, base: Path, shape: tuple[int, ...], dtype: str, read_only: bool = False, repair: bool = False, repair_name: str = "Store(repair=True)"
+    ) -> None:  # fmt: skip
         self.path, self.dtype = base, dtype
         files = {kind: Path(str(base) + suffix) for kind, suffix in zip(("data", "crc", "done"), SUFFIXES["array"])}
         specs = {"data": (shape, on_disk(dtype)), "crc": ((shape[0],), "uint32"), "done": ((shape[0],), "uint8")}
@@ -131,7 +133,7 @@ class StoreArray:
             kind, why = next((k, w) for k, w in damage.items() if w)
             if not repair:
                 raise StoreDamagedError(
-                    f"store array {base.name}: {files[kind].name} {why}; rerun the command that wrote it with --repair to recompute the damaged rows"
+                    f"store array {base.name}: {files[kind].name} {why}; write it again with {repair_name} to recompute the damaged rows"
                 )
             self._rebuild(files, specs, damage)
         mode = "r" if read_only else "r+"
@@ -141,7 +143,7 @@ class StoreArray:
             if not repair:
                 raise StoreDamagedError(
                     f"store array {base.name}: {bad.size} done rows fail their checksum (e.g. rows {bad[:5].tolist()}); "
-                    "rerun the command that wrote it with --repair to recompute them"
+                    f"write it again with {repair_name} to recompute them"
                 )
             self.done[bad] = 0
             self._sync(self.done)
@@ -218,6 +220,31 @@ def _fsync(filename: str | os.PathLike) -> None:
         os.close(fd)
 
 
+class Entry:
+    """The names of a store's entries, built here only: every method's entries of one model
+    (``model_id``, e.g. ``model`` or an ensemble member's id) sit side by side in one store."""
+
+    @staticmethod
+    def features(output: str, model_id: str) -> str:
+        """TRAK (``loss``) or D-TRAK (``square_norm``) features: ``features/<output>/<model_id>``."""
+        return f"features/{output}/{model_id}"
+
+    @staticmethod
+    def weights(model_id: str) -> str:
+        """The weights features of an intermediate checkpoint were made from: ``weights/<model_id>``."""
+        return Entry.weights(model_id)
+
+    @staticmethod
+    def kfac(model_id: str) -> dict[str, str]:
+        """K-FAC sums and counts, eigendecompositions and EK-FAC eigenvalues: ``factors|eigen|ekfac/<model_id>``."""
+        return {k: f"{k}/{model_id}" for k in ("factors", "eigen", "ekfac")}
+
+    @staticmethod
+    def influence(model_id: str) -> str:
+        """Stored influence rows (training gradients in the K-FAC eigenbasis): ``influence/<model_id>``."""
+        return f"influence/{model_id}"
+
+
 class Store:
     """Open or create a store bound to a dataset split (and encoded-ensemble codes).
 
@@ -228,15 +255,15 @@ class Store:
         overwrite: replace a store made for another split/codes, and entries made
             with another config, instead of raising.
         repair: recompute damaged rows instead of refusing them.
-        names: how the messages name the ``root`` and ``overwrite`` options to the user
-            (the CLI's flags; a callback passes its own arguments).
+        names: how the messages name the ``root``, ``overwrite`` and ``repair`` options to the user
+            (the keyword arguments by default; the CLI passes its flags, a callback its own arguments).
     """
 
     def __init__(
         self, root: str | Path, fingerprint: str, codes_fingerprint: str | None = None, overwrite: bool = False, repair: bool = False,
-        names: tuple[str, str] = ("--store", "--overwrite"),
+        names: tuple[str, str, str] = ("Store(root=...)", "Store(overwrite=True)", "Store(repair=True)"),
     ) -> None:  # fmt: skip
-        self.root = check_out_dir(root, "store")
+        self.root = check_out_dir(root, names[0])
         self.overwrite, self.repair, self.read_only, self.names = overwrite, repair, False, names
         self.manifest = self._read_manifest()
         want = {"fingerprint": fingerprint, "codes_fingerprint": codes_fingerprint}
@@ -259,9 +286,10 @@ class Store:
     def open(cls, root: str | Path) -> Store:
         """Open an existing store read-only, whatever its fingerprint: nothing is written."""
         if not (Path(root) / "manifest.json").is_file():
-            raise WherefromError(f"{str(root)!r} is not a wherefrom store (no manifest.json); create it with `wherefrom featurize`")
+            raise WherefromError(f"{str(root)!r} is not a wherefrom store (no manifest.json); featurise a model into it first")
         store = cls.__new__(cls)
-        store.root, store.overwrite, store.repair, store.read_only, store.names = Path(root), False, False, True, ("--store", "--overwrite")
+        store.root, store.overwrite, store.repair, store.read_only = Path(root), False, False, True
+        store.names = ("Store(root=...)", "Store(overwrite=True)", "Store(repair=True)")
         store.manifest = store._read_manifest()
         return store
 
@@ -361,7 +389,7 @@ class Store:
                     np.lib.format.open_memmap(str(tmp), mode="w+", dtype=dt, shape=sh).flush()
             self.manifest["entries"][name] = {"kind": "array", "shape": list(shape), "dtype": dtype, "config": _jsonable(config)}
             self._save()
-        return StoreArray(base, shape, dtype, repair=self.repair)
+        return StoreArray(base, shape, dtype, repair=self.repair, repair_name=self.names[2])
 
     def read_array(self, name: str, raw: bool = False) -> np.ndarray:
         """The checked, memory-mapped array ``name``. A bfloat16 array maps its 16-bit patterns and
@@ -393,12 +421,12 @@ class Store:
     def load_tensors(self, name: str) -> dict[str, Tensor]:
         entry = self.manifest["entries"].get(name)
         if entry is None or entry["kind"] != "tensors":
-            raise WherefromError(f"store {str(self.root)!r} has no tensors {name!r} (has {sorted(self.entries('tensors'))}); run `wherefrom factors` first")
+            raise WherefromError(f"store {str(self.root)!r} has no tensors {name!r} (has {sorted(self.entries('tensors'))}); fit the factors into it first")
         path = Path(str(self.root / name) + ".safetensors")
         if not path.is_file() or _sha256(path) != entry["sha256"]:
             raise StoreDamagedError(
                 f"store tensors {name!r} ({path.name}) are {'missing' if not path.is_file() else 'damaged (hash mismatch)'}; "
-                "recompute them with the command that wrote them and --overwrite"
+                f"recompute them, replacing the entry ({self.names[1]})"
             )
         return load_file(str(path))
 
@@ -420,4 +448,5 @@ def check_store(store: Store, fingerprint: str, codes_fingerprint: str | None = 
         )
 
 
-__all__ = ["FORMAT", "Store", "StoreArray", "as_tensor", "check_store", "on_disk", "row_crcs"]
+__all__ = [
+    "Entry", "FORMAT", "Store", "StoreArray", "as_tensor", "check_store", "on_disk", "row_crcs"]

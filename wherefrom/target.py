@@ -17,7 +17,6 @@ command's flag), so a pipeline that lacks something fails before any work is don
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,23 +28,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from wherefrom.datamodules.base import fingerprint, to_model_range
-from wherefrom.errors import WherefromError
+from wherefrom.errors import Spell, WherefromError, keyword
 from wherefrom.task import DiffusionTask, predict_eps
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-Spell = Callable[[str], str]  # how the caller's option is written in a message: "denoiser" -> "TRAKFeatures(denoiser=...)"
-
-
-def keyword(owner: str) -> Spell:
-    """Options spelled as keyword arguments of ``owner`` (a callback or attributor)."""
-    return lambda argument: f"{owner}({argument}=...)"
-
-
-def flag(argument: str) -> str:
-    """An option spelled as a command-line flag."""
-    return "--" + argument.replace("_", "-")
-
-
 @dataclass
 class Target:
     """The networks (``{model_id: net}``) and the diffusion task of ``module``; an
@@ -79,7 +65,7 @@ class Target:
         if len(self.networks) != 1:
             raise WherefromError(f"the module has {len(self.networks)} networks; pass queries to attribute instead of generating them")
         if {"labels", "cond", "guidance", "null"} & set(kwargs):
-            raise WherefromError("wherefrom samples your own module unconditionally only; generate conditional queries in your pipeline and pass them (--queries)")
+            raise WherefromError("wherefrom samples your own module unconditionally only; generate conditional queries in your pipeline and pass them as the queries")
         net = next(iter(self.networks.values()))
         device = next(net.parameters()).device
         return generate(lambda x, t: predict_eps(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)
@@ -312,4 +298,4 @@ def as_queries(queries: Any, data: Any, source: str) -> Tensor:
     return x
 
 
-__all__ = ["DatasetView", "Target", "as_data", "as_queries", "attributable", "flag", "item_image", "keyword", "resolve_data", "resolve_target"]
+__all__ = ["DatasetView", "Target", "as_data", "as_queries", "attributable", "item_image", "resolve_data", "resolve_target"]

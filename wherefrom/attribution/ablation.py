@@ -40,7 +40,7 @@ def _rerank(name: str, candidates: np.ndarray, distances: np.ndarray) -> dict[st
 
 def _ensemble(module, name: str):
     if getattr(module, "codes", None) is None or not hasattr(module, "sampler"):
-        raise WherefromError(f"{name} needs an encoded-ensemble checkpoint with codes (`wherefrom fit --config configs/digits_ensemble.yaml`)")
+        raise WherefromError(f"{name} needs an encoded-ensemble checkpoint with codes (an EncodedEnsemble, e.g. configs/digits_ensemble.yaml)")
     return module.eval()
 
 

@@ -10,7 +10,7 @@ lazily, so a report of 1,000 queries opens at once.
 
 :func:`write_run_report` writes one run's report beside its ``topk.json`` (``wherefrom attribute``
 does); :func:`merge_reports` puts several runs over the same queries into one
-(``wherefrom view RUN... --out DIR``); :func:`inline_report` is the same page with the images
+(the ``wherefrom view`` command); :func:`inline_report` is the same page with the images
 embedded, for notebooks (:func:`wherefrom.view`, ``Attribution._repr_html_``).
 """
 

@@ -20,7 +20,7 @@ the parameters of the Linear/Conv2d layers K-FAC covers; other parameters
   only the Q query gradients and one product with the stored rows.
 * **exact**: training gradients are formed densely for every call (small models; the reference).
 * **projected**: the store's TRAK features (output ``loss``, written by
-  ``wherefrom featurize --method trak``) are reused; the preconditioned query
+  the featurize command, method ``trak``) are reused; the preconditioned query
   gradient is projected with the same matrix, and ``<P u, P v> / c``
   estimates ``<u, v>`` (``c = E|P u|^2 / |u|^2``, the projection's scale).
 
@@ -47,11 +47,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.features import entry_name, FeatureConfig, per_sample_grads, Projection, ProjectionKind, trainable_parameters
+from wherefrom.features import FeatureConfig, per_sample_grads, Projection, ProjectionKind, trainable_parameters
 from wherefrom.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
-from wherefrom.kfac.stored import influence_entry, open_stored
+from wherefrom.kfac.stored import open_stored
 from wherefrom.attribution.protocol import Attribution, Needs
-from wherefrom.store import Store, as_tensor, check_store
+from wherefrom.store import as_tensor, check_store, Entry, Store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
 from wherefrom.target import as_data, as_queries, attributable, image_names
@@ -145,7 +145,7 @@ def score_features(queries: Tensor, features: np.ndarray, dtype: str | None = No
 
 def loss_features(store: Store, model_id: str) -> tuple[str, dict]:
     """The store's TRAK training-loss features of ``model_id`` (projected mode needs ``output = loss``)."""
-    name = entry_name("loss", model_id)
+    name = Entry.features("loss", model_id)
     if not store.has(name):
         raise WherefromError(f"grads='projected' needs {name} in {str(store.root)!r}; featurise with method 'trak' (output loss) into that store")
     return name, store.config(name)
@@ -155,7 +155,7 @@ class Grads(str, enum.Enum):
     """Where K-FAC's training gradients come from."""
 
     AUTO = "auto"  # stored when the store holds stored influence for every model id, else exact
-    STORED = "stored"  # the store's influence rows (the factors command's --features; any size, fast)
+    STORED = "stored"  # the store's influence rows (KFACFactors(features=True) or the factors command; any size, fast)
     EXACT = "exact"  # formed densely from the checkpoint for every query call (small models; the reference)
     PROJECTED = "projected"  # the store's TRAK training-loss features (random projection; weak at small D)
 
@@ -165,7 +165,7 @@ def resolve_grads(store: Store, module, grads: Grads | str) -> Grads:
     grads = Grads(grads)
     if grads is not Grads.AUTO:
         return grads
-    return Grads.STORED if all(store.has(influence_entry(m)) for m in module.denoisers()) else Grads.EXACT
+    return Grads.STORED if all(store.has(Entry.influence(m)) for m in module.denoisers()) else Grads.EXACT
 
 
 def influence_scores(

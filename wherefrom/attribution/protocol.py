@@ -107,7 +107,7 @@ class Attributor(Protocol):
 
     name: ClassVar[str]
     needs: ClassVar[Needs]
-    unit: ClassVar[str]  # what a score measures and its sign, as --help, topk.json and reports state it
+    unit: ClassVar[str]  # what a score measures and its sign, as the command line's help, topk.json and reports state it
 
     def attribute(self, module: Any, data: Any, queries: Tensor, cond: Tensor | None = None) -> Attribution: ...
 

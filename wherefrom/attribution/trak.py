@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.features import METHOD_OUTPUTS, entry_name, FeatureConfig, project_images, Projection
+from wherefrom.features import METHOD_OUTPUTS, FeatureConfig, project_images, Projection
 from wherefrom.attribution.protocol import Attribution, Needs
-from wherefrom.store import Store, check_store
+from wherefrom.store import check_store, Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.target import as_data, as_queries, attributable, image_names
@@ -122,14 +122,14 @@ def trak_scores(
 
 def feature_entries(store: Store, output: str) -> dict[str, dict]:
     """The configs of the store's ``features/<output>/<model_id>`` entries (TRAK's and D-TRAK's sit side by side)."""
-    prefix = entry_name(output, "")
+    prefix = Entry.features(output, "")
     entries = {k: v["config"] for k, v in store.entries("array").items() if k.startswith(prefix)}
     if not entries:
         others = sorted({k.split("/")[1] for k in store.entries("array") if k.startswith("features/")})
         have = f" (it has features of {others})" if others else ""
         raise WherefromError(
             f"store {str(store.root)!r} has no features of output {output!r}{have}; "
-            f"run `wherefrom featurize --ckpt CKPT --out {store.root}` with the matching --method first"
+            f"featurise the model into it with output {output!r} first (the TRAKFeatures callback or the featurize command)"
         )
     return entries
 
@@ -142,14 +142,14 @@ def network_for(module, store: Store, model_id: str, config: dict) -> nn.Module:
         net = denoisers[model_id]
     else:
         base = model_id.split("@")[0]
-        if base not in denoisers or not store.has(f"weights/{model_id}"):
+        if base not in denoisers or not store.has(Entry.weights(model_id)):
             raise WherefromError(f"store features {model_id!r} belong to no network of this checkpoint and the store has no weights for it")
         net = copy.deepcopy(denoisers[base])
-        net.load_state_dict(store.load_tensors(f"weights/{model_id}"))
+        net.load_state_dict(store.load_tensors(Entry.weights(model_id)))
     if weights_hash(net) != config["weights"]:
         raise FingerprintMismatchError(
             f"features {model_id!r} in {str(store.root)!r} were made from other weights than this checkpoint's; "
-            "featurise this checkpoint (wherefrom featurize --overwrite)"
+            "featurise this checkpoint, replacing them (overwrite)"
         )
     return net
 
@@ -197,7 +197,7 @@ class TRAK:
     images for one query, not a loss change); larger = more influential.
 
     Args:
-        store: the folder written by ``wherefrom featurize --method trak`` or the TRAKFeatures callback.
+        store: the folder of its features (the featurize command or the TRAKFeatures callback, method ``trak``).
         damping: relative damping (x the feature kernel's mean nonzero eigenvalue, see :func:`damping_value`).
         normalize: unit-normalise training features first (ReTrac-style, opt-in).
         query_timesteps: seeded draws per query feature (default: the training features').
@@ -224,7 +224,7 @@ class TRAK:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
-            raise WherefromError(f"{self.name} needs a store, the folder written by `wherefrom featurize --method {self.name}` (or the TRAKFeatures callback)")
+            raise WherefromError(f"{self.name} needs {type(self).__name__}(store=...), the folder of its features (the TRAKFeatures(method={self.name!r}) callback or the featurize command)")
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)

@@ -76,7 +76,7 @@ class CaptureCallback(L.Callback):
         """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
         owner = type(self).__name__
         self._store = Store(self.store, self._data.fingerprint, self._target.codes_fingerprint, overwrite=self.overwrite,
-                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)"))  # fmt: skip
+                            names=(f"{owner}(store=...)", f"{owner}(overwrite=True)", f"{owner}(overwrite=True)"))  # fmt: skip
 
 
 __all__ = ["CaptureCallback"]

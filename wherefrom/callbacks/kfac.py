@@ -36,12 +36,13 @@ import torch
 
 from wherefrom.ddp import gather, on_rank_zero
 from wherefrom.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
-from wherefrom.kfac.stored import InfluenceConfig, featurize_influence, influence_entry
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.target import item_image
 from wherefrom.task import DiffusionTask
+from wherefrom.store import Entry
 
 
 class KFACFactors(CaptureCallback):
@@ -100,7 +101,7 @@ class KFACFactors(CaptureCallback):
         """The factor entries (and ``influence/<id>`` with ``features``)."""
         out = {n: {**self.config.to_dict(), "model_id": model_id} for n in self.config.entries(model_id)}
         if self.features is not None:
-            out[influence_entry(model_id)] = {**self.features.to_dict(), "model_id": model_id}
+            out[Entry.influence(model_id)] = {**self.features.to_dict(), "model_id": model_id}
         return out
 
     # --- during training -------------------------------------------------------------

@@ -21,12 +21,13 @@ import lightning as L
 import torch
 
 from wherefrom.ddp import on_rank_zero
-from wherefrom.features import METHOD_OUTPUTS, default_projector, entry_name, FeatureConfig, featurize
+from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
 from wherefrom.errors import WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
+from wherefrom.store import Entry
 
 
 class TRAKFeatures(CaptureCallback):
@@ -81,7 +82,7 @@ class TRAKFeatures(CaptureCallback):
         """``features/<output>/<id>`` and the weights they are made from, ``weights/<id>`` (the projector
         is resolved on the run's device)."""
         config = {k: v for k, v in self.config.to_dict().items() if k != "projector" or self.projector}
-        return {entry_name(config["output"], model_id): {**config, "model_id": model_id}, f"weights/{model_id}": {"model_id": model_id}}
+        return {Entry.features(config["output"], model_id): {**config, "model_id": model_id}, Entry.weights(model_id): {"model_id": model_id}}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -104,7 +105,7 @@ class TRAKFeatures(CaptureCallback):
             for name, net in target.networks.items():
                 model_id = name + suffix
                 meta = {"model_id": model_id, "weights": weights_hash(net)}
-                on_rank_zero(strategy, lambda: store.save_tensors(f"weights/{model_id}", net.state_dict(), meta))
+                on_rank_zero(strategy, lambda: store.save_tensors(Entry.weights(model_id), net.state_dict(), meta))
                 featurize(net, model_id, target.task, data, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero)
                 if trainer.is_global_zero:
                     log_scalars(trainer.loggers, {f"wherefrom/features/{model_id}": float(len(data.indices))}, trainer.global_step)

@@ -15,15 +15,11 @@ import argparse
 import importlib
 import os
 import re
-import shutil
 import sys
-import warnings
-from pathlib import Path
-from typing import Any
 
 from wherefrom.errors import WherefromError, one_line
+from wherefrom.fitting import LIGHTNING_COMMANDS, run_lightning
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 # name -> ("module:function", one-line help); each function takes its argv list.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,85 +37,50 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _ours(error: BaseException) -> WherefromError | None:
-    """The WherefromError in an exception's chain (jsonargparse wraps constructor errors)."""
-    while error is not None:
-        if isinstance(error, WherefromError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+# a module's or datamodule's argument as library messages write it: "DiffusionModel(num_classes=...)", "DigitsDataModule(conditional=True)"
+_KEYWORD = re.compile(r"\b(\w+)\((\w+)=([^()]*)\)")
 
 
-class _Made:
-    """The folders a LightningCLI run creates (its logs, saved config and checkpoints), removed when the
-    run is refused before its first training step: a refused command leaves nothing behind."""
+def _subclasses(base: type) -> set[str]:
+    """The names of every subclass of ``base`` imported so far."""
+    names, todo = set(), [base]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            names.add(sub.__name__)
+            todo.append(sub)
+    return names
 
-    def __init__(self) -> None:
-        self.trainer: Any = None
-        self.folders: list[Path] = []
 
-    def before(self, trainer: Any) -> None:
-        """Note, before the run, each output folder's first ancestor that does not exist yet."""
-        self.trainer = trainer
-        outputs = [trainer.default_root_dir, *(getattr(lg, "log_dir", None) for lg in trainer.loggers),
-                   *(getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks)]  # fmt: skip
-        for out in filter(None, outputs):
-            path = Path(out).resolve()
-            if path.exists():
-                continue
-            while not path.parent.exists():
-                path = path.parent
-            if path not in self.folders:
-                self.folders.append(path)
+def _in_flags(message: str) -> str:
+    """A library message in LightningCLI's words: a LightningModule's argument as ``--model.<arg>``, a
+    LightningDataModule's as ``--data.<arg>`` (with its value when the message gives one); other classes'
+    arguments (a callback's) stay as they are, as the config file spells them too."""
+    import lightning as L
 
-    def undo(self) -> None:
-        if self.trainer is not None and self.trainer.is_global_zero and self.trainer.global_step == 0:
-            for path in self.folders:
-                shutil.rmtree(path, ignore_errors=True)
+    groups = {**dict.fromkeys(_subclasses(L.LightningModule), "model"), **dict.fromkeys(_subclasses(L.LightningDataModule), "data")}
+
+    def spell(found: re.Match) -> str:
+        cls, argument, value = found.groups()
+        if cls not in groups:
+            return found.group(0)
+        flag = f"--{groups[cls]}.{argument}"
+        return flag if value == "..." else f"{flag} {value.lower() if value in ('True', 'False') else value}"
+
+    return _KEYWORD.sub(spell, message)
 
 
 def lightning_main(argv: list[str]) -> None:
-    """LightningCLI; its parse errors, our constructors' errors and a missing ``--ckpt_path`` become
-    one-line :class:`WherefromError` s, and a run refused before its first step leaves no folders."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
-    made = _Made()
-
-    class CLI(LightningCLI):
-        def before_fit(self) -> None:
-            made.before(self.trainer)
-
-        before_validate = before_test = before_predict = before_fit
-
+    """LightningCLI (:func:`wherefrom.fitting.run_lightning`); its parse errors, our constructors' errors
+    and a missing ``--ckpt_path`` become one-line :class:`WherefromError` s in this command line's words."""
     try:
-        with warnings.catch_warnings():  # argv is passed explicitly (main, in-process tests, the LDS recipe)
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            CLI(
-                L.LightningModule,
-                L.LightningDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                args=argv,
-                save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,
-                parser_kwargs={"exit_on_error": False},
-            )
-    except WherefromError:
-        made.undo()
-        raise
+        run_lightning(argv)
+    except WherefromError as e:
+        raise type(e)(_in_flags(str(e))) from None
     except argparse.ArgumentError as e:
         cmd = argv[0] if argv and not argv[0].startswith("-") else "fit"
         raise WherefromError(_class_problem(one_line(e, 2000), cmd) or f"{one_line(e, 1000)}; see `wherefrom {cmd} --help`") from None
     except FileNotFoundError as e:
-        made.undo()
         raise WherefromError(f"{e}; pass an existing checkpoint to --ckpt_path (or drop it to start from scratch)") from None
-    except ValueError as e:  # jsonargparse wraps the errors of our constructors
-        ours = _ours(e)
-        if ours is None:
-            raise
-        made.undo()
-        raise ours from None
 
 
 # jsonargparse's union dump for a bad option of a --model / --data class: the key, the class, and its one problem

@@ -23,13 +23,13 @@ from torch import Tensor
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
-from wherefrom.cli.options import add_run, add_sampling, open_run, query_cond, query_conditions
+from wherefrom.cli.options import add_run, add_sampling, flag, open_run, query_cond, query_conditions
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir, load_array
 from wherefrom.sampling import sampling_timesteps
-from wherefrom.target import as_queries, flag
+from wherefrom.target import as_queries
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
 COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k", "guidance")
@@ -130,7 +130,7 @@ def load_queries(spec: str, datamodule) -> Tensor:
 
 def attribute_main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    check_out_dir(args.out)
+    check_out_dir(args.out, "--out")
     method = make_attributor(args)
     if args.queries is not None and isinstance(method, SyntheticAblation):
         raise WherefromError(

@@ -7,6 +7,7 @@ import dataclasses
 from wherefrom import demo
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.demo import TINY, DemoConfig, run
+from wherefrom.cli.options import flag
 
 
 def main(argv: list[str]) -> None:
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> None:
         values["channels"] = tuple(values["channels"])
     if quiet:
         values["progress"] = False
-    run(DemoConfig(**values), out, overwrite)
+    run(DemoConfig(**values, spell=flag), out, overwrite, flag)

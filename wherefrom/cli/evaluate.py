@@ -80,7 +80,7 @@ def lds_main(argv: list[str]) -> None:
         if a.subset_id is None:
             print(f"[lds] attributed model: {'done' if is_trained(lds.full_model_dir(bench)) else 'training'} ({lds.full_model_dir(bench)})", flush=True)
             train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
-        ckpts = lds.train_subsets(bench, a.subset_id, a.workers, Path(a.config))
+        ckpts = lds.train_subsets(bench, a.subset_id, a.workers)
         print(f"{len(ckpts)} subset models ready under {bench.out / 'models'}")
     elif step == "measure":
         queries = load_queries(a.queries, bench.datamodule())
@@ -145,7 +145,7 @@ def loo_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.num_indices < 2:
         raise WherefromError(f"--num-indices must be >= 2 (a correlation over indices), got {a.num_indices}")
-    check_out_dir(a.out)
+    check_out_dir(a.out, "--out")
     scores = {method_name(Path(f)): load_scores(f) for f in a.scores}
     module, dm = load_module(a.ckpt), load_datamodule(a.ckpt)
     check_unconditional(module)

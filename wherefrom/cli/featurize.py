@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from wherefrom.features import METHOD_OUTPUTS, Allocation, default_projector, entry_name, FeatureConfig, featurize, ProjectionKind
-from wherefrom.store import Store
-from wherefrom.cli.options import add_batch_size, add_device, add_overwrite, add_run, check_batch_size, open_run
+from wherefrom.features import METHOD_OUTPUTS, Allocation, default_projector, FeatureConfig, featurize, ProjectionKind
+from wherefrom.store import Entry
+from wherefrom.cli.options import add_batch_size, add_device, add_run, add_store, check_batch_size, open_run, open_store
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.task import TimestepStrategy
 
@@ -12,7 +12,7 @@ from wherefrom.task import TimestepStrategy
 def parser() -> ConfigArgumentParser:
     p = ConfigArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
     add_run(p)
-    p.add_argument("--out", required=True, help="store folder (created, or resumed if it holds the same config)")
+    add_store(p, "store folder (created, or resumed if it holds the same config; shared with `wherefrom factors`)")
     p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")
     p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
     p.add_argument("--proj-dim", type=int, default=FeatureConfig.proj_dim)
@@ -23,8 +23,6 @@ def parser() -> ConfigArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="projection seed")
     add_batch_size(p)
     add_device(p)
-    add_overwrite(p, "replace a store or entry made for other data, config or weights")
-    p.add_argument("--repair", action="store_true", help="recompute exactly the rows of a damaged store (truncated or corrupted files)")
     return p
 
 
@@ -42,7 +40,7 @@ def featurize_main(argv: list[str]) -> None:
         seed=a.seed,
     )
     module, data = open_run(a, "wherefrom featurize", a.device)
-    store = Store(a.out, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=("--out", "--overwrite"))
+    store = open_store(a, data, module)
     for model_id, net in module.denoisers().items():
         featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
-    print(f"wrote {', '.join(entry_name(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.out}")
+    print(f"wrote {', '.join(Entry.features(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.store}")

@@ -17,7 +17,8 @@ from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import SchedulerType
-from wherefrom.target import as_data, flag, resolve_target
+from wherefrom.store import Store
+from wherefrom.target import as_data, resolve_target
 
 
 def add_run(
@@ -33,9 +34,14 @@ def add_run(
     g.add_argument("--denoiser", default=None, help="attribute path of the network on the module, e.g. unet (default: its single diffusers UNet)")
 
 
+def flag(argument: str) -> str:
+    """An option spelled as a command-line flag (a :data:`~wherefrom.errors.Spell`)."""
+    return "--" + argument.replace("_", "-")
+
+
 def open_module(a: Any, owner: str, device: str | None = None) -> Any:
     """The run's :class:`~wherefrom.model.Attributable` module, from :func:`add_run`'s options."""
-    module = load_module(a.ckpt, a.model.class_path)
+    module = load_module(a.ckpt, a.model.class_path, lambda argument: f"--model.{argument}")
     if device is not None:
         module = module.to(device)
     if a.denoiser is not None or not hasattr(module, "denoisers"):
@@ -46,7 +52,7 @@ def open_module(a: Any, owner: str, device: str | None = None) -> Any:
 def open_run(a: Any, owner: str, device: str | None = None) -> tuple[Any, Any]:
     """The run's :class:`~wherefrom.model.Attributable` module and its training data, from :func:`add_run`'s options."""
     module = open_module(a, owner, device)
-    return module, as_data(load_datamodule(a.ckpt, a.data.class_path, **(a.data.init_args or {})), owner)
+    return module, as_data(load_datamodule(a.ckpt, a.data.class_path, lambda argument: f"--data.{argument}", **(a.data.init_args or {})), owner)
 
 
 def add_device(p: ConfigArgumentParser) -> None:
@@ -116,4 +122,19 @@ def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
 
 
-__all__ = ["add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]
+STORE_FLAGS = ("--store", "--overwrite", "--repair")  # how a store's messages name its options in every command
+
+
+def add_store(p: ConfigArgumentParser, help: str) -> None:
+    """``--store`` (the same flag in every command that writes or reads a store), ``--overwrite`` and ``--repair``."""
+    p.add_argument("--store", required=True, help=help)
+    add_overwrite(p, "replace a store made for other data, or entries made with another config or other weights (only those entries)")
+    p.add_argument("--repair", action="store_true", help="recompute exactly the rows of a damaged store (truncated or corrupted files)")
+
+
+def open_store(a: Any, data: Any, module: Any) -> Store:
+    """The store of ``--store`` for a command that writes it, its messages naming this command's flags."""
+    return Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
+
+
+__all__ = ["STORE_FLAGS", "flag", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]

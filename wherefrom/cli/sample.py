@@ -48,7 +48,7 @@ def sample_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.num_samples < 1 or a.batch_size < 1:
         raise WherefromError(f"--num-samples and --batch-size must be >= 1, got {a.num_samples} and {a.batch_size}")
-    check_out_dir(a.out)
+    check_out_dir(a.out, "--out")
     module, data = load_sampler_module(a, "wherefrom sample"), run_data(a.ckpt)
     decode = getattr(data, "decode", lambda x: x)  # how the samples look: a latent model's VAE decodes them
     sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
@@ -80,7 +80,7 @@ def export_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="a new or empty folder")
     add_overwrite(p, "write into a non-empty --out (replacing same-named files)")
     a = p.parse_args(argv)
-    out = check_out_dir(a.out)
+    out = check_out_dir(a.out, "--out")
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise WherefromError(f"--out {a.out!r} is not empty; export into a new folder or pass --overwrite")
     module = load_sampler_module(a, "wherefrom export")

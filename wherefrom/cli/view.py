@@ -19,7 +19,7 @@ def view_main(argv: list[str]) -> None:
     p.add_argument("--figures", nargs="*", default=[], help="evaluation figures (PNGs, e.g. a demo's evaluation.png) shown below the runs")
     add_overwrite(p, "write into a non-empty --out (replacing same-named files)")
     a = p.parse_args(argv)
-    out = check_out_dir(a.out)
+    out = check_out_dir(a.out, "--out")
     if any(out.resolve() == Path(r).resolve() for r in a.runs):
         raise WherefromError(f"--out {a.out!r} is one of the runs; pass a new folder")
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:

@@ -263,7 +263,7 @@ class ImageDataModule(L.LightningDataModule):
     def embed(self, captions: list[str]) -> Tensor:
         """The ``text_encoder``'s embeddings of ``captions`` (``B x L x D``): queries' conditions."""
         if self.text_encoder is None:
-            raise WherefromError("captions need a text-conditional datamodule (--data.text_encoder and --data.captions)")
+            raise WherefromError(f"captions need a text-conditional datamodule ({type(self).__name__}(text_encoder=...) and {type(self).__name__}(captions=...))")
         if self._encoder is None:
             from wherefrom.text import TextEncoder
 

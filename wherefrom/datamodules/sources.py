@@ -55,7 +55,7 @@ class FolderDataModule(ImageDataModule):
 
     def files(self) -> list[Path]:
         if not self.root.is_dir():
-            raise WherefromError(f"image folder {str(self.root)!r} does not exist; pass --data.root pointing at a folder of images")
+            raise WherefromError(f"image folder {str(self.root)!r} does not exist; pass {type(self).__name__}(root=...) pointing at a folder of images")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise WherefromError(f"image folder {str(self.root)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -76,7 +76,7 @@ class FolderDataModule(ImageDataModule):
             arrays.append(np.asarray(img, dtype=np.uint8))
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise WherefromError(f"images in {str(self.root)!r} have different sizes {sorted(shapes)[:3]}; set --data.image_size to resize them")
+            raise WherefromError(f"images in {str(self.root)!r} have different sizes {sorted(shapes)[:3]}; set {type(self).__name__}(image_size=...) to resize them")
         x = np.stack(arrays)
         return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 
@@ -93,7 +93,7 @@ class ArrayDataModule(ImageDataModule):
 
     def load_images(self) -> np.ndarray:
         if not self.path.is_file():
-            raise WherefromError(f"array file {str(self.path)!r} does not exist; pass --data.path to a .npy or .npz file")
+            raise WherefromError(f"array file {str(self.path)!r} does not exist; pass {type(self).__name__}(path=...) to a .npy or .npz file")
         if self.path.suffix in (".npy", ".npz"):
             return load_array(self.path, "array", self.key if self.path.suffix == ".npz" else None)
         raise WherefromError(f"array file {str(self.path)!r} must end in .npy or .npz")

@@ -115,7 +115,7 @@ class EncodedEnsemble(DiffusionRecipe):
         datamodule to that member's split (the codes always cover the full split)."""
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "indices"):
-            raise WherefromError("an EncodedEnsemble needs a wherefrom ImageDataModule (codes are keyed by global index); pass --data")
+            raise WherefromError("an EncodedEnsemble needs a wherefrom ImageDataModule (codes are keyed by global index); train it with one")
         super().setup(stage)  # shapes and conditioning
         member = self.hparams.member
         if member is not None and self.codes is not None and np.array_equal(dm.indices, self.codes.split(member)):
@@ -230,7 +230,7 @@ def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
     ``0..n-1`` must appear exactly once.
     """
     if not member_ckpts:
-        raise WherefromError("pass the member checkpoints to assemble (--members CKPT ...)")
+        raise WherefromError("pass the member checkpoints to assemble")
     ckpts = {str(p): read_checkpoint(p) for p in member_ckpts}
     if len(ckpts) != len(member_ckpts):
         raise WherefromError("a member checkpoint is listed more than once; pass each file once")
@@ -241,7 +241,7 @@ def assemble(member_ckpts: Sequence[str | Path], out: str | Path) -> Path:
     for path, ckpt in ckpts.items():
         hp = init_args(ckpt.get("hyper_parameters", {}))
         if ckpt.get(CLASS_KEY) != ensemble_class or hp.get("member") is None:
-            raise CheckpointError(f"{path!r} is not a per-member ensemble checkpoint; train one with `wherefrom fit ... --model.member i`")
+            raise CheckpointError(f"{path!r} is not a per-member ensemble checkpoint; train one with EncodedEnsemble(member=i)")
         if CODES_KEY not in ckpt:
             raise CheckpointError(f"{path!r} stores no codes; it was not saved after training started")
         fp, ref_fp = ckpt[CODES_KEY]["fingerprint"], first[CODES_KEY]["fingerprint"]

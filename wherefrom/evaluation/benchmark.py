@@ -5,11 +5,10 @@ retrained model uses (a LightningCLI config file, plus dotted overrides), the
 LDS subsets, the ground-truth measurement, the bootstrap and the
 counterfactual-retraining settings. See ``configs/lds_digits.yaml``.
 
-Every retrained model goes through the normal ``wherefrom fit`` path: the
-recipe writes a complete fit config into the model's folder (its data split,
-seed and checkpoint location filled in), then runs LightningCLI on it, so any
-model can be retrained by hand or on a cluster with
-``wherefrom fit --config <folder>/fit.yaml``.
+Every retrained model goes through the normal fit path (:mod:`wherefrom.fitting`, as
+``wherefrom fit`` does): the recipe writes a complete fit config into the model's folder
+(its data split, seed and checkpoint location filled in), then runs LightningCLI on it, so
+any model can be retrained by hand or on a cluster from ``<folder>/fit.yaml``.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import yaml
 
 from wherefrom.checkpoint import import_class, init_args
 from wherefrom.errors import WherefromError
+from wherefrom.fitting import fit_file
 from wherefrom.io import atomic_path, write_json, write_npy
 from wherefrom.sampling import EpsFn, SchedulerType
 
@@ -311,11 +311,9 @@ def is_trained(root: Path) -> bool:
 
 
 def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Path:
-    """Train one model through ``wherefrom fit`` unless ``root`` already holds a
-    finished one; returns its checkpoint. Index lists in ``data_overrides`` are
+    """Train one model (:func:`wherefrom.fitting.fit_file` of ``root/fit.yaml``) unless ``root``
+    already holds a finished one; returns its checkpoint. Index lists in ``data_overrides`` are
     written as ``.npy`` files beside the config."""
-    from wherefrom.cli import lightning_main
-
     ckpt = checkpoint(root)
     if is_trained(root):
         return ckpt
@@ -328,7 +326,7 @@ def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Pat
     with atomic_path(root / "fit.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.perf_counter()
-    lightning_main(["fit", "--config", str(root / "fit.yaml")])
+    fit_file(root / "fit.yaml")
     if not ckpt.is_file():
         raise WherefromError(f"fit finished without writing {ckpt}; check trainer.max_epochs/limit_train_batches in the fit config")
     write_json(root / DONE, {"seconds": time.perf_counter() - start, "seed": seed})

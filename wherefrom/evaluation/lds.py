@@ -38,6 +38,7 @@ from torchmetrics import Metric
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, checkpoint, eps_fn, is_trained, train
+from wherefrom.fitting import join, start_worker
 from wherefrom.io import write_json, write_npy
 from wherefrom.task import DiffusionTask, Stream, mix_seed
 
@@ -208,7 +209,7 @@ def read_subsets(bench: Benchmark) -> tuple[np.ndarray, int]:
     """The written subsets (M x k) and the size N of the index space."""
     manifest = subsets_dir(bench) / "subsets.json"
     if not manifest.is_file():
-        raise WherefromError(f"no subsets in {subsets_dir(bench)}; run `wherefrom lds subsets --config ...` first")
+        raise WherefromError(f"no subsets in {subsets_dir(bench)}; write them first (the benchmark's subsets stage)")
     meta = json.loads(manifest.read_text())
     subsets = np.stack([np.load(subsets_dir(bench) / f"subset_{j:03d}.npy") for j in range(meta["num"])])
     return subsets, int(meta["n"])
@@ -225,23 +226,22 @@ def subset_seeds(bench: Benchmark, j: int) -> list[int]:
     return list(bench.model_seeds) + ([bench.noise_ceiling.seed] if j < bench.noise_ceiling.num else [])
 
 
-def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None, workers: int = 1, config: Path | None = None) -> list[Path]:
+def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None, workers: int = 1) -> list[Path]:
     """Train the model(s) of each subset (all, or ``subset_ids`` for one job per
     subset); finished models are skipped, so an interrupted run resumes.
 
-    ``workers > 1`` runs that many ``wherefrom lds train --subset-id ...`` processes
-    (one thread each) over the subsets round-robin; ``config`` is the benchmark file
-    they read.
+    ``workers > 1`` trains in that many spawned processes (one thread each), the subsets
+    dealt round-robin (:func:`wherefrom.fitting.start_worker`).
     """
     subsets = write_subsets(bench)
     ids = list(range(len(subsets))) if subset_ids is None else list(subset_ids)
     bad = [j for j in ids if not 0 <= j < len(subsets)]
     if bad:
-        raise WherefromError(f"--subset-id {bad[0]} is outside [0, {len(subsets)}); the benchmark has {len(subsets)} subsets")
+        raise WherefromError(f"subset id {bad[0]} is outside [0, {len(subsets)}); the benchmark has {len(subsets)} subsets")
     if workers > 1:
-        if config is None:
-            raise WherefromError("parallel workers need the benchmark config file they read")
-        _train_in_workers(bench, config, ids, workers)
+        todo = [j for j in ids if not all(is_trained(model_dir(bench, j, s)) for s in subset_seeds(bench, j))]
+        procs = [start_worker(train_subsets, (bench, todo[w::workers])) for w in range(min(workers, len(todo)))]
+        join(procs, "a training worker (see its output above; train again to resume)")
     ckpts = []
     for j in ids:
         for seed in subset_seeds(bench, j):
@@ -251,23 +251,6 @@ def train_subsets(bench: Benchmark, subset_ids: list[int] | None = None, workers
                 train(bench, root, seed, subset=str((subsets_dir(bench) / f"subset_{j:03d}.npy").resolve()))
             ckpts.append(checkpoint(root))
     return ckpts
-
-
-def _train_in_workers(bench: Benchmark, config: Path, ids: list[int], workers: int) -> None:
-    """Round-robin ``ids`` over ``workers`` single-threaded child processes; raise if one fails."""
-    import os
-    import subprocess
-    import sys
-
-    todo = [j for j in ids if not all(is_trained(model_dir(bench, j, s)) for s in subset_seeds(bench, j))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = []
-    for w in range(min(workers, len(todo))):
-        argv = [sys.executable, "-m", "wherefrom.cli", "lds", "train", "--config", str(config), "--out", str(bench.out)]
-        procs.append(subprocess.Popen([*argv, "--subset-id", *map(str, todo[w::workers])], env=env))
-    failed = [p.args for p in procs if p.wait() != 0]
-    if failed:
-        raise WherefromError(f"{len(failed)} training worker(s) failed (see their output above); rerun the same command to resume")
 
 
 @torch.no_grad()
@@ -296,7 +279,7 @@ def measure(bench: Benchmark, queries: Tensor) -> np.ndarray:
     subsets, _ = read_subsets(bench)
     missing = [j for j in range(len(subsets)) for s in bench.model_seeds if not is_trained(model_dir(bench, j, s))]
     if missing:
-        raise WherefromError(f"subset models {sorted(set(missing))[:10]} are not trained yet; run `wherefrom lds train --config ...` first")
+        raise WherefromError(f"subset models {sorted(set(missing))[:10]} are not trained yet; train them first (the benchmark's train stage)")
     values = np.zeros((len(subsets), len(bench.model_seeds), len(queries)))
     for j in range(len(subsets)):
         for k, seed in enumerate(bench.model_seeds):
@@ -311,7 +294,7 @@ def score(bench: Benchmark, scores: np.ndarray) -> Correlation:
     """LDS of ``scores`` (Q x N) against the benchmark's measurements."""
     path = bench.out / "measurements.npy"
     if not path.is_file():
-        raise WherefromError(f"no measurements at {path}; run `wherefrom lds measure --config ... --queries ...` first")
+        raise WherefromError(f"no measurements at {path}; measure the queries first (the benchmark's measure stage)")
     subsets, n = read_subsets(bench)
     values = np.load(path)
     if scores.shape[0] != values.shape[2] or scores.shape[1] != n:

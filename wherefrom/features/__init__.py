@@ -7,7 +7,7 @@
 """
 
 from wherefrom.features.config import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind, Projector
-from wherefrom.features.featurize import entry_name, featurize, project_images, write_rows
+from wherefrom.features.featurize import featurize, project_images, write_rows
 from wherefrom.features.gradients import Draws, noisy_inputs, per_sample_grads, trainable_parameters
 from wherefrom.features.projection import (
     LayerReduction,
@@ -40,7 +40,6 @@ __all__ = [
     "scaled_orthonormal",
     "structured_grads",
     # the pass into the store
-    "entry_name",
     "featurize",
     "project_images",
     "write_rows",

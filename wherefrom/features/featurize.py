@@ -30,17 +30,11 @@ from tqdm.auto import tqdm
 
 from wherefrom.features.config import FeatureConfig
 from wherefrom.features.projection import Projection
-from wherefrom.store import Store
+from wherefrom.store import Entry, Store
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.errors import WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, condition
-
-def entry_name(output: str, model_id: str) -> str:
-    """The store entry of model id ``model_id``'s features of output function ``output``: TRAK
-    (``loss``) and D-TRAK (``square_norm``) features of one model sit side by side."""
-    return f"features/{output}/{model_id}"
-
 
 def project_images(
     projection: Projection,
@@ -140,10 +134,10 @@ def featurize(
     try:
         # a bfloat16 model's features are kept in float32: TRAK's kernel needs their precision
         dtype = torch.float32 if projection.dtype == torch.bfloat16 else projection.dtype
-        write_rows(store, entry_name(config.output, model_id), meta, projection.dim, dtype, projection.device,
+        write_rows(store, Entry.features(config.output, model_id), meta, projection.dim, dtype, projection.device,
                    datamodule, datamodule.indices, rows, batch_size, comm, progress)  # fmt: skip
     finally:
         model.train(was_training)
 
 
-__all__ = ["entry_name", "featurize", "project_images", "write_rows"]
+__all__ = ["featurize", "project_images", "write_rows"]

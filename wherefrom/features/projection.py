@@ -177,7 +177,7 @@ class Projection:
         self._projector_device = torch.device("cpu") if projector is Projector.BASIC else torch.device("cuda")
         if projector is Projector.CUDA:
             if self.dim % 512:
-                raise WherefromError(f"the cuda projector needs --proj-dim a multiple of 512, got {self.dim}")
+                raise WherefromError(f"the cuda projector needs proj_dim a multiple of 512, got {self.dim}")
             return CudaProjector(self.num_params, self.dim, self.seed, ProjectionType.normal, self._projector_device, CUDA_MAX_BATCH)
         return BasicProjector(
             self.num_params, self.dim, self.seed, ProjectionType.normal, self._projector_device, BLOCK_SIZE, self.dtype
@@ -195,10 +195,10 @@ class Projection:
             if not isinstance(module, (nn.Linear, nn.Conv2d)) or f"{prefix}weight" not in offsets:
                 continue
             if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise WherefromError(f"structured projection needs groups=1 convolutions ({name or 'the model'} has {module.groups}); use --projection dense")
+                raise WherefromError(f"structured projection needs groups=1 convolutions ({name or 'the model'} has {module.groups}); use projection='dense'")
             found.append((prefix, module))
         if not found:
-            raise WherefromError(f"model {self.model_id!r} has no trainable Linear/Conv2d layer; use --projection dense")
+            raise WherefromError(f"model {self.model_id!r} has no trainable Linear/Conv2d layer; use projection='dense'")
         fans = [(module.weight[0].numel() + (f"{prefix}bias" in offsets), module.weight.shape[0]) for prefix, module in found]
         total = sum(i * o for i, o in fans)
         uniform = Allocation(self.config.allocation) is Allocation.UNIFORM
@@ -279,7 +279,7 @@ def structured_grads(
     def hook(number: int, layer: LayerReduction):
         def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
             if len(out) != rows:
-                raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use --projection dense")
+                raise WherefromError(f"layer {layer.name} saw {len(out)} rows, not one per (example, draw); use projection='dense'")
             calls.append((number, inputs[0].detach()))  # autograd keeps this input for the backward anyway
             outputs.append(out)
 

@@ -63,15 +63,7 @@ from wherefrom.kfac.factors import (
     tracked_layers,
 )
 from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.kfac.preconditioner import (
-    KFACPreconditioner,
-    correction_tensors,
-    eigen_from_tensors,
-    eigen_tensors,
-    eigendecompose,
-    entry_names,
-    load_preconditioner,
-)
+from wherefrom.kfac.preconditioner import KFACPreconditioner, correction_tensors, eigen_from_tensors, eigen_tensors, eigendecompose, load_preconditioner
 
 # the package's parts, one job each:
 #   geometry        conv geometry of the activation factor (padding, window sums, patch Gram)
@@ -96,7 +88,6 @@ __all__ = [
     "eigen_from_tensors",
     "eigen_tensors",
     "eigendecompose",
-    "entry_names",
     "factor_pass",
     "fit_factors",
     "frozen",

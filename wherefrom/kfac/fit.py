@@ -15,8 +15,8 @@ from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.curvature import factor_pass
 from wherefrom.kfac.factors import Curvature, KFACApprox
-from wherefrom.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose, entry_names
-from wherefrom.store import Store
+from wherefrom.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose
+from wherefrom.store import Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
@@ -56,7 +56,7 @@ class FactorConfig:
 
     def entries(self, model_id: str) -> list[str]:
         """The store entries these factors fill for ``model_id`` (EK-FAC's eigenvalues only with ``ekfac``)."""
-        names = entry_names(model_id)
+        names = Entry.kfac(model_id)
         return [names["factors"], names["eigen"]] + ([names["ekfac"]] if self.ekfac else [])
 
     def to_dict(self) -> dict[str, object]:
@@ -99,7 +99,7 @@ def fit_factors(
     rank calls this; only global rank 0 touches ``store``.
     """
     comm = comm or LocalComm()
-    names = entry_names(model_id)
+    names = Entry.kfac(model_id)
     wanted = config.entries(model_id)
     meta = {**config.to_dict(), "model_id": model_id, "weights": weights_hash(net), "task": task.config}
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen
-from wherefrom.store import Store
+from wherefrom.store import Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 
@@ -80,11 +80,6 @@ def correction_tensors(sums: dict[str, Tensor], layers: Iterable[str]) -> dict[s
 
 
 
-def entry_names(model_id: str) -> dict[str, str]:
-    """Store entries of a model id: sums and counts, eigendecompositions, EK-FAC eigenvalues."""
-    return {k: f"{k}/{model_id}" for k in ("factors", "eigen", "ekfac")}
-
-
 def eigen_to(e: LayerEigen, device: torch.device) -> LayerEigen:
     return LayerEigen(*(t.to(device) for t in (e.qa, e.la, e.qg, e.lg)))
 
@@ -93,16 +88,16 @@ def load_preconditioner(
     store: Store, model_id: str, net: nn.Module, ekfac: bool, damping: float | None = None, relative: float = HEURISTIC_DAMPING
 ) -> KFACPreconditioner:
     """The (EK-)FAC preconditioner of ``model_id`` from ``store``, checked against ``net``'s weights."""
-    names = entry_names(model_id)
+    names = Entry.kfac(model_id)
     if not store.has(names["eigen"]):
-        raise WherefromError(f"store {str(store.root)!r} has no K-FAC factors for {model_id!r}; run `wherefrom factors --store {store.root}` first")
+        raise WherefromError(f"store {str(store.root)!r} has no K-FAC factors for {model_id!r}; fit them into it first (the KFACFactors callback or the factors command)")
     config = store.config(names["eigen"])
     if config["weights"] != weights_hash(net):
         raise FingerprintMismatchError(
-            f"the factors of {model_id!r} in {str(store.root)!r} were fit on other weights than this checkpoint's; rerun `wherefrom factors --overwrite`"
+            f"the factors of {model_id!r} in {str(store.root)!r} were fit on other weights than this checkpoint's; fit them again, replacing them (overwrite)"
         )
     if ekfac and not store.has(names["ekfac"]):
-        raise WherefromError(f"store {str(store.root)!r} has no EK-FAC eigenvalues for {model_id!r}; run `wherefrom factors --ekfac`")
+        raise WherefromError(f"store {str(store.root)!r} has no EK-FAC eigenvalues for {model_id!r}; fit the factors with ekfac (KFACFactors(ekfac=True) or the factors command)")
     device = next(net.parameters()).device
     eigen = {n: eigen_to(e, device) for n, e in eigen_from_tensors(store.load_tensors(names["eigen"])).items()}
     corrected = correction_tensors(store.load_tensors(names["ekfac"]), eigen) if ekfac else None

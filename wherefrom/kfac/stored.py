@@ -58,19 +58,14 @@ from wherefrom.features import (
 )
 from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
 from wherefrom.kfac.geometry import unfolded
-from wherefrom.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors, entry_names
-from wherefrom.store import Store
+from wherefrom.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors
+from wherefrom.store import Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask, Stream, TimestepStrategy, condition, generator_for
 
 DTYPES = ("bfloat16", "float32", "float64")  # precisions of the stored rows
 RESIDUAL_TAG = 2  # extra seed word of the residual sketches (apart from TRAK's projections)
-
-
-def influence_entry(model_id: str) -> str:
-    """The store entry of model id ``model_id``'s stored influence features."""
-    return f"influence/{model_id}"
 
 
 @dataclass(frozen=True)
@@ -304,7 +299,7 @@ def load_eigen(store: Store | None, model_id: str, comm: Comm | None = None) -> 
     and the hash of their file, which identifies the factors stored rows were made with."""
 
     def read() -> tuple[dict[str, Tensor], str]:
-        name = entry_names(model_id)["eigen"]
+        name = Entry.kfac(model_id)["eigen"]
         if not store.has(name):
             raise WherefromError(f"store {str(store.root)!r} has no K-FAC factors for {model_id!r}; fit them first (the factors command or KFACFactors)")
         return store.load_tensors(name), store.manifest["entries"][name]["sha256"]
@@ -335,7 +330,7 @@ def featurize_influence(
     net.eval()
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            write_rows(store, influence_entry(model_id), meta, stored.dim, getattr(torch, config.dtype), first.device, datamodule, split,
+            write_rows(store, Entry.influence(model_id), meta, stored.dim, getattr(torch, config.dtype), first.device, datamodule, split,
                        lambda batch: stored.training_rows(task, batch), batch_size, comm, progress)  # fmt: skip
     finally:
         net.train(was_training)
@@ -343,13 +338,13 @@ def featurize_influence(
 
 def open_stored(store: Store, model_id: str, net: nn.Module) -> tuple[StoredInfluence, np.ndarray]:
     """The stored influence of ``model_id`` (layout and rows), checked against ``net``'s weights and the store's factors."""
-    name = influence_entry(model_id)
+    name = Entry.influence(model_id)
     if not store.has(name):
-        raise WherefromError(f"store {str(store.root)!r} has no stored influence for {model_id!r}; fit the factors with features (the factors command's --features, or KFACFactors(features=True))")
+        raise WherefromError(f"store {str(store.root)!r} has no stored influence for {model_id!r}; fit the factors with features (KFACFactors(features=True) or the factors command)")
     meta = store.config(name)
     if meta["weights"] != weights_hash(net):
         raise FingerprintMismatchError(f"the stored influence of {model_id!r} in {str(store.root)!r} was made from other weights than this checkpoint's; fit factors and features again")
-    eigen_name = entry_names(model_id)["eigen"]
+    eigen_name = Entry.kfac(model_id)["eigen"]
     if not store.has(eigen_name) or store.manifest["entries"][eigen_name]["sha256"] != meta["factors"]:
         raise FingerprintMismatchError(f"the stored influence of {model_id!r} in {str(store.root)!r} was made with other K-FAC factors than the store holds; featurise again")
     stored = StoredInfluence(net, eigen_from_tensors(store.load_tensors(eigen_name)), InfluenceConfig.from_dict(meta), model_id)
@@ -358,4 +353,4 @@ def open_stored(store: Store, model_id: str, net: nn.Module) -> tuple[StoredInfl
     return stored, store.read_array(name, raw=True)
 
 
-__all__ = ["DTYPES", "InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "influence_entry", "load_eigen", "open_stored"]
+__all__ = ["DTYPES", "InfluenceConfig", "StoredInfluence", "StoredLayer", "allocate", "block_shape", "canonical", "featurize_influence", "load_eigen", "open_stored"]
