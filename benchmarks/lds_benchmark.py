@@ -42,7 +42,7 @@ from wherefrom.store import Entry, Store
 from wherefrom.attribution.trak import DAMPING, kernel_scores, query_features, trak_scores
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation import lds
+from wherefrom.evaluation import lds, stats
 from wherefrom.evaluation.benchmark import Benchmark, checkpoint, is_trained, train
 from wherefrom.io import save_grid, write_json, write_npy
 from wherefrom.task import Stream
@@ -348,7 +348,7 @@ def attribute_all(bench: Benchmark, methods: dict[str, Callable[[Context], np.nd
 # --- reporting -------------------------------------------------------------------------
 
 
-def grade(bench: Benchmark, scores: dict[str, np.ndarray], targets: np.ndarray, sets: list[str]) -> dict[str, dict[str, lds.Correlation]]:
+def grade(bench: Benchmark, scores: dict[str, np.ndarray], targets: np.ndarray, sets: list[str]) -> dict[str, dict[str, stats.Correlation]]:
     """LDS of each method on each query set (targets: M x all queries, larger = better)."""
     _, rows = all_queries(bench)
     subsets, n = lds.read_subsets(bench)
@@ -356,14 +356,14 @@ def grade(bench: Benchmark, scores: dict[str, np.ndarray], targets: np.ndarray, 
     return {m: {s: lds.lds(sc[rows[s]], masks, targets[:, rows[s]], bench.bootstrap) for s in sets} for m, sc in scores.items()}
 
 
-def noise_ceiling(bench: Benchmark, values: np.ndarray, ceiling: np.ndarray, sets: list[str]) -> dict[str, lds.Correlation]:
+def noise_ceiling(bench: Benchmark, values: np.ndarray, ceiling: np.ndarray, sets: list[str]) -> dict[str, stats.Correlation]:
     """Spearman over the ceiling subsets of seed A's measurements against seed B's, per query."""
     _, rows = all_queries(bench)
     first = values[: len(ceiling)]
-    return {s: lds.Correlation.of(lds.spearman_rows(-first[:, rows[s]].T, -ceiling[:, rows[s]].T), bench.bootstrap) for s in sets}
+    return {s: stats.Correlation.of(stats.spearman_rows(-first[:, rows[s]].T, -ceiling[:, rows[s]].T), bench.bootstrap) for s in sets}
 
 
-def table(results: dict[str, dict[str, lds.Correlation]], sets: list[str], ceiling: dict[str, lds.Correlation] | None) -> str:
+def table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], ceiling: dict[str, stats.Correlation] | None) -> str:
     head = "| method | " + " | ".join(f"LDS, {s.replace('_', ' ')} [95% CI]" for s in sets) + " |"
     lines = [head, "|---" * (len(sets) + 1) + "|"]
     for m, r in results.items():

@@ -32,7 +32,7 @@ from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
 from wherefrom.ensemble.synthetic import linearize, synthetic_scores
-from wherefrom.evaluation.lds import Correlation, spearman_rows
+from wherefrom.evaluation.stats import Correlation, spearman_rows
 
 
 def train(args: argparse.Namespace) -> EncodedEnsemble:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli
-from tests.trak_helpers import tiny_checkpoint
+from tests.helpers import cli
+from tests.helpers import tiny_checkpoint
 from wherefrom.features import FeatureConfig, featurize
 from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.conftest import TINY_UNET, attribute_every_method, cli
-from tests.test_features import check_projected_grads
-from tests.test_kfac import check_unet_factors
-from tests.test_synthetic import check_jvp_columns
-from tests.trak_helpers import tiny_config
+from tests.helpers import TINY_UNET, attribute_every_method, cli
+from tests.helpers import check_projected_grads
+from tests.helpers import check_unet_factors
+from tests.helpers import check_jvp_columns
+from tests.helpers import tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.features import per_sample_grads

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules.base import fingerprint

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.conftest import cli
+from tests.helpers import cli
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.demo import DemoConfig

@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom.features import FeatureConfig, featurize
 from wherefrom.kfac import FactorConfig, fit_factors
 from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
@@ -143,7 +143,7 @@ def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tm
 def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, tmp_path, monkeypatch, capsys):
     """`featurize` and `attribute` read the user's checkpoint given its classes; the features equal the
     callback's (float32 here, float64 there), and the command's scores equal the Python API's."""
-    from tests.conftest import cli
+    from tests.helpers import cli
     from wherefrom import DTRAK
     from wherefrom.checkpoint import load_module
 
@@ -487,7 +487,7 @@ def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path
 
     from lightning.pytorch.cli import LightningCLI
 
-    from tests.conftest import cli
+    from tests.helpers import cli
     from wherefrom.checkpoint import load_module
     from wherefrom.target import resolve_target
 

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from tests.conftest import TINY_UNET, cli
+from tests.helpers import TINY_UNET, cli
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_seed

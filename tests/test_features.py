@@ -12,49 +12,19 @@ import pytest
 import torch
 from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
-from tests.conftest import TINY_UNET
-from tests.trak_helpers import SUBSET, run_cli, tiny_config
+from tests.helpers import TINY_UNET, check_projected_grads
+from tests.helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
-from wherefrom.features import default_projector, FeatureConfig, featurize, per_sample_grads, project_images, Projection, projection_seed, trainable_parameters
+from wherefrom.features import default_projector, FeatureConfig, featurize, per_sample_grads, project_images, Projection, projection_seed
 from wherefrom.features.projection import BLOCK_SIZE
-from wherefrom.kfac import tracked_layers
 from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
 from wherefrom.model import DiffusionModel
-from wherefrom.task import Stream
 
 
 def _model64() -> DiffusionModel:
     return DiffusionModel(unet=dict(TINY_UNET), seed=3).double().eval()
-
-
-def _loop_grads(model, x0, index, output, draws, cond=None) -> torch.Tensor:
-    """Reference: one example at a time, torch.autograd.grad of the measurement."""
-    params = list(trainable_parameters(model.unet).values())
-    rows = []
-    for i in range(len(x0)):
-        c = None if cond is None else cond[i : i + 1]
-        value = model.task.measure(model.unet, x0[i : i + 1], index[i : i + 1], output, draws, stream=Stream.FEATURES, cond=c)
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value.sum(), params)]))
-    return torch.stack(rows)
-
-
-def _kronecker_matrix(projection: Projection) -> torch.Tensor:
-    """The structured projection as an explicit P x D matrix: per layer (P_out (x) P_in) on vec(G),
-    G = [W | b] (out x (fan_in + 1)), rows placed at the parameters' positions."""
-    m = torch.zeros(projection.num_params, projection.dim, dtype=torch.float64)
-    col = 0
-    for layer in projection.layers:
-        (out, k_out), (fan_in, k_in) = layer.p_out.shape, layer.p_in.shape
-        w_in = fan_in - (layer.bias is not None)
-        rows = torch.empty(out, fan_in, dtype=torch.long)
-        rows[:, :w_in] = layer.weight.start + torch.arange(out * w_in).view(out, w_in)
-        if layer.bias is not None:
-            rows[:, w_in] = layer.bias.start + torch.arange(out)
-        m[rows.flatten(), col : col + k_out * k_in] = torch.kron(layer.p_out, layer.p_in)
-        col += k_out * k_in
-    return m
 
 
 @pytest.mark.parametrize("projection", ["dense", "structured"])
@@ -62,31 +32,6 @@ def _kronecker_matrix(projection: Projection) -> torch.Tensor:
 def test_projected_grads_equal_autograd_loop_and_explicit_matrix(projection, output):
     index = torch.tensor([4, 0, 17])
     check_projected_grads(_model64(), DigitsDataModule(subset=SUBSET).images[index].double(), index, projection, output)
-
-
-def check_projected_grads(model: DiffusionModel, x0: torch.Tensor, index: torch.Tensor, projection: str, output: str, cond: torch.Tensor | None = None) -> None:
-    """vmap per-sample gradients == an autograd loop; fast projections == trak's projector / the explicit Kronecker matrix
-    (each example under its condition ``cond``)."""
-    config = FeatureConfig(output=output, timesteps=3, strategy="random", proj_dim=200, projection=projection, seed=1)
-    draws = config.draws(model.task)
-    ref = _loop_grads(model, x0, index, output, draws, cond)
-    assert torch.allclose(per_sample_grads(model.unet, model.task, x0, index, output, draws, cond=cond), ref, rtol=1e-10, atol=1e-13)
-
-    proj = Projection(config, model.unet, "model")
-    if projection == "dense":  # a fresh trak BasicProjector with the documented seed and block size
-        trak = BasicProjector(proj.num_params, 200, projection_seed(1, "model"), ProjectionType.normal, "cpu", BLOCK_SIZE, torch.float64)
-        expected = trak.project(ref, model_id=0)
-    else:
-        assert any("to_q" in layer.name for layer in proj.layers)
-        assert {layer.name for layer in proj.layers} == set(tracked_layers(model.unet))  # every trained conv and linear layer
-        expected = ref @ _kronecker_matrix(proj)
-    assert expected.abs().max() > 0
-    fast = proj.projected_grads(model.task, x0, index, output, draws, cond=cond)
-    assert torch.allclose(fast, expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
-    # the dense-input path (used to project preconditioned gradients) is the same map
-    assert torch.allclose(proj.project(ref), expected, rtol=1e-9, atol=1e-11 * expected.abs().max())
-    # another model id draws another matrix
-    assert not torch.allclose(Projection(config, model.unet, "member1").project(ref), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_UNET
-from tests.trak_helpers import tiny_config
+from tests.helpers import TINY_UNET
+from tests.helpers import tiny_config
 from wherefrom import cli
 from wherefrom.features import FeatureConfig, featurize, Projection, trainable_parameters
 from wherefrom.attribution.influence import EKFAC, MEASURES, influence_scores, projection_scale

@@ -9,7 +9,6 @@ import math
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from curvlinops import GGNLinearOperator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -17,8 +16,8 @@ from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from tests.conftest import TINY_UNET
-from tests.trak_helpers import SUBSET, run_cli, tiny_config
+from tests.helpers import TINY_UNET, check_unet_factors, collect, explicit_patches, normalised
+from tests.helpers import SUBSET, run_cli, tiny_config
 from wherefrom import cli
 from wherefrom.kfac import (
     FactorCollector,
@@ -38,22 +37,11 @@ from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream, predict_eps
 
 
-def normalised(sums: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return sums[f"{name}/A"] / sums[f"{name}/A_count"], sums[f"{name}/G"] / sums[f"{name}/G_count"]
-
-
 def weight_bias_order(d_out: int, d_in: int) -> torch.Tensor:
     """Position of each row-major ``[W, b]`` entry in the parameter layout ``(vec W, b)``."""
     w = torch.arange(d_out * d_in).view(d_out, d_in)
     b = d_out * d_in + torch.arange(d_out).view(d_out, 1)
     return torch.cat([w, b], 1).reshape(-1)
-
-
-def collect(model: nn.Module, approx: str, run, eigen=None) -> dict:
-    collector = FactorCollector(model, approx, eigen=eigen)
-    with collector.attached(), collector.recording():
-        run()
-    return collector.state_dict()
 
 
 # --- deep linear networks: K-FAC is exact --------------------------------------------------
@@ -127,21 +115,6 @@ def test_empirical_backpropagates_the_scaled_loss_gradient():
 # --- Conv2d and attention layers: explicit per-position sums --------------------------------
 
 
-def explicit_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``B x R x (C k k + 1)``: the conv's input window at each output position, sliced one at a time."""
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    xp = F.pad(x, (pw, pw, ph, ph), mode=mode)
-    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    rows = [
-        [torch.cat([xp[n, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw].reshape(-1), torch.ones(1)])
-         for i in range(ho) for j in range(wo)]
-        for n in range(len(x))
-    ]  # fmt: skip
-    return torch.stack([torch.stack(r) for r in rows])
-
-
 CONVS = [
     dict(kernel_size=3, padding=1),
     dict(kernel_size=3, padding=0),
@@ -193,47 +166,6 @@ def test_unet_factors_equal_explicit_per_position_computation(unet, approx):
     time embeddings) of a diffusers UNet: A and G equal explicit sums over positions."""
     layers = {"down_blocks.1.attentions.0.to_q", "mid_block.attentions.0.to_out.0", "down_blocks.0.downsamplers.0.conv"}
     check_unet_factors(unet, *diffusion_batch(DiffusionTask()), approx, layers)
-
-
-def check_unet_factors(
-    unet: nn.Module, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, approx: str, required: set[str], cond: torch.Tensor | None = None
-) -> None:
-    """The factors of every tracked layer of ``unet`` (``required`` among them) equal explicit per-position sums."""
-    inputs, grads = {}, {}
-    layers = tracked_layers(unet)
-    assert required <= set(layers)
-
-    def spy(name):
-        def hook(module, args, out):
-            inputs[name] = args[0].detach()
-            out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
-        return hook
-
-    handles = [m.register_forward_hook(spy(n)) for n, m in layers.items()]
-    noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
-    sums = collect(unet, approx, lambda: backpropagate(predict_eps(unet, x_t, t, cond), eps, "mc", noise))
-    for h in handles:
-        h.remove()
-    for name, layer in layers.items():
-        x, g = inputs[name], grads[name]
-        if isinstance(layer, nn.Conv2d):
-            a_pos = explicit_patches(x, layer)
-            g_pos = g.flatten(2).transpose(1, 2)
-        else:
-            a_pos = x.reshape(len(x), -1, x.shape[-1])
-            if layer.bias is not None:  # the bias as a constant-1 input (LoRA's adapter layers have none)
-                a_pos = torch.cat([a_pos, torch.ones(*a_pos.shape[:2], 1)], -1)
-            g_pos = g.reshape(len(g), -1, g.shape[-1])
-        n, r = a_pos.shape[:2]
-        if approx == "expand":  # Eschenhagen et al. (2023), eq. 7
-            a_ref = sum(torch.outer(a_pos[i, j], a_pos[i, j]) for i in range(n) for j in range(r)) / (n * r)
-            g_ref = sum(torch.outer(g_pos[i, j], g_pos[i, j]) for i in range(n) for j in range(r)) / n
-        else:  # eq. 9: mean of the inputs, sum of the output gradients over positions
-            a_ref = sum(torch.outer(a_pos[i].mean(0), a_pos[i].mean(0)) for i in range(n)) / n
-            g_ref = sum(torch.outer(g_pos[i].sum(0), g_pos[i].sum(0)) for i in range(n)) / n
-        a, gg = normalised(sums, name)
-        torch.testing.assert_close(a, a_ref, msg=name)
-        torch.testing.assert_close(gg, g_ref, msg=name)
 
 
 def test_ekfac_eigenvalues_equal_ggn_diagonal_in_kronecker_eigenbasis(unet):

@@ -10,11 +10,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
-from tests.conftest import TINY_UNET, attribute_every_method, cli
-from tests.trak_helpers import SUBSET, tiny_config
+from tests.helpers import TINY_UNET, attribute_every_method, cli, tiny_vae
+from tests.helpers import SUBSET, tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule
@@ -24,14 +23,6 @@ from wherefrom.errors import WherefromError
 from wherefrom.latent import LatentCodec
 
 LATENT_UNET = {**TINY_UNET, "sample_size": 4, "in_channels": 4}  # 4 x 4 x 4 latents of 1 x 8 x 8 digits
-
-
-def tiny_vae(path, seed: int = 0):
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=8)  # fmt: skip
-    vae.save_pretrained(path)
-    return vae
 
 
 def test_latents_are_the_scaled_posterior_means_cached_and_checked(tmp_path, monkeypatch):

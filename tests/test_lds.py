@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation import lds
+from wherefrom.evaluation import lds, stats
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
 from wherefrom.task import DiffusionTask, Stream
 
@@ -71,11 +71,11 @@ def test_metric_accumulates_batches_like_the_function():
 def test_bootstrap_interval():
     values = np.array([0.1, 0.5, 0.3, 0.9, 0.2, 0.4])
     cfg = BootstrapConfig(resamples=500, level=0.9, seed=3)
-    lo, hi = lds.bootstrap_ci(values, cfg)
+    lo, hi = stats.bootstrap_ci(values, cfg)
     assert lo < values.mean() < hi and values.min() <= lo and hi <= values.max()
-    assert lds.bootstrap_ci(values, cfg) == (lo, hi)  # seeded
-    assert lds.bootstrap_ci(np.full(4, 0.25), cfg) == (0.25, 0.25)
-    assert all(math.isnan(v) for v in lds.bootstrap_ci(np.array([0.3]), cfg))
+    assert stats.bootstrap_ci(values, cfg) == (lo, hi)  # seeded
+    assert stats.bootstrap_ci(np.full(4, 0.25), cfg) == (0.25, 0.25)
+    assert all(math.isnan(v) for v in stats.bootstrap_ci(np.array([0.3]), cfg))
 
 
 def test_subsets_are_reproducible_from_the_seed():

@@ -10,7 +10,7 @@ import numpy as np
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom.attribution.baseline import Pixel
 from wherefrom.attribution.report import log_attribution
 from wherefrom.callbacks import KFACFactors, TRAKFeatures

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom import DiffusionModel
 from wherefrom.ensemble import Codes, EncodedEnsemble
 from wherefrom.errors import WherefromError

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY_UNET, attribute_every_method, cli
-from tests.test_features import check_projected_grads
-from tests.test_kfac import check_unet_factors
-from tests.test_synthetic import check_jvp_columns
-from tests.trak_helpers import tiny_config
+from tests.helpers import TINY_UNET, attribute_every_method, cli
+from tests.helpers import check_projected_grads
+from tests.helpers import check_unet_factors
+from tests.helpers import check_jvp_columns
+from tests.helpers import tiny_config
 from wherefrom import DTRAK, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.features import trainable_parameters
@@ -95,7 +95,7 @@ def test_adapter_round_trips_through_the_diffusers_layout(tmp_path):
 
 def test_exported_adapter_loads_into_diffusers_own_lora_loader(tmp_path):
     """diffusers' ``UNet2DConditionModel.load_lora_adapter`` reads the export and gives the same network."""
-    from tests.test_text import TEXT_UNET
+    from tests.helpers import TEXT_UNET
 
     unet = _trained_adapters(add_lora(build_unet(TEXT_UNET, 0), LORA, 0))
     save_adapter(unet, LORA, tmp_path)

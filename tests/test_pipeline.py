@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_UNET
+from tests.helpers import TINY_UNET
 from wherefrom import EncodedEnsemblePipeline
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule

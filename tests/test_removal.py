@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.test_synthetic import unet_sampler
+from tests.helpers import unet_sampler
 from wherefrom.ensemble.synthetic import quadratic_measurement
 from wherefrom.evaluation.distances import l2_distance
 from wherefrom.evaluation.removal import Estimate, remove

@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from tests.conftest import TINY_UNET_RGB32, attribute_every_method, cli
-from tests.test_features import check_projected_grads
-from tests.test_kfac import check_unet_factors
-from tests.test_synthetic import check_jvp_columns, unet_sampler
+from tests.helpers import TINY_UNET_RGB32, attribute_every_method, cli
+from tests.helpers import check_projected_grads
+from tests.helpers import check_unet_factors
+from tests.helpers import check_jvp_columns, unet_sampler
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.datamodules import ArrayDataModule
 from wherefrom.model import DiffusionModel, build_unet

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import lightning as L
 import numpy as np
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from tests.conftest import TINY_UNET, cli
+from tests.helpers import SHAPE, TINY_UNET, check_jvp_columns, cli, unet_sampler
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.attribution.ablation import SyntheticAblation
@@ -28,16 +27,6 @@ from wherefrom.model import build_unet
 from wherefrom.sampling import exogenous_noise, sampling_timesteps
 from wherefrom.task import DiffusionTask
 
-SHAPE = (1, 8, 8)
-
-
-def unet_sampler(n: int = 3, steps: int = 4, scheduler: str = "ddpm", dtype: torch.dtype = torch.float64, unet: dict = TINY_UNET) -> EnsembleSampler:
-    """Tiny attention UNets (TINY_UNET has AttnDownBlock2D/AttnUpBlock2D), codes for training indices 10.. (at most 6)."""
-    members = [build_unet(unet, seed=i).to(dtype).eval() for i in range(n)]
-    codes = Codes.generate(np.arange(10, 10 + min(6, math.comb(n, n // 2))), n, n // 2, seed=0)
-    shape = (unet["in_channels"], unet["sample_size"], unet["sample_size"])
-    return EnsembleSampler(members, DiffusionTask(), shape, codes, seed=3, steps=steps, scheduler=scheduler, dtype=dtype)
-
 
 # --- Jacobian -------------------------------------------------------------------------------------------
 
@@ -46,19 +35,6 @@ def unet_sampler(n: int = 3, steps: int = 4, scheduler: str = "ddpm", dtype: tor
 def test_jvp_columns_equal_central_finite_differences(scheduler):
     """Float64, attention UNets, clipped x0 predictions (the real chain), at weights with a zero entry."""
     check_jvp_columns(unet_sampler(scheduler=scheduler))
-
-
-def check_jvp_columns(s: EnsembleSampler) -> None:
-    """The forward-mode Jacobian of a 3-member sampler's x0 w.r.t. the member weights == central finite differences."""
-    assert any(type(m).__name__ == "Attention" for m in s.members[0].modules())
-    a = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)  # member 2 is skipped when sampling, not when differentiating
-    lin = linearize(s, [0, 5], a)
-    h = 1e-6
-    with torch.no_grad():
-        fd = torch.stack([(s.sample([0, 5], a + h * e) - s.sample([0, 5], a - h * e)).flatten(1) / (2 * h) for e in torch.eye(3, dtype=torch.float64)], -1)
-        torch.testing.assert_close(lin.x0, s.sample([0, 5], a), rtol=0, atol=1e-12)
-    assert lin.jacobian.shape == (2, math.prod(s.image_shape), 3) and fd[..., 2].abs().max() > 1  # the zero-weight member matters
-    torch.testing.assert_close(lin.jacobian, fd, rtol=1e-6, atol=1e-6 * float(fd.abs().max()))
 
 
 def test_strategies_and_query_batches_agree():

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import attribute_every_method, cli
-from tests.test_features import check_projected_grads
-from tests.test_kfac import check_unet_factors
-from tests.test_synthetic import check_jvp_columns
-from tests.trak_helpers import tiny_config
+from tests.helpers import TEXT_UNET, attribute_every_method, cli
+from tests.helpers import check_projected_grads
+from tests.helpers import check_unet_factors
+from tests.helpers import check_jvp_columns
+from tests.helpers import tiny_config
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule
@@ -25,10 +25,6 @@ from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.task import DiffusionTask, Stream
 from wherefrom.text import TextEncoder
 
-TEXT_UNET = dict(
-    sample_size=8, in_channels=1, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, attention_head_dim=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-)  # fmt: skip
 WORDS = ["[PAD]", "[UNK]", "a", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CROSS = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # the text tokens' projection
 
@@ -126,7 +122,7 @@ def test_text_model_needs_captioned_data(tmp_path, capsys):
 def test_latent_text_conditional_lora_fine_tuning_composes(encoder_dir, tmp_path, capsys):
     """D-TRAK's ArtBench setting in small: a text-conditional latent model fine-tuned with LoRA from a
     base, sampled with guidance and attributed by D-TRAK over the adapters."""
-    from tests.test_latent import tiny_vae
+    from tests.helpers import tiny_vae
     from wherefrom.cli import main
 
     tiny_vae(tmp_path / "vae")

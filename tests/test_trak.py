@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.trak_helpers import SUBSET, tiny_checkpoint
+from tests.helpers import SUBSET, tiny_checkpoint
 from wherefrom import cli
 from wherefrom.features import FeatureConfig, featurize
 from wherefrom.store import Store

@@ -33,7 +33,8 @@ def weights_hash(model: torch.nn.Module) -> str:
     return tensor_hash(model.state_dict())
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or folder's contents (a folder's: its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -56,7 +57,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

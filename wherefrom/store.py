@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
-from wherefrom.io import atomic_path, check_out_dir, write_json
+from wherefrom.io import atomic_path, check_out_dir, fsync_path, write_json
 
 FORMAT = 3  # 3: features keyed by output function (features/<output>/<model_id>), stored influence
 SUFFIXES = {"array": (".npy", ".crc.npy", ".done.npy"), "tensors": (".safetensors",)}
@@ -180,7 +180,7 @@ class StoreArray:
     @staticmethod
     def _sync(array: np.memmap) -> None:
         array.flush()
-        _fsync(array.filename)
+        fsync_path(array.filename)
 
     @property
     def complete(self) -> bool:
@@ -212,14 +212,6 @@ class StoreArray:
         return self.data
 
 
-def _fsync(filename: str | os.PathLike) -> None:
-    fd = os.open(filename, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Entry:
     """The names of a store's entries, built here only: every method's entries of one model
     (``model_id``, e.g. ``model`` or an ensemble member's id) sit side by side in one store."""
@@ -232,7 +224,7 @@ class Entry:
     @staticmethod
     def weights(model_id: str) -> str:
         """The weights features of an intermediate checkpoint were made from: ``weights/<model_id>``."""
-        return Entry.weights(model_id)
+        return f"weights/{model_id}"
 
     @staticmethod
     def kfac(model_id: str) -> dict[str, str]:

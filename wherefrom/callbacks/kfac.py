@@ -59,7 +59,8 @@ class KFACFactors(CaptureCallback):
         features: also store every training image's loss gradient in the factors' eigenbasis
             (``influence/<id>``, written after the factors), so K-FAC / EK-FAC queries read it instead
             of recomputing the training gradients (:mod:`wherefrom.kfac.stored`).
-        dim, residual_dim, timesteps, features_dtype: the stored influence's config (``features_dtype``: its ``dtype``) (:class:`~wherefrom.kfac.stored.InfluenceConfig`).
+        dim, residual_dim, timesteps, features_strategy, features_seed, features_dtype: the stored influence's config
+            (``features_*``: its ``strategy``, ``seed``, ``dtype``; :class:`~wherefrom.kfac.stored.InfluenceConfig`).
         batch_size: images per batch of the dedicated passes.
         overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
@@ -76,6 +77,8 @@ class KFACFactors(CaptureCallback):
         dim: int = InfluenceConfig.dim,
         residual_dim: int = InfluenceConfig.residual_dim,
         timesteps: int = InfluenceConfig.timesteps,
+        features_strategy: str = InfluenceConfig.strategy,
+        features_seed: int = InfluenceConfig.seed,
         features_dtype: str = InfluenceConfig.dtype,
         batch_size: int = 64,
         overwrite: bool = False,
@@ -86,7 +89,8 @@ class KFACFactors(CaptureCallback):
             raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
         default = Curvature.EMPIRICAL.value if mode == "during" else Curvature.MC.value
         self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
-        self.features = InfluenceConfig(dim=dim, residual_dim=residual_dim, timesteps=timesteps, dtype=features_dtype) if features else None
+        influence = InfluenceConfig(dim, residual_dim, timesteps, features_strategy, features_seed, features_dtype)  # validated before training
+        self.features = influence if features else None
         super().__init__(store, overwrite, denoiser, task)
         self.batch_size = batch_size
         self.collectors: dict[str, FactorCollector] = {}

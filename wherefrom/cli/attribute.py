@@ -15,21 +15,18 @@ import dataclasses
 import enum
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
-from torch import Tensor
 
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
-from wherefrom.cli.options import add_run, add_sampling, flag, open_run, query_cond, query_conditions
+from wherefrom.cli.options import add_run, add_sampling, flag, load_queries, open_run, query_cond, query_conditions
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.errors import WherefromError
-from wherefrom.io import check_out_dir, load_array
+from wherefrom.io import check_out_dir
 from wherefrom.sampling import sampling_timesteps
-from wherefrom.target import as_queries
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
 COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k", "guidance")
@@ -113,19 +110,6 @@ def make_attributor(args: argparse.Namespace) -> Attributor:
     if cls.needs in WRITER and getattr(made, "store", None) is None:
         raise WherefromError(f"--method {args.method} needs --store, the folder written by `wherefrom {WRITER[cls.needs]}`")
     return made
-
-
-def load_queries(spec: str, datamodule) -> Tensor:
-    """Query images from a file (``samples.npy``) or the held-out split (``val``)."""
-    if spec == "val":
-        val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
-        if val is None or len(val) == 0:
-            raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
-        return val
-    if not Path(spec).is_file():
-        raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
-    array = load_array(spec, "queries")
-    return as_queries(array, datamodule, f"queries {spec}")
 
 
 def attribute_main(argv: list[str]) -> None:

@@ -65,7 +65,7 @@ def lds_parser() -> ConfigArgumentParser:
 
 
 def lds_main(argv: list[str]) -> None:
-    from wherefrom.cli.attribute import load_queries
+    from wherefrom.cli.options import load_queries
     from wherefrom.evaluation import lds
 
     parsed = lds_parser().parse_args(argv)

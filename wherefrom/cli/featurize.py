@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from wherefrom.features import METHOD_OUTPUTS, Allocation, default_projector, FeatureConfig, featurize, ProjectionKind
+from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize
 from wherefrom.store import Entry
-from wherefrom.cli.options import add_batch_size, add_device, add_run, add_store, check_batch_size, open_run, open_store
+from wherefrom.cli.options import add_batch_size, add_config, add_device, add_run, add_store, check_batch_size, config_from, open_run, open_store
 from wherefrom.cli.parser import ConfigArgumentParser
-from wherefrom.task import TimestepStrategy
 
 
 def parser() -> ConfigArgumentParser:
@@ -15,12 +14,7 @@ def parser() -> ConfigArgumentParser:
     add_store(p, "store folder (created, or resumed if it holds the same config; shared with `wherefrom factors`)")
     p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")
     p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
-    p.add_argument("--proj-dim", type=int, default=FeatureConfig.proj_dim)
-    p.add_argument("--timesteps", type=int, default=FeatureConfig.timesteps, help="K draws averaged per image")
-    p.add_argument("--strategy", choices=[s.value for s in TimestepStrategy], default=FeatureConfig.strategy)
-    p.add_argument("--projection", choices=[k.value for k in ProjectionKind], default=FeatureConfig.projection)
-    p.add_argument("--allocation", choices=[k.value for k in Allocation], default=FeatureConfig.allocation, help="structured: how D is split over layers")
-    p.add_argument("--seed", type=int, default=0, help="projection seed")
+    add_config(p, FeatureConfig, skip=("output", "projector"))
     add_batch_size(p)
     add_device(p)
     return p
@@ -29,16 +23,7 @@ def parser() -> ConfigArgumentParser:
 def featurize_main(argv: list[str]) -> None:
     a = parser().parse_args(argv)
     check_batch_size(a)
-    config = FeatureConfig(
-        output=a.output or METHOD_OUTPUTS[a.method],
-        timesteps=a.timesteps,
-        strategy=a.strategy,
-        proj_dim=a.proj_dim,
-        projection=a.projection,
-        projector=default_projector(a.device),
-        allocation=a.allocation,
-        seed=a.seed,
-    )
+    config = config_from(a, FeatureConfig, skip=("output", "projector"), output=a.output or METHOD_OUTPUTS[a.method], projector=default_projector(a.device))
     module, data = open_run(a, "wherefrom featurize", a.device)
     store = open_store(a, data, module)
     for model_id, net in module.denoisers().items():

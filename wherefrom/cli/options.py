@@ -8,6 +8,8 @@ its network, task and data are found as :mod:`wherefrom.target` describes.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +18,10 @@ from torch import Tensor
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
+from wherefrom.io import load_array
 from wherefrom.sampling import SchedulerType
 from wherefrom.store import Store
-from wherefrom.target import as_data, resolve_target
+from wherefrom.target import as_data, as_queries, resolve_target
 
 
 def add_run(
@@ -118,6 +121,42 @@ def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | No
     return cond
 
 
+def load_queries(spec: str, datamodule) -> Tensor:
+    """Query images from a file (``samples.npy``) or the held-out split (``val``)."""
+    if spec == "val":
+        val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
+        if val is None or len(val) == 0:
+            raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
+        return val
+    if not Path(spec).is_file():
+        raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
+    array = load_array(spec, "queries")
+    return as_queries(array, datamodule, f"queries {spec}")
+
+
+def add_config(p: Any, cls: type, skip: tuple[str, ...] = (), names: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass ``cls`` with its default, type, choices and help (the
+    field's metadata), so every front end offers the options the config defines; ``names`` renames flags."""
+    names = names or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name, help_ = flag(names.get(f.name, f.name)), f.metadata.get("help")
+        if isinstance(f.default, bool):
+            p.add_argument(name, action="store_true", help=help_)
+            continue
+        kind = f.metadata.get("choices")
+        choices = {"choices": [getattr(k, "value", k) for k in kind]} if kind else {}
+        p.add_argument(name, type=type(f.default), default=f.default, help=help_, **choices)
+
+
+def config_from(a: Any, cls: type, skip: tuple[str, ...] = (), names: dict[str, str] | None = None, **fixed: Any) -> Any:
+    """The config ``cls`` from :func:`add_config`'s flags (``fixed``: the skipped fields' values)."""
+    names = names or {}
+    given = {f.name: getattr(a, names.get(f.name, f.name)) for f in dataclasses.fields(cls) if f.name not in skip}
+    return cls(**given, **fixed)
+
+
 def add_overwrite(p: ConfigArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
 
@@ -137,4 +176,4 @@ def open_store(a: Any, data: Any, module: Any) -> Store:
     return Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
 
 
-__all__ = ["STORE_FLAGS", "flag", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]
+__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]

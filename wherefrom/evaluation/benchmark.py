@@ -26,6 +26,7 @@ import yaml
 
 from wherefrom.checkpoint import import_class, init_args
 from wherefrom.errors import WherefromError
+from wherefrom.evaluation.stats import BootstrapConfig
 from wherefrom.fitting import fit_file
 from wherefrom.io import atomic_path, write_json, write_npy
 from wherefrom.sampling import EpsFn, SchedulerType
@@ -78,19 +79,6 @@ class MeasureConfig:
             raise WherefromError(f"measure.measurement must be a loss-like measurement {sorted(LOSS_LIKE)}, got {self.measurement!r}")
         if self.draws < 1 or self.batch_size < 1:
             raise WherefromError(f"measure.draws and measure.batch_size must be >= 1, got {self.draws} and {self.batch_size}")
-
-
-@dataclass
-class BootstrapConfig:
-    """Percentile bootstrap over queries for the LDS confidence interval."""
-
-    resamples: int = 1000
-    level: float = 0.95
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.resamples < 1 or not 0 < self.level < 1:
-            raise WherefromError(f"bootstrap needs resamples >= 1 and level in (0, 1), got {self.resamples} and {self.level}")
 
 
 @dataclass

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 from torchmetrics import Metric
 
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, MeasureConfig, checkpoint, eps_fn, is_trained, train
+from wherefrom.evaluation.benchmark import Benchmark, MeasureConfig, checkpoint, eps_fn, is_trained, train
+from wherefrom.evaluation.stats import BootstrapConfig, Correlation, spearman_rows
 from wherefrom.fitting import join, start_worker
 from wherefrom.io import write_json, write_npy
 from wherefrom.task import DiffusionTask, Stream, mix_seed
@@ -64,20 +64,6 @@ def subset_masks(subsets: np.ndarray, n: int) -> np.ndarray:
     for j, s in enumerate(subsets):
         masks[j, s] = True
     return masks
-
-
-def spearman_rows(predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Spearman correlation (average ranks for ties) of each row pair.
-
-    A constant row carries no ranking, so its correlation is defined as 0
-    (scipy would return NaN) rather than being dropped from the mean.
-    """
-    predicted, targets = np.atleast_2d(predicted), np.atleast_2d(targets)
-    out = np.zeros(len(predicted))
-    for q, (p, t) in enumerate(zip(predicted, targets, strict=True)):
-        if np.ptp(p) > 0 and np.ptp(t) > 0:
-            out[q] = stats.spearmanr(p, t).statistic
-    return out
 
 
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -113,37 +99,6 @@ def calibration(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray, scale
     p, m = (x - x.mean(1, keepdims=True) for x in (predicted, measured))  # per-query intercepts
     slope = float((p * m).sum() / (p * p).sum())
     return Calibration(slope, float(1 - ((m - slope * p) ** 2).sum() / (m * m).sum()))
-
-
-def bootstrap_ci(values: np.ndarray, cfg: BootstrapConfig | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (NaN for fewer than 2 values)."""
-    cfg = cfg or BootstrapConfig()
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return (float("nan"), float("nan"))
-    if np.ptp(values) == 0:
-        return (float(values[0]), float(values[0]))
-    res = stats.bootstrap(
-        (values,), np.mean, n_resamples=cfg.resamples, confidence_level=cfg.level, method="percentile", rng=np.random.default_rng(cfg.seed)
-    )
-    return (float(res.confidence_interval.low), float(res.confidence_interval.high))
-
-
-@dataclass
-class Correlation:
-    """A per-query correlation (LDS, leave-one-out), its mean and bootstrap interval over queries."""
-
-    mean: float
-    ci_low: float
-    ci_high: float
-    per_query: list[float]
-
-    @classmethod
-    def of(cls, per_query: np.ndarray, bootstrap: BootstrapConfig | None = None) -> Correlation:
-        return cls(float(np.mean(per_query)), *bootstrap_ci(per_query, bootstrap), per_query=np.asarray(per_query).tolist())
-
-    def summary(self) -> str:
-        return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}]"
 
 
 def lds(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray, bootstrap: BootstrapConfig | None = None) -> Correlation:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import distance_fn
-from wherefrom.evaluation.lds import Correlation, spearman_rows
+from wherefrom.evaluation.stats import Correlation, spearman_rows
 from wherefrom.task import mix_seed
 
 

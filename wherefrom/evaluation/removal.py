@@ -27,7 +27,7 @@ from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.ensemble.synthetic import QuadraticMeasurement, ablated_weights, sample_rows
 from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import l2_distance
-from wherefrom.evaluation.lds import bootstrap_ci
+from wherefrom.evaluation.stats import bootstrap_ci
 
 
 @dataclass(frozen=True)

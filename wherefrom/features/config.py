@@ -6,7 +6,7 @@ mode's split of the dimension over layers. Every front end (``wherefrom featuriz
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from wherefrom.errors import WherefromError
@@ -61,18 +61,18 @@ class FeatureConfig:
     # Defaults chosen on the LDS benchmark's tuning queries (benchmarks/tune_defaults.py): K = 100
     # draws beat K = 10 by +0.2 LDS for D-TRAK and TRAK; ``proportional`` allocation brings the
     # structured projection within 0.02 of the dense and unprojected gradients at D = 2048.
-    output: str = "square_norm"
-    timesteps: int = 100
-    strategy: str = TimestepStrategy.UNIFORM.value
-    proj_dim: int = 2048
-    projection: str = ProjectionKind.STRUCTURED.value
-    projector: str = Projector.BASIC.value
-    allocation: str = Allocation.PROPORTIONAL.value
-    seed: int = 0
+    # (``help`` and ``choices`` in each field's metadata: every front end's options come from here)
+    output: str = field(default="square_norm", metadata={"help": "the output function, a measurement (TRAK: loss, D-TRAK: square_norm)"})
+    timesteps: int = field(default=100, metadata={"help": "K draws averaged per image"})
+    strategy: str = field(default=TimestepStrategy.UNIFORM.value, metadata={"help": "draws of t: uniform (t_k = k T / K) or random", "choices": TimestepStrategy})
+    proj_dim: int = field(default=2048, metadata={"help": "projection dimension D"})
+    projection: str = field(default=ProjectionKind.STRUCTURED.value, metadata={"help": "structured (per layer, fast) or dense (trak projector)", "choices": ProjectionKind})
+    projector: str = field(default=Projector.BASIC.value, metadata={"help": "the dense mode's trak projector", "choices": Projector})
+    allocation: str = field(default=Allocation.PROPORTIONAL.value, metadata={"help": "structured: how D is split over layers", "choices": Allocation})
+    seed: int = field(default=0, metadata={"help": "projection seed"})
 
     def __post_init__(self) -> None:
-        choices = {"strategy": TimestepStrategy, "projection": ProjectionKind, "projector": Projector, "allocation": Allocation}
-        for name, kind in choices.items():
+        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
             value = getattr(self, name)
             if value not in {k.value for k in kind}:
                 raise WherefromError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -35,20 +35,18 @@ class FactorConfig:
             own forward/backward: empirical curvature only).
     """
 
-    curvature: str = Curvature.MC.value
-    kfac: str = KFACApprox.EXPAND.value
+    curvature: str = field(default=Curvature.MC.value, metadata={"help": "the curvature the factors approximate", "choices": Curvature})
+    kfac: str = field(default=KFACApprox.EXPAND.value, metadata={"help": "K-FAC's treatment of weight sharing (Eschenhagen et al. 2023)", "choices": KFACApprox})
     # 8 passes (8 seeded (t, eps) per image) beat 1 by 0.02-0.05 LDS on the benchmark's tuning queries
-    passes: int = 8
-    ekfac: bool = False
-    mode: str = "after"
+    passes: int = field(default=8, metadata={"help": "passes over the data, fresh (t, eps) each"})
+    ekfac: bool = field(default=False, metadata={"help": "also measure EK-FAC eigenvalues (extra passes)"})
+    mode: str = field(default="after", metadata={"help": "after training (dedicated passes) or during it (its own steps)", "choices": ("after", "during")})
 
     def __post_init__(self) -> None:
-        for name, kind in (("curvature", Curvature), ("kfac", KFACApprox)):
-            value = getattr(self, name)
-            if value not in {k.value for k in kind}:
-                raise WherefromError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}")
-        if self.mode not in ("after", "during"):
-            raise WherefromError(f"mode must be 'after' or 'during', got {self.mode!r}")
+        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
+            allowed = [getattr(k, "value", k) for k in kind]
+            if getattr(self, name) not in allowed:
+                raise WherefromError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.mode == "during" and self.curvature != Curvature.EMPIRICAL.value:
             raise WherefromError("mode='during' reuses the training loss's gradients, i.e. curvature='empirical'; pass it explicitly")
         if self.passes < 1:

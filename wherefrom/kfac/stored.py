@@ -39,7 +39,7 @@ K-FAC and EK-FAC (same eigenbasis) at any damping.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -83,20 +83,20 @@ class InfluenceConfig:
 
     # the tuning curve (benchmarks/results/stored_influence_digits500.md): the smallest budget within
     # 0.02 of exact mode for K-FAC and EK-FAC on both tuning query sets (512 KiB per image in bfloat16)
-    dim: int = 262144
-    residual_dim: int = 0
-    timesteps: int = FeatureConfig.timesteps
-    strategy: str = TimestepStrategy.UNIFORM.value
-    seed: int = 0
-    dtype: str = "bfloat16"
+    dim: int = field(default=262144, metadata={"help": "eigenbasis coordinates kept per image (dtype bytes each: bfloat16 2, float32 4)"})
+    residual_dim: int = field(default=0, metadata={"help": "random sketch of the other coordinates (0: none)"})
+    timesteps: int = field(default=FeatureConfig.timesteps, metadata={"help": "K draws averaged per training gradient"})
+    strategy: str = field(default=TimestepStrategy.UNIFORM.value, metadata={"help": "draws of t: uniform or random", "choices": TimestepStrategy})
+    seed: int = field(default=0, metadata={"help": "seed of the residual sketches"})
+    dtype: str = field(default="bfloat16", metadata={"help": "precision of the stored rows (bfloat16: LDS unchanged at half float32's bytes)", "choices": DTYPES})
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.residual_dim < 0 or self.timesteps < 1:
             raise WherefromError(f"dim and timesteps must be >= 1 and residual_dim >= 0, got {self.dim}, {self.timesteps}, {self.residual_dim}")
-        if self.strategy not in {s.value for s in TimestepStrategy}:
-            raise WherefromError(f"strategy must be one of {[s.value for s in TimestepStrategy]}, got {self.strategy!r}")
-        if self.dtype not in DTYPES:
-            raise WherefromError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
+            allowed = [getattr(k, "value", k) for k in kind]
+            if getattr(self, name) not in allowed:
+                raise WherefromError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def features(self, timesteps: int | None = None) -> FeatureConfig:
         """The draws of the training gradients (or, with ``timesteps``, of query gradients) as a
