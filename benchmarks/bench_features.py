@@ -30,12 +30,20 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from trak.projectors import BasicProjector, ProjectionType
 
-from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize, projection_seed, Projector, trainable_parameters
-from wherefrom.features.projection import BLOCK_SIZE
-from wherefrom.store import Entry, Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.features import (
+    METHOD_OUTPUTS,
+    FeatureConfig,
+    Projector,
+    default_projector,
+    featurize,
+    projection_seed,
+    trainable_parameters,
+)
+from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.model import DiffusionModel
+from wherefrom.store import Entry, Store
 from wherefrom.task import Stream, predict_eps
 
 

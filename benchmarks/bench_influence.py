@@ -24,14 +24,14 @@ import time
 import numpy as np
 import torch
 
-from wherefrom.features import FeatureConfig, featurize
 from wherefrom.attribution.influence import influence_scores
-from wherefrom.kfac import FactorConfig, fit_factors
-from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
-from wherefrom.store import Entry, Store
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.features import FeatureConfig, featurize
+from wherefrom.kfac import FactorConfig, fit_factors
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.model import DiffusionModel
+from wherefrom.store import Entry, Store
 
 
 def timed(fn) -> tuple[float, object]:

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 
 from wherefrom.attribution import kfac
 from wherefrom.attribution.influence import score_features
-from wherefrom.kfac import FactorCollector, eigendecompose, factor_pass
 from wherefrom.checkpoint import load_module
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.kfac import FactorCollector, eigendecompose, factor_pass
 from wherefrom.model import DiffusionModel
 
 

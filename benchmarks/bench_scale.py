@@ -28,11 +28,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import yaml
+from common import PeakMemory, rss_anon_mib
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_topk import PeakMemory, rss_anon_mib  # noqa: E402
-
-from wherefrom.model import build_unet  # noqa: E402
+from wherefrom.model import build_unet
 from wherefrom.store import Entry
 
 UNET = dict(
@@ -57,14 +55,13 @@ def measure(fn) -> tuple[float, float]:
 def child(n: int, root: Path, unet: dict) -> dict:
     import torch
 
-    from wherefrom.features import featurize
-    from wherefrom.features import FeatureConfig
     from wherefrom.attribution.influence import influence_scores
+    from wherefrom.attribution.trak import query_features, trak_scores
+    from wherefrom.datamodules import ArrayDataModule
+    from wherefrom.features import FeatureConfig, featurize
     from wherefrom.kfac import FactorConfig, fit_factors
     from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
     from wherefrom.store import Store
-    from wherefrom.attribution.trak import query_features, trak_scores
-    from wherefrom.datamodules import ArrayDataModule
     from wherefrom.task import DiffusionTask
 
     torch.set_num_threads(1)

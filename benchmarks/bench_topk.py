@@ -15,31 +15,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def rss_anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
-
-
-class PeakMemory(threading.Thread):
-    """Samples ``RssAnon`` until stopped; ``peak`` is the largest value seen."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.done = rss_anon_mib(), threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.002):
-            self.peak = max(self.peak, rss_anon_mib())
+from common import PeakMemory, rss_anon_mib
 
 
 def run(mode: str, path: Path, queries: int, k: int, block: int) -> dict:

@@ -14,7 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from lds_benchmark import Context, attribute_all, grade, kfac_method, measure_all, stored_method, trak_method, unprojected_method
+from common import (
+    Context,
+    attribute_all,
+    grade,
+    kfac_method,
+    measure_all,
+    stored_method,
+    trak_method,
+    unprojected_method,
+)
 
 from wherefrom.evaluation.benchmark import Benchmark
 from wherefrom.io import write_json

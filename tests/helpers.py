@@ -20,7 +20,13 @@ from trak.projectors import BasicProjector, ProjectionType
 from wherefrom.cli import main as cli_main
 from wherefrom.ensemble import Codes, EnsembleSampler
 from wherefrom.ensemble.synthetic import linearize
-from wherefrom.features import FeatureConfig, Projection, per_sample_grads, projection_seed, trainable_parameters
+from wherefrom.features import (
+    FeatureConfig,
+    Projection,
+    per_sample_grads,
+    projection_seed,
+    trainable_parameters,
+)
 from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.kfac import FactorCollector, backpropagate, tracked_layers
 from wherefrom.model import DiffusionModel, build_unet

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import cli
-from tests.helpers import tiny_checkpoint
+from tests.helpers import cli, tiny_checkpoint
+from wherefrom.datamodules import DigitsDataModule
 from wherefrom.features import FeatureConfig, featurize
 from wherefrom.store import Store
-from wherefrom.datamodules import DigitsDataModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

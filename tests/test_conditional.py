@@ -12,16 +12,20 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.helpers import TINY_UNET, attribute_every_method, cli
-from tests.helpers import check_projected_grads
-from tests.helpers import check_unet_factors
-from tests.helpers import check_jvp_columns
-from tests.helpers import tiny_config
+from tests.helpers import (
+    TINY_UNET,
+    attribute_every_method,
+    check_jvp_columns,
+    check_projected_grads,
+    check_unet_factors,
+    cli,
+    tiny_config,
+)
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
-from wherefrom.features import per_sample_grads
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
+from wherefrom.features import per_sample_grads
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.sampling import guided
 from wherefrom.task import DiffusionTask, Stream
@@ -119,8 +123,7 @@ def test_condition_dropout_is_seeded_per_index_and_epoch(monkeypatch):
 def test_labels_reach_only_networks_that_take_them(tmp_path, capsys):
     """An unconditional UNet featurised on labelled data ignores the labels (same features); a
     conditional model on unlabelled data, or the reverse, is refused before training."""
-    from wherefrom.features import featurize
-    from wherefrom.features import FeatureConfig
+    from wherefrom.features import FeatureConfig, featurize
     from wherefrom.store import Store
     from wherefrom.target import DatasetView
 

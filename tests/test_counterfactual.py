@@ -13,10 +13,10 @@ import yaml
 from tests.helpers import TINY_UNET
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
-from wherefrom.datamodules.base import fingerprint
 from wherefrom.evaluation import counterfactual
 from wherefrom.evaluation.benchmark import Benchmark, train
 from wherefrom.evaluation.distances import l2_distance
+from wherefrom.io import fingerprint
 
 SPLIT = np.arange(10, 34)
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import cli
 from wherefrom.attribution.api import ATTRIBUTORS
+from wherefrom.cli.options import flag
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.demo import DemoConfig
 from wherefrom.errors import WherefromError
@@ -79,9 +80,12 @@ def test_a_bad_option_never_touches_a_users_folder(tmp_path, capsys):
 
 
 def test_bad_sizes_are_clear_errors():
-    with pytest.raises(WherefromError, match="num-images"):
+    # the Python API names its keyword arguments; the command line (spell=flag) its flags
+    with pytest.raises(WherefromError, match=r"^num_images must be in \[2, 1797\)"):
         DemoConfig(num_images=5000)
-    with pytest.raises(WherefromError, match="lds-subsets"):
+    with pytest.raises(WherefromError, match="^--num-images must be in"):
+        DemoConfig(num_images=5000, spell=flag)
+    with pytest.raises(WherefromError, match="lds_subsets"):
         DemoConfig(lds_subsets=1)
     with pytest.raises(WherefromError, match="scheduler"):
         DemoConfig(scheduler="euler")

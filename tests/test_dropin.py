@@ -22,14 +22,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
 from tests.helpers import TINY_UNET
-from wherefrom.features import FeatureConfig, featurize
-from wherefrom.kfac import FactorConfig, fit_factors
-from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
-from wherefrom.store import Store
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.features import FeatureConfig, featurize
 from wherefrom.io import weights_hash
+from wherefrom.kfac import FactorConfig, fit_factors
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
+from wherefrom.store import Store
 from wherefrom.task import DiffusionTask
 
 SUBSET = list(range(3, 27))
@@ -516,6 +516,6 @@ def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path
     assert cli(capsys, "sample", "--ckpt", "unet", "--num-samples", "2", "--steps", "3", "--out", "s2")[0] == 0
     np.testing.assert_allclose(np.load(tmp_path / "s2" / "samples.npy"), np.load(tmp_path / "s" / "samples.npy"), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(sys, "argv", ["wherefrom", "featurize", "--ckpt", str(ckpt), "--model.class_path", "mypipe.pipeline.Denoiser",
-                                      "--data.class_path", "mypipe.pipeline.DigitsData", "--out", "store", "--timesteps", "1", "--proj-dim", "8"])  # fmt: skip
+                                      "--data.class_path", "mypipe.pipeline.DigitsData", "--store", "store", "--timesteps", "1", "--proj-dim", "8"])  # fmt: skip
     runpy.run_module("wherefrom", run_name="__main__")  # python -m wherefrom
     assert len(Store.open(tmp_path / "store").read_array("features/square_norm/model")) == 12  # every image of the saved DigitsData(n=12)

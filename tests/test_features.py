@@ -12,15 +12,22 @@ import pytest
 import torch
 from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
-from tests.helpers import TINY_UNET, check_projected_grads
-from tests.helpers import SUBSET, run_cli, tiny_config
+from tests.helpers import SUBSET, TINY_UNET, check_projected_grads, run_cli, tiny_config
 from wherefrom import cli
-from wherefrom.features import default_projector, FeatureConfig, featurize, per_sample_grads, project_images, Projection, projection_seed
-from wherefrom.features.projection import BLOCK_SIZE
-from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
+from wherefrom.features import (
+    FeatureConfig,
+    Projection,
+    default_projector,
+    featurize,
+    per_sample_grads,
+    project_images,
+    projection_seed,
+)
+from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.model import DiffusionModel
+from wherefrom.store import Store
 
 
 def _model64() -> DiffusionModel:

@@ -11,17 +11,41 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_UNET
-from tests.helpers import tiny_config
+from tests.helpers import TINY_UNET, tiny_config
 from wherefrom import cli
-from wherefrom.features import FeatureConfig, featurize, Projection, trainable_parameters
-from wherefrom.attribution.influence import EKFAC, MEASURES, influence_scores, projection_scale
-from wherefrom.kfac import HEURISTIC_DAMPING, FactorConfig, KFACPreconditioner, LayerEigen, fit_factors, layer_dims, load_preconditioner, tracked_layers
-from wherefrom.kfac.stored import InfluenceConfig, allocate, block_shape, featurize_influence, open_stored
+from wherefrom.attribution.influence import (
+    EKFAC,
+    MEASURES,
+    influence_scores,
+    projection_scale,
+)
 from wherefrom.attribution.report import write_attribution
-from wherefrom.store import as_tensor, Entry, Store
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.features import (
+    FeatureConfig,
+    Projection,
+    featurize,
+    trainable_parameters,
+)
+from wherefrom.kfac import (
+    HEURISTIC_DAMPING,
+    FactorConfig,
+    KFACPreconditioner,
+    LayerEigen,
+    fit_factors,
+    layer_dims,
+    load_preconditioner,
+    tracked_layers,
+)
+from wherefrom.kfac.stored import (
+    InfluenceConfig,
+    allocate,
+    block_shape,
+    featurize_influence,
+    open_stored,
+)
 from wherefrom.model import DiffusionModel
+from wherefrom.store import Entry, Store, as_tensor
 from wherefrom.task import Stream, predict_eps
 
 # ~1.3k parameters (attention included): the dense (F + lambda I) fits in memory

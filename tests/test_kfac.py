@@ -16,9 +16,21 @@ from torch.func import functional_call, jacrev
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from tests.helpers import TINY_UNET, check_unet_factors, collect, explicit_patches, normalised
-from tests.helpers import SUBSET, run_cli, tiny_config
+from tests.helpers import (
+    SUBSET,
+    TINY_UNET,
+    check_unet_factors,
+    collect,
+    explicit_patches,
+    normalised,
+    run_cli,
+    tiny_config,
+)
 from wherefrom import cli
+from wherefrom.callbacks import KFACFactors
+from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble import EncodedEnsemble
+from wherefrom.errors import WherefromError
 from wherefrom.kfac import (
     FactorCollector,
     FactorConfig,
@@ -28,12 +40,8 @@ from wherefrom.kfac import (
     eigendecompose,
     tracked_layers,
 )
-from wherefrom.store import Store
-from wherefrom.callbacks import KFACFactors
-from wherefrom.datamodules import DigitsDataModule
-from wherefrom.ensemble import EncodedEnsemble
-from wherefrom.errors import WherefromError
 from wherefrom.model import DiffusionModel, build_unet
+from wherefrom.store import Store
 from wherefrom.task import DiffusionTask, Stream, predict_eps
 
 

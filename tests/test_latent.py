@@ -12,8 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import TINY_UNET, attribute_every_method, cli, tiny_vae
-from tests.helpers import SUBSET, tiny_config
+from tests.helpers import (
+    SUBSET,
+    TINY_UNET,
+    attribute_every_method,
+    cli,
+    tiny_config,
+    tiny_vae,
+)
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule

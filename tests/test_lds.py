@@ -15,10 +15,10 @@ from tests.helpers import TINY_UNET
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
-from wherefrom.datamodules.base import fingerprint
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds, stats
 from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
+from wherefrom.io import fingerprint
 from wherefrom.task import DiffusionTask, Stream
 
 # N = 4 training images, M = 4 subsets, Q = 3 queries.

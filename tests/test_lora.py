@@ -10,20 +10,24 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import TINY_UNET, attribute_every_method, cli
-from tests.helpers import check_projected_grads
-from tests.helpers import check_unet_factors
-from tests.helpers import check_jvp_columns
-from tests.helpers import tiny_config
+from tests.helpers import (
+    TINY_UNET,
+    attribute_every_method,
+    check_jvp_columns,
+    check_projected_grads,
+    check_unet_factors,
+    cli,
+    tiny_config,
+)
 from wherefrom import DTRAK, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
-from wherefrom.features import trainable_parameters
-from wherefrom.kfac import tracked_layers
-from wherefrom.store import Store
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
+from wherefrom.features import trainable_parameters
+from wherefrom.kfac import tracked_layers
 from wherefrom.lora import add_lora, load_adapter, save_adapter
 from wherefrom.model import DiffusionModel, build_unet
+from wherefrom.store import Store
 from wherefrom.task import DiffusionTask, Stream
 
 LORA = {"r": 2}

@@ -11,10 +11,15 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from tests.helpers import TINY_UNET_RGB32, attribute_every_method, cli
-from tests.helpers import check_projected_grads
-from tests.helpers import check_unet_factors
-from tests.helpers import check_jvp_columns, unet_sampler
+from tests.helpers import (
+    TINY_UNET_RGB32,
+    attribute_every_method,
+    check_jvp_columns,
+    check_projected_grads,
+    check_unet_factors,
+    cli,
+    unet_sampler,
+)
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.datamodules import ArrayDataModule
 from wherefrom.model import DiffusionModel, build_unet

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wherefrom.store import FORMAT, Store, check_store
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError
+from wherefrom.store import FORMAT, Store, check_store
 
 
 def test_array_rows_done_mask_and_reopen(tmp_path):
@@ -37,7 +37,7 @@ def test_mismatches_raise_unless_overwrite(tmp_path):
     store.array("a", (4, 2), {"proj_dim": 2}).write([0], np.ones((1, 2)))
     with pytest.raises(FingerprintMismatchError, match=r"config.proj_dim 2 \(stored\) vs 3"):
         Store(tmp_path, "fp").array("a", (4, 2), {"proj_dim": 3})
-    with pytest.raises(FingerprintMismatchError, match="pass --overwrite"):
+    with pytest.raises(FingerprintMismatchError, match=r"pass Store\(overwrite=True\)"):
         Store(tmp_path, "other")
     with pytest.raises(FingerprintMismatchError):
         Store(tmp_path, "fp", codes_fingerprint="codes")

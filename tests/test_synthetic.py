@@ -13,9 +13,9 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from tests.helpers import SHAPE, TINY_UNET, check_jvp_columns, cli, unet_sampler
+from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
-from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.ensemble.synthetic import (
     ablated_weights,
     exact_ablation,
@@ -26,7 +26,6 @@ from wherefrom.errors import WherefromError
 from wherefrom.model import build_unet
 from wherefrom.sampling import exogenous_noise, sampling_timesteps
 from wherefrom.task import DiffusionTask
-
 
 # --- Jacobian -------------------------------------------------------------------------------------------
 

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TEXT_UNET, attribute_every_method, cli
-from tests.helpers import check_projected_grads
-from tests.helpers import check_unet_factors
-from tests.helpers import check_jvp_columns
-from tests.helpers import tiny_config
+from tests.helpers import (
+    TEXT_UNET,
+    attribute_every_method,
+    check_jvp_columns,
+    check_projected_grads,
+    check_unet_factors,
+    cli,
+    tiny_config,
+)
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.checkpoint import load_datamodule

@@ -11,10 +11,17 @@ import pytest
 
 from tests.helpers import SUBSET, tiny_checkpoint
 from wherefrom import cli
+from wherefrom.attribution.trak import (
+    DAMPING,
+    DTRAK,
+    TRAK,
+    kernel_scores,
+    query_features,
+    trak_scores,
+)
+from wherefrom.errors import WherefromError
 from wherefrom.features import FeatureConfig, featurize
 from wherefrom.store import Store
-from wherefrom.attribution.trak import DAMPING, DTRAK, TRAK, kernel_scores, query_features, trak_scores
-from wherefrom.errors import WherefromError
 
 
 def _closed_form(phi: np.ndarray, phi_q: np.ndarray, lam: float) -> np.ndarray:

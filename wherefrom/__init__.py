@@ -1,85 +1,103 @@
 """wherefrom: diffusion training with training-data attribution built in.
 
-Roles:
-- the diffusion math: :class:`DiffusionTask`
+Roles (each name below is importable from ``wherefrom``; it lives in the room named beside it):
+
+- the diffusion math: :class:`DiffusionTask` (:mod:`wherefrom.task`)
 - data: :mod:`wherefrom.datamodules` (``DigitsDataModule`` is the offline default)
-- training: :class:`DiffusionModel` (single model), :class:`EncodedEnsemble` (encoded ensemble)
-- sampling: :func:`generate`
+- training: :class:`DiffusionModel` (:mod:`wherefrom.model`), :class:`EncodedEnsemble` (:mod:`wherefrom.ensemble`),
+  any Lightning run from a config (:mod:`wherefrom.fitting`)
+- sampling: :func:`generate` (:mod:`wherefrom.sampling`)
 - attribution: typed attributors behind one protocol (``DTRAK(store=...).attribute(module, data, queries)``),
   their :data:`ATTRIBUTORS` registry, the :class:`Attribution` they return and the :class:`Store` they read
-- capture: the drop-in callbacks :class:`TRAKFeatures` and :class:`KFACFactors`
+  (:mod:`wherefrom.attribution`, :mod:`wherefrom.store`)
+- capture: the drop-in callbacks :class:`TRAKFeatures` and :class:`KFACFactors` (:mod:`wherefrom.callbacks`)
+- evaluation: LDS, leave-one-out, distances (:mod:`wherefrom.evaluation`)
+
+Names are imported from their room on first use, so ``import wherefrom`` (and every command of the
+``wherefrom`` command line, which lives in this package) does not pay for Lightning, diffusers and
+the attributors before it needs them.
 """
 
-from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
-from wherefrom.attribution.baseline import Pixel, Random
-from wherefrom.attribution.influence import EKFAC, KFAC
-from wherefrom.attribution.protocol import Attribution, Attributor, Needs
-from wherefrom.attribution.report import view, write_attribution
-from wherefrom.store import Store
-from wherefrom.attribution.trak import DTRAK, TRAK
-from wherefrom.callbacks import KFACFactors, TRAKFeatures
-from wherefrom.checkpoint import load_datamodule, load_module
-from wherefrom.datamodules import ArrayDataModule, CIFAR10DataModule, DigitsDataModule, FolderDataModule, ImageDataModule
-from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, assemble
-from wherefrom.ensemble.pipeline import EncodedEnsemblePipeline, EnsembleDenoiser
-from wherefrom.attribution.ablation import AblationLoss, SyntheticAblation
-from wherefrom.errors import CheckpointError, FingerprintMismatchError, WherefromError
-from wherefrom.model import Attributable, DiffusionModel, DiffusionRecipe
-from wherefrom.sampling import generate
-from wherefrom.target import Target, as_data, resolve_target
-from wherefrom.task import MEASUREMENTS, DiffusionTask
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import Any
+
+# name -> the room (a package face or a top-level module) that exports it
+_ROOMS: dict[str, str] = {
     # math
-    "DiffusionTask",
-    "MEASUREMENTS",
+    "DiffusionTask": "wherefrom.task",
+    "MEASUREMENTS": "wherefrom.task",
     # data
-    "ArrayDataModule",
-    "CIFAR10DataModule",
-    "DigitsDataModule",
-    "FolderDataModule",
-    "ImageDataModule",
+    "ArrayDataModule": "wherefrom.datamodules",
+    "CIFAR10DataModule": "wherefrom.datamodules",
+    "DigitsDataModule": "wherefrom.datamodules",
+    "FolderDataModule": "wherefrom.datamodules",
+    "ImageDataModule": "wherefrom.datamodules",
     # training
-    "Attributable",
-    "DiffusionModel",
-    "DiffusionRecipe",
-    "load_datamodule",
-    "load_module",
+    "Attributable": "wherefrom.model",
+    "DiffusionModel": "wherefrom.model",
+    "DiffusionRecipe": "wherefrom.model",
+    "load_datamodule": "wherefrom.checkpoint",
+    "load_module": "wherefrom.checkpoint",
+    "fit": "wherefrom.fitting",
     # encoded ensembles
-    "Codes",
-    "EncodedEnsemble",
-    "EnsembleSampler",
-    "assemble",
-    "EncodedEnsemblePipeline",
-    "EnsembleDenoiser",
+    "Codes": "wherefrom.ensemble",
+    "EncodedEnsemble": "wherefrom.ensemble",
+    "EnsembleSampler": "wherefrom.ensemble",
+    "assemble": "wherefrom.ensemble",
+    "EncodedEnsemblePipeline": "wherefrom.ensemble",
+    "EnsembleDenoiser": "wherefrom.ensemble",
     # sampling
-    "generate",
+    "generate": "wherefrom.sampling",
     # attribution
-    "Attribution",
-    "Attributor",
-    "Needs",
-    "ATTRIBUTORS",
-    "attributor",
-    "register",
-    "view",
-    "write_attribution",
-    "AblationLoss",
-    "DTRAK",
-    "EKFAC",
-    "KFAC",
-    "Pixel",
-    "Random",
-    "SyntheticAblation",
-    "TRAK",
-    "Store",
+    "Attribution": "wherefrom.attribution",
+    "Attributor": "wherefrom.attribution",
+    "Needs": "wherefrom.attribution",
+    "ATTRIBUTORS": "wherefrom.attribution",
+    "attributor": "wherefrom.attribution",
+    "register": "wherefrom.attribution",
+    "view": "wherefrom.attribution",
+    "write_attribution": "wherefrom.attribution",
+    "AblationLoss": "wherefrom.attribution",
+    "DTRAK": "wherefrom.attribution",
+    "EKFAC": "wherefrom.attribution",
+    "KFAC": "wherefrom.attribution",
+    "Pixel": "wherefrom.attribution",
+    "Random": "wherefrom.attribution",
+    "SyntheticAblation": "wherefrom.attribution",
+    "TRAK": "wherefrom.attribution",
+    "Store": "wherefrom.store",
     # capture callbacks, and what they (and the attributors) find in any pipeline
-    "KFACFactors",
-    "TRAKFeatures",
-    "Target",
-    "as_data",
-    "resolve_target",
+    "KFACFactors": "wherefrom.callbacks",
+    "TRAKFeatures": "wherefrom.callbacks",
+    "Target": "wherefrom.target",
+    "as_data": "wherefrom.target",
+    "resolve_target": "wherefrom.target",
+    # evaluation
+    "Benchmark": "wherefrom.evaluation",
+    "Correlation": "wherefrom.evaluation",
+    "LeaveOneOut": "wherefrom.evaluation",
+    "LinearDatamodelingScore": "wherefrom.evaluation",
+    "LPIPSDistance": "wherefrom.evaluation",
+    "l2_distance": "wherefrom.evaluation",
+    "leave_one_out": "wherefrom.evaluation",
     # errors
-    "CheckpointError",
-    "FingerprintMismatchError",
-    "WherefromError",
-]
+    "CheckpointError": "wherefrom.errors",
+    "FingerprintMismatchError": "wherefrom.errors",
+    "WherefromError": "wherefrom.errors",
+}
+
+__all__ = list(_ROOMS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ROOMS:
+        raise AttributeError(f"module 'wherefrom' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_ROOMS[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_ROOMS])

@@ -14,15 +14,17 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from wherefrom.errors import CheckpointError, Spell, WherefromError, keyword, one_line
 from wherefrom.io import write_json
+
+if TYPE_CHECKING:
+    import lightning as L
 
 CLASS_KEY, DATAMODULE_KEY = "wherefrom_class", "wherefrom_datamodule"
 TASK_FILE = "wherefrom_task.json"  # an export's noise schedule, beside the diffusers weights
@@ -114,11 +116,13 @@ def load_module(path: str | Path, class_path: str | None = None, spell: Spell | 
     ``class_path`` in messages (default: as this function's keyword argument).
     """
     o = spell or keyword("load_module")
+    import lightning as L  # on first use: a missing or foreign file is refused without it
+
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {}) or {}
     name = class_path or ckpt.get(CLASS_KEY) or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it{_plain_cli(hparams)}; pass its class, {o('class_path')} your_package.YourModule")
+        raise CheckpointError(f"{str(path)!r} does not say which LightningModule wrote it{_plain_cli(hparams)}; pass {o('class_path')} your_package.YourModule")
     cls = import_class(name, o("class_path"))
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise WherefromError(f"{o('class_path')} {name!r} is not a LightningModule class")
@@ -140,6 +144,8 @@ def load_datamodule(path: str | Path, class_path: str | None = None, spell: Spel
     ``init_args`` (the overrides) in messages.
     """
     o = spell or (lambda argument: "load_datamodule(..., **overrides)" if argument == "init_args" else f"load_datamodule(..., {argument}=...)")
+    import lightning as L
+
     ckpt = read_checkpoint(path)
     info = ckpt.get(DATAMODULE_KEY)
     if info is not None and class_path is None:
@@ -147,7 +153,7 @@ def load_datamodule(path: str | Path, class_path: str | None = None, spell: Spel
     hparams = ckpt.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY, {}) or {}
     name = class_path or hparams.get("_class_path")
     if name is None:
-        raise CheckpointError(f"{str(path)!r} records no datamodule{_plain_cli(hparams)}; pass its class, {o('class_path')} your_package.YourDataModule (and its arguments, {o('init_args')})")
+        raise CheckpointError(f"{str(path)!r} records no datamodule{_plain_cli(hparams)}; pass {o('class_path')} your_package.YourDataModule (and {o('init_args')})")
     cls = import_class(name, o("class_path"))
     if not (isinstance(cls, type) and issubclass(cls, (L.LightningDataModule, Dataset))):
         raise WherefromError(f"{o('class_path')} {name!r} is neither a LightningDataModule nor a Dataset class")

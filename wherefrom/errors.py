@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 Spell = Callable[[str], str]  # how the caller's option is written in a message: "denoiser" -> "TRAKFeatures(denoiser=...)"
 
 

@@ -130,3 +130,43 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -
     img = Image.fromarray(arr[..., 0] if images.shape[1] == 1 else arr)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def fingerprint(n: int, shape: Sequence[int], indices: np.ndarray, conditioning: str = "") -> str:
+    """Hash of (number of images, image shape, selected index set) and, for data seen through
+    conditions or a VAE, a ``conditioning`` string (so stores of other captions/labels/latents differ)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"n": int(n), "shape": [int(s) for s in shape]}).encode())
+    h.update(np.ascontiguousarray(np.sort(indices), dtype="<i8").tobytes())
+    h.update(conditioning.encode())
+    return h.hexdigest()[:16]
+
+
+def to_model_range(images: np.ndarray | Tensor, source: str) -> Tensor:
+    """Validate an N x C x H x W (or N x H x W) array and map it to float32 in [-1, 1].
+
+    uint8 is read as [0, 255]; floats must already be in [-1, 1] and finite.
+    """
+    x = images.detach().cpu() if isinstance(images, Tensor) else torch.as_tensor(np.asarray(images))
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise WherefromError(f"{source}: images must be N x C x H x W (or N x H x W), got shape {tuple(x.shape)}")
+    if x.shape[1] not in (1, 3):
+        hint = " (channels-last? transpose to N x C x H x W)" if x.shape[-1] in (1, 3) else ""
+        raise WherefromError(f"{source}: images need 1 or 3 channels in dim 1, got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise WherefromError(f"{source}: no images")
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    if not x.dtype.is_floating_point:
+        raise WherefromError(f"{source}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    if not finite.all():
+        bad = torch.nonzero(~finite).flatten()
+        what = "NaN" if torch.isnan(x[bad]).any() else "infinite values"
+        raise WherefromError(f"{source}: {bad.numel()} of {len(x)} images hold {what} (e.g. image {int(bad[0])}); fix or drop them")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise WherefromError(f"{source}: float images must be in [-1, 1], found [{lo:.3g}, {hi:.3g}]; rescale, e.g. x / 127.5 - 1 for [0, 255]")
+    return x.float()

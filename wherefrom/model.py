@@ -17,7 +17,12 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import Tensor, nn
 
-from wherefrom.checkpoint import check_state_dict, record_provenance, save_pretrained, save_task
+from wherefrom.checkpoint import (
+    check_state_dict,
+    record_provenance,
+    save_pretrained,
+    save_task,
+)
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, generate, guided
 from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps

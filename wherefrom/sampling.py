@@ -15,7 +15,6 @@ import enum
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -62,6 +61,8 @@ def sampling_timesteps(task: DiffusionTask, steps: int) -> list[int]:
     """Descending timesteps, spaced as diffusers' ``set_timesteps`` ("leading")."""
     if not 1 <= steps <= task.num_train_timesteps:
         raise WherefromError(f"steps must be in [1, {task.num_train_timesteps}], got {steps}")
+    from diffusers import DDIMScheduler
+
     sched = DDIMScheduler.from_config(task.scheduler.config)
     sched.set_timesteps(steps)
     return [int(t) for t in sched.timesteps]

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file, save_file
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from wherefrom.errors import FingerprintMismatchError, StoreDamagedError, WherefromError

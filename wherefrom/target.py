@@ -20,15 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from wherefrom.datamodules.base import fingerprint, to_model_range
 from wherefrom.errors import Spell, WherefromError, keyword
+from wherefrom.io import fingerprint, to_model_range
 from wherefrom.task import DiffusionTask, predict_eps
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -204,6 +202,8 @@ class DatasetView:
             shapes.add(tuple(image.shape))
         if unnamed:
             where = f"their positions in the {type(root).__name__} the Subset selects from" if root is not dataset else "their positions"
+            from lightning.pytorch.utilities import rank_zero_warn
+
             rank_zero_warn(f"{owner}: {unnamed} training items carry no 'index'; {where} are used as their global indices "
                            "(yield {'index', 'image'} items to choose them)")  # fmt: skip
         if len(shapes) != 1:
@@ -252,6 +252,8 @@ def as_data(data: Any, owner: str) -> Any:
     a :class:`DatasetView` of a map-style dataset, a DataLoader's or a LightningDataModule's train dataset."""
     if is_wherefrom_data(data):
         return data
+    import lightning as L  # a datamodule's class; Lightning is already imported wherever one exists
+
     if isinstance(data, L.LightningDataModule):
         data.setup("fit")
         data = data.train_dataloader()

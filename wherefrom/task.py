@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 from torch import Tensor, nn
 
 from wherefrom.errors import WherefromError
@@ -154,6 +153,10 @@ class DiffusionTask:
             raise WherefromError(
                 f"measure_time={measure_time} is outside [0, {num_train_timesteps}); pick a timestep in range"
             )
+        from diffusers import (
+            DDPMScheduler,  # diffusers on first use: importing wherefrom's math stays light
+        )
+
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,

@@ -24,11 +24,6 @@ from wherefrom.ensemble.synthetic import (
     synthetic_scores,
 )
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.distances import (
-    LPIPSDistance,
-    alexnet_weights_path,
-    l2_distance,
-)
 from wherefrom.sampling import SchedulerType
 from wherefrom.target import as_data, as_queries, image_names
 
@@ -98,6 +93,12 @@ class SyntheticAblation:
         deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
         result.artifacts["counterfactuals"] = lin.counterfactuals(deltas)
         if self.exact:
+            from wherefrom.evaluation.distances import (  # the exact re-ranking only
+                LPIPSDistance,
+                alexnet_weights_path,
+                l2_distance,
+            )
+
             pairs_q = np.repeat(np.arange(len(top)), top.shape[1])
             exact = exact_ablation(sampler, pairs_q.tolist(), top.ravel().tolist(), self.batch_size)
             x0 = lin.x0[torch.as_tensor(pairs_q)]

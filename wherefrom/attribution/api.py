@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from wherefrom.attribution.ablation import AblationLoss, SyntheticAblation
 from wherefrom.attribution.baseline import Pixel, Random
 from wherefrom.attribution.influence import EKFAC, KFAC
 from wherefrom.attribution.protocol import Attributor
 from wherefrom.attribution.trak import DTRAK, TRAK
-from wherefrom.attribution.ablation import AblationLoss, SyntheticAblation
 from wherefrom.errors import WherefromError
 
 ATTRIBUTORS: dict[str, type] = {cls.name: cls for cls in (Random, Pixel, SyntheticAblation, AblationLoss, TRAK, DTRAK, KFAC, EKFAC)}

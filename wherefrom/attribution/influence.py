@@ -47,13 +47,25 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.features import FeatureConfig, per_sample_grads, Projection, ProjectionKind, trainable_parameters
-from wherefrom.kfac import HEURISTIC_DAMPING, KFACPreconditioner, layer_dims, load_preconditioner, training_split
-from wherefrom.kfac.stored import open_stored
 from wherefrom.attribution.protocol import Attribution, Needs
-from wherefrom.store import as_tensor, check_store, Entry, Store
 from wherefrom.attribution.trak import network_for
 from wherefrom.errors import WherefromError
+from wherefrom.features import (
+    FeatureConfig,
+    Projection,
+    ProjectionKind,
+    per_sample_grads,
+    trainable_parameters,
+)
+from wherefrom.kfac import (
+    HEURISTIC_DAMPING,
+    KFACPreconditioner,
+    layer_dims,
+    load_preconditioner,
+    training_split,
+)
+from wherefrom.kfac.stored import open_stored
+from wherefrom.store import Entry, Store, as_tensor, check_store
 from wherefrom.target import as_data, as_queries, attributable, image_names
 from wherefrom.task import DiffusionTask, Stream, condition
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wherefrom.features import METHOD_OUTPUTS, FeatureConfig, project_images, Projection
 from wherefrom.attribution.protocol import Attribution, Needs
-from wherefrom.store import check_store, Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.features import METHOD_OUTPUTS, FeatureConfig, Projection, project_images
 from wherefrom.io import weights_hash
+from wherefrom.store import Entry, Store, check_store
 from wherefrom.target import as_data, as_queries, attributable, image_names
 
 DAMPING: dict[str, float] = {"dtrak": 0.1, "trak": 1.0}  # relative damping per method (see the module docstring)
@@ -224,7 +224,7 @@ class TRAK:
 
     def attribute(self, module, data, queries: Tensor, cond: Tensor | None = None) -> Attribution:
         if self.store is None:
-            raise WherefromError(f"{self.name} needs {type(self).__name__}(store=...), the folder of its features (the TRAKFeatures(method={self.name!r}) callback or the featurize command)")
+            raise WherefromError(f"{self.name} needs a store, {type(self).__name__}(store=...): the folder of its features (the TRAKFeatures(method={self.name!r}) callback or the featurize command)")
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)

@@ -9,9 +9,9 @@ from typing import Any
 import lightning as L
 
 from wherefrom.ddp import on_rank_zero
-from wherefrom.store import Store
 from wherefrom.errors import FingerprintMismatchError
 from wherefrom.io import weights_hash
+from wherefrom.store import Store
 from wherefrom.target import Target, resolve_data, resolve_target
 from wherefrom.task import DiffusionTask
 

@@ -34,15 +34,23 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.ddp import gather, on_rank_zero
-from wherefrom.kfac import Curvature, FactorCollector, FactorConfig, KFACApprox, fit_factors, tracked_layers, training_split
-from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
+from wherefrom.ddp import gather, on_rank_zero
 from wherefrom.errors import WherefromError
+from wherefrom.kfac import (
+    Curvature,
+    FactorCollector,
+    FactorConfig,
+    KFACApprox,
+    fit_factors,
+    tracked_layers,
+    training_split,
+)
+from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
+from wherefrom.store import Entry
 from wherefrom.target import item_image
 from wherefrom.task import DiffusionTask
-from wherefrom.store import Entry
 
 
 class KFACFactors(CaptureCallback):

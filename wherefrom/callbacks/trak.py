@@ -20,14 +20,19 @@ from typing import Any
 import lightning as L
 import torch
 
-from wherefrom.ddp import on_rank_zero
-from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize
 from wherefrom.attribution.report import log_scalars
 from wherefrom.callbacks.base import CaptureCallback
+from wherefrom.ddp import on_rank_zero
 from wherefrom.errors import WherefromError
+from wherefrom.features import (
+    METHOD_OUTPUTS,
+    FeatureConfig,
+    default_projector,
+    featurize,
+)
 from wherefrom.io import weights_hash
-from wherefrom.task import DiffusionTask
 from wherefrom.store import Entry
+from wherefrom.task import DiffusionTask
 
 
 class TRAKFeatures(CaptureCallback):

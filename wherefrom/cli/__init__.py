@@ -20,7 +20,6 @@ import sys
 from wherefrom.errors import WherefromError, one_line
 from wherefrom.fitting import LIGHTNING_COMMANDS, run_lightning
 
-
 # name -> ("module:function", one-line help); each function takes its argv list.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("wherefrom.cli.sample:sample_main", "generate samples from a checkpoint"),

@@ -17,13 +17,20 @@ import types
 import typing
 from typing import Any
 
-
+from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
 from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
-from wherefrom.cli.options import add_run, add_sampling, flag, load_queries, open_run, query_cond, query_conditions
+from wherefrom.cli.options import (
+    add_run,
+    add_sampling,
+    flag,
+    load_queries,
+    open_run,
+    query_cond,
+    query_conditions,
+)
 from wherefrom.cli.parser import ConfigArgumentParser
-from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir
 from wherefrom.sampling import sampling_timesteps

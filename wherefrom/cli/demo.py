@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from wherefrom import demo
+from wherefrom.cli.options import flag
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.demo import TINY, DemoConfig, run
-from wherefrom.cli.options import flag
 
 
 def main(argv: list[str]) -> None:

@@ -15,7 +15,12 @@ import numpy as np
 from wherefrom.cli.options import add_sampling
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, check_unconditional, is_trained, train
+from wherefrom.evaluation.benchmark import (
+    Benchmark,
+    check_unconditional,
+    is_trained,
+    train,
+)
 from wherefrom.io import check_out_dir, load_array, write_json, write_npy
 
 

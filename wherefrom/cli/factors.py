@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from wherefrom.cli.options import (
+    add_batch_size,
+    add_config,
+    add_device,
+    add_run,
+    add_store,
+    check_batch_size,
+    config_from,
+    open_run,
+    open_store,
+)
+from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
 from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.store import Entry
-from wherefrom.cli.options import add_batch_size, add_config, add_device, add_run, add_store, check_batch_size, config_from, open_run, open_store
-from wherefrom.cli.parser import ConfigArgumentParser
-
 
 # the stored influence's options beside the factors' own: its seed, strategy and dtype under their own names
 INFLUENCE_FLAGS = {"seed": "features_seed", "strategy": "features_strategy", "dtype": "features_dtype"}

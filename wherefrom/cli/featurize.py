@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from wherefrom.features import METHOD_OUTPUTS, default_projector, FeatureConfig, featurize
-from wherefrom.store import Entry
-from wherefrom.cli.options import add_batch_size, add_config, add_device, add_run, add_store, check_batch_size, config_from, open_run, open_store
+from wherefrom.cli.options import (
+    add_batch_size,
+    add_config,
+    add_device,
+    add_run,
+    add_store,
+    check_batch_size,
+    config_from,
+    open_run,
+    open_store,
+)
 from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.features import (
+    METHOD_OUTPUTS,
+    FeatureConfig,
+    default_projector,
+    featurize,
+)
+from wherefrom.store import Entry
 
 
 def parser() -> ConfigArgumentParser:

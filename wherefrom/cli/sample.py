@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from wherefrom.cli.options import add_batch_size, add_overwrite, add_run, add_sampling, open_module, query_conditions
+from wherefrom.cli.options import (
+    add_batch_size,
+    add_overwrite,
+    add_run,
+    add_sampling,
+    open_module,
+    query_conditions,
+)
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
 

@@ -18,9 +18,9 @@ from torch import Tensor
 from wherefrom.attribution.html import merge_reports
 from wherefrom.attribution.protocol import Attribution
 from wherefrom.demo.config import BASELINES, DemoConfig
-from wherefrom.evaluation.stats import Correlation
 from wherefrom.evaluation.quality import Fraction, recognised
 from wherefrom.evaluation.removal import Estimate, Removal
+from wherefrom.evaluation.stats import Correlation
 from wherefrom.io import save_grid
 
 

@@ -36,7 +36,14 @@ from torchmetrics import Metric
 
 from wherefrom.checkpoint import load_module
 from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.evaluation.benchmark import Benchmark, MeasureConfig, checkpoint, eps_fn, is_trained, train
+from wherefrom.evaluation.benchmark import (
+    Benchmark,
+    MeasureConfig,
+    checkpoint,
+    eps_fn,
+    is_trained,
+    train,
+)
 from wherefrom.evaluation.stats import BootstrapConfig, Correlation, spearman_rows
 from wherefrom.fitting import join, start_worker
 from wherefrom.io import write_json, write_npy

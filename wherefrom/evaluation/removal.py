@@ -24,7 +24,11 @@ from torch import Tensor
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
-from wherefrom.ensemble.synthetic import QuadraticMeasurement, ablated_weights, sample_rows
+from wherefrom.ensemble.synthetic import (
+    QuadraticMeasurement,
+    ablated_weights,
+    sample_rows,
+)
 from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import l2_distance
 from wherefrom.evaluation.stats import bootstrap_ci

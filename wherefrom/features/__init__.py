@@ -6,9 +6,20 @@
 - :mod:`~wherefrom.features.featurize`: the chunked, resumable, rank-invariant pass into the store
 """
 
-from wherefrom.features.config import METHOD_OUTPUTS, Allocation, FeatureConfig, ProjectionKind, Projector
+from wherefrom.features.config import (
+    METHOD_OUTPUTS,
+    Allocation,
+    FeatureConfig,
+    ProjectionKind,
+    Projector,
+)
 from wherefrom.features.featurize import featurize, project_images, write_rows
-from wherefrom.features.gradients import Draws, noisy_inputs, per_sample_grads, trainable_parameters
+from wherefrom.features.gradients import (
+    Draws,
+    noisy_inputs,
+    per_sample_grads,
+    trainable_parameters,
+)
 from wherefrom.features.projection import (
     LayerReduction,
     Projection,

@@ -28,13 +28,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from wherefrom.features.config import FeatureConfig
-from wherefrom.features.projection import Projection
-from wherefrom.store import Entry, Store
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.errors import WherefromError
+from wherefrom.features.config import FeatureConfig
+from wherefrom.features.projection import Projection
 from wherefrom.io import weights_hash
+from wherefrom.store import Entry, Store
 from wherefrom.task import DiffusionTask, Stream, condition
+
 
 def project_images(
     projection: Projection,

@@ -41,8 +41,18 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.errors import WherefromError
-from wherefrom.features.config import Allocation, FeatureConfig, ProjectionKind, Projector
-from wherefrom.features.gradients import Draws, noisy_inputs, per_sample_grads, trainable_parameters
+from wherefrom.features.config import (
+    Allocation,
+    FeatureConfig,
+    ProjectionKind,
+    Projector,
+)
+from wherefrom.features.gradients import (
+    Draws,
+    noisy_inputs,
+    per_sample_grads,
+    trainable_parameters,
+)
 from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict_eps
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix

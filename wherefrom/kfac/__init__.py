@@ -49,7 +49,13 @@ it uses only training-set curvature, never an evaluation set. An absolute
 from __future__ import annotations
 
 from wherefrom.kfac.collector import FactorCollector
-from wherefrom.kfac.curvature import backpropagate, factor_pass, frozen, mc_noise, output_vectors
+from wherefrom.kfac.curvature import (
+    backpropagate,
+    factor_pass,
+    frozen,
+    mc_noise,
+    output_vectors,
+)
 from wherefrom.kfac.factors import (
     HEURISTIC_DAMPING,
     Curvature,
@@ -63,7 +69,14 @@ from wherefrom.kfac.factors import (
     tracked_layers,
 )
 from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
-from wherefrom.kfac.preconditioner import KFACPreconditioner, correction_tensors, eigen_from_tensors, eigen_tensors, eigendecompose, load_preconditioner
+from wherefrom.kfac.preconditioner import (
+    KFACPreconditioner,
+    correction_tensors,
+    eigen_from_tensors,
+    eigen_tensors,
+    eigendecompose,
+    load_preconditioner,
+)
 
 # the package's parts, one job each:
 #   geometry        conv geometry of the activation factor (padding, window sums, patch Gram)

@@ -9,8 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wherefrom.kfac.geometry import conv_out_size, conv_patch_gram, patches, toeplitz_gram, window_sums
 from wherefrom.errors import WherefromError
+from wherefrom.kfac.geometry import (
+    conv_out_size,
+    conv_patch_gram,
+    patches,
+    toeplitz_gram,
+    window_sums,
+)
 
 MC_TAG = 1  # extra seed word separating the MC pseudo-target noise from the (t, eps) draws
 # Grosse et al. (2023): lambda = 0.1 x mean eigenvalue; on the LDS benchmark's tuning queries with K = 100

@@ -12,13 +12,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
+from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.io import weights_hash
 from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.curvature import factor_pass
 from wherefrom.kfac.factors import Curvature, KFACApprox
 from wherefrom.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose
 from wherefrom.store import Entry, Store
-from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.io import weights_hash
 from wherefrom.task import DiffusionTask
 
 

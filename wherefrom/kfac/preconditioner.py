@@ -8,10 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen
-from wherefrom.store import Entry, Store
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
+from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen
+from wherefrom.store import Entry, Store
 
 
 def eigendecompose(sums: dict[str, Tensor], layers: Iterable[str]) -> dict[str, LayerEigen]:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.ddp import Comm, LocalComm, on_rank_zero
+from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.features import (
     FeatureConfig,
     layer_shape,
@@ -56,13 +57,18 @@ from wherefrom.features import (
     trainable_parameters,
     write_rows,
 )
+from wherefrom.io import weights_hash
 from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
 from wherefrom.kfac.geometry import unfolded
 from wherefrom.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors
 from wherefrom.store import Entry, Store
-from wherefrom.errors import FingerprintMismatchError, WherefromError
-from wherefrom.io import weights_hash
-from wherefrom.task import DiffusionTask, Stream, TimestepStrategy, condition, generator_for
+from wherefrom.task import (
+    DiffusionTask,
+    Stream,
+    TimestepStrategy,
+    condition,
+    generator_for,
+)
 
 DTYPES = ("bfloat16", "float32", "float64")  # precisions of the stored rows
 RESIDUAL_TAG = 2  # extra seed word of the residual sketches (apart from TRAK's projections)
