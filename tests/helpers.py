@@ -72,7 +72,7 @@ def run_cli(*args: str, cwd: Path, **popen) -> subprocess.CompletedProcess | sub
     cmd = [sys.executable, "-m", "wherefrom.cli", *args]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import TINY_UNET
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "wherefrom.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+from tests.helpers import TINY_UNET, cli
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +29,26 @@ def tiny_config(tmp_path_factory) -> Path:
     return path
 
 
-def test_print_config_and_overrides(tiny_config):
-    r = run("fit", "--config", str(tiny_config), "--model.lr", "0.5", "--print_config", cwd=tiny_config.parent)
-    assert r.returncode == 0, r.stderr
-    cfg = yaml.safe_load(r.stdout)
+def test_print_config_and_overrides(tiny_config, capsys):
+    from wherefrom.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # LightningCLI prints the config and exits
+        main(["fit", "--config", str(tiny_config), "--model.lr", "0.5", "--print_config"])
+    assert exit_.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["class_path"].endswith("DiffusionModel")
     assert cfg["model"]["init_args"]["lr"] == 0.5 and cfg["data"]["init_args"]["batch_size"] == 8
 
 
-def test_fit_ddp_then_sample_is_deterministic(tiny_config):
-    root = tiny_config.parent
-    r = run("fit", "--config", str(tiny_config), "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_fit_ddp_then_sample_is_deterministic(ddp_runs, capsys):
+    # `wherefrom fit` with 2 DDP processes across the process boundary (conftest.ddp_runs); the samples in this process
+    root = ddp_runs[2]
     ckpt = root / "run" / "last.ckpt"
     assert ckpt.is_file()
     outs = []
     for name in ("a", "b"):
-        r = run("sample", "--ckpt", str(ckpt), "--num-samples", "3", "--seed", "5", "--steps", "4", "--out", str(root / name), cwd=root)
-        assert r.returncode == 0, r.stderr[-3000:]
+        code, err = cli(capsys, "sample", "--ckpt", str(ckpt), "--num-samples", "3", "--seed", "5", "--steps", "4", "--out", str(root / name))
+        assert code == 0, err[-3000:]
         assert (root / name / "samples.png").is_file()
         outs.append(np.load(root / name / "samples.npy"))
     assert outs[0].dtype == np.float32 and outs[0].shape == (3, 1, 8, 8)
@@ -72,7 +66,7 @@ def test_fit_ddp_then_sample_is_deterministic(tiny_config):
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(tiny_config, args, match, capsys, monkeypatch):
-    # in-process through the real entry point (the DDP test above covers the process boundary)
+    # in-process through the real entry point (conftest.ddp_runs and test_dropin cover the process boundary)
     from wherefrom.cli import main
 
     root = tiny_config.parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 from trak.projectors import BasicProjector, CudaProjector, ProjectionType
 
-from tests.helpers import SUBSET, TINY_UNET, check_projected_grads, run_cli, tiny_config
+from tests.helpers import SUBSET, TINY_UNET, check_projected_grads, run_cli
 from wherefrom import cli
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import WherefromError
@@ -83,23 +83,11 @@ def test_features_invariant_to_batch_size_and_order(tmp_path):
     np.testing.assert_allclose(got, a[perm.numpy()], rtol=1e-10, atol=1e-13)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same tiny run (lr = 0, so weights stay at their seeded init) fitted in this process and
-    with 2 DDP processes, featurised by the TRAKFeatures callback after epoch 1 and after training."""
-    roots = {}
-    for devices in (1, 2):
-        root = tmp_path_factory.mktemp(f"ddp{devices}")
-        callback = {"class_path": "wherefrom.callbacks.TRAKFeatures",
-                    "init_args": {"store": str(root / "store"), "timesteps": 3, "proj_dim": 64, "every_n_epochs": 1, "batch_size": 5}}
-        cfg = tiny_config(root, [callback], lr=0.0, precision="64-true", epochs=2)
-        if devices == 1:
-            cli.main(["fit", "--config", str(cfg)])
-        else:
-            r = run_cli("fit", "--config", str(cfg), "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
-            assert r.returncode == 0, r.stderr[-3000:]
-        roots[devices] = root
-    return roots
+@pytest.fixture
+def runs(ddp_runs):
+    """The shared tiny run in this process and with 2 DDP processes (``conftest.ddp_runs``); its TRAK
+    features are in ``store``, made after epoch 1 and after training."""
+    return ddp_runs
 
 
 def test_callback_with_two_ddp_ranks_equals_one_process(runs):

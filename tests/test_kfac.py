@@ -23,10 +23,7 @@ from tests.helpers import (
     collect,
     explicit_patches,
     normalised,
-    run_cli,
-    tiny_config,
 )
-from wherefrom import cli
 from wherefrom.callbacks import KFACFactors
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import EncodedEnsemble
@@ -221,32 +218,16 @@ def test_factor_config_rejects_bad_input():
         FactorConfig(passes=0)
 
 
-def kfac_callback(store, **kwargs) -> dict:
-    return {"class_path": "wherefrom.callbacks.KFACFactors", "init_args": {"store": str(store), "batch_size": 5, **kwargs}}
-
-
 def store_tensors(root) -> dict[str, dict[str, torch.Tensor]]:
     store = Store.open(root)
     return {name: store.load_tensors(name) for name in store.entries("tensors")}
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
+def test_two_ddp_ranks_equal_one_process(ddp_runs):
     """After-mode (mc, 2 passes, EK-FAC) and during-mode factors of the same run (lr = 0, so the
-    weights are the same) fitted in this process and with 2 DDP processes (CPU, gloo)."""
-    results = {}
-    for devices in (1, 2):
-        root = tmp_path / f"ddp{devices}"
-        root.mkdir()
-        callbacks = [kfac_callback(root / "after", passes=2, ekfac=True), kfac_callback(root / "during", mode="during")]
-        cfg = tiny_config(root, callbacks, lr=0.0, precision="64-true")
-        if devices == 1:
-            monkeypatch.chdir(root)  # LightningCLI writes its config.yaml to the working directory
-            cli.main(["fit", "--config", str(cfg)])
-        else:
-            r = run_cli("fit", "--config", str(cfg), "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=root)
-            assert r.returncode == 0, r.stderr[-3000:]
-        results[devices] = {kind: store_tensors(root / kind) for kind in ("after", "during")}
+    weights are the same; 2 epochs) fitted in this process and with 2 DDP processes (CPU, gloo)."""
+    results = {devices: {kind: store_tensors(root / kind) for kind in ("after", "during")} for devices, root in ddp_runs.items()}
     one, two = results[1], results[2]
     assert set(one["after"]) == {"factors/model", "eigen/model", "ekfac/model"}
     assert set(one["during"]) == {"factors/model", "eigen/model"}
@@ -258,7 +239,7 @@ def test_two_ddp_ranks_equal_one_process(tmp_path, monkeypatch):
     factors = one["after"]["factors/model"]
     # every index exactly once per pass: 2 passes x 24 images
     assert float(factors["conv_in/G_count"]) == 2 * len(SUBSET)
-    assert float(one["during"]["factors/model"]["conv_in/G_count"]) == len(SUBSET)
+    assert float(one["during"]["factors/model"]["conv_in/G_count"]) == 2 * len(SUBSET)  # every training step of 2 epochs
 
 
 class StopAfterFirstEpoch(L.Callback):

@@ -6,7 +6,9 @@ passes a :data:`Spell` (the CLI: its flags; a callback: :func:`keyword` of its c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 Spell = Callable[[str], str]  # how the caller's option is written in a message: "denoiser" -> "TRAKFeatures(denoiser=...)"
 
@@ -14,6 +16,20 @@ Spell = Callable[[str], str]  # how the caller's option is written in a message:
 def keyword(owner: str) -> Spell:
     """Options spelled as keyword arguments of ``owner`` (a callback, attributor or config)."""
     return lambda argument: f"{owner}({argument}=...)"
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a field of the dataclass ``config`` outside the ``choices`` of its metadata (an enum or a
+    tuple of values); an enum member given for a field is kept as its value."""
+    for f in dataclasses.fields(config):
+        if "choices" not in f.metadata:
+            continue
+        allowed = [getattr(k, "value", k) for k in f.metadata["choices"]]
+        given = getattr(config, f.name)
+        value = getattr(given, "value", given)
+        if value not in allowed:
+            raise WherefromError(f"{f.name} must be one of {allowed}, got {given!r}")
+        object.__setattr__(config, f.name, value)
 
 
 def one_line(error: BaseException, limit: int = 150) -> str:

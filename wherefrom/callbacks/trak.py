@@ -42,7 +42,7 @@ class TRAKFeatures(CaptureCallback):
         store: the store folder.
         method: ``dtrak`` (output ``square_norm``) or ``trak`` (output ``loss``).
         output: override the output function (a measurement name).
-        timesteps, strategy, proj_dim, projection, allocation, seed: see :class:`~wherefrom.features.gradients.FeatureConfig`.
+        timesteps, strategy, proj_dim, projection, allocation, seed: see :class:`~wherefrom.features.config.FeatureConfig`.
         projector: the dense mode's trak projector (default: ``cuda`` with fast_jl on a GPU, else ``basic``).
         every_n_epochs: also featurise every k epochs (0: only after training).
         batch_size: images per featurisation batch (each runs K draws).

@@ -9,7 +9,7 @@ import enum
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from wherefrom.errors import WherefromError
+from wherefrom.errors import WherefromError, check_choices
 from wherefrom.task import MEASUREMENTS, DiffusionTask, TimestepStrategy
 
 
@@ -72,11 +72,7 @@ class FeatureConfig:
     seed: int = field(default=0, metadata={"help": "projection seed"})
 
     def __post_init__(self) -> None:
-        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
-            value = getattr(self, name)
-            if value not in {k.value for k in kind}:
-                raise WherefromError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}")
-            object.__setattr__(self, name, kind(value).value)
+        check_choices(self)
         if self.output not in MEASUREMENTS:
             raise WherefromError(f"unknown output function {self.output!r}; choose one of {sorted(MEASUREMENTS)}")
         if self.timesteps < 1:

@@ -5,7 +5,7 @@ Row ``i`` of ``features/<output>/<model_id>`` (N x D, N the size of the global i
 space) is the projected per-sample gradient of image ``i`` (see
 :class:`~wherefrom.features.projection.Projection`); rows outside the
 selected split are zero, i.e. without influence. The manifest holds the full
-:class:`~wherefrom.features.gradients.FeatureConfig` plus the model id, the
+:class:`~wherefrom.features.config.FeatureConfig` plus the model id, the
 actual dimension and a hash of the weights.
 
 Work is split into *chunks*: ``batch_size`` consecutive indices of the sorted

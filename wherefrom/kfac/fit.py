@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import FingerprintMismatchError, WherefromError, check_choices
 from wherefrom.io import weights_hash
 from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.curvature import factor_pass
@@ -43,10 +43,7 @@ class FactorConfig:
     mode: str = field(default="after", metadata={"help": "after training (dedicated passes) or during it (its own steps)", "choices": ("after", "during")})
 
     def __post_init__(self) -> None:
-        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
-            allowed = [getattr(k, "value", k) for k in kind]
-            if getattr(self, name) not in allowed:
-                raise WherefromError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self)
         if self.mode == "during" and self.curvature != Curvature.EMPIRICAL.value:
             raise WherefromError("mode='during' reuses the training loss's gradients, i.e. curvature='empirical'; pass it explicitly")
         if self.passes < 1:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.ddp import Comm, LocalComm, on_rank_zero
-from wherefrom.errors import FingerprintMismatchError, WherefromError
+from wherefrom.errors import FingerprintMismatchError, WherefromError, check_choices
 from wherefrom.features import (
     FeatureConfig,
     layer_shape,
@@ -99,10 +99,7 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         if self.dim < 1 or self.residual_dim < 0 or self.timesteps < 1:
             raise WherefromError(f"dim and timesteps must be >= 1 and residual_dim >= 0, got {self.dim}, {self.timesteps}, {self.residual_dim}")
-        for name, kind in ((f.name, f.metadata["choices"]) for f in fields(self) if "choices" in f.metadata):
-            allowed = [getattr(k, "value", k) for k in kind]
-            if getattr(self, name) not in allowed:
-                raise WherefromError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self)
 
     def features(self, timesteps: int | None = None) -> FeatureConfig:
         """The draws of the training gradients (or, with ``timesteps``, of query gradients) as a
