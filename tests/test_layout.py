@@ -5,6 +5,8 @@ messages name the options of the front end that opened it."""
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,25 @@ def test_a_store_conflict_names_the_options_of_the_front_end_that_opened_it(tmp_
     with pytest.raises(FingerprintMismatchError, match=r"point TRAKFeatures\(store=\.\.\.\) at a new folder or pass TRAKFeatures\(overwrite=True\)"):
         trainer.fit(module, data)
     assert Store.open(other).manifest["fingerprint"] == "another-dataset"  # nothing was replaced
+
+
+def test_every_front_end_offers_every_option_of_its_config():
+    """The configs are the one source of each option: the commands derive their flags from the fields, and
+    the callbacks (whose ``__init__`` LightningCLI reads) list every field with the config's default."""
+    from wherefrom.callbacks import KFACFactors
+    from wherefrom.cli.factors import INFLUENCE_FLAGS
+    from wherefrom.cli.featurize import parser as featurize_parser
+    from wherefrom.features import FeatureConfig
+    from wherefrom.kfac.fit import FactorConfig
+    from wherefrom.kfac.stored import InfluenceConfig
+
+    chosen_later = {"output", "projector", "curvature"}  # by the method, the device, the mode when not given
+    for callback, configs in ((TRAKFeatures, [(FeatureConfig, {})]), (KFACFactors, [(FactorConfig, {}), (InfluenceConfig, INFLUENCE_FLAGS)])):
+        params = inspect.signature(callback).parameters
+        for config, names in configs:
+            for f in dataclasses.fields(config):
+                name = names.get(f.name, f.name)
+                assert name in params, f"{callback.__name__} lacks {config.__name__}.{f.name}"
+                assert f.name in chosen_later or params[name].default == f.default, (callback.__name__, name)
+    flags = {a.dest for a in featurize_parser()._actions}
+    assert {f.name for f in dataclasses.fields(FeatureConfig)} - {"output", "projector"} <= flags
