@@ -37,6 +37,7 @@ from wherefrom.kfac import (
     eigendecompose,
     tracked_layers,
 )
+from wherefrom.kfac.geometry import example_weight_grads
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.store import Store
 from wherefrom.task import DiffusionTask, Stream, predict_eps
@@ -149,6 +150,18 @@ def test_conv_activation_factor_equals_per_position_sum(conv_args):
     parts = activation_factor(conv, x, KFACApprox.REDUCE)  # mean over positions, then outer product
     assert parts[2] == len(x)
     torch.testing.assert_close(folded(*parts), sum(torch.outer(m, m) for m in u.mean(1)))
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("conv_args", CONVS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_example_weight_grads_equal_autograd_per_example(conv_args):
+    """Rows ordered (example, draw): each example's weight gradient sums its draws' and positions'."""
+    torch.manual_seed(0)
+    conv, (batch, draws) = nn.Conv2d(3, 2, **conv_args), (3, 2)
+    x = torch.randn(batch * draws, 3, 7, 6)
+    g = torch.randn_like(conv(x))
+    expected = torch.stack([torch.autograd.grad((conv(x[b * draws : (b + 1) * draws]) * g[b * draws : (b + 1) * draws]).sum(), conv.weight)[0].flatten(1) for b in range(batch)])
+    torch.testing.assert_close(example_weight_grads(x, g, conv, batch, draws), expected)
 
 
 @pytest.fixture

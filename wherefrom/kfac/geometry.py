@@ -70,6 +70,20 @@ def unfolded(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.unfold(_padded(x, conv), conv.kernel_size, conv.dilation, 0, conv.stride)
 
 
+def example_weight_grads(x: Tensor, g: Tensor, conv: nn.Conv2d, batch: int, draws: int) -> Tensor:
+    """Per-example weight gradients ``sum_{draw, pos} g_pos a_pos^T`` (``batch x out x C k_h k_w``,
+    channel-major like ``unfolded``) of a conv's inputs ``x`` and output gradients ``g``, whose
+    rows are ordered (example, draw). One grouped weight-gradient convolution, the examples as
+    its groups and the draws as its batch, does the sum without forming im2col columns."""
+    if conv.groups != 1:
+        raise WherefromError(f"per-example gradients need groups=1 convolutions, got groups={conv.groups}")
+    (out, c), (kh, kw) = conv.weight.shape[:2], conv.kernel_size
+    x, g = (t.unflatten(0, (batch, draws)).transpose(0, 1).flatten(1, 2) for t in (_padded(x, conv), g))  # draws x (batch C) x H x W
+    weight = x.new_empty(batch * out, c, kh, kw)
+    _, grads, _ = torch.ops.aten.convolution_backward(g, x, weight, None, conv.stride, [0, 0], conv.dilation, False, [0, 0], batch, [False, True, False])
+    return grads.reshape(batch, out, -1)
+
+
 def patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """im2col patches ``B x R x C k_h k_w`` (the conv's input at each output position)."""
     return unfolded(x, conv).transpose(1, 2)

@@ -59,7 +59,7 @@ from wherefrom.features import (
 )
 from wherefrom.io import weights_hash
 from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
-from wherefrom.kfac.geometry import unfolded
+from wherefrom.kfac.geometry import example_weight_grads
 from wherefrom.kfac.preconditioner import KFACPreconditioner, eigen_from_tensors
 from wherefrom.store import Entry, Store
 from wherefrom.task import (
@@ -191,11 +191,10 @@ class StoredLayer:
         """The layer's per-example gradient ``[sum g a^T, sum g]`` (``batch x d_out x d_in``, bias
         column last), summed over draws and positions, from its inputs and output gradients."""
         if isinstance(self.module, nn.Conv2d):
-            a, g = unfolded(x, self.module), g.flatten(2)  # R x d_w x positions, R x d_out x positions
+            weight, g = example_weight_grads(x, g, self.module, batch, draws), g.flatten(2).unflatten(0, (batch, draws))
         else:
-            a, g = (t.reshape(len(t), -1, t.shape[-1]).transpose(1, 2) for t in (x, g))
-        a, g = (t.unflatten(0, (batch, draws)) for t in (a, g))
-        weight = torch.einsum("bkop,bkip->boi", g, a)
+            a, g = (t.reshape(len(t), -1, t.shape[-1]).transpose(1, 2).unflatten(0, (batch, draws)) for t in (x, g))
+            weight = torch.einsum("bkop,bkip->boi", g, a)
         return weight if self.module.bias is None else torch.cat([weight, g.sum((1, 3)).unsqueeze(-1)], -1)
 
     def layer_grad(self, grads: Tensor) -> Tensor:
