@@ -153,9 +153,8 @@ class DiffusionTask:
             raise WherefromError(
                 f"measure_time={measure_time} is outside [0, {num_train_timesteps}); pick a timestep in range"
             )
-        from diffusers import (
-            DDPMScheduler,  # diffusers on first use: importing wherefrom's math stays light
-        )
+        # diffusers on first use: importing wherefrom's math stays light
+        from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,

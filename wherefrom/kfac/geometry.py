@@ -77,11 +77,9 @@ def example_weight_grads(x: Tensor, g: Tensor, conv: nn.Conv2d, batch: int, draw
     its groups and the draws as its batch, does the sum without forming im2col columns."""
     if conv.groups != 1:
         raise WherefromError(f"per-example gradients need groups=1 convolutions, got groups={conv.groups}")
-    (out, c), (kh, kw) = conv.weight.shape[:2], conv.kernel_size
+    out, *kernel = conv.weight.shape
     x, g = (t.unflatten(0, (batch, draws)).transpose(0, 1).flatten(1, 2) for t in (_padded(x, conv), g))  # draws x (batch C) x H x W
-    weight = x.new_empty(batch * out, c, kh, kw)
-    _, grads, _ = torch.ops.aten.convolution_backward(g, x, weight, None, conv.stride, [0, 0], conv.dilation, False, [0, 0], batch, [False, True, False])
-    return grads.reshape(batch, out, -1)
+    return torch.nn.grad.conv2d_weight(x, (batch * out, *kernel), g, conv.stride, 0, conv.dilation, batch).reshape(batch, out, -1)
 
 
 def patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
