@@ -17,7 +17,7 @@ from wherefrom.cli import main as cli_main
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.evaluation import lds, stats
-from wherefrom.evaluation.benchmark import Benchmark, BootstrapConfig, checkpoint
+from wherefrom.evaluation.benchmark import Benchmark, checkpoint
 from wherefrom.io import fingerprint
 from wherefrom.task import DiffusionTask, Stream
 
@@ -70,7 +70,7 @@ def test_metric_accumulates_batches_like_the_function():
 
 def test_bootstrap_interval():
     values = np.array([0.1, 0.5, 0.3, 0.9, 0.2, 0.4])
-    cfg = BootstrapConfig(resamples=500, level=0.9, seed=3)
+    cfg = stats.BootstrapConfig(resamples=500, level=0.9, seed=3)
     lo, hi = stats.bootstrap_ci(values, cfg)
     assert lo < values.mean() < hi and values.min() <= lo and hi <= values.max()
     assert stats.bootstrap_ci(values, cfg) == (lo, hi)  # seeded

@@ -323,7 +323,6 @@ def train(bench: Benchmark, root: Path, seed: int, **data_overrides: Any) -> Pat
 
 __all__ = [
     "Benchmark",
-    "BootstrapConfig",
     "CounterfactualConfig",
     "MeasureConfig",
     "NoiseCeilingConfig",

@@ -19,9 +19,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from wherefrom.errors import WherefromError
-from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import distance_fn
-from wherefrom.evaluation.stats import Correlation, spearman_rows
+from wherefrom.evaluation.stats import BootstrapConfig, Correlation, spearman_rows
 from wherefrom.task import mix_seed
 
 

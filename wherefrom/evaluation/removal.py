@@ -29,9 +29,8 @@ from wherefrom.ensemble.synthetic import (
     ablated_weights,
     sample_rows,
 )
-from wherefrom.evaluation.benchmark import BootstrapConfig
 from wherefrom.evaluation.distances import l2_distance
-from wherefrom.evaluation.stats import bootstrap_ci
+from wherefrom.evaluation.stats import BootstrapConfig, bootstrap_ci
 
 
 @dataclass(frozen=True)
