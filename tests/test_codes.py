@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from wherefrom.ensemble.codes import Codes, check_codes, smallest_n
+from wherefrom.ensemble.codes import Codes, check_codes, masks_from_bits, smallest_n
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 
 
@@ -83,6 +83,25 @@ def test_too_many_images_names_the_smallest_n():
             weight = (lambda m: m // 2) if w is None else (lambda m: w)
             assert math.comb(n, weight(n)) >= num
             assert all(math.comb(m, weight(m)) < num for m in range(lo, n))
+            spared = smallest_n(num, w, spare=num)  # the n that leaves as many unused codes (controls) as images
+            assert math.comb(spared, weight(spared)) >= 2 * num and all(math.comb(m, weight(m)) < 2 * num for m in range(lo, spared))
+    with pytest.raises(WherefromError, match=r"n >= 19 leaves as many unused codes as images"):
+        Codes.generate(np.arange(1797), 8, 4)  # C(18, 4) = 3060 < 2 x 1797 <= C(19, 4) = 3876
+
+
+@pytest.mark.parametrize("num, n, w, limit", [(6, 6, 3, 4096), (300, 12, 6, 4096), (300, 12, 6, 50), (2000, 40, 5, 500)])  # C(40, 5) > 100,000: sampled
+def test_controls_are_the_unused_codes(num, n, w, limit):
+    """All unused weight-w codes (or a seeded sample of ``limit`` of them), never an image's code."""
+    codes = Codes.generate(np.arange(num), n, w, seed=1)
+    controls = codes.controls(limit=limit)
+    masks, used = masks_from_bits(controls), set(masks_from_bits(codes.bits).tolist())
+    assert controls.dtype == bool and (controls.sum(1) == w).all()
+    assert len(set(masks.tolist())) == len(masks) and not used & set(masks.tolist()) and (np.diff(masks) > 0).all()
+    assert len(masks) == min(limit, math.comb(n, w) - num)
+    np.testing.assert_array_equal(controls, codes.controls(limit=limit))  # seeded
+    if limit >= math.comb(n, w) - num:  # every unused code, enumerated
+        every = {m for m in range(1 << n) if bin(m).count("1") == w}
+        assert set(masks.tolist()) == every - used
 
 
 @pytest.mark.parametrize("n, w, match", [(1, None, "n must be"), (63, None, "n must be"), (8, 0, "weight w"), (8, 8, "weight w")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np
@@ -262,3 +263,56 @@ def test_measurement_scores_equal_the_exactly_ablated_ensembles_measurement(meas
     assert not scores[:, :10].any() and np.abs(scores[:, s.codes.indices]).min() > 0
     with pytest.raises(WherefromError, match="loss-like"):
         quadratic_measurement(s, queries, "square_norm")
+
+
+# --- unused codes as controls ------------------------------------------------------------------------------
+
+
+def _explicit_controlled(per_code: Callable[[np.ndarray], float], image_codes: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """``s(c(x)) - beta^T c(x)`` with ``beta`` the least-squares fit of ``s`` on the controls, code by code (numpy)."""
+    beta = np.linalg.lstsq(controls.astype(np.float64), np.array([per_code(c) for c in controls]), rcond=None)[0]
+    return np.array([per_code(c) - beta @ c for c in image_codes])
+
+
+def test_controlled_scores_equal_exact_ablation_minus_the_fitted_member_effect():
+    """n = 6, w = 3: 6 images use 6 of the 20 codes, 14 are controls. Each controlled score equals the
+    exactly ablated ensemble's measurement change (members dropped, evaluated directly on the same
+    draws), and the synthetic distance of each code, minus a member effect fitted code by code (float64)."""
+    from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+
+    s = unet_sampler(n=6, steps=3)
+    controls = s.codes.controls()
+    assert len(controls) == 14
+    queries = DigitsDataModule().images[[3, 40]].double()
+    quad = quadratic_measurement(s, queries, "loss", draws=3, seed=2)
+    scores = measurement_scores(quad, s.uniform_weights(), s.codes, num_images=20, controls=controls)
+    task = DiffusionTask(seed=2)
+
+    def measured(q: int, code: np.ndarray) -> float:
+        kept = torch.from_numpy(~code).double() / (~code).sum()
+        with torch.no_grad():
+            return float(task.measure(s.eps_fn(kept), queries[q : q + 1], torch.tensor([q]), "loss", [(d, None) for d in range(3)]).double())
+
+    lin = linearize(s, 2)
+    synthetic = synthetic_scores(lin, s.codes, num_images=20, controls=controls)
+    for q in range(2):
+        base = measured(q, np.zeros(6, dtype=bool))
+        loss_rise = _explicit_controlled(lambda c: measured(q, c) - base, s.codes.bits, controls)
+        np.testing.assert_allclose(scores[q, s.codes.indices], loss_rise, rtol=1e-7, atol=1e-12)
+        moved = _explicit_controlled(lambda c: float((lin.jacobian[q] @ (torch.from_numpy(~c).double() / (~c).sum() - lin.weights)).norm()), s.codes.bits, controls)
+        np.testing.assert_allclose(synthetic[q, s.codes.indices], moved, rtol=1e-9, atol=1e-12)
+    raw = measurement_scores(quad, s.uniform_weights(), s.codes, num_images=20)
+    assert not scores[:, :10].any() and np.abs(scores - raw).max() > 1e-3 * np.abs(raw).max()  # the control changed them
+
+
+def test_control_needs_unused_codes_and_names_an_n_that_leaves_them(ensemble_ckpt, tmp_path, capsys):
+    """n = 4, w = 2 on 6 images uses all C(4, 2) = 6 codes: ``--control`` is refused, before any output,
+    naming n >= 6 (C(6, 2) = 15 leaves 9 >= 6 controls); by default the scores are raw and say so."""
+    np.save(tmp_path / "q.npy", DigitsDataModule().images[[3, 40]].numpy())
+    args = ("attribute", "--ckpt", str(ensemble_ckpt), "--method", "ablation-loss", "--queries", str(tmp_path / "q.npy"), "--timesteps", "2")
+    code, err = cli(capsys, *args, "--control", "--out", str(tmp_path / "c"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "leave 0; train the ensemble with n >= 6 at w = 2" in err and not (tmp_path / "c").exists()
+    code, err = cli(capsys, *args, "--out", str(tmp_path / "auto"))
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "auto" / "topk.json").read_text())["control"] == "none"

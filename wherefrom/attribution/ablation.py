@@ -5,6 +5,7 @@ sampler's Jacobian (:class:`SyntheticAblation`) and of a quadratic model of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -12,16 +13,15 @@ import torch
 from torch import Tensor
 
 from wherefrom.attribution.protocol import Attribution, Needs
+from wherefrom.ensemble.controls import MemberEffect, control_codes, image_scores
 from wherefrom.ensemble.synthetic import (
     QUERY_TOLERANCE,
     Linearization,
     ablated_weights,
     exact_ablation,
     linearize,
-    measurement_scores,
     quadratic_measurement,
     sampler_codes,
-    synthetic_scores,
 )
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import SchedulerType
@@ -31,6 +31,20 @@ from wherefrom.target import as_data, as_queries, image_names
 def _rerank(name: str, candidates: np.ndarray, distances: np.ndarray) -> dict[str, list]:
     order = np.argsort(-distances, kind="stable")
     return {f"exact_{name}": distances.tolist(), f"{name}_order": candidates[order].tolist()}
+
+
+CONTROL_UNIT = (
+    "; controlled (the default when the codes leave unused ones): minus what dropping the same members predicts, "
+    "a sum of per-member effects fitted on the unused codes, so > 0 = more than its members' loss explains"
+)
+
+
+def _control_info(controls, effect: MemberEffect | None) -> dict:
+    """What ``topk.json`` says of the control: the number of unused codes the member effect was fitted on
+    and the share of their scores' variance it explains (mean over queries)."""
+    if effect is None:
+        return {"control": "none"}
+    return {"control": "member effect fitted on unused codes", "controls": len(controls), "member_effect_r2": float(effect.r2.mean())}
 
 
 def _ensemble(module, name: str):
@@ -62,10 +76,11 @@ class SyntheticAblation:
     top_k: int = 10
     batch_size: int = 64
     guidance: float = 1.0
+    control: bool | None = None
 
     name: ClassVar[str] = "ablation"
     needs: ClassVar[Needs] = Needs.ENSEMBLE
-    unit: ClassVar[str] = "how far the query sample moves (L2 over pixels in [-1, 1]) when the image's members are dropped, to first order; larger = more influential"
+    unit: ClassVar[str] = "how far the query sample moves (L2 over pixels in [-1, 1]) when the image's members are dropped, to first order; larger = more influential" + CONTROL_UNIT
 
     def __post_init__(self) -> None:
         self.scheduler = SchedulerType(self.scheduler)
@@ -80,6 +95,7 @@ class SyntheticAblation:
         null = module.null_condition if module.null_condition is not None else getattr(data, "null_condition", None)
         sampler = module.sampler(seed=self.seed, steps=self.steps, scheduler=self.scheduler, cond=cond, guidance=self.guidance, null=null)
         codes = sampler_codes(sampler)
+        controls = control_codes(codes, self.control)
         lin = linearize(sampler, len(queries), batch_size=self.batch_size, progress=True)
         gap = float((lin.x0 - queries.to(lin.x0)).abs().max())
         if gap > QUERY_TOLERANCE:
@@ -88,7 +104,8 @@ class SyntheticAblation:
                 "samples: generate them with the same seed, steps and scheduler"
             )
         lin = Linearization(lin.queries, queries.to(lin.x0), lin.jacobian, lin.weights)  # x0: exactly the images shown
-        result = Attribution(synthetic_scores(lin, codes, data.num_images), queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
+        scores, effect = image_scores(lin.ablation_distances, codes, data.num_images, controls)
+        result = Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data), info=_control_info(controls, effect))
         top, _ = result.topk(self.top_k)
         deltas = ablated_weights(lin.weights, codes.bits[codes.rows(top.ravel())]).reshape(*top.shape, -1) - lin.weights
         result.artifacts["counterfactuals"] = lin.counterfactuals(deltas)
@@ -125,10 +142,11 @@ class AblationLoss:
     measurement: Literal["loss", "elbo"] = "loss"
     timesteps: int = 100
     seed: int = 0
+    control: bool | None = None
 
     name: ClassVar[str] = "ablation-loss"
     needs: ClassVar[Needs] = Needs.ENSEMBLE
-    unit: ClassVar[str] = "the exact rise of the query's measurement when the image's ensemble members are dropped; larger = more helpful to the query"
+    unit: ClassVar[str] = "the exact rise of the query's measurement when the image's ensemble members are dropped; larger = more helpful to the query" + CONTROL_UNIT
 
     def __post_init__(self) -> None:
         if self.measurement not in ("loss", "elbo"):
@@ -140,9 +158,11 @@ class AblationLoss:
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
         sampler = _ensemble(module, self.name).sampler()
+        codes = sampler_codes(sampler)
+        controls = control_codes(codes, self.control)
         quad = quadratic_measurement(sampler, queries, self.measurement, self.timesteps, seed=self.seed, cond=cond)
-        scores = measurement_scores(quad, sampler.uniform_weights(), sampler_codes(sampler), data.num_images)
-        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
+        scores, effect = image_scores(partial(quad.ablation_change, sampler.uniform_weights()), codes, data.num_images, controls)
+        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data), info=_control_info(controls, effect))
 
 
 __all__ = ["AblationLoss", "SyntheticAblation"]

@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
             continue
         shown = "; ".join(f"{m} {opt.defaults[m]}" for m in opt.methods)
         if opt.type is bool:
-            group.add_argument(flag(name), action="store_true", default=None, help=f"{', '.join(opt.methods)}")
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=f"default: {shown}")
         else:
             choices = {"choices": opt.choices} if opt.choices else {}
             group.add_argument(flag(name), type=opt.type, default=None, help=f"default: {shown}", **choices)

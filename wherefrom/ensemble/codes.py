@@ -38,10 +38,11 @@ MAX_MEMBERS = 62  # codes are packed into int64 bit masks (sign bit unused)
 _ENUMERATE_BELOW = 100_000  # enumerate all C(n, w) codes when there are this few
 
 
-def smallest_n(num_images: int, w: int | None = None) -> int:
-    """The smallest ``n`` with ``C(n, w) >= num_images`` (``w = n // 2`` when not given)."""
+def smallest_n(num_images: int, w: int | None = None, spare: int = 0) -> int:
+    """The smallest ``n`` with ``C(n, w) >= num_images + spare`` (``w = n // 2`` when not given):
+    ``spare`` codes left unused, e.g. as controls (:meth:`Codes.controls`)."""
     n = 2 if w is None else w + 1
-    while math.comb(n, n // 2 if w is None else w) < num_images:
+    while math.comb(n, n // 2 if w is None else w) < num_images + spare:
         n += 1
     return n
 
@@ -65,7 +66,8 @@ def validate_codes(num_images: int, n: int, w: int | None) -> int:
         raise WherefromError(
             f"{num_images} training images need {num_images} distinct codes but n={n}, w={w} give only "
             f"C({n}, {w}) = {math.comb(n, w)}; use n >= {smallest_n(num_images, w)} with w={w} "
-            f"(or n >= {smallest_n(num_images)} with the default w = n // 2), or train on a smaller subset"
+            f"(or n >= {smallest_n(num_images)} with the default w = n // 2; n >= {smallest_n(num_images, w, num_images)} "
+            f"leaves as many unused codes as images, as controls), or train on a smaller subset"
         )
     return w
 
@@ -82,9 +84,11 @@ def _all_masks(n: int, w: int) -> np.ndarray:
     return out
 
 
-def _random_masks(n: int, w: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` distinct random weight-``w`` masks (rejection sampling; ``C(n, w) >= 2 count``)."""
+def _random_masks(n: int, w: int, count: int, rng: np.random.Generator, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``count`` distinct random weight-``w`` masks not in ``exclude`` (rejection sampling; at least
+    ``2 count`` such masks exist)."""
     chosen = np.empty(0, dtype=np.int64)
+    exclude = chosen if exclude is None else exclude
     weights = np.int64(1) << np.arange(n, dtype=np.int64)
     while chosen.size < count:
         need = count - chosen.size
@@ -92,7 +96,7 @@ def _random_masks(n: int, w: int, count: int, rng: np.random.Generator) -> np.nd
         masks = weights[cols].sum(1)
         _, first = np.unique(masks, return_index=True)  # drop repeats within the draw, keep draw order
         masks = masks[np.sort(first)]
-        masks = masks[~np.isin(masks, chosen)][:need]
+        masks = masks[~np.isin(masks, chosen) & ~np.isin(masks, exclude)][:need]
         chosen = np.concatenate([chosen, masks])
     return chosen
 
@@ -262,6 +266,22 @@ class Codes:
                 f"ablating {len(np.atleast_1d(ablate))} indices removes all {self.n} members; ablate fewer indices"
             )
         return np.flatnonzero(~seen)
+
+    def controls(self, limit: int = 4096, seed: int = 0) -> np.ndarray:
+        """Up to ``limit`` of the weight-``w`` codes no image (or group) carries, ``M x n`` bool, sorted:
+        dropping a control's members removes no image entirely, so its effect on a query is the part of
+        an ablation due to losing members (:mod:`wherefrom.ensemble.controls`). All unused codes when
+        there are at most ``limit``, else a seeded sample of them."""
+        used = np.unique(masks_from_bits(self.bits))
+        total = math.comb(self.n, self.w)
+        count = min(limit, total - len(used))
+        rng = np.random.default_rng(mix_seed(seed, self.n, self.w, len(used)))
+        if total <= _ENUMERATE_BELOW:
+            free = np.setdiff1d(_all_masks(self.n, self.w), used)
+            masks = free if count == len(free) else rng.choice(free, size=count, replace=False)
+        else:
+            masks = _random_masks(self.n, self.w, min(count, (total - len(used)) // 2), rng, exclude=used)
+        return bits_from_masks(np.sort(masks), self.n)
 
     # --- persistence -------------------------------------------------------------
     def state(self) -> dict[str, Any]:

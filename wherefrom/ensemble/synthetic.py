@@ -41,6 +41,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from tqdm.auto import tqdm
 
 from wherefrom.ensemble.codes import Codes
+from wherefrom.ensemble.controls import image_scores
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, guided, sample
@@ -170,6 +171,10 @@ class Linearization:
         sq = torch.stack([((d @ g_q) * d).sum(1) for g_q in g])
         return sq.clamp_min(0).sqrt()  # rounding can make d^T G d slightly negative for d in J's null space
 
+    def ablation_distances(self, bits: np.ndarray) -> Tensor:
+        """``||J_q (a'(c) - a)||_2`` for each code row ``c`` (N x n bool): how far each query moves, to first order, when a code's members are dropped (Q x N)."""
+        return self.distances(ablated_weights(self.weights, bits) - self.weights)
+
     def counterfactuals(self, deltas: Tensor) -> Tensor:
         """Synthetic counterfactuals ``x0_q + J_q d_{q,k}`` for per-query weight changes ``deltas`` (Q x K x n): Q x K x C x H x W."""
         d = deltas.to(self.jacobian)
@@ -227,16 +232,11 @@ def ablated_weights(weights: Tensor, bits: np.ndarray | Tensor) -> Tensor:
     return kept / total
 
 
-def synthetic_scores(lin: Linearization, codes: Codes, num_images: int | None = None) -> np.ndarray:
+def synthetic_scores(lin: Linearization, codes: Codes, num_images: int | None = None, controls: np.ndarray | None = None) -> np.ndarray:
     """Q x ``num_images`` scores: the L2 distance between ``x0`` and the synthetic counterfactual
-    ``x0 + J (a'(x) - a)`` of every training index x (0 for indices outside the codes' split)."""
-    num_images = int(codes.indices[-1]) + 1 if num_images is None else num_images
-    if num_images <= codes.indices[-1]:
-        raise WherefromError(f"the codes cover global index {int(codes.indices[-1])} but num_images is {num_images}")
-    deltas = ablated_weights(lin.weights, codes.bits) - lin.weights
-    scores = np.zeros((len(lin.queries), num_images), dtype=np.float64)
-    scores[:, codes.indices] = lin.distances(deltas).cpu().numpy()
-    return scores
+    ``x0 + J (a'(x) - a)`` of every training index x (0 for indices outside the codes' split);
+    with ``controls`` (unused codes), minus the member effect fitted on them (:mod:`wherefrom.ensemble.controls`)."""
+    return image_scores(lin.ablation_distances, codes, num_images, controls)[0]
 
 
 # --- signed scores: the change of a query's measurement under each image's ablation -------------------
@@ -261,6 +261,10 @@ class QuadraticMeasurement:
         a = weights.to(torch.float64)
         quad = torch.einsum("...i,qij,...j->q...", a, self.gram, a)
         return self.const.view(-1, *[1] * (a.dim() - 1)) - 2 * torch.einsum("...i,qi->q...", a, self.cross) + quad
+
+    def ablation_change(self, weights: Tensor, bits: np.ndarray) -> Tensor:
+        """``m(a'(c)) - m(a)`` for each code row ``c`` (N x n bool) around member weights ``a``: Q x N."""
+        return self(ablated_weights(weights, bits)) - self(weights).unsqueeze(1)
 
     def per_query(self, weights: Tensor) -> Tensor:
         """``m_q(a_q)`` for one weight vector per query (``Q x n``): ``Q``."""
@@ -297,18 +301,15 @@ def quadratic_measurement(
     return QuadraticMeasurement(gram, cross, const)
 
 
-def measurement_scores(quad: QuadraticMeasurement, weights: Tensor, codes: Codes, num_images: int | None = None) -> np.ndarray:
+def measurement_scores(
+    quad: QuadraticMeasurement, weights: Tensor, codes: Codes, num_images: int | None = None, controls: np.ndarray | None = None
+) -> np.ndarray:
     """Q x ``num_images`` signed scores ``m(a'(x)) - m(a)``: how much ablating training image x raises
-    each query's measurement (larger = more helpful; 0 outside the codes' split).
+    each query's measurement (larger = more helpful; 0 outside the codes' split); with ``controls``
+    (unused codes), minus the member effect fitted on them (:mod:`wherefrom.ensemble.controls`).
 
     Exact for the trained members (``m`` is quadratic in ``a``), for all N images in O(N n^2)."""
-    num_images = int(codes.indices[-1]) + 1 if num_images is None else num_images
-    if num_images <= codes.indices[-1]:
-        raise WherefromError(f"the codes cover global index {int(codes.indices[-1])} but num_images is {num_images}")
-    scores = np.zeros((len(quad.const), num_images), dtype=np.float64)
-    base = quad(weights)
-    scores[:, codes.indices] = (quad(ablated_weights(weights, codes.bits)) - base.unsqueeze(1)).numpy()
-    return scores
+    return image_scores(partial(quad.ablation_change, weights), codes, num_images, controls)[0]
 
 
 def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Sequence[int], batch_size: int = 64) -> Tensor:
