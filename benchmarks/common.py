@@ -256,15 +256,21 @@ def ensemble_checkpoint(bench: Benchmark) -> Path:
     return checkpoint(root)
 
 
-def ensemble_loss_method(ctx: Context) -> np.ndarray:
+def ensemble_loss_method(control: bool) -> Callable[[Context], np.ndarray]:
     """Signed ensemble scores: the exact rise of each query's loss when an image's members are
-    dropped, over 128 draws of another seed than the ground truth's."""
-    from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+    dropped, over 128 draws of another seed than the ground truth's; with ``control``, minus the
+    member effect fitted on the unused codes (:mod:`wherefrom.ensemble.controls`)."""
 
-    ensemble = load_module(ensemble_checkpoint(ctx.bench))
-    sampler = ensemble.sampler()
-    quad = quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1)
-    return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n)
+    def run(ctx: Context) -> np.ndarray:
+        from wherefrom.ensemble.controls import control_codes
+        from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+
+        ensemble = load_module(ensemble_checkpoint(ctx.bench))
+        sampler = ensemble.sampler()
+        quad = quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1)
+        return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n, control_codes(sampler.codes, control))
+
+    return run
 
 
 def pixel_method(ctx: Context) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 from common import (
     Context,
     attribute_all,
+    ensemble_loss_method,
     grade,
     kfac_method,
     measure_all,
@@ -74,6 +75,8 @@ def curves() -> dict[str, dict[str, Callable[[Context], np.ndarray]]]:
         out[f"{name}: query draws (exact, 8 passes, K=100 training draws)"] = {
             f"{name} passes=8 K=100 Kq={kq} loss": kfac_method(ekfac, "loss", None, 8, timesteps=100, query_timesteps=kq) for kq in QUERY_DRAWS
         }
+    # issue 21: the ensemble's signed scores, raw or minus the member effect fitted on unused codes
+    out["ablation-loss: control (ensemble n=12, w=6)"] = {f"ablation-loss control={c}": ensemble_loss_method(c) for c in (False, True)}
     out["dtrak: query draws (structured proportional D=2048, K=100 training draws)"] = {
         f"dtrak structured proportional K=100 Kq={kq} lambda=0.1": trak_method("square_norm", 0.1, query_timesteps=kq, timesteps=100) for kq in QUERY_DRAWS
     }

@@ -4,6 +4,7 @@ on the same draws, and the sample redrawn with the same noise (float64)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tests.helpers import unet_sampler
@@ -52,3 +53,41 @@ def test_scores_aggregate_per_group_over_the_training_split():
     assert groups.tolist() == [3, 7]
     # split {0, 2, 3, 5}: group 7 = {0}, group 3 = {2, 3, 5}
     assert sums.tolist() == [[2 + 3 + 5, 0], [8 + 9 + 11, 6]]
+
+
+def test_removal_benchmark_equals_directly_sampled_ablated_ensembles():
+    """Each method's top-k removal in the benchmark == the ensemble redrawn by hand without those images'
+    members (same noise) and its loss on the same draws; the synthetic agreement == Spearman of the
+    scores with hand-ablated distances over each query's top images (float64)."""
+    from scipy import stats
+
+    from wherefrom.evaluation.removal import removal_benchmark
+
+    s = unet_sampler(n=4, steps=3)  # indices 10..15, codes of weight 2 over 4 members
+    samples = s.sample([0, 1, 2])
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.normal(size=(3, 20)), "b": rng.normal(size=(3, 20))}
+    got = removal_benchmark(s, samples, scores, k=2, draws=3, seed=5, synthetic=["a"], agreement_top=4)
+    task, draws = DiffusionTask(seed=5), [(d, None) for d in range(3)]
+
+    def loss(weights, q):
+        return float(task.measure(s.eps_fn(weights), samples[q : q + 1], torch.tensor([q]), "loss", draws, stream=Stream.MEASURE)[0])
+
+    for name, sc in scores.items():
+        r = got.removals[name]
+        for q in range(3):
+            top = 10 + np.argsort(-sc[q, 10:16], kind="stable")[:2]
+            assert r.sets[q].tolist() == top.tolist()
+            if s.codes.bits[s.codes.rows(top)].any(0).all():  # both images' codes cover every member
+                assert np.isnan(r.loss[q]) and np.isnan(r.distance[q])
+                continue
+            ablated = s.ablate(sorted(top.tolist()), [q])
+            np.testing.assert_allclose(r.distance[q], float((samples[q] - ablated[0]).norm()), rtol=1e-10)
+            np.testing.assert_allclose(r.loss[q], loss(s.ablation_weights(sorted(top.tolist())), q) - loss(None, q), rtol=1e-9, atol=1e-12)
+    assert np.isfinite(got.removals["a"].loss).any()
+    for q in range(3):
+        top = 10 + np.argsort(-scores["a"][q, 10:16], kind="stable")[:4]
+        moved = [float((samples[q] - s.ablate([int(x)], [q])[0]).norm()) for x in top]
+        assert got.agreement["a"][q] == pytest.approx(stats.spearmanr(scores["a"][q, top], moved).statistic, abs=1e-12)
+    table = got.table(baseline="b")
+    assert "| a |" in table and "minus b" in table and "Rank agreement of a" in table

@@ -27,10 +27,13 @@ from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.ensemble.synthetic import (
     QuadraticMeasurement,
     ablated_weights,
+    exact_ablation,
+    quadratic_measurement,
     sample_rows,
 )
+from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import l2_distance
-from wherefrom.evaluation.stats import BootstrapConfig, bootstrap_ci
+from wherefrom.evaluation.stats import BootstrapConfig, bootstrap_ci, spearman_rows
 
 
 @dataclass(frozen=True)
@@ -111,4 +114,74 @@ def remove(
     return Removal(np.asarray(sets), loss, distance, ablated.cpu())
 
 
-__all__ = ["Estimate", "Removal", "remove", "removal_weights"]
+def top_in_split(scores: np.ndarray, split: np.ndarray, k: int) -> np.ndarray:
+    """Each query's ``k`` highest-scoring training indices (ties: the lower index first): Q x k."""
+    if not 1 <= k <= len(split):
+        raise WherefromError(f"k must be in [1, {len(split)}] (the training images), got {k}")
+    return split[np.argsort(-scores[:, split], axis=1, kind="stable")[:, :k]]
+
+
+@torch.no_grad()
+def synthetic_agreement(sampler: EnsembleSampler, scores: np.ndarray, samples: Tensor, top: int = 50, batch_size: int = 64) -> np.ndarray:
+    """Per query, the Spearman correlation between synthetic ablation's ``scores`` (Q x N; the queries are the
+    sampler's samples ``0..Q-1``, ``samples``) and the exact distance ``||x_0 - x_0'(x)||`` of the sample
+    redrawn without x's members, over the query's ``top`` highest-scoring images."""
+    codes = sampler.codes
+    idx = top_in_split(scores, codes.indices, top)
+    pairs = np.repeat(np.arange(len(idx)), idx.shape[1])
+    exact = exact_ablation(sampler, pairs.tolist(), idx.ravel().tolist(), batch_size)
+    moved = l2_distance(samples[torch.as_tensor(pairs)].to(exact), exact).double().cpu().numpy().reshape(idx.shape)
+    return spearman_rows(np.take_along_axis(scores, idx, axis=1), moved)
+
+
+@dataclass
+class RemovalBenchmark:
+    """The ensemble's exact ground truth for its own samples: each method's top-k removed (``removals``,
+    ``random`` among them: k random images), and for each synthetic method the per-query rank agreement
+    of its scores with exact ablation (``agreement``)."""
+
+    k: int
+    removals: dict[str, Removal]
+    agreement: dict[str, np.ndarray]
+
+    def table(self, bootstrap: BootstrapConfig | None = None, baseline: str = "random") -> str:
+        """Markdown: per method, the mean loss rise and sample distance with 95% intervals over queries,
+        and the paired difference to ``baseline``'s k images."""
+        base = self.removals[baseline]
+        lines = [f"| method (top-{self.k} removed) | loss rise | minus {baseline} | sample distance (L2) | minus {baseline} | infeasible |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in self.removals.items():
+            cells = [Estimate.of(r.loss, bootstrap).summary(), Estimate.of(r.loss - base.loss, bootstrap).summary()]
+            cells += [Estimate.of(r.distance, bootstrap).summary(), Estimate.of(r.distance - base.distance, bootstrap).summary()]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {int((~r.feasible).sum())} |")
+        for name, rho in self.agreement.items():
+            lines.append(f"\nRank agreement of {name} with exact ablation (Spearman over each query's top images): {Estimate.of(rho, bootstrap).summary('+.3f')}")
+        return "\n".join(lines)
+
+
+def removal_benchmark(
+    sampler: EnsembleSampler,
+    samples: Tensor,
+    scores: dict[str, np.ndarray],
+    k: int = 10,
+    draws: int = 128,
+    seed: int = 1,
+    synthetic: Sequence[str] = (),
+    agreement_top: int = 50,
+    batch_size: int = 64,
+) -> RemovalBenchmark:
+    """Remove each method's top-``k`` images (``scores``: Q x N per method) from the ensemble for each of
+    its samples ``0..Q-1`` (``samples``, drawn by ``sampler``): the exact loss rise over ``draws``
+    seeded draws (seed ``seed``) and the distance of the redrawn sample; for the methods named in
+    ``synthetic``, the rank agreement of their scores with exact ablation over the top ``agreement_top``."""
+    codes = sampler.codes
+    if codes is None:
+        raise WherefromError("the removal benchmark needs an encoded ensemble with codes")
+    measurement = quadratic_measurement(sampler, samples, "loss", draws, seed=seed)
+    ids = list(range(len(samples)))
+    removals = {name: remove(sampler, measurement, top_in_split(s, codes.indices, k), samples, ids, batch_size) for name, s in scores.items()}
+    agreement = {name: synthetic_agreement(sampler, scores[name], samples, agreement_top, batch_size) for name in synthetic}
+    return RemovalBenchmark(k, removals, agreement)
+
+
+__all__ = ["Estimate", "Removal", "RemovalBenchmark", "remove", "removal_benchmark", "removal_weights", "synthetic_agreement", "top_in_split"]
