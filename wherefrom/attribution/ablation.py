@@ -67,6 +67,8 @@ class SyntheticAblation:
     counterfactuals (artifact ``counterfactuals``); ``exact`` also reruns the chain without the
     members of each top-k image (artifact ``exact_counterfactuals``) and adds, per query, the
     exact L2 distances and the top-k re-ranked by them (and by LPIPS when its backbone file is present).
+
+    ``control``: subtract the member effect fitted on the unused codes, as :class:`AblationLoss` does.
     """
 
     seed: int = 0
@@ -137,7 +139,12 @@ class AblationLoss:
     ``timesteps`` seeded draws) when an image's members are dropped, exact for all N images from
     one quadratic form per query (:func:`quadratic_measurement`).
 
-    Unit and sign: the measurement's own unit; larger = the image's members helped the query more."""
+    Unit and sign: the measurement's own unit; larger = the image's members helped the query more.
+
+    ``control``: subtract the member effect fitted on the codes no image carries
+    (:mod:`wherefrom.ensemble.controls`), so a score says how much more the image's ablation raises
+    the loss than losing its members predicts; ``None`` (default) does so when the codes leave
+    unused ones, ``True`` requires it, ``False`` gives the raw rise. ``info["control"]`` says which."""
 
     measurement: Literal["loss", "elbo"] = "loss"
     timesteps: int = 100
