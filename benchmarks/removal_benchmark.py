@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (a rerun resumes from its cached scores)")
     p.add_argument("--store", default=None, help="store with the checkpoint's TRAK/D-TRAK features and K-FAC factors")
     p.add_argument("--num-samples", type=int, default=64, help="the ensemble's samples to attribute")
-    p.add_argument("--k", type=int, default=10, help="images removed per sample")
+    p.add_argument("--k", type=int, default=1, help="images removed per sample (with w near n / 2, a few random images already drop every member)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the methods' draws; the ground truth uses seed + 1)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")

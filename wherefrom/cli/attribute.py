@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     for name, opt in method_options().items():
         if name in COMMAND_OPTIONS or name in RUN_OPTIONS:
             continue
-        shown = "; ".join(f"{m} {opt.defaults[m]}" for m in opt.methods)
+        shown = "; ".join(f"{m} {'auto' if opt.type is bool and opt.defaults[m] is None else opt.defaults[m]}" for m in opt.methods)
         if opt.type is bool:
             group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=f"default: {shown}")
         else:
