@@ -53,14 +53,6 @@ from wherefrom.io import write_json
 from wherefrom.kfac import FactorConfig
 from wherefrom.kfac.stored import InfluenceConfig
 
-# --- ground truth ----------------------------------------------------------------------
-
-
-# --- methods ---------------------------------------------------------------------------
-
-
-
-
 # The report: every method at its frozen library defaults (chosen by `tune` on the tuning
 # queries), the projection comparison at K = 10, the pre-tuning defaults, and the baselines.
 METHODS: dict[str, Callable[[Context], np.ndarray]] = {
@@ -85,6 +77,14 @@ METHODS: dict[str, Callable[[Context], np.ndarray]] = {
     "random": random_method,
 }
 
+# Paired differences the report prints (method minus reference, per query): what storing influence
+# costs against exact mode (issue 19), and what the unused-code controls change (issue 21).
+PAIRS: dict[str, str] = {
+    f"kfac stored (D={InfluenceConfig.dim})": "kfac",
+    f"ekfac stored (D={InfluenceConfig.dim})": "ekfac",
+    "ablation-loss (ensemble), controlled": "ablation-loss (ensemble), raw",
+}
+
 
 # --- reporting -------------------------------------------------------------------------
 
@@ -104,6 +104,17 @@ def table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], cei
     if ceiling:
         lines.append("| *noise ceiling (seed vs seed)* | " + " | ".join(ceiling[s].summary() for s in sets) + " |")
     return "\n".join(lines)
+
+
+def paired_table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], bootstrap: stats.BootstrapConfig) -> str:
+    """LDS of each :data:`PAIRS` method minus its reference's, per query, with a bootstrap interval
+    over queries (pairing removes the between-query spread both share)."""
+    lines = ["| method - reference | " + " | ".join(s.replace("_", " ") for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    for m, ref in PAIRS.items():
+        if m in results and ref in results:
+            diffs = [stats.Correlation.of(np.subtract(results[m][s].per_query, results[ref][s].per_query), bootstrap).summary() for s in sets]
+            lines.append(f"| {m} - {ref} | " + " | ".join(diffs) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def calibration_table(bench: Benchmark, scores: dict[str, np.ndarray], losses: np.ndarray, sets: list[str]) -> str:
@@ -127,7 +138,10 @@ def report(bench: Benchmark, only: list[str] | None = None) -> str:
     sets = ["report_real", "report_generated"]
     results = grade(bench, scores, -values, sets)
     ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
-    text = table(results, sets, ceil) + "\n\nCalibration: measured vs predicted (score / N) loss of the subset models\n\n" + calibration_table(bench, scores, values, sets)
+    text = table(results, sets, ceil)
+    if paired := paired_table(results, sets, bench.bootstrap):
+        text += "\n\nPaired differences (LDS per query, 95% bootstrap CI)\n\n" + paired
+    text += "\n\nCalibration: measured vs predicted (score / N) loss of the subset models\n\n" + calibration_table(bench, scores, values, sets)
     write_json(bench.out / "results.json", {m: {s: vars(c) for s, c in r.items()} for m, r in results.items()} | {"noise_ceiling": {s: vars(c) for s, c in (ceil or {}).items()}})
     (bench.out / "results.md").write_text(text + "\n")
     return text
