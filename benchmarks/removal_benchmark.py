@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
         if not a.k <= a.agreement_top <= len(data.indices):
             raise WherefromError(f"need --k <= --agreement-top <= {len(data.indices)} (the training images), got {a.k} and {a.agreement_top}")
         settings = {k: v for k, v in vars(a).items() if k not in ("out", "agreement_top", "batch_size")}
-        if (out / "args.json").is_file() and json.loads((out / "args.json").read_text()) != settings:
-            raise WherefromError(f"--out {a.out!r} holds a run with other settings ({out / 'args.json'}); pass another --out")
+        if (out / "args.json").is_file():  # a rerun may add a --store (its methods are added), never change one
+            before = json.loads((out / "args.json").read_text())
+            if before | {"store": a.store or before.get("store")} != settings | {"store": before.get("store") or a.store}:
+                raise WherefromError(f"--out {a.out!r} holds a run with other settings ({out / 'args.json'}); pass another --out")
+            settings["store"] = a.store = a.store or before.get("store")
         write_json(out / "args.json", settings)
         run(a, module, data, out)
     except WherefromError as e:

@@ -145,9 +145,10 @@ def add_config(p: Any, cls: type, skip: tuple[str, ...] = (), names: dict[str, s
         if isinstance(f.default, bool):
             p.add_argument(name, action="store_true", help=help_)
             continue
-        kind = f.metadata.get("choices")
-        choices = {"choices": [getattr(k, "value", k) for k in kind]} if kind else {}
-        p.add_argument(name, type=type(f.default), default=f.default, help=help_, **choices)
+        if kind := f.metadata.get("choices"):  # no type beside choices: jsonargparse would print a lambda as the type
+            p.add_argument(name, choices=[getattr(k, "value", k) for k in kind], default=f.default, help=help_)
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, help=help_)
 
 
 def config_from(a: Any, cls: type, skip: tuple[str, ...] = (), names: dict[str, str] | None = None, **fixed: Any) -> Any:
