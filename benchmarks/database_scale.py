@@ -103,12 +103,12 @@ def run(a: argparse.Namespace, module, controls: np.ndarray, single, out: Path) 
     controlled, t_ctrl = timed(synthetic_scores, lin, codes, data.num_images, controls)
     top1 = top_in_split(controlled, codes.indices, 1)[:, 0]
     with torch.no_grad():
-        without = exact_ablation(sampler, queries, top1.tolist(), a.batch_size)
+        without = exact_ablation(sampler, queries, top1.tolist(), a.batch_size, progress=True)
     rows = []  # per block of 16 samples: the samples, their top-1 training images, the counterfactuals
     for s in range(0, a.num_samples, 16):
         rows += [samples[s : s + 16], data.images[torch.as_tensor(top1[s : s + 16])].to(samples), without[s : s + 16]]
     save_grid(torch.cat(rows), out / "fig2.png", nrow=min(16, a.num_samples))
-    rho = synthetic_agreement(sampler, raw, samples, a.agreement_top, a.batch_size)
+    rho = synthetic_agreement(sampler, raw, samples, a.agreement_top, a.batch_size, progress=True)
     quality = {"ensemble": recognised(module.generate(a.quality_samples, seed=a.seed + 1, steps=a.steps, scheduler=a.scheduler))}
     if single is not None:
         quality["single model"] = recognised(single.generate(a.quality_samples, seed=a.seed + 1, steps=a.steps, scheduler=a.scheduler))

@@ -127,7 +127,7 @@ def run(a: argparse.Namespace, module, data, out: Path) -> None:
             continue
         print(f"[{time.perf_counter() - start:.0f} s] {name}", flush=True)
     synthetic = [m for m in scores if m == "ablation, raw"]
-    result = removal_benchmark(sampler, samples, scores, a.k, a.draws, a.seed + 1, synthetic, a.agreement_top, a.batch_size)
+    result = removal_benchmark(sampler, samples, scores, a.k, a.draws, a.seed + 1, synthetic, a.agreement_top, a.batch_size, progress=True)
     boot = BootstrapConfig()
     text = result.table(boot) + "".join(f"\n\nSkipped {m}: {why}" for m, why in skipped.items())
     write_bytes(out / "removal.md", text + "\n")

@@ -312,7 +312,7 @@ def measurement_scores(
     return image_scores(partial(quad.ablation_change, weights), codes, num_images, controls)[0]
 
 
-def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Sequence[int], batch_size: int = 64) -> Tensor:
+def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Sequence[int], batch_size: int = 64, progress: bool = False) -> Tensor:
     """Exact ablation of training index ``indices[b]`` for query ``queries[b]`` (B pairs): B x C x H x W,
     each equal to ``sampler.ablate([indices[b]], [queries[b]])``, in batches of ``batch_size`` pairs."""
     if len(queries) != len(indices):
@@ -320,7 +320,8 @@ def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Se
     codes = sampler_codes(sampler)
     weights = ablated_weights(sampler.uniform_weights(), codes.bits[codes.rows(np.asarray(indices, dtype=np.int64))])
     with torch.no_grad():
-        return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in range(0, len(queries), batch_size)])
+        starts = tqdm(range(0, len(queries), batch_size), desc="exact ablation", disable=not progress)
+        return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
 
 
 def sampler_codes(sampler: EnsembleSampler) -> Codes:

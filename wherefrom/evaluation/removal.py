@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
@@ -97,10 +98,12 @@ def remove(
     samples: Tensor | None = None,
     query_ids: Sequence[int] | None = None,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> Removal:
     """Remove ``sets[q]`` for query ``q``. ``measurement`` holds the Q queries' losses as a quadratic in
     the member weights; with ``samples`` (the ensemble's samples ``query_ids``, same chain as ``sampler``)
-    the chain is rerun without the dropped members and the distance reported too."""
+    the chain is rerun without the dropped members and the distance reported too (``progress``: a
+    progress bar with this label)."""
     a = sampler.uniform_weights()
     weights, feasible = removal_weights(sampler.codes, sets, a)
     loss = (measurement.per_query(weights) - measurement(a)).numpy()
@@ -108,7 +111,8 @@ def remove(
     if samples is None:
         return Removal(np.asarray(sets), loss)
     ids = list(range(len(sets))) if query_ids is None else list(query_ids)
-    ablated = torch.cat([sample_rows(sampler, ids[s : s + batch_size], weights[s : s + batch_size]) for s in range(0, len(ids), batch_size)])
+    starts = tqdm(range(0, len(ids), batch_size), desc=progress, disable=progress is None)
+    ablated = torch.cat([sample_rows(sampler, ids[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
     distance = l2_distance(samples.to(ablated), ablated).double().cpu().numpy()
     distance[~feasible] = np.nan
     return Removal(np.asarray(sets), loss, distance, ablated.cpu())
@@ -122,14 +126,14 @@ def top_in_split(scores: np.ndarray, split: np.ndarray, k: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def synthetic_agreement(sampler: EnsembleSampler, scores: np.ndarray, samples: Tensor, top: int = 50, batch_size: int = 64) -> np.ndarray:
+def synthetic_agreement(sampler: EnsembleSampler, scores: np.ndarray, samples: Tensor, top: int = 50, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Per query, the Spearman correlation between synthetic ablation's ``scores`` (Q x N; the queries are the
     sampler's samples ``0..Q-1``, ``samples``) and the exact distance ``||x_0 - x_0'(x)||`` of the sample
     redrawn without x's members, over the query's ``top`` highest-scoring images."""
     codes = sampler.codes
     idx = top_in_split(scores, codes.indices, top)
     pairs = np.repeat(np.arange(len(idx)), idx.shape[1])
-    exact = exact_ablation(sampler, pairs.tolist(), idx.ravel().tolist(), batch_size)
+    exact = exact_ablation(sampler, pairs.tolist(), idx.ravel().tolist(), batch_size, progress)
     moved = l2_distance(samples[torch.as_tensor(pairs)].to(exact), exact).double().cpu().numpy().reshape(idx.shape)
     return spearman_rows(np.take_along_axis(scores, idx, axis=1), moved)
 
@@ -169,18 +173,20 @@ def removal_benchmark(
     synthetic: Sequence[str] = (),
     agreement_top: int = 50,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> RemovalBenchmark:
     """Remove each method's top-``k`` images (``scores``: Q x N per method) from the ensemble for each of
     its samples ``0..Q-1`` (``samples``, drawn by ``sampler``): the exact loss rise over ``draws``
     seeded draws (seed ``seed``) and the distance of the redrawn sample; for the methods named in
-    ``synthetic``, the rank agreement of their scores with exact ablation over the top ``agreement_top``."""
+    ``synthetic``, the rank agreement of their scores with exact ablation over the top ``agreement_top``
+    (``progress``: a bar per method)."""
     codes = sampler.codes
     if codes is None:
         raise WherefromError("the removal benchmark needs an encoded ensemble with codes")
     measurement = quadratic_measurement(sampler, samples, "loss", draws, seed=seed)
     ids = list(range(len(samples)))
-    removals = {name: remove(sampler, measurement, top_in_split(s, codes.indices, k), samples, ids, batch_size) for name, s in scores.items()}
-    agreement = {name: synthetic_agreement(sampler, scores[name], samples, agreement_top, batch_size) for name in synthetic}
+    removals = {name: remove(sampler, measurement, top_in_split(s, codes.indices, k), samples, ids, batch_size, name if progress else None) for name, s in scores.items()}
+    agreement = {name: synthetic_agreement(sampler, scores[name], samples, agreement_top, batch_size, progress) for name in synthetic}
     return RemovalBenchmark(k, removals, agreement)
 
 
