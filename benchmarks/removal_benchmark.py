@@ -9,8 +9,9 @@ intervals over samples; and the rank agreement of synthetic ablation with exact 
 Methods: synthetic ablation (``ablation``) and the signed loss scores (``ablation-loss``), each raw and
 controlled by unused codes (when the codes leave them), pixel similarity, random, and with ``--store``
 (written for this checkpoint by ``wherefrom featurize`` / ``wherefrom factors``) TRAK, D-TRAK, K-FAC
-and EK-FAC on the members. Each method's scores are cached under ``out/scores`` (a rerun resumes);
-the table goes to ``out/removal.md`` and ``out/results.json``.
+and EK-FAC on the members. Each method's scores are cached under ``out/scores`` and its removals in
+``out/results.json``: a rerun resumes, and one with a ``--store`` added removes only the new methods.
+The table goes to ``out/removal.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.ensemble.controls import control_codes
 from wherefrom.ensemble.synthetic import linearize, measurement_scores, quadratic_measurement, synthetic_scores
 from wherefrom.errors import WherefromError, one_line
-from wherefrom.evaluation.removal import removal_benchmark
+from wherefrom.evaluation.removal import Removal, RemovalBenchmark, removal_benchmark
 from wherefrom.evaluation.stats import BootstrapConfig
 from wherefrom.io import atomic_path, check_out_dir, write_bytes, write_json, write_npy
 from wherefrom.target import as_data
@@ -126,8 +127,14 @@ def run(a: argparse.Namespace, module, data, out: Path) -> None:
             print(f"{name}: skipped ({skipped[name]})", flush=True)
             continue
         print(f"[{time.perf_counter() - start:.0f} s] {name}", flush=True)
-    synthetic = [m for m in scores if m == "ablation, raw"]
-    result = removal_benchmark(sampler, samples, scores, a.k, a.draws, a.seed + 1, synthetic, a.agreement_top, a.batch_size, progress=True)
+    # a rerun (e.g. with a --store added) removes only the methods results.json does not hold yet
+    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {"removals": {}, "agreement": {}}
+    kept = {m: Removal(np.asarray(r["sets"]), np.asarray(r["loss"], dtype=float), np.asarray(r["distance"], dtype=float)) for m, r in done["removals"].items() if m in scores}
+    synthetic = [m for m in scores if m == "ablation, raw" and m not in done["agreement"]]
+    new = removal_benchmark(sampler, samples, {m: s for m, s in scores.items() if m not in kept}, a.k, a.draws, a.seed + 1, synthetic, a.agreement_top, a.batch_size, progress=True)
+    removals = kept | new.removals
+    agreement = {m: np.asarray(v) for m, v in done["agreement"].items()} | new.agreement
+    result = RemovalBenchmark(a.k, {m: removals[m] for m in scores}, agreement)
     boot = BootstrapConfig()
     text = result.table(boot) + "".join(f"\n\nSkipped {m}: {why}" for m, why in skipped.items())
     write_bytes(out / "removal.md", text + "\n")
