@@ -96,9 +96,13 @@ def noise_ceiling(bench: Benchmark, values: np.ndarray, ceiling: np.ndarray, set
     return {s: stats.Correlation.of(stats.spearman_rows(-first[:, rows[s]].T, -ceiling[:, rows[s]].T), bench.bootstrap) for s in sets}
 
 
+def header(first: str, columns: list[str]) -> list[str]:
+    """The two header lines of a markdown table."""
+    return ["| " + " | ".join([first, *columns]) + " |", "|---" * (len(columns) + 1) + "|"]
+
+
 def table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], ceiling: dict[str, stats.Correlation] | None) -> str:
-    head = "| method | " + " | ".join(f"LDS, {s.replace('_', ' ')} [95% CI]" for s in sets) + " |"
-    lines = [head, "|---" * (len(sets) + 1) + "|"]
+    lines = header("method", [f"LDS, {s.replace('_', ' ')} [95% CI]" for s in sets])
     for m, r in results.items():
         lines.append(f"| {m} | " + " | ".join(r[s].summary() for s in sets) + " |")
     if ceiling:
@@ -109,7 +113,7 @@ def table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], cei
 def paired_table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], bootstrap: stats.BootstrapConfig) -> str:
     """LDS of each :data:`PAIRS` method minus its reference's, per query, with a bootstrap interval
     over queries (pairing removes the between-query spread both share)."""
-    lines = ["| method - reference | " + " | ".join(s.replace("_", " ") for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    lines = header("method - reference", [s.replace("_", " ") for s in sets])
     for m, ref in PAIRS.items():
         if m in results and ref in results:
             diffs = [stats.Correlation.of(np.subtract(results[m][s].per_query, results[ref][s].per_query), bootstrap).summary() for s in sets]
@@ -124,7 +128,7 @@ def calibration_table(bench: Benchmark, scores: dict[str, np.ndarray], losses: n
     _, rows = all_queries(bench)
     subsets, n = lds.read_subsets(bench)
     masks, scale = lds.subset_masks(subsets, n), 1.0 / len(np.unique(subsets))
-    lines = ["| method | " + " | ".join(f"slope, R^2 ({s.replace('_', ' ')})" for s in sets) + " |", "|---" * (len(sets) + 1) + "|"]
+    lines = header("method", [f"slope, R^2 ({s.replace('_', ' ')})" for s in sets])
     for m, sc in scores.items():
         fits = [lds.calibration(sc[rows[s]], masks, losses[:, rows[s]], scale) for s in sets]
         lines.append(f"| {m} | " + " | ".join(f"{c.slope:.3g}, {c.r2:.3f}" for c in fits) + " |")

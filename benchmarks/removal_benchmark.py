@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = {k: v for k, v in vars(a).items() if k not in ("out", "agreement_top", "batch_size")}
         if (out / "args.json").is_file():  # a rerun may add a --store (its methods are added), never change one
             before = json.loads((out / "args.json").read_text())
-            if before | {"store": a.store or before.get("store")} != settings | {"store": before.get("store") or a.store}:
+            store = before.pop("store", None)
+            if before != {k: v for k, v in settings.items() if k != "store"} or None not in (store, a.store) and store != a.store:
                 raise WherefromError(f"--out {a.out!r} holds a run with other settings ({out / 'args.json'}); pass another --out")
-            settings["store"] = a.store = a.store or before.get("store")
+            settings["store"] = a.store = a.store or store
         write_json(out / "args.json", settings)
         run(a, module, data, out)
     except WherefromError as e:

@@ -116,6 +116,14 @@ def sample_rows(sampler: EnsembleSampler, queries: Sequence[int], weights: Tenso
     return sample(eps, s.task, s.image_shape, list(queries), s.seed, s.steps, s.scheduler, s.clip_sample, s.dtype, s.device, cond=s.conditions(queries))
 
 
+@torch.no_grad()
+def sample_rows_batched(sampler: EnsembleSampler, queries: Sequence[int], weights: Tensor, batch_size: int = 64, desc: str | None = None) -> Tensor:
+    """:func:`sample_rows` in chains of ``batch_size`` rows (the same rows: each row's noise is its query's),
+    with a progress bar labelled ``desc`` when given."""
+    starts = tqdm(range(0, len(queries), batch_size), desc=desc, disable=desc is None)
+    return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
+
+
 def _weights(sampler: EnsembleSampler, weights: Tensor | None) -> Tensor:
     a = sampler.uniform_weights() if weights is None else weights.detach().to(torch.float64).cpu()
     if a.shape != (sampler.n,):
@@ -319,9 +327,7 @@ def exact_ablation(sampler: EnsembleSampler, queries: Sequence[int], indices: Se
         raise WherefromError(f"need one training index per query, got {len(queries)} queries and {len(indices)} indices")
     codes = sampler_codes(sampler)
     weights = ablated_weights(sampler.uniform_weights(), codes.bits[codes.rows(np.asarray(indices, dtype=np.int64))])
-    with torch.no_grad():
-        starts = tqdm(range(0, len(queries), batch_size), desc="exact ablation", disable=not progress)
-        return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
+    return sample_rows_batched(sampler, queries, weights, batch_size, "exact ablation" if progress else None)
 
 
 def sampler_codes(sampler: EnsembleSampler) -> Codes:
@@ -344,6 +350,7 @@ __all__ = [
     "linearize",
     "row_weighted_eps",
     "sample_rows",
+    "sample_rows_batched",
     "sampler_codes",
     "synthetic_scores",
 ]

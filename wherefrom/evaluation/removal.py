@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.sampler import EnsembleSampler
@@ -30,7 +29,7 @@ from wherefrom.ensemble.synthetic import (
     ablated_weights,
     exact_ablation,
     quadratic_measurement,
-    sample_rows,
+    sample_rows_batched,
 )
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import l2_distance
@@ -111,8 +110,7 @@ def remove(
     if samples is None:
         return Removal(np.asarray(sets), loss)
     ids = list(range(len(sets))) if query_ids is None else list(query_ids)
-    starts = tqdm(range(0, len(ids), batch_size), desc=progress, disable=progress is None)
-    ablated = torch.cat([sample_rows(sampler, ids[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
+    ablated = sample_rows_batched(sampler, ids, weights, batch_size, progress)
     distance = l2_distance(samples.to(ablated), ablated).double().cpu().numpy()
     distance[~feasible] = np.nan
     return Removal(np.asarray(sets), loss, distance, ablated.cpu())
