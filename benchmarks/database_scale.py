@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddim")
     p.add_argument("--agreement-top", type=int, default=10, help="synthetic vs exact ablation over each sample's top images")
     p.add_argument("--quality-samples", type=int, default=512, help="samples of each model the digit classifier judges")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per Jacobian block")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per Jacobian block (on 2 cores 32 was fastest: 16 and 64 took about 20%% longer)")
     a = p.parse_args(argv)
     try:
         if min(a.num_samples, a.steps, a.agreement_top, a.quality_samples, a.batch_size) < 1:
