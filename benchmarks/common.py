@@ -121,7 +121,7 @@ class Context:
         self.net = self.module.unet
         self.split = self.dm.indices
         self.n = self.dm.num_images
-        self._grads: dict[tuple, tuple] = {}  # dense gradients and their Gram matrices, per (output, K)
+        self._grads: dict[tuple, tuple] = {}  # dense gradients and their Gram matrices, per (output, K); ensembles' quadratic forms
 
     def store(self, name: str) -> Store:
         return Store(self.bench.out / "stores" / name, self.dm.fingerprint)
@@ -247,27 +247,31 @@ def stored_library_method(ekfac: bool) -> Callable[[Context], np.ndarray]:
     return run
 
 
-def ensemble_checkpoint(bench: Benchmark) -> Path:
-    """An encoded ensemble on the attributed model's split with the same recipe (trained once)."""
-    root = bench.out / "models" / "ensemble"
+def ensemble_checkpoint(bench: Benchmark, n: int = ENSEMBLE["n"], w: int = ENSEMBLE["w"]) -> Path:
+    """An encoded ensemble with codes ``(n, w)`` on the attributed model's split with the same recipe
+    (trained once; the benchmark's own design in ``models/ensemble``, others in ``models/ensemble_n{n}w{w}``)."""
+    root = bench.out / "models" / ("ensemble" if (n, w) == (ENSEMBLE["n"], ENSEMBLE["w"]) else f"ensemble_n{n}w{w}")
     if not is_trained(root):
-        fit = {**bench.fit, "model": {"class_path": "wherefrom.EncodedEnsemble", "init_args": {**bench.fit["model"].get("init_args", {}), **ENSEMBLE}}}
+        fit = {**bench.fit, "model": {"class_path": "wherefrom.EncodedEnsemble", "init_args": {**bench.fit["model"].get("init_args", {}), "n": n, "w": w}}}
         train(dataclasses.replace(bench, fit=fit), root, bench.model_seeds[0])
     return checkpoint(root)
 
 
-def ensemble_loss_method(control: bool) -> Callable[[Context], np.ndarray]:
-    """Signed ensemble scores: the exact rise of each query's loss when an image's members are
-    dropped, over 128 draws of another seed than the ground truth's; with ``control``, minus the
-    member effect fitted on the unused codes (:mod:`wherefrom.ensemble.controls`)."""
+def ensemble_loss_method(control: bool, n: int = ENSEMBLE["n"], w: int = ENSEMBLE["w"]) -> Callable[[Context], np.ndarray]:
+    """Signed ensemble scores of the ``(n, w)`` ensemble: the exact rise of each query's loss when an
+    image's members are dropped, over 128 draws of another seed than the ground truth's; with
+    ``control``, minus the member effect fitted on the unused codes (:mod:`wherefrom.ensemble.controls`).
+    Raw and controlled scores of one design share one quadratic form (cached in the context)."""
 
     def run(ctx: Context) -> np.ndarray:
         from wherefrom.ensemble.controls import control_codes
         from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
 
-        ensemble = load_module(ensemble_checkpoint(ctx.bench))
-        sampler = ensemble.sampler()
-        quad = quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1)
+        key = ("ensemble quadratic", n, w)
+        if key not in ctx._grads:
+            sampler = load_module(ensemble_checkpoint(ctx.bench, n, w)).sampler()
+            ctx._grads[key] = (sampler, quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1))
+        sampler, quad = ctx._grads[key]
         return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n, control_codes(sampler.codes, control))
 
     return run
