@@ -20,7 +20,7 @@ import math
 import sys
 
 import numpy as np
-from common import SETS, attribute_all, ensemble_checkpoint, ensemble_loss_method, grade, measure_all
+from common import SETS, attribute_all, ensemble_loss_method, grade, measure_all
 
 from wherefrom.ensemble.codes import validate_codes
 from wherefrom.errors import WherefromError, one_line
@@ -49,18 +49,15 @@ def main(argv: list[str] | None = None) -> None:
         bench = Benchmark.from_file(a.config, a.out)
         subsets, _ = lds.read_subsets(bench)
         split = len(np.unique(subsets))  # the attributed model's training images, which the ensembles train on
-        designs = [parse_design(d) for d in a.designs]
+        designs = list(dict.fromkeys(parse_design(d) for d in a.designs))
         for n, w in designs:
             validate_codes(split, n, w)
     except (WherefromError, OSError) as e:
         print(f"ensemble_designs: error: {one_line(e, 400)}", file=sys.stderr)
         sys.exit(2)
-    methods = {}
-    for n, w in designs:
-        methods |= {f"n={n}, w={w} ({control})": ensemble_loss_method(control == "controlled", n, w) for control in ("raw", "controlled")}
-    for n, w in designs:
-        ensemble_checkpoint(bench, n, w)
-    scores = attribute_all(bench, methods, folder="scores_designs")
+    rows = {f"n={n}, w={w} ({control})": (n, w, control == "controlled") for n, w in designs for control in ("raw", "controlled")}
+    # each design trains on first use (ensemble_loss_method -> ensemble_checkpoint)
+    scores = attribute_all(bench, {name: ensemble_loss_method(c, n, w) for name, (n, w, c) in rows.items()}, folder="scores_designs")
     values, _ = measure_all(bench)
     results = grade(bench, scores, -values, a.sets)
     lines = [
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|" + "---|" * len(a.sets),
     ]
     for name, r in results.items():
-        n, w = designs[list(methods).index(name) // 2]
+        n, w, _ = rows[name]
         cells = [f"{r[s].mean:+.3f} [{r[s].ci_low:+.3f}, {r[s].ci_high:+.3f}]" for s in a.sets]
         lines.append(f"| {name} | {w / n:.2f} | {math.comb(n, w) - split} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
