@@ -121,7 +121,8 @@ class Context:
         self.net = self.module.unet
         self.split = self.dm.indices
         self.n = self.dm.num_images
-        self._grads: dict[tuple, tuple] = {}  # dense gradients and their Gram matrices, per (output, K); ensembles' quadratic forms
+        self._grads: dict[tuple, tuple] = {}  # dense gradients and their Gram matrices, per (output, K)
+        self._quadratics: dict[tuple[int, int], tuple] = {}  # ensembles' samplers and quadratic forms, per (n, w)
 
     def store(self, name: str) -> Store:
         return Store(self.bench.out / "stores" / name, self.dm.fingerprint)
@@ -171,6 +172,16 @@ class Context:
             g, g_q = (x.double() for x in self.dense_grads(output, timesteps))
             self._grads[key] = ((g_q @ g.T).numpy(), (g @ g.T).numpy())
         return self._grads[key]
+
+    def ensemble_quadratic(self, n: int, w: int) -> tuple:
+        """The ``(n, w)`` ensemble's sampler and its quadratic loss form over every query (128 draws of
+        another seed than the ground truth's), trained and computed once."""
+        if (n, w) not in self._quadratics:
+            from wherefrom.ensemble.synthetic import quadratic_measurement
+
+            sampler = load_module(ensemble_checkpoint(self.bench, n, w)).sampler()
+            self._quadratics[n, w] = (sampler, quadratic_measurement(sampler, self.queries, "loss", draws=128, seed=self.bench.measure.seed + 1))
+        return self._quadratics[n, w]
 
     def full(self, split_scores: np.ndarray) -> np.ndarray:
         """Q x N scores from Q x split scores (zero outside the training split)."""
@@ -261,17 +272,13 @@ def ensemble_loss_method(control: bool, n: int = ENSEMBLE["n"], w: int = ENSEMBL
     """Signed ensemble scores of the ``(n, w)`` ensemble: the exact rise of each query's loss when an
     image's members are dropped, over 128 draws of another seed than the ground truth's; with
     ``control``, minus the member effect fitted on the unused codes (:mod:`wherefrom.ensemble.controls`).
-    Raw and controlled scores of one design share one quadratic form (cached in the context)."""
+    Raw and controlled scores of one design share one quadratic form (:meth:`Context.ensemble_quadratic`)."""
 
     def run(ctx: Context) -> np.ndarray:
         from wherefrom.ensemble.controls import control_codes
-        from wherefrom.ensemble.synthetic import measurement_scores, quadratic_measurement
+        from wherefrom.ensemble.synthetic import measurement_scores
 
-        key = ("ensemble quadratic", n, w)
-        if key not in ctx._grads:
-            sampler = load_module(ensemble_checkpoint(ctx.bench, n, w)).sampler()
-            ctx._grads[key] = (sampler, quadratic_measurement(sampler, ctx.queries, "loss", draws=128, seed=ctx.bench.measure.seed + 1))
-        sampler, quad = ctx._grads[key]
+        sampler, quad = ctx.ensemble_quadratic(n, w)
         return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n, control_codes(sampler.codes, control))
 
     return run
@@ -316,6 +323,11 @@ def attribute_all(bench: Benchmark, methods: dict[str, Callable[[Context], np.nd
             print(f"[attribute] {name}: {time.perf_counter() - start:.1f} s", flush=True)
         out[name] = np.load(path)
     return out
+
+
+def header(first: str, columns: list[str]) -> list[str]:
+    """The two header lines of a markdown table."""
+    return ["| " + " | ".join([first, *columns]) + " |", "|---" * (len(columns) + 1) + "|"]
 
 
 def grade(bench: Benchmark, scores: dict[str, np.ndarray], targets: np.ndarray, sets: list[str]) -> dict[str, dict[str, stats.Correlation]]:

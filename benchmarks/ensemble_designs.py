@@ -20,7 +20,7 @@ import math
 import sys
 
 import numpy as np
-from common import SETS, attribute_all, ensemble_loss_method, grade, measure_all
+from common import SETS, attribute_all, ensemble_loss_method, grade, header, measure_all
 
 from wherefrom.ensemble.codes import validate_codes
 from wherefrom.errors import WherefromError, one_line
@@ -63,13 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"`ablation-loss` of encoded ensembles on the LDS benchmark's split ({split} images, {subsets.shape[0]} subsets); LDS with 95% bootstrap CI.",
         "",
-        "| design | w / n | unused codes | " + " | ".join(s.replace("_", " ") for s in a.sets) + " |",
-        "|---|---|---|" + "---|" * len(a.sets),
+        *header("design", ["w / n", "unused codes", *(s.replace("_", " ") for s in a.sets)]),
     ]
     for name, r in results.items():
         n, w, _ = rows[name]
-        cells = [f"{r[s].mean:+.3f} [{r[s].ci_low:+.3f}, {r[s].ci_high:+.3f}]" for s in a.sets]
-        lines.append(f"| {name} | {w / n:.2f} | {math.comb(n, w) - split} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {w / n:.2f} | {math.comb(n, w) - split} | " + " | ".join(r[s].summary() for s in a.sets) + " |")
     text = "\n".join(lines)
     write_bytes(bench.out / f"ensemble_designs_{'_'.join(a.sets)}.md", text + "\n")
     print(text)

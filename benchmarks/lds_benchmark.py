@@ -35,6 +35,7 @@ from common import (
     attribute_all,
     ensemble_checkpoint,
     grade,
+    header,
     kfac_method,
     make_queries,
     measure_all,
@@ -94,11 +95,6 @@ def noise_ceiling(bench: Benchmark, values: np.ndarray, ceiling: np.ndarray, set
     _, rows = all_queries(bench)
     first = values[: len(ceiling)]
     return {s: stats.Correlation.of(stats.spearman_rows(-first[:, rows[s]].T, -ceiling[:, rows[s]].T), bench.bootstrap) for s in sets}
-
-
-def header(first: str, columns: list[str]) -> list[str]:
-    """The two header lines of a markdown table."""
-    return ["| " + " | ".join([first, *columns]) + " |", "|---" * (len(columns) + 1) + "|"]
 
 
 def table(results: dict[str, dict[str, stats.Correlation]], sets: list[str], ceiling: dict[str, stats.Correlation] | None) -> str:
