@@ -16,6 +16,7 @@ import torch
 
 from wherefrom.attribution.baseline import pixel_scores, random_scores
 from wherefrom.attribution.influence import (
+    EKFAC,
     influence_scores,
     precondition,
     query_gradients,
@@ -32,6 +33,7 @@ from wherefrom.kfac import (
     FactorConfig,
     fit_factors,
     load_preconditioner,
+    training_split,
 )
 from wherefrom.kfac.stored import (
     InfluenceConfig,
@@ -280,6 +282,26 @@ def ensemble_loss_method(control: bool, n: int = ENSEMBLE["n"], w: int = ENSEMBL
 
         sampler, quad = ctx.ensemble_quadratic(n, w)
         return measurement_scores(quad, sampler.uniform_weights(), sampler.codes, ctx.n, control_codes(sampler.codes, control))
+
+    return run
+
+
+def ensemble_influence_name(n: int = ENSEMBLE["n"], w: int = ENSEMBLE["w"]) -> str:
+    """The cached scores' name of :func:`ensemble_influence_method` (shared by the LDS table and ``ensemble_designs.py``)."""
+    return f"ekfac (encoded ensemble n={n}, w={w})"
+
+
+def ensemble_influence_method(n: int = ENSEMBLE["n"], w: int = ENSEMBLE["w"]) -> Callable[[Context], np.ndarray]:
+    """EK-FAC on the ``(n, w)`` ensemble's members at the library's defaults: what ``wherefrom factors
+    --ekfac`` and then ``wherefrom attribute --method ekfac`` give for its checkpoint (each member's
+    factors on its own code split; exact training gradients)."""
+
+    def run(ctx: Context) -> np.ndarray:
+        module = load_module(ensemble_checkpoint(ctx.bench, n, w))
+        store = Store(ctx.bench.out / "stores" / f"ensemble_n{n}w{w}_factors", ctx.dm.fingerprint, module.codes_fingerprint)
+        for model_id, net in module.denoisers().items():
+            fit_factors(net, model_id, module.task, ctx.dm, training_split(module, model_id, ctx.split), store, FactorConfig(ekfac=True), progress=True)
+        return EKFAC(store=str(store.root)).attribute(module, ctx.dm, ctx.queries).scores
 
     return run
 

@@ -28,7 +28,7 @@ import math
 import sys
 
 import numpy as np
-from common import SETS, attribute_all, ensemble_loss_method, grade, header, measure_all
+from common import SETS, attribute_all, ensemble_influence_method, ensemble_influence_name, ensemble_loss_method, grade, header, measure_all
 from lds_benchmark import METHODS
 
 from wherefrom.ensemble.codes import MAX_MEMBERS, Codes, validate_codes
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = {f"n={n}, w={w} ({control})": (n, w, control == "controlled") for n, w in designs for control in ("raw", "controlled")}
     # each design trains on first use (ensemble_loss_method -> ensemble_checkpoint)
     scores = attribute_all(bench, {name: ensemble_loss_method(c, n, w) for name, (n, w, c) in rows.items()}, folder="scores_designs")
+    # EK-FAC on each design's members, cached beside the LDS table's scores (which hold the benchmark's own design)
+    scores |= attribute_all(bench, {ensemble_influence_name(n, w): ensemble_influence_method(n, w) for n, w in designs})
+    rows |= {ensemble_influence_name(n, w): (n, w, False) for n, w in designs}
     values, _ = measure_all(bench)
     results = grade(bench, scores, -values, a.sets)
     lines = [f"Encoded-ensemble designs on the LDS benchmark's split ({split} images, {subsets.shape[0]} subsets); LDS with 95% bootstrap CI."]
