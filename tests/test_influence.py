@@ -21,6 +21,7 @@ from wherefrom.attribution.influence import (
 )
 from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble import Codes, EncodedEnsemble
 from wherefrom.features import (
     FeatureConfig,
     Projection,
@@ -36,6 +37,7 @@ from wherefrom.kfac import (
     layer_dims,
     load_preconditioner,
     tracked_layers,
+    training_split,
 )
 from wherefrom.kfac.stored import (
     InfluenceConfig,
@@ -136,6 +138,32 @@ def dense_curvature(net, store: Store, ekfac: bool) -> tuple[torch.Tensor, torch
         w, b = offsets[f"{name}.weight"], offsets[f"{name}.bias"]
         positions.append(torch.cat([torch.arange(w, w + d_out * (d_in - 1)), torch.arange(b, b + d_out)]))
     return torch.block_diag(*blocks), torch.cat(positions)
+
+
+def test_ensemble_influence_is_the_mean_of_each_members_own_influence(setup, tmp_path):
+    """EK-FAC on an encoded ensemble (n = 4, w = 2 over the 6 images) equals, image by image, the
+    mean over the 4 members of each member's EK-FAC as a single model with factors on its own code
+    split, 0 for the images it never saw: each image is scored by its w members only."""
+    _, dm, _, queries = setup
+    torch.manual_seed(1)
+    ens = EncodedEnsemble(n=4, w=2, unet=MICRO_UNET, seed=3).double().eval()
+    ens.codes = Codes.generate(dm.indices, 4, 2, 3, dm.fingerprint)
+    store, config = Store(tmp_path / "ensemble", dm.fingerprint, ens.codes_fingerprint), FactorConfig(passes=2, ekfac=True)
+    for model_id, net in ens.denoisers().items():
+        fit_factors(net, model_id, ens.task, dm, training_split(ens, model_id, dm.indices), store, config, batch_size=4)
+    got = influence_scores(ens, dm, queries, store, "loss", ekfac=True, config=CONFIG, batch_size=4)
+    expected = np.zeros_like(got)
+    for i in range(4):
+        single = DiffusionModel(unet=MICRO_UNET, seed=3).double().eval()
+        single.unet.load_state_dict(ens.members[f"member{i}"].state_dict())
+        split = ens.codes.split(i)
+        assert 0 < len(split) < len(TRAIN)
+        member_store = Store(tmp_path / f"member{i}", dm.fingerprint)
+        fit_factors(single.unet, "model", single.task, dm, split, member_store, config, batch_size=4)
+        own = influence_scores(single, dm, queries, member_store, "loss", ekfac=True, config=CONFIG, batch_size=4)
+        expected[:, split] += own[:, split] / 4
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-12 * np.abs(expected).max())
+    assert np.abs(got[:, TRAIN]).min() > 0 and not got[:, len(TRAIN) :].any()
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
