@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         if not a.designs and not a.ceiling:
             raise WherefromError("name designs to grade (--designs) or to bound (--ceiling), e.g. --designs 20x3")
         designs = list(dict.fromkeys(parse_design(d) for d in a.designs))
-        bounded = list(dict.fromkeys(designs + [parse_design(d) for d in a.ceiling]))
+        extra = [parse_design(d) for d in a.ceiling]
         for n, w in designs:
-            validate_codes(split, n, w)
-        for n, w in bounded:
+            validate_codes(split, n, w)  # trainable designs: the library's own limits
+        for n, w in extra:
             check_design(split, n, w)
+        bounded = list(dict.fromkeys(designs + extra))
     except (WherefromError, OSError) as e:
         print(f"ensemble_designs: error: {one_line(e, 400)}", file=sys.stderr)
         sys.exit(2)
