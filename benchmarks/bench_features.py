@@ -44,7 +44,7 @@ from wherefrom.features import (
 from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.model import DiffusionModel
 from wherefrom.store import Entry, Store
-from wherefrom.task import Stream, predict_eps
+from wherefrom.task import Stream, predict
 
 
 def reference_features(module: DiffusionModel, dm: DigitsDataModule, config: FeatureConfig, batch_size: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def reference_features(module: DiffusionModel, dm: DigitsDataModule, config: Fea
     projector = BasicProjector(num_params, config.proj_dim, projection_seed(config.seed, "model"), ProjectionType.normal, device, BLOCK_SIZE)
 
     def output(p, x_t, t, eps):  # one example, one timestep
-        pred = predict_eps(lambda x, s: functional_call(unet, {**p, **buffers}, (x, s)), x_t[None], t[None])
+        pred = predict(lambda x, s: functional_call(unet, {**p, **buffers}, (x, s)), x_t[None], t[None])
         return fn(pred, eps[None], t[None], task).sum()
 
     out = []

@@ -30,7 +30,7 @@ from wherefrom.features import (
 from wherefrom.features.projection import BLOCK_SIZE
 from wherefrom.kfac import FactorCollector, backpropagate, tracked_layers
 from wherefrom.model import DiffusionModel, build_unet
-from wherefrom.task import DiffusionTask, Stream, predict_eps
+from wherefrom.task import DiffusionTask, Stream, predict
 
 # ~12k parameters, with attention at 4x4.
 TINY_UNET = dict(
@@ -259,7 +259,7 @@ def check_unet_factors(
 
     handles = [m.register_forward_hook(spy(n)) for n, m in layers.items()]
     noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
-    sums = collect(unet, approx, lambda: backpropagate(predict_eps(unet, x_t, t, cond), eps, "mc", noise))
+    sums = collect(unet, approx, lambda: backpropagate(predict(unet, x_t, t, cond), eps, "mc", noise))
     for h in handles:
         h.remove()
     for name, layer in layers.items():

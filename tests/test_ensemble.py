@@ -21,7 +21,7 @@ from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler, member_s
 from wherefrom.errors import WherefromError
 from wherefrom.model import Attributable, DiffusionModel, build_unet
 from wherefrom.sampling import sample
-from wherefrom.task import DiffusionTask, predict_eps
+from wherefrom.task import DiffusionTask, predict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_one_hot_weights_reproduce_each_member_alone(sampler, scheduler):
         one_hot = torch.zeros(4, dtype=torch.float64)
         one_hot[i] = 1
         got = sampler.sample(3, one_hot, scheduler=scheduler)
-        alone = sample(lambda x, t: predict_eps(sampler.members[i], x, t), sampler.task, (1, 8, 8), [0, 1, 2], 3, 6, scheduler)
+        alone = sample(lambda x, t: predict(sampler.members[i], x, t), sampler.task, (1, 8, 8), [0, 1, 2], 3, 6, scheduler)
         assert torch.equal(got, alone)
         outs.append(got)
     assert not torch.allclose(outs[0], outs[1])
@@ -201,7 +201,7 @@ def test_equal_seeds_give_equal_samples_and_batching_does_not_matter(sampler):
     assert not torch.allclose(full, sampler.sample(4, seed=4))
     # uniform weights are the plain average of the members' noise predictions
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
-    mean = torch.stack([predict_eps(m, x, t) for m in sampler.members]).mean(0)
+    mean = torch.stack([predict(m, x, t) for m in sampler.members]).mean(0)
     torch.testing.assert_close(sampler.eps_fn()(x, t), mean)
 
 

@@ -48,7 +48,7 @@ from wherefrom.kfac.stored import (
 )
 from wherefrom.model import DiffusionModel
 from wherefrom.store import Entry, Store, as_tensor
-from wherefrom.task import Stream, predict_eps
+from wherefrom.task import Stream, predict
 
 # ~1.3k parameters (attention included): the dense (F + lambda I) fits in memory
 MICRO_UNET = dict(TINY_UNET, block_out_channels=(2, 2), norm_num_groups=1, attention_head_dim=2)
@@ -107,7 +107,7 @@ def explicit_gradient(net, task, x0: torch.Tensor, index: int, name: str) -> tor
     total = 0
     for draw, t in CONFIG.draws(task):
         x_t, tt, eps = task.noisy(x0[None], torch.tensor([index]), name, draw, t, Stream.FEATURES)
-        total = total + task.measurement(name)(predict_eps(net, x_t, tt), eps, tt, task).sum() / CONFIG.timesteps
+        total = total + task.measurement(name)(predict(net, x_t, tt), eps, tt, task).sum() / CONFIG.timesteps
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(params.values()))])
 
 

@@ -40,7 +40,7 @@ from wherefrom.kfac import (
 from wherefrom.kfac.geometry import example_weight_grads
 from wherefrom.model import DiffusionModel, build_unet
 from wherefrom.store import Store
-from wherefrom.task import DiffusionTask, Stream, predict_eps
+from wherefrom.task import DiffusionTask, Stream, predict
 
 
 def weight_bias_order(d_out: int, d_in: int) -> torch.Tensor:
@@ -191,7 +191,7 @@ def test_ekfac_eigenvalues_equal_ggn_diagonal_in_kronecker_eigenbasis(unet):
     diag(Q^T GGN Q), Q = Q_G (x) Q_A, for the exact GGN block of each layer (torch.func)."""
     task = DiffusionTask()
     x_t, t, eps = diffusion_batch(task)
-    run = lambda: backpropagate(predict_eps(unet, x_t, t), eps, "type-2")  # noqa: E731
+    run = lambda: backpropagate(predict(unet, x_t, t), eps, "type-2")  # noqa: E731
     sums = collect(unet, "expand", run)
     layers = tracked_layers(unet)
     eigen = eigendecompose(sums, layers)
@@ -202,7 +202,7 @@ def test_ekfac_eigenvalues_equal_ggn_diagonal_in_kronecker_eigenbasis(unet):
         w, b = names[f"{name}.weight"], names[f"{name}.bias"]
 
         def out(wv, bv):
-            return predict_eps(lambda x, s: functional_call(unet, {f"{name}.weight": wv, f"{name}.bias": bv}, (x, s)), x_t, t)
+            return predict(lambda x, s: functional_call(unet, {f"{name}.weight": wv, f"{name}.bias": bv}, (x, s)), x_t, t)
 
         with sdpa_kernel(SDPBackend.MATH):
             jw, jb = jacrev(out, argnums=(0, 1))(w, b)
@@ -323,7 +323,7 @@ def test_during_mode_records_the_empirical_fisher_of_the_training_steps(tmp_path
         for batch in DataLoader(data.dataset(), batch_size=5):
             x0, index = batch["image"].double(), batch["index"]
             t, eps = model.task.draw(index, 0, x0.shape[1:], stream=Stream.TRAIN, dtype=x0.dtype)  # epoch 0's draws
-            backpropagate(predict_eps(model.unet, model.task.add_noise(x0, t, eps), t), eps, "empirical")
+            backpropagate(predict(model.unet, model.task.add_noise(x0, t, eps), t), eps, "empirical")
     expected = collector.state_dict()
     assert got.keys() == expected.keys()
     for key, value in expected.items():

@@ -11,7 +11,7 @@ from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import CheckpointError, WherefromError
 from wherefrom.model import DiffusionModel
 from wherefrom.sampling import generate
-from wherefrom.task import predict_eps
+from wherefrom.task import predict
 
 
 def _fit(tmp_path, unet, epochs=8, callbacks=(), **model_kwargs):
@@ -56,7 +56,7 @@ def test_fit_lowers_loss_and_checkpoint_round_trips(tmp_path, tiny_unet):
     unet, task = load_pretrained(tmp_path / "export")
     assert task.config == loaded.task.config
     with torch.no_grad():
-        s2 = generate(lambda x, t: predict_eps(unet, x, t), task, (1, 8, 8), 4, seed=3, steps=10)
+        s2 = generate(lambda x, t: predict(unet, x, t), task, (1, 8, 8), 4, seed=3, steps=10)
     assert torch.allclose(s1, s2, atol=1e-6)
 
 

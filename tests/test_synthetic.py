@@ -25,7 +25,7 @@ from wherefrom.ensemble.synthetic import (
 )
 from wherefrom.errors import WherefromError
 from wherefrom.model import build_unet
-from wherefrom.sampling import exogenous_noise, sampling_timesteps
+from wherefrom.sampling import exogenous_noise, sampling_plan
 from wherefrom.task import DiffusionTask
 
 # --- Jacobian -------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def closed_form_jacobian(s: EnsembleSampler, queries: list[int], a: Tensor) -> t
     W = torch.stack([m.weight.detach() for m in s.members])  # n x D x D
     B = torch.stack([m.bias.detach() for m in s.members])  # n x D
     Wa, ba = torch.einsum("i,ipq->pq", a, W), a @ B
-    ts, abar = sampling_timesteps(s.task, s.steps), s.task.alphas_cumprod.double()
+    ts, abar = sampling_plan(s.task, s.steps)[:-1], s.task.objective.alphas_cumprod.double()
     x = exogenous_noise(s.seed, queries, -1, SHAPE).double().flatten(1)  # Q x D
     dx = torch.zeros(*x.shape, len(a), dtype=torch.float64)  # Q x D x n
     for k, t in enumerate(ts):

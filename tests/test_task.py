@@ -54,9 +54,9 @@ def test_draws_differ_across_draw_stream_seed_and_index():
 
 def test_schedule_matches_ddpm_defaults():
     task = DiffusionTask()
-    assert torch.allclose(task.betas[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    assert torch.allclose(task.objective.betas[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
     expected = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
-    assert torch.allclose(task.alphas_cumprod, expected, rtol=1e-5)
+    assert torch.allclose(task.objective.alphas_cumprod, expected, rtol=1e-5)
 
 
 def test_loss_equals_hand_written_ddpm_loss():
@@ -68,7 +68,7 @@ def test_loss_equals_hand_written_ddpm_loss():
     got = task.loss(model, x0, index, draw=7)
     for b in range(5):
         t, eps = task.draw(index[b : b + 1], 7, (1, 4, 4), stream=Stream.TRAIN, dtype=torch.float64)
-        ab = task.alphas_cumprod[t]
+        ab = task.objective.alphas_cumprod[t]
         x_t = ab.sqrt() * x0[b] + (1 - ab).sqrt() * eps[0]
         ref = ((model(x_t, t) - eps) ** 2).mean()
         assert torch.allclose(got[b], ref, rtol=1e-12)
@@ -86,14 +86,14 @@ def test_measurements_equal_their_formulas(name):
     for d, t_fixed in draws:
         t_fixed = 250 if name == "loss_at_time" else t_fixed
         t, eps = task.draw(index, d, (1, 4, 4), stream=Stream.MEASURE, t=t_fixed, dtype=torch.float64)
-        ab = task.alphas_cumprod[t].view(-1, 1, 1, 1)
+        ab = task.objective.alphas_cumprod[t].view(-1, 1, 1, 1)
         p = model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t).flatten(1)
         e = eps.flatten(1)
-        beta = task.betas[t]
+        beta = task.objective.betas[t]
         formulas = {
             "loss": ((p - e) ** 2).mean(1),
             "loss_at_time": ((p - e) ** 2).mean(1),
-            "elbo": (beta / (2 * (1 - beta) * (1 - task.alphas_cumprod[t]))) * ((p - e) ** 2).mean(1),
+            "elbo": (beta / (2 * (1 - beta) * (1 - task.objective.alphas_cumprod[t]))) * ((p - e) ** 2).mean(1),
             "square_norm": (p**2).mean(1),
             "l1_norm": p.abs().sum(1),
             "l2_norm": (p**2).sum(1).sqrt(),

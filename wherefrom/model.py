@@ -25,7 +25,7 @@ from wherefrom.checkpoint import (
 )
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, generate, guided
-from wherefrom.task import DiffusionTask, Stream, generator_for, predict_eps
+from wherefrom.task import DiffusionTask, Stream, generator_for, predict
 
 # A small UNet for 8x8 digits: 8 -> 4, attention at the lowest resolution.
 DEFAULT_UNET: dict[str, Any] = dict(
@@ -102,7 +102,7 @@ def hflip(images: Tensor, index: Tensor, seed: int, epoch: int) -> Tensor:
 
 
 class DiffusionRecipe(L.LightningModule):
-    """The training recipe every wherefrom module shares: DDPM epsilon-prediction on a diffusers
+    """The training recipe every wherefrom module shares: a diffusion objective (DDPM epsilon-prediction by default) on a diffusers
     ``UNet2DModel`` config, AdamW with cosine decay, seeded flips and checkpoint provenance.
 
     Subclasses build their networks from ``self.hparams.unet`` and implement ``training_step`` and
@@ -126,6 +126,10 @@ class DiffusionRecipe(L.LightningModule):
             ``{r: 4, alpha: 4, target_modules: [to_q, to_k, to_v, to_out.0]}`` (keys optional).
         clip_sample: sampling clips each predicted x0 to [-1, 1]; a latent model (the data's ``vae``)
             needs ``false``, as latents are unbounded.
+        objective: what the network is trained to predict (:mod:`wherefrom.objective`): ``epsilon``,
+            ``v_prediction`` or ``sample`` (x0) on the schedule above; ``flow_matching`` or ``edm`` with their
+            defaults; or ``{type: flow_matching, shift: 3.0, density: logit_normal}``-style settings
+            (``type``: ``ddpm``, ``flow_matching`` or ``edm``; the rest are that objective's arguments).
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class DiffusionRecipe(L.LightningModule):
         base: str | None = None,
         lora: dict[str, Any] | None = None,
         clip_sample: bool = True,
+        objective: str | dict[str, Any] = "epsilon",
     ) -> None:
         super().__init__()
         if not 0 <= warmup < 1:
@@ -160,7 +165,7 @@ class DiffusionRecipe(L.LightningModule):
         if num_classes is not None and (unet or {}).get("cross_attention_dim") is not None:
             raise WherefromError(f"{type(self).__name__}(num_classes=...) is for UNet2DModel; a text-conditional UNet (cross_attention_dim) is conditioned by captions")
         self.save_hyperparameters()  # with the subclass's own arguments (Lightning reads the calling frames)
-        self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed)
+        self.task = DiffusionTask(num_train_timesteps, beta_start, beta_end, beta_schedule, seed=seed, objective=objective)
         self._null_text: Tensor | None = None  # a text model's empty-caption embedding, from its data in setup
         self._weights_set = False  # restored from a checkpoint, or the base already loaded
 
@@ -308,7 +313,7 @@ class DiffusionModel(DiffusionRecipe):
     def eps_fn(self, guidance: float = 1.0, null: Tensor | None = None) -> EpsFn:
         """``(x_t, t[, cond]) -> eps`` for the sampler, with classifier-free ``guidance`` towards ``null``
         (default: :attr:`null_condition`)."""
-        return guided(lambda x, t, cond=None: predict_eps(self.unet, x, t, cond), guidance, self.null_condition if null is None else null)
+        return guided(lambda x, t, cond=None: predict(self.unet, x, t, cond), guidance, self.null_condition if null is None else null)
 
     @torch.no_grad()
     def generate(

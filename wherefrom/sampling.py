@@ -1,4 +1,6 @@
-"""Ancestral DDPM and deterministic DDIM sampling with fixed exogenous noise.
+"""Sampling chains with fixed exogenous noise: ancestral DDPM and deterministic DDIM for the DDPM
+family, Euler for flow matching, Euler and Heun for EDM (the step math is the objective's,
+:mod:`wherefrom.objective`).
 
 The step equations are written out (rather than calling ``scheduler.step``) so
 that the whole chain is plain differentiable torch code: forward-mode AD
@@ -6,12 +8,11 @@ that the whole chain is plain differentiable torch code: forward-mode AD
 of query ``q`` at step ``k`` is a pure function of ``(seed, q, k)`` so runs with
 different models or member weights are comparable step by step. The schedule
 constants come from the task's diffusers scheduler; tests check each step
-against ``DDPMScheduler.step`` / ``DDIMScheduler.step``.
+against ``DDPMScheduler.step`` / ``DDIMScheduler.step`` / ``FlowMatchEulerDiscreteScheduler.step``.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,9 +20,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from wherefrom.errors import WherefromError
+from wherefrom.objective import SchedulerType
 from wherefrom.task import DiffusionTask, Stream, generator_for
 
-EpsFn = Callable[..., Tensor]  # (x_t, t) -> eps, or (x_t, t, cond) -> eps with each row's condition
+EpsFn = Callable[..., Tensor]  # (x_t, time) -> network output, or (x_t, time, cond) -> output with each row's condition
 
 
 def guided(eps_fn: EpsFn, guidance: float, null: Tensor | None) -> EpsFn:
@@ -44,11 +46,6 @@ def guided(eps_fn: EpsFn, guidance: float, null: Tensor | None) -> EpsFn:
     return eps
 
 
-class SchedulerType(str, enum.Enum):
-    DDPM = "ddpm"
-    DDIM = "ddim"
-
-
 def exogenous_noise(seed: int, queries: Sequence[int], step: int, shape: Sequence[int]) -> Tensor:
     """Noise of each query at a step (``step = -1`` is the initial ``x_T``)."""
     # float32 draws whatever the default dtype, so float64 runs see the same noise
@@ -57,44 +54,14 @@ def exogenous_noise(seed: int, queries: Sequence[int], step: int, shape: Sequenc
     )
 
 
-def sampling_timesteps(task: DiffusionTask, steps: int) -> list[int]:
-    """Descending timesteps, spaced as diffusers' ``set_timesteps`` ("leading")."""
+def sampling_plan(task: DiffusionTask, steps: int, scheduler: SchedulerType | str = SchedulerType.AUTO) -> list[float]:
+    """The ``steps + 1`` noise positions the chain visits (the objective's :meth:`~wherefrom.objective.Objective.plan`:
+    descending timesteps spaced as diffusers' ``set_timesteps`` for the DDPM family, sigmas otherwise),
+    after checking ``steps`` and that the objective samples with ``scheduler``."""
     if not 1 <= steps <= task.num_train_timesteps:
         raise WherefromError(f"steps must be in [1, {task.num_train_timesteps}], got {steps}")
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(task.scheduler.config)
-    sched.set_timesteps(steps)
-    return [int(t) for t in sched.timesteps]
-
-
-def step(
-    task: DiffusionTask,
-    scheduler: SchedulerType,
-    x_t: Tensor,
-    eps: Tensor,
-    t: int,
-    t_prev: int,
-    noise: Tensor | None,
-    clip_sample: bool = True,
-) -> Tensor:
-    """One reverse step ``x_t -> x_{t_prev}`` (``t_prev < 0``: the final step to ``x_0``)."""
-    ab_t = float(task.alphas_cumprod[t])
-    ab_prev = float(task.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
-    # x0 prediction from eps (Ho et al. 2020, eq. 15)
-    x0 = (x_t - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
-    if clip_sample:
-        x0 = x0.clamp(-1, 1)
-    if scheduler is SchedulerType.DDIM:
-        # Song et al. (2021), eq. 12 with sigma = 0; eps is the model output (diffusers default)
-        return ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
-    beta = 1 - ab_t / ab_prev
-    # posterior mean of q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 7)
-    mean = (ab_prev**0.5 * beta / (1 - ab_t)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab_t)) * x_t
-    if t_prev < 0 or noise is None:
-        return mean
-    var = max((1 - ab_prev) / (1 - ab_t) * beta, 1e-20)  # "fixed_small" variance
-    return mean + var**0.5 * noise.to(mean)
+    task.objective.sampler(scheduler)
+    return task.objective.plan(steps)
 
 
 def sample(
@@ -104,7 +71,7 @@ def sample(
     queries: Sequence[int],
     seed: int,
     steps: int = 100,
-    scheduler: SchedulerType | str = SchedulerType.DDPM,
+    scheduler: SchedulerType | str = SchedulerType.AUTO,
     clip_sample: bool = True,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -118,19 +85,17 @@ def sample(
     (also under forward-mode AD). ``x_T`` overrides the seeded initial noise;
     ``cond`` holds each query's condition (class labels or embeddings, aligned with ``queries``).
     """
-    scheduler = SchedulerType(scheduler)
-    ts = sampling_timesteps(task, steps)
-    x = exogenous_noise(seed, queries, -1, shape).to(device=device, dtype=dtype) if x_T is None else x_T
+    plan = sampling_plan(task, steps, scheduler)
+    scheduler = task.objective.sampler(scheduler)
+    x = task.objective.initial(exogenous_noise(seed, queries, -1, shape).to(device=device, dtype=dtype)) if x_T is None else x_T
     if cond is not None:
         if len(cond) != len(queries):
             raise WherefromError(f"need one condition per query: {len(queries)} queries, {len(cond)} conditions")
         cond = cond.to(device)
-    for k, t in enumerate(tqdm(ts, desc="sampling", disable=not progress, leave=False)):
-        t_prev = ts[k + 1] if k + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        eps = eps_fn(x, tt) if cond is None else eps_fn(x, tt, cond)
-        noise = exogenous_noise(seed, queries, k, shape) if scheduler is SchedulerType.DDPM and t_prev >= 0 else None
-        x = step(task, scheduler, x, eps, t, t_prev, noise, clip_sample)
+    fn = eps_fn if cond is None else (lambda z, time: eps_fn(z, time, cond))
+    for k in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        noise = exogenous_noise(seed, queries, k, shape) if scheduler is SchedulerType.DDPM and k + 1 < steps else None
+        x = task.objective.step(fn, x, plan, k, scheduler, noise, clip_sample)
     return x
 
 
@@ -141,7 +106,7 @@ def generate(
     num_samples: int,
     seed: int = 0,
     steps: int = 100,
-    scheduler: SchedulerType | str = SchedulerType.DDPM,
+    scheduler: SchedulerType | str = SchedulerType.AUTO,
     batch_size: int = 256,
     progress: bool = False,
     cond: Tensor | None = None,
@@ -153,7 +118,7 @@ def generate(
         raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
     if cond is not None and len(cond) != num_samples:
         raise WherefromError(f"need one condition per sample: {num_samples} samples, {len(cond)} conditions")
-    sampling_timesteps(task, steps)  # validates steps before any work is shown
+    sampling_plan(task, steps, scheduler)  # validates steps and the scheduler before any work is shown
     out = []
     for start in tqdm(range(0, num_samples, batch_size), desc="generating", disable=not progress):
         queries = list(range(start, min(start + batch_size, num_samples)))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from wherefrom.errors import Spell, WherefromError, keyword
 from wherefrom.io import fingerprint, to_model_range
-from wherefrom.task import DiffusionTask, predict_eps
+from wherefrom.task import DiffusionTask, predict
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 @dataclass
@@ -66,7 +66,7 @@ class Target:
             raise WherefromError("wherefrom samples your own module unconditionally only; generate conditional queries in your pipeline and pass them as the queries")
         net = next(iter(self.networks.values()))
         device = next(net.parameters()).device
-        return generate(lambda x, t: predict_eps(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)
+        return generate(lambda x, t: predict(net, x, t), self.task, self.image_shape, num_samples, seed, device=device, **kwargs)
 
 
 def _found(module: Any, accept) -> dict[int, tuple[str, Any]]:

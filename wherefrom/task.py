@@ -1,4 +1,4 @@
-"""The diffusion math in one place (DDPM epsilon-prediction, Ho et al. 2020).
+"""The diffusion math in one place: the training objective (:mod:`wherefrom.objective`), seeded draws, measurements.
 
 Everything that needs a timestep, a noise draw, the training loss or a
 measurement on an example goes through :class:`DiffusionTask`, so training,
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from wherefrom.errors import WherefromError
+from wherefrom.objective import PREDICTIONS, DDPMObjective, Objective, build_objective, objective_config, objective_from_scheduler
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,7 +65,8 @@ class TimestepStrategy(str, enum.Enum):
 
 
 # --- measurement / output functions ------------------------------------------
-# Each maps (eps_pred, eps, t, task) -> per-example value of shape (B,).
+# Each maps (output, target, t, task) -> per-example value of shape (B,): ``output`` is the network's
+# output, ``target`` what the task's objective regresses it on at levels ``t``.
 Measurement = Callable[[Tensor, Tensor, Tensor, "DiffusionTask"], Tensor]
 
 
@@ -72,21 +74,26 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _loss(eps_pred: Tensor, eps: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
-    # L_simple of Ho et al. (2020), eq. 14: ||eps - eps_theta(x_t, t)||^2 (mean over pixels).
-    return _flat(eps_pred - eps).pow(2).mean(1)
+def _weighted(w: Tensor | None, value: Tensor) -> Tensor:
+    return value if w is None else w.to(device=value.device, dtype=value.dtype) * value
 
 
-def _elbo(eps_pred: Tensor, eps: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
-    # Ho et al. (2020), eq. 12 with sigma_t^2 = beta_t: weight beta_t / (2 alpha_t (1 - alphabar_t)).
-    return task.elbo_weight(t).to(eps_pred.dtype) * _loss(eps_pred, eps, t, task)
+def _loss(pred: Tensor, target: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
+    # the objective's training loss, w(t) ||target - f_theta(x_t, t)||^2 / D; for epsilon-prediction
+    # L_simple of Ho et al. (2020), eq. 14
+    return _weighted(task.objective.loss_weight(t), _flat(pred - target).pow(2).mean(1))
+
+
+def _elbo(pred: Tensor, target: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
+    # Ho et al. (2020), eq. 12 with sigma_t^2 = beta_t, in the objective's own prediction (Objective.elbo_weight)
+    return task.objective.elbo_weight(t).to(pred.dtype) * _flat(pred - target).pow(2).mean(1)
 
 
 MEASUREMENTS: dict[str, Measurement] = {
     "loss": _loss,
     "loss_at_time": _loss,  # same formula; the task fixes t (DiffusionTask.measure_time)
     "elbo": _elbo,
-    # D-TRAK (Zheng et al. 2024, Table 1) output functions of eps_theta alone:
+    # D-TRAK (Zheng et al. 2024, Table 1) output functions of the network output alone:
     "square_norm": lambda p, e, t, task: _flat(p).pow(2).mean(1),
     "l1_norm": lambda p, e, t, task: _flat(p).abs().sum(1),
     "l2_norm": lambda p, e, t, task: _flat(p).norm(dim=1),
@@ -113,14 +120,15 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
     return {}
 
 
-def eps_output(out: Any) -> Tensor:
-    """The noise prediction in a network's output (diffusers returns it as ``.sample``)."""
+def network_output(out: Any) -> Tensor:
+    """The prediction in a network's output (diffusers returns it as ``.sample``)."""
     return out.sample if hasattr(out, "sample") else out
 
 
-def predict_eps(model: nn.Module, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-    """Noise prediction of a diffusers UNet or a plain module, given each row's condition (when it takes one)."""
-    return eps_output(model(x_t, t, **condition_kwargs(model, cond)))
+def predict(model: nn.Module, x_t: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
+    """The output of a diffusers UNet or a plain module at network input ``x_t`` and network time ``time``
+    (:meth:`DiffusionTask.model_time`), given each row's condition (when it takes one)."""
+    return network_output(model(x_t, time, **condition_kwargs(model, cond)))
 
 
 def condition(batch: dict[str, Tensor]) -> Tensor | None:
@@ -129,13 +137,16 @@ def condition(batch: dict[str, Tensor]) -> Tensor | None:
 
 
 class DiffusionTask:
-    """DDPM noise schedule, seeded draws, training loss and measurements.
+    """A training objective (:mod:`wherefrom.objective`), seeded draws and measurements.
 
     Args:
-        num_train_timesteps: T of the forward process.
-        beta_start, beta_end, beta_schedule: the diffusers ``DDPMScheduler`` schedule.
+        num_train_timesteps, beta_start, beta_end, beta_schedule: the ``DDPMScheduler`` schedule of the
+            DDPM family (used when ``objective`` is one of its prediction types).
         seed: root of every seeded draw.
-        measure_time: the fixed t of the ``loss_at_time`` measurement.
+        measure_time: the fixed level of the ``loss_at_time`` measurement.
+        objective: ``epsilon`` (default), ``v_prediction`` or ``sample`` on that schedule; ``flow_matching`` or
+            ``edm`` with their defaults; a ``{"type": ..., **settings}`` record (:attr:`config` writes one);
+            or an :class:`~wherefrom.objective.Objective` instance, e.g. a user's own.
     """
 
     def __init__(
@@ -146,74 +157,41 @@ class DiffusionTask:
         beta_schedule: str = "linear",
         seed: int = 0,
         measure_time: int = 100,
+        objective: str | dict[str, Any] | Objective = "epsilon",
     ) -> None:
-        if num_train_timesteps < 2:
-            raise WherefromError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-        if not 0 <= measure_time < num_train_timesteps:
-            raise WherefromError(
-                f"measure_time={measure_time} is outside [0, {num_train_timesteps}); pick a timestep in range"
-            )
-        # diffusers on first use: importing wherefrom's math stays light
-        from diffusers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-        )
-        self.num_train_timesteps = num_train_timesteps
+        schedule = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
+        if isinstance(objective, str) and objective in PREDICTIONS:
+            self.objective: Objective = DDPMObjective(objective, **schedule)
+        else:
+            if schedule != _DEFAULT_SCHEDULE:
+                raise WherefromError(f"objective {objective!r} carries its own schedule; leave num_train_timesteps and beta_* unset (got {schedule})")
+            self.objective = build_objective(objective)
+        levels = self.objective.num_levels
+        if not 0 <= measure_time < levels:
+            raise WherefromError(f"measure_time={measure_time} is outside [0, {levels}); pick a timestep in range")
+        self.num_train_timesteps = levels
         self.seed = seed
         self.measure_time = measure_time
-        self.config = dict(
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            beta_schedule=beta_schedule,
-            seed=seed,
-            measure_time=measure_time,
-        )
-        self.betas = self.scheduler.betas.double()
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        if isinstance(objective, str) and objective == "epsilon":
+            self.config: dict[str, Any] = {**schedule, "seed": seed, "measure_time": measure_time}
+        elif isinstance(objective, str) and objective in PREDICTIONS:
+            self.config = {**schedule, "seed": seed, "measure_time": measure_time, "objective": objective}
+        else:
+            self.config = {"seed": seed, "measure_time": measure_time, "objective": objective_config(self.objective)}
 
-    # settings of a diffusers scheduler that change the training target or the schedule, and the values honoured
-    HONOURED = {"prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False}
+    def reseeded(self, seed: int) -> DiffusionTask:
+        """The same objective with another root seed."""
+        config = {**self.config, "seed": seed}
+        if isinstance(config.get("objective"), dict):
+            config["objective"] = self.objective
+        return DiffusionTask(**config)
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, seed: int = 0) -> DiffusionTask:
-        """The task of a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``, ...) a model was trained with.
-
-        Only the noise schedule enters (``num_train_timesteps``, ``beta_start``, ``beta_end``,
-        ``beta_schedule``); a setting that would change the training target or the schedule in a way
-        this task does not model (``prediction_type`` other than ``epsilon``, custom ``trained_betas``,
-        zero-SNR rescaling) is refused rather than silently ignored.
-        """
-        config = getattr(scheduler, "config", None)
-        if config is None or "num_train_timesteps" not in config:
-            raise WherefromError(f"{type(scheduler).__name__} is not a diffusers noise scheduler (it has no config.num_train_timesteps)")
-        for key, value in cls.HONOURED.items():
-            got = config.get(key, value)
-            if (got is not None) if value is None else (got != value):
-                raise WherefromError(
-                    f"{type(scheduler).__name__} has {key}={got!r}; wherefrom's attribution models {key}={value!r} only "
-                    "(eps-prediction DDPM with a named beta schedule)"
-                )
-        steps = int(config["num_train_timesteps"])
-        schedule = (float(config["beta_start"]), float(config["beta_end"]), str(config["beta_schedule"]))
-        return cls(steps, *schedule, seed=seed, measure_time=min(100, steps // 10))
-
-    # --- schedule ------------------------------------------------------------
-    def elbo_weight(self, t: Tensor) -> Tensor:
-        """``beta_t / (2 alpha_t (1 - alphabar_t))`` (Ho et al. 2020, eq. 12)."""
-        t = t.cpu()
-        beta = self.betas[t]
-        w = beta / (2 * (1 - beta) * (1 - self.alphas_cumprod[t]))
-        return w.float()
-
-    def add_noise(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """``x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps`` (Ho et al. 2020, eq. 4)."""
-        ab = self.alphas_cumprod[t.cpu()].to(device=x0.device, dtype=x0.dtype).view(-1, *[1] * (x0.dim() - 1))
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        """The task of the diffusers scheduler a model was trained with (:func:`~wherefrom.objective.objective_from_scheduler`:
+        the DDPM family with any prediction type and schedule, flow matching, EDM); anything else is refused in one line."""
+        objective = objective_from_scheduler(scheduler)
+        return cls(seed=seed, measure_time=min(100, objective.num_levels // 10), objective=objective)
 
     # --- seeded draws ----------------------------------------------------------
     def draw(
@@ -228,11 +206,11 @@ class DiffusionTask:
         device: torch.device | str = "cpu",
     ) -> tuple[Tensor, Tensor]:
         """Seeded ``(t, eps)`` for each global index: a pure function of
-        ``(seed, stream, index, draw)``. ``t`` fixes the timestep for all examples."""
+        ``(seed, stream, index, draw)``. ``t`` fixes the level for all examples."""
         ts, noise = [], []
         for i in index.tolist():
             g = generator_for(self.seed, int(stream), i, draw)
-            ti = torch.randint(0, self.num_train_timesteps, (1,), generator=g)
+            ti = self.objective.draw_level(g)
             ts.append(ti if t is None else torch.tensor([t]))
             noise.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))  # fixed dtype: same draws under any default dtype
         return (
@@ -241,17 +219,25 @@ class DiffusionTask:
         )
 
     def timesteps(self, strategy: TimestepStrategy | str, k: int) -> list[int | None]:
-        """The K fixed timesteps of a strategy (``None`` = drawn per example)."""
+        """The K fixed levels of a strategy (``None`` = drawn per example)."""
         strategy = TimestepStrategy(strategy)
         if k < 1:
             raise WherefromError(f"the number of timesteps K must be >= 1, got {k}")
         if strategy is TimestepStrategy.UNIFORM:
-            return [j * self.num_train_timesteps // k for j in range(k)]
+            return list(self.objective.uniform_levels(k))
         return [None] * k
+
+    def add_noise(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """The network's input at levels ``t`` (the objective's forward process; diffusers' ``add_noise`` for the DDPM family)."""
+        return self.objective.noised(x0, t, eps)
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The network's time input at levels ``t``."""
+        return self.objective.model_time(t)
 
     # --- losses and measurements -------------------------------------------------
     def loss(self, model: nn.Module, x0: Tensor, index: Tensor, draw: int = 0, cond: Tensor | None = None) -> Tensor:
-        """Per-example training loss ``||eps - eps_theta(x_t, t, c)||^2 / D`` on the TRAIN stream."""
+        """Per-example training loss ``w(t) ||target - f_theta(x_t, t, c)||^2 / D`` on the TRAIN stream."""
         return self.measure(model, x0, index, "loss", draws=[(draw, None)], stream=Stream.TRAIN, cond=cond)
 
     def measure(
@@ -269,22 +255,29 @@ class DiffusionTask:
         fn = self.measurement(name)
         total = x0.new_zeros(x0.shape[0])
         for d, t in draws:
-            x_t, tt, eps = self.noisy(x0, index, name, d, t, stream)
-            total = total + fn(predict_eps(model, x_t, tt, cond), eps, tt, self)
+            x_t, tt, target = self.noisy(x0, index, name, d, t, stream)
+            total = total + fn(predict(model, x_t, self.model_time(tt), cond), target, tt, self)
         return total / len(draws)
 
     def noisy(
         self, x0: Tensor, index: Tensor, name: str, draw: int, t: int | None, stream: Stream = Stream.MEASURE
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The seeded ``(x_t, t, eps)`` at which measurement ``name`` evaluates ``draw``
-        (``loss_at_time`` pins ``t`` to :attr:`measure_time`)."""
+        """The seeded ``(x_t, t, target)`` at which measurement ``name`` evaluates ``draw``: the network
+        input, the levels and the objective's target (``loss_at_time`` pins ``t`` to :attr:`measure_time`)."""
         if name == "loss_at_time":
             t = self.measure_time
         tt, eps = self.draw(index, draw, x0.shape[1:], stream=stream, t=t, dtype=x0.dtype, device=x0.device)
-        return self.add_noise(x0, tt, eps), tt, eps
+        return self.objective.noised(x0, tt, eps), tt, self.objective.target(x0, tt, eps)
+
+    def weight(self, name: str, t: Tensor) -> Tensor | None:
+        """The per-row weight measurement ``name`` puts on the squared error at levels ``t`` (``None``: 1)."""
+        return self.objective.elbo_weight(t) if name == "elbo" else self.objective.loss_weight(t)
 
     @staticmethod
     def measurement(name: str) -> Measurement:
         if name not in MEASUREMENTS:
             raise WherefromError(f"unknown measurement {name!r}; choose one of {sorted(MEASUREMENTS)}")
         return MEASUREMENTS[name]
+
+
+_DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")

@@ -73,7 +73,7 @@ class SyntheticAblation:
 
     seed: int = 0
     steps: int = 100
-    scheduler: SchedulerType = SchedulerType.DDPM
+    scheduler: SchedulerType = SchedulerType.AUTO
     exact: bool = False
     top_k: int = 10
     batch_size: int = 64

@@ -33,7 +33,7 @@ from wherefrom.cli.options import (
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
 from wherefrom.io import check_out_dir
-from wherefrom.sampling import sampling_timesteps
+from wherefrom.sampling import sampling_plan
 
 # options of the command itself (query generation, output); attributors with a field of the same name receive it
 COMMAND_OPTIONS = ("seed", "steps", "scheduler", "top_k", "guidance")
@@ -132,7 +132,7 @@ def attribute_main(argv: list[str]) -> None:
         raise WherefromError(f"--num-samples and --steps must be >= 1, got {args.num_samples} and {args.steps}")
     module, data = open_run(args, "wherefrom attribute")
     if args.queries is None:  # the model's own samples, seeded
-        sampling_timesteps(module.task, args.steps)  # --steps at most the model's T, checked before any work
+        sampling_plan(module.task, args.steps, args.scheduler)  # --steps at most the model's T and --scheduler, checked before any work
         conditions = query_conditions(args, data, args.num_samples)
         queries = module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
     else:

@@ -76,7 +76,7 @@ def add_sampling(p: ConfigArgumentParser, what: str = "the samples", conditions:
     model's ``--labels`` / ``--captions`` / ``--guidance``."""
     p.add_argument("--seed", type=int, default=0, help=f"sampling seed of {what}")
     p.add_argument("--steps", type=int, default=100, help="denoising steps")
-    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="ddpm")
+    p.add_argument("--scheduler", choices=[s.value for s in SchedulerType], default="auto", help="the sampling chain (auto: ddpm for the DDPM family, euler for flow matching and EDM)")
     if not conditions:
         return
     p.add_argument("--labels", default=None, help=f"class-conditional models: the class of each of {what}, e.g. 0,1,2 (one label: all)")

@@ -43,7 +43,7 @@ def run_data(ckpt: str):
 
 def sample_main(argv: list[str]) -> None:
     from wherefrom.io import check_out_dir, save_grid, write_npy
-    from wherefrom.sampling import sampling_timesteps
+    from wherefrom.sampling import sampling_plan
 
     p = ConfigArgumentParser(prog="wherefrom sample", description="Generate samples with fixed, seeded noise.")
     add_run(p, "a .ckpt from `wherefrom fit` or any Lightning run, or a diffusers export folder", data=False)
@@ -58,7 +58,7 @@ def sample_main(argv: list[str]) -> None:
     check_out_dir(a.out, "--out")
     module, data = load_sampler_module(a, "wherefrom sample"), run_data(a.ckpt)
     decode = getattr(data, "decode", lambda x: x)  # how the samples look: a latent model's VAE decodes them
-    sampling_timesteps(module.task, a.steps)  # validates --steps before anything is drawn
+    sampling_plan(module.task, a.steps, a.scheduler)  # validates --steps and --scheduler before anything is drawn
     kwargs = {}
     if a.ablate:
         if not hasattr(module, "ablation_weights"):

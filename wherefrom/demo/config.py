@@ -42,7 +42,7 @@ class DemoConfig:
     num_samples: int = 32
     real_queries: int = 32
     steps: int = 50
-    scheduler: str = "ddpm"
+    scheduler: str = "auto"
     top_k: int = 8
     removal_k: int = 1
     timesteps: int = 32

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import Tensor, nn
 
@@ -61,11 +61,11 @@ class EnsembleDenoiser(ModelMixin, ConfigMixin):
 class EncodedEnsemblePipeline(DiffusionPipeline):
     """Sample an encoded ensemble with diffusers, with exact ablation (``ablate``) or any member ``weights``.
 
-    Only the scheduler's noise schedule is used (:meth:`DiffusionTask.from_scheduler`); the chain
-    (DDPM or DDIM, ``steps``) is wherefrom's, whose exogenous noise is fixed by ``(seed, query, step)``.
+    The scheduler says the objective (:meth:`DiffusionTask.from_scheduler`); the chain
+    (DDPM or DDIM for the DDPM family, Euler for flow matching, Euler or Heun for EDM; ``steps``) is wherefrom's, whose exogenous noise is fixed by ``(seed, query, step)``.
     """
 
-    def __init__(self, ensemble: EnsembleDenoiser, scheduler: DDPMScheduler) -> None:
+    def __init__(self, ensemble: EnsembleDenoiser, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(ensemble=ensemble, scheduler=scheduler)
 
@@ -85,12 +85,12 @@ class EncodedEnsemblePipeline(DiffusionPipeline):
         )  # fmt: skip
         for mine, theirs in zip(denoiser.members, members, strict=True):
             mine.load_state_dict(theirs.state_dict())
-        task = module.task.config
-        scheduler = DDPMScheduler(num_train_timesteps=task["num_train_timesteps"], beta_start=task["beta_start"],
-                                  beta_end=task["beta_end"], beta_schedule=task["beta_schedule"])  # fmt: skip
+        scheduler = getattr(module.task.objective, "scheduler", None)
+        if scheduler is None:
+            raise WherefromError("the diffusers pipeline needs a built-in objective (its diffusers scheduler); sample this one with `wherefrom sample`")
         return cls(denoiser.to(module.dtype), scheduler)
 
-    def sampler(self, seed: int = 0, steps: int = 100, scheduler: str = "ddpm") -> EnsembleSampler:
+    def sampler(self, seed: int = 0, steps: int = 100, scheduler: str = "auto") -> EnsembleSampler:
         members = list(self.ensemble.members)
         param = next(self.ensemble.parameters())
         task = DiffusionTask.from_scheduler(self.scheduler)
@@ -103,7 +103,7 @@ class EncodedEnsemblePipeline(DiffusionPipeline):
         num_images: int = 1,
         generator: torch.Generator | int | None = None,
         steps: int = 100,
-        scheduler: str = "ddpm",
+        scheduler: str = "auto",
         ablate: list[int] | None = None,
         weights: Tensor | None = None,
         output_type: str = "pt",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from wherefrom.ensemble.codes import Codes
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, SchedulerType, generate, guided, sample
-from wherefrom.task import DiffusionTask, predict_eps
+from wherefrom.task import DiffusionTask, predict
 
 
 class EnsembleSampler:
@@ -49,7 +49,7 @@ class EnsembleSampler:
         *,
         seed: int = 0,
         steps: int = 100,
-        scheduler: SchedulerType | str = SchedulerType.DDPM,
+        scheduler: SchedulerType | str = SchedulerType.AUTO,
         clip_sample: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -63,7 +63,7 @@ class EnsembleSampler:
             raise WherefromError(f"the codes are for {codes.n} members but {len(members)} were given")
         self.members = list(members)
         self.task, self.image_shape, self.codes = task, tuple(image_shape), codes
-        self.seed, self.steps, self.scheduler = seed, steps, SchedulerType(scheduler)
+        self.seed, self.steps, self.scheduler = seed, steps, task.objective.sampler(scheduler)
         self.clip_sample, self.dtype, self.device = clip_sample, dtype, device
         self.cond, self.guidance, self.null = cond, guidance, null
 
@@ -107,9 +107,9 @@ class EnsembleSampler:
 
         def eps(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
             aa = a.to(device=x.device, dtype=x.dtype)
-            out = aa[active[0]] * predict_eps(self.members[active[0]], x, t, cond)
+            out = aa[active[0]] * predict(self.members[active[0]], x, t, cond)
             for i in active[1:]:
-                out = out + aa[i] * predict_eps(self.members[i], x, t, cond)
+                out = out + aa[i] * predict(self.members[i], x, t, cond)
             return out
 
         return guided(eps, self.guidance, self.null)

@@ -45,7 +45,7 @@ from wherefrom.ensemble.controls import image_scores
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.sampling import EpsFn, guided, sample
-from wherefrom.task import predict_eps
+from wherefrom.task import predict
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
 # rounding differs from the fused one; beyond this (images in [-1, 1]) they are other samples.
@@ -93,7 +93,7 @@ def row_weighted_eps(members: Sequence[nn.Module], weights: Tensor, guidance: fl
 
     ``weights`` may be a dual tensor (forward AD); every member is evaluated.
     """
-    fns = [guided(partial(predict_eps, m), guidance, null) for m in members]
+    fns = [guided(partial(predict, m), guidance, null) for m in members]
 
     def eps(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         w = weights.to(dtype=x.dtype, device=x.device)
@@ -284,14 +284,14 @@ class QuadraticMeasurement:
 def quadratic_measurement(
     sampler: EnsembleSampler, queries: Tensor, measurement: str = "loss", draws: int = 64, seed: int = 0, cond: Tensor | None = None
 ) -> QuadraticMeasurement:
-    """The members' noise predictions on ``draws`` seeded ``(t, eps)`` per query (MEASURE stream,
+    """The members' outputs on ``draws`` seeded ``(t, eps)`` per query (MEASURE stream,
     query ``q`` as index ``q``, as in the LDS ground truth) under the queries' conditions ``cond``,
     reduced to :class:`QuadraticMeasurement`."""
     if measurement not in ("loss", "elbo"):
         raise WherefromError(f"signed ensemble scores take a loss-like measurement, loss or elbo; got {measurement!r}")
     if draws < 1:
         raise WherefromError(f"draws must be >= 1, got {draws}")
-    task = type(sampler.task)(**{**sampler.task.config, "seed": seed})
+    task = sampler.task.reseeded(seed)
     x0 = queries.to(device=sampler.device, dtype=sampler.dtype)
     index = torch.arange(len(x0))
     gram = torch.zeros(len(x0), sampler.n, sampler.n, dtype=torch.float64)
@@ -299,10 +299,12 @@ def quadratic_measurement(
     const = torch.zeros(len(x0), dtype=torch.float64)
     cond = None if cond is None else cond.to(sampler.device)
     for d in range(draws):
-        x_t, t, eps = task.noisy(x0, index, measurement, d, None)
-        weight = (task.elbo_weight(t) if measurement == "elbo" else torch.ones(len(t))).double().cpu() / eps[0].numel() / draws
-        e = torch.stack([predict_eps(m, x_t, t, cond) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
-        target = eps.flatten(1).double().cpu()
+        x_t, t, target = task.noisy(x0, index, measurement, d, None)
+        w = task.weight(measurement, t)
+        weight = (torch.ones(len(t)) if w is None else w).double().cpu() / target[0].numel() / draws
+        time = task.model_time(t)
+        e = torch.stack([predict(m, x_t, time, cond) for m in sampler.members], 1).flatten(2).double().cpu()  # Q x n x D
+        target = target.flatten(1).double().cpu()
         gram += weight.view(-1, 1, 1) * (e @ e.transpose(1, 2))
         cross += weight.view(-1, 1) * torch.einsum("qnd,qd->qn", e, target)
         const += weight * target.pow(2).sum(1)

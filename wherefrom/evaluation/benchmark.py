@@ -87,7 +87,7 @@ class SamplingConfig:
 
     seed: int = 0
     steps: int = 100
-    scheduler: str = "ddpm"
+    scheduler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.scheduler not in {s.value for s in SchedulerType}:

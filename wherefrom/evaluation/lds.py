@@ -47,7 +47,7 @@ from wherefrom.evaluation.benchmark import (
 from wherefrom.evaluation.stats import BootstrapConfig, Correlation, spearman_rows
 from wherefrom.fitting import join, start_worker
 from wherefrom.io import write_json, write_npy
-from wherefrom.task import DiffusionTask, Stream, mix_seed
+from wherefrom.task import Stream, mix_seed
 
 # --- the score -----------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ def measure_queries(module, queries: Tensor, cfg: MeasureConfig, ids: Tensor | N
     """Each query's ``cfg.measurement`` averaged over ``cfg.draws`` seeded (t, eps)
     draws of the MEASURE stream. The draws depend on ``cfg.seed`` and the query
     ids (default: positions) only, never on the model, so all models see the same noise."""
-    task = DiffusionTask(**{**module.task.config, "seed": cfg.seed})
+    task = module.task.reseeded(cfg.seed)
     denoise = eps_fn(module)
     ids = torch.arange(len(queries)) if ids is None else torch.as_tensor(ids)
     draws = [(d, None) for d in range(cfg.draws)]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wherefrom.task import DiffusionTask, Stream, condition_kwargs, eps_output
+from wherefrom.task import DiffusionTask, Stream, condition_kwargs, network_output
 
 Draws = Sequence[tuple[int, int | None]]  # [(draw id, fixed t or None = drawn per example)]
 
@@ -38,10 +38,10 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def noisy_inputs(
     task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Seeded ``(x_t, t, eps)`` of every (example, draw), shaped ``B x K x ...``."""
+    """Seeded ``(x_t, t, target)`` of every (example, draw), shaped ``B x K x ...`` (see :meth:`DiffusionTask.noisy`)."""
     per_draw = [task.noisy(x0, index, output, d, t, stream) for d, t in draws]
-    x_t, t, eps = (torch.stack(z, 1) for z in zip(*per_draw))
-    return x_t, t, eps
+    x_t, t, target = (torch.stack(z, 1) for z in zip(*per_draw))
+    return x_t, t, target
 
 
 def per_sample_grads(
@@ -63,17 +63,19 @@ def per_sample_grads(
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
     fn = task.measurement(output)
-    x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
+    x_t, t, target = noisy_inputs(task, x0, index, output, draws, stream)
 
     k = x_t.shape[1]
 
-    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, eps: Tensor, c: Tensor | None) -> Tensor:
+    time = task.model_time(t.flatten()).view_as(t)  # the network's time input, looked up outside vmap
+
+    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, time: Tensor, target: Tensor, c: Tensor | None) -> Tensor:
         c = None if c is None else c.unsqueeze(0).expand(k, *c.shape)  # the example's condition for each of its K draws
-        pred = eps_output(functional_call(model, {**p, **frozen}, (x_t, t), condition_kwargs(model, c)))
-        return fn(pred, eps, t, task).mean()
+        pred = network_output(functional_call(model, {**p, **frozen}, (x_t, time), condition_kwargs(model, c)))
+        return fn(pred, target, t, task).mean()
 
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0, None if cond is None else 0))(params, x_t, t, eps, cond)
+        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0, 0, None if cond is None else 0))(params, x_t, t, time, target, cond)
     return torch.cat([grads[n].reshape(len(x0), -1) for n in params], 1)
 
 

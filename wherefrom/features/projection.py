@@ -53,7 +53,7 @@ from wherefrom.features.gradients import (
     per_sample_grads,
     trainable_parameters,
 )
-from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict_eps
+from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix
 CUDA_MAX_BATCH = 32  # trak CudaProjector's largest kernel batch
@@ -299,7 +299,7 @@ def structured_grads(
     try:
         with torch.enable_grad():
             rows_cond = None if cond is None else cond.repeat_interleave(k, 0)  # row (b, j): example b's condition
-            pred = predict_eps(model, x_t.flatten(0, 1), t.flatten(0, 1), rows_cond)
+            pred = predict(model, x_t.flatten(0, 1), task.model_time(t.flatten(0, 1)), rows_cond)
             # mean over the K draws of each example, summed over examples (rows are independent)
             value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
             grads = torch.autograd.grad(value, outputs, allow_unused=True)

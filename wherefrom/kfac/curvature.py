@@ -12,30 +12,36 @@ from torch import Tensor, nn
 
 from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.factors import MC_TAG, Curvature
-from wherefrom.task import DiffusionTask, Stream, condition, generator_for, predict_eps
+from wherefrom.task import DiffusionTask, Stream, condition, generator_for, predict
 
 
-def output_vectors(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None) -> Iterator[Tensor]:
-    """The vectors ``r`` to backpropagate from the output for ``l = ||f - y||^2 / D``
-    (see the module docstring): one for ``mc``/``empirical``, ``D`` for ``type-2``."""
+def output_vectors(
+    output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None, weight: Tensor | None = None
+) -> Iterator[Tensor]:
+    """The vectors ``r`` to backpropagate from the output for ``l = w ||f - y||^2 / D``, ``w`` the
+    objective's per-row ``weight`` (``None``: 1; see the module docstring): one for ``mc``/``empirical``,
+    ``D`` for ``type-2``. The loss is the negative log-likelihood of ``y ~ N(f, D / (2 w) I)``, so
+    ``mc`` samples the objective's own output distribution: ``r = sqrt(2 w / D) z``."""
     curvature = Curvature(curvature)
     d = output[0].numel()
+    root = None if weight is None else weight.to(device=output.device, dtype=output.dtype).sqrt().view(-1, *[1] * (output.dim() - 1))
+    scale = (lambda r: r) if root is None else (lambda r: root * r)  # noqa: E731
     if curvature is Curvature.MC:
         if noise is None:
             raise ValueError("mc curvature needs the pseudo-target noise")
-        yield math.sqrt(2 / d) * noise
+        yield scale(math.sqrt(2 / d) * noise)
     elif curvature is Curvature.EMPIRICAL:
-        yield (2 / math.sqrt(d)) * (output.detach() - target)
+        yield scale(scale((2 / math.sqrt(d)) * (output.detach() - target)))
     else:
         for c in range(d):
             column = output.new_zeros(output.shape[0], d)
             column[:, c] = math.sqrt(2 / d)
-            yield column.view_as(output)
+            yield scale(column.view_as(output))
 
 
-def backpropagate(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None) -> None:
+def backpropagate(output: Tensor, target: Tensor, curvature: Curvature | str, noise: Tensor | None = None, weight: Tensor | None = None) -> None:
     """Backpropagate every curvature vector through the graph of ``output`` (the hooks record ``G``)."""
-    vectors = output_vectors(output, target, curvature, noise)
+    vectors = output_vectors(output, target, curvature, noise, weight)
     v = next(vectors)
     for following in vectors:  # keep the graph for all but the last vector
         torch.autograd.backward(output, v, retain_graph=True)
@@ -82,8 +88,8 @@ def factor_pass(
         for batch in batches:
             x0 = batch["image"].to(device=device, dtype=dtype)
             index = batch["index"]
-            t, eps = task.draw(index, draw, x0.shape[1:], stream=Stream.FACTORS, dtype=dtype, device=device)
+            x_t, t, target = task.noisy(x0, index, "loss", draw, None, Stream.FACTORS)
             cond = condition(batch)
-            out = predict_eps(denoiser, task.add_noise(x0, t, eps), t, None if cond is None else cond.to(device))
+            out = predict(denoiser, x_t, task.model_time(t), None if cond is None else cond.to(device))
             noise = mc_noise(task, index, draw, tuple(out.shape[1:]), out) if Curvature(curvature) is Curvature.MC else None
-            backpropagate(out, eps, curvature, noise)
+            backpropagate(out, target, curvature, noise, task.weight("loss", t))
