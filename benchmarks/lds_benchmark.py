@@ -160,13 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (train stage)")
     p.add_argument("--methods", nargs="+", default=None, help="attribute/report: only these methods (their names in the table)")
     p.add_argument("--curves", nargs="+", default=None, help="tune: only the curves whose name contains one of these")
+    p.add_argument("--no-ensemble", action="store_true", help="train/all: skip the encoded ensemble (the objectives' benchmarks grade single models)")
     a = p.parse_args(argv)
     bench = Benchmark.from_file(a.config, a.out)
     start = time.perf_counter()
     if a.stage in ("train", "all"):
         train(bench, lds.full_model_dir(bench), bench.model_seeds[0])
         lds.train_subsets(bench, workers=a.workers)
-        ensemble_checkpoint(bench)
+        if not a.no_ensemble:
+            ensemble_checkpoint(bench)
     if a.stage in ("queries", "all"):
         make_queries(bench)
     if a.stage in ("measure", "all"):

@@ -88,4 +88,4 @@ def test_bad_sizes_are_clear_errors():
     with pytest.raises(WherefromError, match="lds_subsets"):
         DemoConfig(lds_subsets=1)
     with pytest.raises(WherefromError, match="scheduler"):
-        DemoConfig(scheduler="euler")
+        DemoConfig(scheduler="lms")
