@@ -49,6 +49,7 @@ from wherefrom.kfac.stored import (
 from wherefrom.model import DiffusionModel
 from wherefrom.store import Entry, Store, as_tensor
 from wherefrom.task import Stream, predict
+from tests.helpers import MinSNR
 
 # ~1.3k parameters (attention included): the dense (F + lambda I) fits in memory
 MICRO_UNET = dict(TINY_UNET, block_out_channels=(2, 2), norm_num_groups=1, attention_head_dim=2)
@@ -107,7 +108,7 @@ def explicit_gradient(net, task, x0: torch.Tensor, index: int, name: str) -> tor
     total = 0
     for draw, t in CONFIG.draws(task):
         x_t, tt, eps = task.noisy(x0[None], torch.tensor([index]), name, draw, t, Stream.FEATURES)
-        total = total + task.measurement(name)(predict(net, x_t, tt), eps, tt, task).sum() / CONFIG.timesteps
+        total = total + task.measurement(name)(predict(net, x_t, task.model_time(tt)), eps, tt, task).sum() / CONFIG.timesteps
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(params.values()))])
 
 
@@ -180,6 +181,30 @@ def test_influence_equals_dense_inverse(setup, method, measurement):
     np.testing.assert_allclose(got[:, TRAIN], expected.detach().numpy(), rtol=1e-8, atol=1e-12 * float(expected.abs().max()))
     assert not got[:, len(TRAIN) :].any()  # images outside the split have no influence
     assert np.abs(got[:, TRAIN]).min() > 0
+
+
+@pytest.mark.parametrize("objective", ["v_prediction", "flow_matching", "edm", "own"])
+def test_every_objective_gives_influence_equal_to_its_dense_inverse_and_stored_equal_to_exact(objective, tmp_path):
+    """Per-sample gradients (the explicit loop), K-FAC factors fitted under the objective, exact and stored
+    influence: the same references as epsilon-prediction's, under each objective (an own one: Min-SNR weights)."""
+    torch.manual_seed(0)
+    module = DiffusionModel(unet=MICRO_UNET, seed=3, objective=MinSNR(2.0) if objective == "own" else objective).double().eval()
+    net, task = module.unet, module.task
+    dm = DigitsDataModule(subset=TRAIN)
+    dm.setup()
+    store = Store(tmp_path / "store", dm.fingerprint)
+    fit_factors(net, "model", task, dm, np.asarray(TRAIN), store, FactorConfig(passes=2, ekfac=True), batch_size=4)
+    queries = DigitsDataModule().images[100:102].double()
+    got = influence_scores(module, dm, queries, store, "loss", ekfac=True, config=CONFIG, batch_size=4)
+    curvature, tracked = dense_curvature(net, store, True)
+    g_q = torch.stack([explicit_gradient(net, task, q, -(i + 1), "loss") for i, q in enumerate(queries)])[:, tracked]
+    g_x = torch.stack([explicit_gradient(net, task, dm.images[i].double(), i, "loss") for i in TRAIN])[:, tracked]
+    expected = (g_q @ torch.linalg.solve(curvature, g_x.T)).detach().numpy()
+    np.testing.assert_allclose(got[:, TRAIN], expected, rtol=1e-8, atol=1e-12 * np.abs(expected).max())
+    config = InfluenceConfig(dim=10**7, timesteps=CONFIG.timesteps, strategy=CONFIG.strategy, dtype="float64")
+    featurize_influence(net, "model", task, dm, np.asarray(TRAIN), store, config, batch_size=4)
+    stored = influence_scores(module, dm, queries, store, "loss", ekfac=True, grads="stored", batch_size=4)
+    np.testing.assert_allclose(stored, got, rtol=1e-9, atol=1e-12 * np.abs(got).max())
 
 
 def test_projected_mode_projects_the_preconditioned_query(setup):

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
+from tests.helpers import MinSNR
 from wherefrom.errors import WherefromError
 from wherefrom.objective import DDPMObjective, EDM, FlowMatching, Objective, build_objective, objective_from_scheduler
 from wherefrom.task import DiffusionTask, Stream
@@ -165,28 +166,13 @@ def test_bad_objective_settings_are_one_line():
         DiffusionTask(num_train_timesteps=500, objective="flow_matching")
 
 
-class MinSNR(DDPMObjective):
-    """An own objective: epsilon-prediction with Min-SNR-gamma weighting (Hang et al. 2023, eq. 12)."""
-
-    def __init__(self, gamma: float = 5.0) -> None:
-        super().__init__("epsilon")
-        self.gamma = gamma
-
-    def loss_weight(self, t):
-        snr = self.alphas_cumprod[t.cpu()] / (1 - self.alphas_cumprod[t.cpu()])
-        return (snr.clamp(max=self.gamma) / snr).float()
-
-    def config(self):
-        return {"gamma": self.gamma}
-
-
 def test_an_own_objective_gives_its_loss_and_is_recorded_by_import_path():
     task, net = DiffusionTask(seed=1, objective=MinSNR(2.0)), Net()
     x0, index, t, eps = _setup(task)
     ab = task.objective.alphas_cumprod[t]
     weight = (ab / (1 - ab)).clamp(max=2.0) / (ab / (1 - ab))
     torch.testing.assert_close(task.loss(net, x0, index, draw=3), weight * _mse(net(task.add_noise(x0, t, eps), t), eps), rtol=1e-6, atol=0)
-    assert task.config["objective"] == {"type": "own", "class": "tests.test_objective.MinSNR", "gamma": 2.0}
+    assert task.config["objective"] == {"type": "own", "class": "tests.helpers.MinSNR", "gamma": 2.0}
     again = DiffusionTask(**task.config)
     assert isinstance(again.objective, MinSNR) and again.objective.gamma == 2.0
     assert isinstance(Objective(), Objective)  # the base is instantiable and says what to implement

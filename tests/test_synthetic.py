@@ -31,10 +31,11 @@ from wherefrom.task import DiffusionTask
 # --- Jacobian -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
-def test_jvp_columns_equal_central_finite_differences(scheduler):
-    """Float64, attention UNets, clipped x0 predictions (the real chain), at weights with a zero entry."""
-    check_jvp_columns(unet_sampler(scheduler=scheduler))
+@pytest.mark.parametrize(("objective", "scheduler"), [("epsilon", "ddpm"), ("epsilon", "ddim"), ("v_prediction", "ddim"), ("flow_matching", "euler"), ("edm", "heun")])
+def test_jvp_columns_equal_central_finite_differences(objective, scheduler):
+    """Float64, attention UNets, at weights with a zero entry, through each objective's own chain: clipped
+    x0 predictions for the DDPM family, the flow-matching Euler ODE, EDM's Heun steps."""
+    check_jvp_columns(unet_sampler(scheduler=scheduler, objective=objective))
 
 
 def test_strategies_and_query_batches_agree():
