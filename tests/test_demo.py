@@ -67,6 +67,20 @@ def test_tiny_demo_writes_the_whole_report(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and snapshot(out) == before
 
 
+def test_tiny_demo_under_flow_matching_runs_every_method(tmp_path, capsys):
+    """The whole demo (ensemble fit with the capture callbacks, Euler sampling, every attributor, synthetic
+    ablation through the Euler chain, the LDS subset models) on a rectified-flow objective."""
+    out = tmp_path / "demo"
+    code, err = cli(capsys, "demo", "--out", str(out), "--tiny", "--objective", "flow_matching")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert {k: v for k, v in results["status"].items() if k != "ablation/real"} == {
+        f"{m}/{s}": "ok" for m in ATTRIBUTORS for s in ("generated", "real") if (m, s) != ("ablation", "real")
+    }
+    assert "objective: flow_matching" in (out / "ensemble" / "fit.yaml").read_text()
+    assert np.isfinite(np.load(out / "methods" / "generated" / "ekfac" / "scores.npy")).all()
+
+
 def test_a_bad_option_never_touches_a_users_folder(tmp_path, capsys):
     out = tmp_path / "mine"
     (out / "store").mkdir(parents=True)
@@ -89,3 +103,7 @@ def test_bad_sizes_are_clear_errors():
         DemoConfig(lds_subsets=1)
     with pytest.raises(WherefromError, match="scheduler"):
         DemoConfig(scheduler="lms")
+    with pytest.raises(WherefromError, match=r"^objective: unknown objective 'x1'"):
+        DemoConfig(objective="x1")
+    with pytest.raises(WherefromError, match=r"^FlowMatching samples with \['euler'\], not 'ddim'"):
+        DemoConfig(objective="flow_matching", scheduler="ddim")

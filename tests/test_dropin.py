@@ -19,10 +19,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
-from tests.helpers import TINY_UNET
+from tests.helpers import TINY_UNET, MinSNR
 from wherefrom.callbacks import KFACFactors, TRAKFeatures
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.errors import FingerprintMismatchError, WherefromError
@@ -38,7 +38,7 @@ PIPELINE = '''
 import sys
 import lightning as L
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -52,13 +52,17 @@ class Denoiser(L.LightningModule):
         self.save_hyperparameters()
         torch.manual_seed(0)
         self.unet = UNet2DModel(**unet_config)
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.noise_scheduler = SCHEDULER
 
     def training_step(self, batch, batch_idx):
         x0 = batch["image"]
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (len(x0),))
-        return F.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t).sample, noise)
+        if isinstance(self.noise_scheduler, FlowMatchEulerDiscreteScheduler):  # rectified flow
+            s = self.noise_scheduler.sigmas[t].view(-1, 1, 1, 1)
+            return F.mse_loss(self.unet((1 - s) * x0 + s * noise, self.noise_scheduler.timesteps[t]).sample, noise - x0)
+        target = noise if self.noise_scheduler.config.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t).sample, target)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: the weights stay those of the reference
@@ -90,12 +94,24 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(scope="module")
-def ordinary(tmp_path_factory):
-    """The ordinary pipeline's stores after a fit on 1 and on 2 DDP ranks."""
-    root = tmp_path_factory.mktemp("ordinary")
+# the user's diffusers scheduler, as they construct it: epsilon, v-prediction, rectified flow
+SCHEDULERS = {
+    "epsilon": ("DDPMScheduler(num_train_timesteps=1000)", lambda: DDPMScheduler(num_train_timesteps=1000)),
+    "v_prediction": (
+        "DDPMScheduler(num_train_timesteps=1000, prediction_type='v_prediction', beta_schedule='squaredcos_cap_v2')",
+        lambda: DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2"),
+    ),
+    "flow_matching": ("FlowMatchEulerDiscreteScheduler(shift=3.0)", lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)),
+}
+
+
+@pytest.fixture(scope="module", params=list(SCHEDULERS))
+def ordinary(request, tmp_path_factory):
+    """The ordinary pipeline's stores after a fit on 1 and on 2 DDP ranks, under each objective; and its scheduler."""
+    root = tmp_path_factory.mktemp(f"ordinary_{request.param}")
     script = root / "pipeline.py"
-    script.write_text(textwrap.dedent(PIPELINE).replace("(SUBSET)", f"({SUBSET})").replace("(UNET)", f"({TINY_UNET!r})"))
+    text = textwrap.dedent(PIPELINE).replace("(SUBSET)", f"({SUBSET})").replace("(UNET)", f"({TINY_UNET!r})")
+    script.write_text(text.replace("SCHEDULER", SCHEDULERS[request.param][0]))
     stores = {}
     for devices in (1, 2):  # cwd root: `pipeline` is importable by the commands run there
         out = root / f"ranks{devices}"
@@ -110,17 +126,17 @@ def ordinary(tmp_path_factory):
             r = subprocess.run([sys.executable, str(script), str(out), str(devices)], capture_output=True, text=True, cwd=root)
             assert r.returncode == 0, r.stderr[-3000:]
         stores[devices] = Store.open(out / "store")
-    return root, stores
+    return root, stores, request.param
 
 
-def reference(store: Store, tmp_path) -> Store:
+def reference(store: Store, tmp_path, objective: str) -> Store:
     """The same statistics through wherefrom's own path: the store's saved weights, DigitsDataModule,
-    featurize (both outputs), fit_factors and featurize_influence."""
+    featurize (both outputs), fit_factors and featurize_influence, under the pipeline scheduler's objective."""
     net = UNet2DModel(**TINY_UNET).double()
     net.load_state_dict(store.load_tensors("weights/model"))
     dm = DigitsDataModule(subset=SUBSET)
     ref = Store(tmp_path / "ref", dm.fingerprint)
-    task = DiffusionTask()
+    task = DiffusionTask.from_scheduler(SCHEDULERS[objective][1]())
     for output in ("square_norm", "loss"):
         featurize(net, "model", task, dm, ref, FeatureConfig.from_dict(store.config(f"features/{output}/model")), batch_size=5)
     fit_factors(net, "model", task, dm, np.asarray(SUBSET), ref, FactorConfig(passes=2, ekfac=True), batch_size=5)
@@ -130,9 +146,10 @@ def reference(store: Store, tmp_path) -> Store:
 
 def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tmp_path):
     """D-TRAK and TRAK features, factors with EK-FAC and stored influence side by side in one store,
-    filled in one fit, on 1 and 2 DDP ranks alike and equal to wherefrom's own path."""
-    _, stores = ordinary
-    ref = reference(stores[1], tmp_path)
+    filled in one fit, on 1 and 2 DDP ranks alike and equal to wherefrom's own path, for a user's
+    epsilon, v-prediction and rectified-flow modules alike."""
+    _, stores, objective = ordinary
+    ref = reference(stores[1], tmp_path, objective)
     for devices, store in stores.items():
         assert set(store.entries()) == set(ref.entries()) | {"weights/model"}
         for name in ("features/square_norm/model", "features/loss/model", "influence/model"):
@@ -156,7 +173,8 @@ def test_commands_and_api_read_the_ordinary_pipelines_own_checkpoint(ordinary, t
     from wherefrom import DTRAK
     from wherefrom.checkpoint import load_module
 
-    root, stores = ordinary
+    root, stores, _ = ordinary
+    monkeypatch.delitem(sys.modules, "pipeline", raising=False)  # this objective's pipeline, not another's imported before
     monkeypatch.chdir(root)  # `pipeline` is importable from the working directory, as for a user
     monkeypatch.syspath_prepend(str(root))
     run = ["--ckpt", str(root / "ranks1" / "last.ckpt"), "--model.class_path", "pipeline.Denoiser",
@@ -194,10 +212,10 @@ class _Items(Dataset):
 class _Module(L.LightningModule):
     """Fails its first training step: a callback error seen instead proves the check came first."""
 
-    def __init__(self, unets=1, prediction_type="epsilon"):
+    def __init__(self, unets=1, **scheduler):
         super().__init__()
         self.nets = torch.nn.ModuleList([UNet2DModel(**TINY_UNET) for _ in range(unets)])
-        self.noise_scheduler = DDPMScheduler(prediction_type=prediction_type)
+        self.noise_scheduler = DDPMScheduler(**scheduler)
 
     def training_step(self, batch, batch_idx):
         raise AssertionError("the first training step ran before the callback's check")
@@ -217,7 +235,7 @@ def test_missing_requirements_fail_before_the_first_step_with_one_line(make, tmp
     name = type(make(tmp_path)).__name__
     cases = [
         (_Module(unets=2), None, rf"{name} needs the module's diffusers UNet .*found 2 \(nets.0, nets.1\); pass {name}\(denoiser=...\)"),
-        (_Module(prediction_type="v_prediction"), None, rf"{name}: DDPMScheduler has prediction_type='v_prediction'; wherefrom's attribution models prediction_type='epsilon' only \(eps-prediction DDPM with a named beta schedule\)$"),
+        (_Module(thresholding=True), None, rf"{name}: DDPMScheduler has thresholding=True; wherefrom models thresholding=False only; give the module a DiffusionTask with your own Objective$"),
         (_Module(), lambda i: {"index": i, "pixels": torch.zeros(1, 8, 8)}, rf"{name}: the training items are dicts without an 'image' key"),
         (_Module(), lambda i: {"index": 0, "image": torch.zeros(1, 8, 8)}, rf"{name}: the training items' 'index' values must be distinct"),
     ]
@@ -335,16 +353,21 @@ def test_kfac_during_training_reads_every_batch_form(tmp_path):
     assert any(v.abs().sum() > 0 for k, v in factors["dicts"].items() if not k.endswith("_count"))
 
 
-def test_v_prediction_is_refused_even_when_a_task_is_passed(tmp_path):
-    """The refusal no longer says "pass task=": following it featurised a v-prediction model with the epsilon loss."""
+def test_a_task_that_contradicts_the_modules_scheduler_is_refused(tmp_path):
+    """A built-in task cannot stand in for what the module's scheduler says (v-prediction scored with the epsilon
+    loss), nor for a scheduler no built-in models; an own objective is the user's word and is taken."""
     from wherefrom import DTRAK
 
     for make in (TRAKFeatures, KFACFactors):
-        with pytest.raises(WherefromError, match=r"prediction_type='v_prediction'.*; a task cannot stand in for it$") as err:
+        with pytest.raises(WherefromError, match=r"the module's DDPMScheduler trains DDPMObjective\(prediction_type='v_prediction'\) but the task given is DDPMObjective\(prediction_type='epsilon'\); drop the task or make it match$") as err:
             _fit(_Module(prediction_type="v_prediction"), make(str(tmp_path / "store"), task=DiffusionTask()))
-        assert "\n" not in str(err.value) and "task=" not in str(err.value)
-    with pytest.raises(WherefromError, match=r"^DTRAK: DDPMScheduler has prediction_type='v_prediction'"):
-        DTRAK(store=str(tmp_path / "store")).attribute(_Module(prediction_type="v_prediction"), DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)})), torch.zeros(1, 1, 8, 8))
+        assert "\n" not in str(err.value)
+        with pytest.raises(WherefromError, match=r"thresholding=True.*; a built-in objective cannot stand in for it$"):
+            _fit(_Module(thresholding=True), make(str(tmp_path / "store"), task=DiffusionTask()))
+        with pytest.raises(AssertionError, match="the first training step ran"):  # past every check: an own objective is taken
+            _fit(_Module(thresholding=True), make(str(tmp_path / "own"), task=DiffusionTask(objective=MinSNR())))
+    with pytest.raises(WherefromError, match=r"^DTRAK: DDPMScheduler has thresholding=True"):
+        DTRAK(store=str(tmp_path / "store")).attribute(_Module(thresholding=True), DataLoader(_Items(lambda i: {"index": i, "image": torch.zeros(1, 8, 8)})), torch.zeros(1, 1, 8, 8))
     assert not (tmp_path / "store").exists()
 
 

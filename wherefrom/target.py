@@ -27,9 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from wherefrom.errors import Spell, WherefromError, keyword
 from wherefrom.io import fingerprint, to_model_range
+from wherefrom.objective import OBJECTIVES
 from wherefrom.task import DiffusionTask, predict
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
 @dataclass
 class Target:
     """The networks (``{model_id: net}``) and the diffusion task of ``module``; an
@@ -124,13 +127,25 @@ def resolve_target(
             task = DiffusionTask.from_scheduler(scheduler)
         except WherefromError as e:
             raise WherefromError(f"{owner}: {e}") from None
-    else:  # a given task sets the schedule; it cannot change what a scheduler of the module says the network predicts
+    else:  # a given task sets the objective; a built-in one cannot contradict what a scheduler of the module says
         for _, scheduler in _found(module, is_scheduler).values():
-            try:
-                DiffusionTask.from_scheduler(scheduler)
-            except WherefromError as e:
-                raise WherefromError(f"{owner}: {e}; a task cannot stand in for it") from None
+            check_task_against(task, scheduler, owner)
     return Target(nets, task, module)
+
+
+def check_task_against(task: DiffusionTask, scheduler: Any, owner: str) -> None:
+    """Refuse a given task whose built-in objective is not what the module's diffusers ``scheduler`` trains
+    (another family or prediction type), or stands in for a scheduler no built-in models; an own
+    :class:`~wherefrom.objective.Objective` is the user's word for what their module trains."""
+    if type(task.objective) not in OBJECTIVES.values():
+        return
+    try:
+        theirs = DiffusionTask.from_scheduler(scheduler).objective
+    except WherefromError as e:
+        raise WherefromError(f"{owner}: {e}; a built-in objective cannot stand in for it") from None
+    says = lambda o: f"{type(o).__name__}" + (f"(prediction_type={o.prediction_type!r})" if hasattr(o, "prediction_type") else "")  # noqa: E731
+    if says(theirs) != says(task.objective):
+        raise WherefromError(f"{owner}: the module's {type(scheduler).__name__} trains {says(theirs)} but the task given is {says(task.objective)}; drop the task or make it match")
 
 
 def attributable(module: Any, owner: str, denoiser: str | None = None) -> Any:

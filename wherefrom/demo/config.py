@@ -14,6 +14,7 @@ from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble.codes import validate_codes
 from wherefrom.errors import Spell, WherefromError
 from wherefrom.evaluation.benchmark import SamplingConfig
+from wherefrom.objective import build_objective
 
 DIGITS = 1797
 # the order of the report; attributors registered later are appended
@@ -29,7 +30,8 @@ class DemoConfig:
     ``num_images`` training digits are drawn at random (``seed``); C(members, code_weight) must
     cover them with distinct codes. ``batch_size`` is the global batch (split over ``devices``).
     ``timesteps`` are the seeded draws per TRAK gradient, ``measure_draws`` those of every
-    loss in the evaluation (a different seed than the attributors').
+    loss in the evaluation (a different seed than the attributors'). ``objective``: what every model
+    trains on (:mod:`wherefrom.objective`: ``epsilon``, ``v_prediction``, ``sample``, ``flow_matching``, ``edm``).
     """
 
     num_images: int = 70
@@ -43,6 +45,7 @@ class DemoConfig:
     real_queries: int = 32
     steps: int = 50
     scheduler: str = "auto"
+    objective: str = "epsilon"
     top_k: int = 8
     removal_k: int = 1
     timesteps: int = 32
@@ -72,6 +75,11 @@ class DemoConfig:
         if min(self.channels) < 1:
             raise WherefromError(f"{o('channels')} must be positive, got {self.channels}")
         SamplingConfig(self.seed, self.steps, self.scheduler)  # validates the scheduler
+        try:
+            objective = build_objective(self.objective)
+        except WherefromError as e:
+            raise WherefromError(f"{o('objective')}: {e}") from None
+        objective.sampler(self.scheduler)  # one the objective samples with
         validate_codes(self.num_images, self.members, self.code_weight)  # C(n, w) distinct codes for the images
 
     @property
@@ -112,7 +120,8 @@ def fit_config(cfg: DemoConfig, out: Path) -> dict[str, Any]:
                     "logger": False, "enable_progress_bar": cfg.progress, "enable_model_summary": False,
                     "default_root_dir": str(out / "ensemble"), "callbacks": callbacks},
         "model": {"class_path": "wherefrom.EncodedEnsemble",
-                  "init_args": {"n": cfg.members, "w": cfg.code_weight, "unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05, "seed": cfg.seed}},
+                  "init_args": {"n": cfg.members, "w": cfg.code_weight, "unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05, "seed": cfg.seed,
+                                "objective": cfg.objective}},
         "data": {"class_path": "wherefrom.DigitsDataModule",
                  "init_args": {"batch_size": cfg.batch_size // cfg.devices, "pool_size": cfg.num_images, "pool_seed": cfg.seed}},
     }  # fmt: skip
@@ -125,7 +134,7 @@ def lds_benchmark(cfg: DemoConfig, out: Path) -> Path:
         "seed_everything": cfg.seed,
         "trainer": {"max_epochs": cfg.epochs, "accelerator": "cpu", "devices": 1, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False},
-        "model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05}},
+        "model": {"class_path": "wherefrom.DiffusionModel", "init_args": {"unet": cfg.unet, "lr": cfg.lr, "warmup": 0.05, "objective": cfg.objective}},
         "data": {"class_path": "wherefrom.DigitsDataModule",
                  "init_args": {"batch_size": cfg.member_batch_size, "pool_size": cfg.num_images, "pool_seed": cfg.seed}},
     }  # fmt: skip
