@@ -155,3 +155,30 @@ def test_subset_file_with_a_word_is_one_line(world):
 
     with pytest.raises(WherefromError, match="must hold integer indices"):
         DigitsDataModule(subset=str(world / "words.txt")).setup()
+
+
+def test_queries_as_users_hold_them(tmp_path):
+    """Issue 38 (items 4-6): an .npz of one array or of 'images', a single RGB image without its batch
+    dimension (named), and [0, 1] floats as ToTensor makes them (a warning that names the rescale)."""
+    from wherefrom.cli.options import load_queries
+    from wherefrom.datamodules import ArrayDataModule
+    from wherefrom.errors import WherefromError
+
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", rgb)
+    dm = ArrayDataModule(str(tmp_path / "train.npy"))
+    dm.setup()
+    expected = torch.from_numpy(rgb[:2]).float() / 127.5 - 1
+    np.savez(tmp_path / "one.npz", rgb[:2])
+    np.savez(tmp_path / "named.npz", images=rgb[:2], labels=np.arange(2))
+    for name in ("one.npz", "named.npz"):
+        torch.testing.assert_close(load_queries(str(tmp_path / name), dm), expected, rtol=0, atol=0)
+    np.savez(tmp_path / "two.npz", a=rgb, b=rgb)
+    with pytest.raises(WherefromError, match=r"holds arrays \['a', 'b'\]; keep one array or name the images 'images' \(np.savez\(path, images=x\)\)$"):
+        load_queries(str(tmp_path / "two.npz"), dm)
+    np.save(tmp_path / "single.npy", rgb[0])
+    with pytest.raises(WherefromError, match=r"have shape \(1, 16, 16\) but the training images are \(3, 16, 16\); one image\? add the batch dimension \(x\[None\], 1 x 3 x 16 x 16\)$"):
+        load_queries(str(tmp_path / "single.npy"), dm)
+    np.save(tmp_path / "unit.npy", rgb[:2].astype(np.float32) / 255)
+    with pytest.warns(UserWarning, match=r"no value is below 0, but the model sees images in \[-1, 1\]; .*rescale them: x \* 2 - 1"):
+        load_queries(str(tmp_path / "unit.npy"), dm)

@@ -63,19 +63,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def load_array(path: str | Path, what: str, key: str | None = None) -> np.ndarray:
-    """A user's ``.npy`` (or ``key`` of an ``.npz``), never unpickled; a missing,
-    truncated or pickled file raises one-line :class:`WherefromError`."""
+    """A user's ``.npy`` (or ``key`` of an ``.npz``: by default its only array, else its ``"images"``),
+    never unpickled; a missing, truncated or pickled file raises one-line :class:`WherefromError`."""
     path = Path(path)
     if not path.is_file():
         raise WherefromError(f"{what} file {str(path)!r} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
-        if key is None:
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
             return loaded
         with loaded as z:
+            keys = list(z.keys())
+            if key is None and len(keys) != 1 and "images" not in keys:
+                raise WherefromError(f"{what} file {str(path)!r} holds arrays {keys}; keep one array or name the images 'images' (np.savez(path, images=x))")
+            key = key or (keys[0] if len(keys) == 1 else "images")
             if key in z:
                 return z[key]
-            keys = list(z.keys())
+    except WherefromError:
+        raise
     except (ValueError, OSError, EOFError) as e:
         raise WherefromError(f"{what} file {str(path)!r} is not a readable .npy/.npz array ({one_line(e, 120)}); write it with numpy.save") from None
     raise WherefromError(f"{what} file {str(path)!r} has no array {key!r} (has {keys})")

@@ -310,8 +310,15 @@ def as_queries(queries: Any, data: Any, source: str) -> Tensor:
         x = to_model_range(queries, source)
         if isinstance(queries, Tensor) and queries.is_floating_point():
             x = queries.detach().reshape(x.shape)  # checked; kept in their own dtype and device (float64 stays exact)
+        if x.is_floating_point() and x.min() >= 0 and not (isinstance(queries, np.ndarray | Tensor) and queries.dtype in (np.uint8, torch.uint8)):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{source}: no value is below 0, but the model sees images in [-1, 1]; if these are [0, 1] images "
+                           "(as ToTensor makes them), rescale them: x * 2 - 1")  # fmt: skip
     if tuple(x.shape[1:]) != tuple(data.image_shape):
-        raise WherefromError(f"{source} have shape {tuple(x.shape[1:])} but the training images are {tuple(data.image_shape)}")
+        single = tuple(np.shape(queries)) == tuple(data.image_shape)
+        hint = f"; one image? add the batch dimension (x[None], 1 x {' x '.join(map(str, data.image_shape))})" if single else ""
+        raise WherefromError(f"{source} have shape {tuple(x.shape[1:])} but the training images are {tuple(data.image_shape)}{hint}")
     return x
 
 
