@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
+from diffusers import DDPMScheduler
 
 from tests.helpers import (
     TINY_UNET,
@@ -24,6 +25,7 @@ from tests.helpers import (
 from wherefrom import DTRAK, EKFAC, load_module
 from wherefrom.attribution.api import ATTRIBUTORS
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.errors import WherefromError
 from wherefrom.ensemble import Codes, EncodedEnsemble, EnsembleSampler
 from wherefrom.features import per_sample_grads
 from wherefrom.model import DiffusionModel, build_unet
@@ -192,6 +194,12 @@ def test_conditional_model_trained_sampled_and_attributed_from_the_cli(runs, tmp
         np.testing.assert_allclose(scores[method], api.scores, rtol=1e-5, atol=1e-6 * np.abs(api.scores).max())  # CLI == API
         other = attributor.attribute(module, data, samples, cond=torch.tensor([0, 0, 0]))
         assert not np.allclose(other.scores, api.scores, rtol=1e-3), method  # the query's label enters its gradient
+    # issue 38, item 2: the user's own module around the same class-conditional UNet, attributed without cond=
+    own = L.LightningModule()
+    own.unet, own.noise_scheduler = module.unet, DDPMScheduler()
+    with pytest.raises(WherefromError, match=r"^UNet2DModel is class-conditional but got no class labels; give the queries' conditions \(cond=\)") as err:
+        DTRAK(store=str(tmp_path / "store_dtrak")).attribute(own, data, samples)
+    assert "\n" not in str(err.value)
     # labels are required exactly when the model is conditional: one line, exit 2
     capsys.readouterr()  # the API calls' progress bars
     code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "pixel", "--queries", str(tmp_path / "s" / "samples.npy"), "--out", str(tmp_path / "x"))

@@ -497,7 +497,7 @@ def test_every_network_reading_attributor_takes_denoiser(tmp_path):
 
 
 # the ordinary pipeline as a user's package, with a LightningDataModule for a plain LightningCLI
-USER_PACKAGE = PIPELINE + '''
+USER_PACKAGE = PIPELINE.replace("SCHEDULER", SCHEDULERS["epsilon"][0]) + '''
 
 class DigitsData(L.LightningDataModule):
     def __init__(self, n: int = 12):

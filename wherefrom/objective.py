@@ -347,7 +347,8 @@ class FlowMatching(Objective):
     def step(self, fn: ModelFn, x: Tensor, plan: Sequence[float], k: int, scheduler: SchedulerType, noise: Tensor | None, clip: bool) -> Tensor:
         s, s_next = plan[k], plan[k + 1]
         v = fn(x, torch.full((x.shape[0],), s * self.num_levels, device=x.device, dtype=torch.float32))
-        return x + (s_next - s) * v  # Euler step of dx/ds = v (FlowMatchEulerDiscreteScheduler.step)
+        x_next = x + (s_next - s) * v  # Euler step of dx/ds = v (FlowMatchEulerDiscreteScheduler.step)
+        return x_next.clamp(-1, 1) if clip and s_next == 0 else x_next  # the last step lands on x0: clipped like the DDPM family's
 
 
 # --- EDM ---------------------------------------------------------------------------------

@@ -108,9 +108,12 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
     ``class_labels`` for a UNet with class embeddings; none for a network that takes no condition
     (an unconditional diffusers UNet evaluated on labelled data ignores the labels). A network that
     is not a diffusers model gets ``class_labels`` for integers and ``encoder_hidden_states`` for floats."""
-    if cond is None:
-        return {}
     config = getattr(model, "config", None)
+    if cond is None:
+        if getattr(model, "class_embedding", None) is not None or getattr(config, "cross_attention_dim", None) is not None:
+            what = "text-conditional (cross-attention) but got no caption embeddings" if getattr(config, "cross_attention_dim", None) is not None else "class-conditional but got no class labels"
+            raise WherefromError(f"{type(model).__name__} is {what}; give the queries' conditions (cond=) and train on items that carry a 'label' (or 'cond')")
+        return {}
     if config is None:
         return {"encoder_hidden_states": cond} if cond.is_floating_point() else {"class_labels": cond}
     if getattr(config, "cross_attention_dim", None) is not None:

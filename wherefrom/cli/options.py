@@ -113,8 +113,13 @@ def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | No
     labels, cond = conditions.get("labels"), conditions.get("cond")
     if hasattr(module, "conditions"):
         return module.conditions(num, labels, cond)
+    net = next(iter(module.denoisers().values()))
+    if labels is None and cond is None and getattr(net, "class_embedding", None) is not None:
+        raise WherefromError("this network is class-conditional; pass --labels (each query's class, comma-separated, or one for all)")
+    if labels is None and cond is None and getattr(getattr(net, "config", None), "cross_attention_dim", None) is not None:
+        raise WherefromError("this network is text-conditional; pass --captions (one per query)")
     if labels is not None:
-        classes = getattr(getattr(next(iter(module.denoisers().values())), "class_embedding", None), "num_embeddings", None)
+        classes = getattr(getattr(net, "class_embedding", None), "num_embeddings", None)
         if classes is not None and not all(0 <= y < classes for y in labels):
             raise WherefromError(f"--labels must be in [0, {classes}) for this network's class embedding, got {labels}")
         return torch.tensor(labels)
