@@ -550,3 +550,45 @@ def test_a_plain_lightningcli_run_of_a_package_in_the_working_directory(tmp_path
                                       "--data.class_path", "mypipe.pipeline.DigitsData", "--store", "store", "--timesteps", "1", "--proj-dim", "8"])  # fmt: skip
     runpy.run_module("wherefrom", run_name="__main__")  # python -m wherefrom
     assert len(Store.open(tmp_path / "store").read_array("features/square_norm/model")) == 12  # every image of the saved DigitsData(n=12)
+
+
+class _Conditional(L.LightningModule):
+    """A user's class-conditional UNet (10 classes), trained on ``(image, label)`` tuples (``fail``: its first step fails)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet, self.noise_scheduler, self.fail = UNet2DModel(**TINY_UNET, num_class_embeds=10), DDPMScheduler(), fail
+
+    def training_step(self, batch, batch_idx):
+        if self.fail:
+            raise AssertionError("the first training step ran before the callback's check")
+        x0, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (len(x0),))
+        return torch.nn.functional.mse_loss(self.unet(self.noise_scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path):
+    """Issue 38, item 1: capture crashed after training (diffusers' "class_labels should be provided") because
+    only dicts' "label" became conditions; now ``(image, label)`` tuples condition the UNet exactly as labelled
+    dicts do, and items without labels are refused in one line before the first step."""
+    images = _digits()
+    forms = {"tuples": lambda i: (images[i], i % 10), "dicts": lambda i: {"index": i, "image": images[i], "label": i % 10}}
+    stores = {}
+    for form, item in forms.items():
+        callbacks = [TRAKFeatures(str(tmp_path / form), timesteps=2, proj_dim=32), KFACFactors(str(tmp_path / form), passes=1)]
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=callbacks)  # fmt: skip
+        trainer.fit(_Conditional(), DataLoader(_Items(item, n=8), batch_size=4))
+        stores[form] = Store.open(tmp_path / form)
+    np.testing.assert_array_equal(stores["tuples"].read_array("features/square_norm/model"), stores["dicts"].read_array("features/square_norm/model"))
+    for key, value in stores["dicts"].load_tensors("factors/model").items():
+        torch.testing.assert_close(stores["tuples"].load_tensors("factors/model")[key], value, rtol=0, atol=0)
+    for make in (TRAKFeatures, KFACFactors):
+        with pytest.raises(WherefromError, match=rf"^{make.__name__}: network 'model' is class-conditional but the training items carry no class label; "
+                                                 r"yield \{'index', 'image', 'label'\} dicts or \(image, label\) tuples$"):  # fmt: skip
+            _fit(_Conditional(fail=True), make(str(tmp_path / "unlabelled")), item=lambda i: {"index": i, "image": torch.zeros(1, 8, 8)})
+    assert not (tmp_path / "unlabelled").exists()

@@ -170,6 +170,29 @@ def item_image(item: Any, owner: str) -> Tensor:
     raise WherefromError(f"{owner}: cannot find the image in a training item of type {type(item).__name__}; yield {{'index', 'image'}}")
 
 
+def item_conditions(item: Any) -> dict[str, Tensor]:
+    """A training item's condition: a dict's ``"label"`` (class) and ``"cond"`` (e.g. a caption embedding), or
+    the integer second entry of an ``(image, label)`` tuple; none for other items."""
+    if isinstance(item, dict):
+        return {key: torch.as_tensor(item[key]) for key in ("label", "cond") if key in item}
+    if isinstance(item, (tuple, list)) and len(item) > 1:
+        label = torch.as_tensor(item[1]) if isinstance(item[1], (int, np.integer, Tensor)) else None
+        if label is not None and label.dim() == 0 and not label.is_floating_point():
+            return {"label": label}
+    return {}
+
+
+def check_conditions(networks: dict[str, nn.Module], data: Any, owner: str) -> None:
+    """Refuse, before any work, training data without the conditions a class- or text-conditional network needs."""
+    item = data.dataset()[0]
+    for name, net in networks.items():
+        if getattr(getattr(net, "config", None), "cross_attention_dim", None) is not None and "cond" not in item:
+            raise WherefromError(f"{owner}: network {name!r} is text-conditional but the training items carry no 'cond' (caption embedding); yield {{'index', 'image', 'cond'}} items")
+        if getattr(net, "class_embedding", None) is not None and "label" not in item and "cond" not in item:
+            raise WherefromError(f"{owner}: network {name!r} is class-conditional but the training items carry no class label; "
+                                 "yield {'index', 'image', 'label'} dicts or (image, label) tuples")  # fmt: skip
+
+
 def _item_index(item: Any) -> int | None:
     """A training item's own global index (a dict's ``"index"``; ``None``: use its position)."""
     index = item.get("index") if isinstance(item, dict) else None
@@ -187,16 +210,13 @@ class _ByIndex(Dataset):
         g = int(self.indices[i])
         item = self.view.source[self.view.position[g]]
         out = {"index": torch.tensor(g), "image": item_image(item, self.view.owner).float()}
-        for key in ("label", "cond"):  # a conditional pipeline's class label or text embedding
-            if isinstance(item, dict) and key in item:
-                out[key] = torch.as_tensor(item[key])
-        return out
+        return out | item_conditions(item)
 
 
 class DatasetView:
     """A map-style dataset of a user's pipeline seen as wherefrom data: ``indices`` (global, from the
     items' ``"index"`` or their positions), ``num_images`` (largest index + 1), ``fingerprint``,
-    ``dataset(indices)`` yielding ``{"index", "image"}`` (and the items' ``"label"`` / ``"cond"``) and ``images`` (the full index space,
+    ``dataset(indices)`` yielding ``{"index", "image"}`` (and the items' conditions, :func:`item_conditions`) and ``images`` (the full index space,
     zero where no item has that index). An item without ``"index"`` is indexed by its position: in
     the root dataset of a (nested) ``Subset``, so ``Subset(data, range(100, 200))`` keeps 100..199,
     and a warning says so once. Reads every item once for its index; images are read again when needed."""

@@ -12,6 +12,7 @@ are identical whatever the batch size, order, worker count or DDP rank count.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,7 +108,8 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
     tokens x dim) as ``encoder_hidden_states`` for a ``UNet2DConditionModel``, class labels as
     ``class_labels`` for a UNet with class embeddings; none for a network that takes no condition
     (an unconditional diffusers UNet evaluated on labelled data ignores the labels). A network that
-    is not a diffusers model gets ``class_labels`` for integers and ``encoder_hidden_states`` for floats."""
+    is not a diffusers model gets ``class_labels`` for integers and ``encoder_hidden_states`` for floats,
+    when its ``forward`` takes that keyword."""
     config = getattr(model, "config", None)
     if cond is None:
         if getattr(model, "class_embedding", None) is not None or getattr(config, "cross_attention_dim", None) is not None:
@@ -115,7 +117,9 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
             raise WherefromError(f"{type(model).__name__} is {what}; give the queries' conditions (cond=) and train on items that carry a 'label' (or 'cond')")
         return {}
     if config is None:
-        return {"encoder_hidden_states": cond} if cond.is_floating_point() else {"class_labels": cond}
+        key = "encoder_hidden_states" if cond.is_floating_point() else "class_labels"
+        params = inspect.signature(model.forward if isinstance(model, nn.Module) else model).parameters.values()
+        return {key: cond} if any(p.name == key or p.kind is p.VAR_KEYWORD for p in params) else {}
     if getattr(config, "cross_attention_dim", None) is not None:
         return {"encoder_hidden_states": cond}
     if getattr(model, "class_embedding", None) is not None:

@@ -12,7 +12,7 @@ from wherefrom.ddp import on_rank_zero
 from wherefrom.errors import FingerprintMismatchError
 from wherefrom.io import weights_hash
 from wherefrom.store import Store
-from wherefrom.target import Target, resolve_data, resolve_target
+from wherefrom.target import Target, check_conditions, resolve_data, resolve_target
 from wherefrom.task import DiffusionTask
 
 
@@ -45,6 +45,7 @@ class CaptureCallback(L.Callback):
         """Find the data, open the store and check the entries this callback will write, so a
         mismatch fails before the first step."""
         self._data = resolve_data(trainer, type(self).__name__)
+        check_conditions(self._target.networks, self._data, type(self).__name__)
         on_rank_zero(trainer.strategy, self._open_store)
         on_rank_zero(trainer.strategy, self._check_entries)
 
