@@ -182,3 +182,37 @@ def test_queries_as_users_hold_them(tmp_path):
     np.save(tmp_path / "unit.npy", rgb[:2].astype(np.float32) / 255)
     with pytest.warns(UserWarning, match=r"no value is below 0, but the model sees images in \[-1, 1\]; .*rescale them: x \* 2 - 1"):
         load_queries(str(tmp_path / "unit.npy"), dm)
+
+
+def test_images_as_queries(world, tmp_path, capsys):
+    """Issue 38, item 7: `--queries sample.png` said "not a readable .npy/.npz array"; image files, several of
+    them and folders are now read as the training folder is (its mode and size), and score as the array does."""
+    from PIL import Image
+
+    from wherefrom.cli.options import load_queries
+    from wherefrom.errors import WherefromError
+
+    root = world
+    digits = np.load(root / "queries.npy")  # 2 x 1 x 8 x 8 in [-1, 1]
+    pixels = np.round((digits[:, 0] + 1) * 127.5).astype(np.uint8)
+    (tmp_path / "folder" / "nested").mkdir(parents=True)
+    for i, px in enumerate(pixels):
+        Image.fromarray(px, mode="L").save(tmp_path / f"q{i}.png")
+        Image.fromarray(px, mode="L").convert("RGB").save(tmp_path / "folder" / "nested" / f"q{i}.png")  # read in the model's mode
+    np.save(tmp_path / "same.npy", pixels[:, None])
+    dm = DigitsDataModule()
+    expected = load_queries(str(tmp_path / "same.npy"), dm)
+    for spec in ([str(tmp_path / "q0.png"), str(tmp_path / "q1.png")], [str(tmp_path / "folder")]):
+        torch.testing.assert_close(load_queries(spec, dm), expected, rtol=0, atol=0)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(WherefromError, match=r"are 16 x 16 but the training images are 8 x 8; resize them"):
+        load_queries([str(tmp_path / "big.png")], dm)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(WherefromError, match=r"is neither an image .*, a folder of images, a .npy/.npz array nor 'val'$"):
+        load_queries([str(tmp_path / "notes.txt")], dm)
+    scores = {}
+    for name, spec in (("png", [str(tmp_path / "q0.png"), str(tmp_path / "q1.png")]), ("npy", [str(tmp_path / "same.npy")])):
+        code, err = cli(capsys, "attribute", "--ckpt", str(root / "model.ckpt"), "--method", "pixel", "--queries", *spec, "--out", str(tmp_path / name))
+        assert code == 0, err
+        scores[name] = np.load(tmp_path / name / "scores.npy")
+    np.testing.assert_array_equal(scores["png"], scores["npy"])

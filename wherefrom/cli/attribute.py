@@ -89,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--queries", default=None, help="samples.npy (N x C x H x W in [-1, 1]) or 'val'; default: generate --num-samples with --seed")
+    p.add_argument("--queries", nargs="+", default=None, help="samples.npy (N x C x H x W in [-1, 1]), image files or folders of them, or 'val'; default: generate --num-samples with --seed")
     p.add_argument("--num-samples", type=int, default=8)
     add_sampling(p, "generated queries")
     group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.datamodules.sources import IMAGE_EXTENSIONS, image_files, read_images
 from wherefrom.errors import WherefromError
 from wherefrom.io import load_array
 from wherefrom.sampling import SchedulerType
@@ -126,17 +127,39 @@ def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | No
     return cond
 
 
-def load_queries(spec: str, datamodule) -> Tensor:
-    """Query images from a file (``samples.npy``) or the held-out split (``val``)."""
-    if spec == "val":
+def load_queries(spec: str | list[str], datamodule) -> Tensor:
+    """Query images from an array file (``samples.npy`` / ``.npz``), image files or folders of them (read as
+    the training folder is: its mode, its ``image_size``), or the held-out split (``val``)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if specs == ["val"]:
         val = getattr(datamodule, "val_images", None)  # a wherefrom datamodule's held-out split
         if val is None or len(val) == 0:
             raise WherefromError("the checkpoint's datamodule has no held-out split; train with --data.val_size > 0 or pass --queries samples.npy")
         return val
-    if not Path(spec).is_file():
-        raise WherefromError(f"queries file {spec!r} does not exist; pass samples.npy from `wherefrom sample` or 'val'")
-    array = load_array(spec, "queries")
-    return as_queries(array, datamodule, f"queries {spec}")
+    missing = [s for s in specs if not Path(s).exists()]
+    if missing:
+        raise WherefromError(f"queries {missing[0]!r} does not exist; pass samples.npy from `wherefrom sample`, image files, a folder of images or 'val'")
+    name = f"queries {' '.join(specs)}"
+    if len(specs) == 1 and Path(specs[0]).suffix in (".npy", ".npz"):
+        return as_queries(load_array(specs[0], "queries"), datamodule, name)
+    files = []
+    for s in map(Path, specs):
+        if s.is_dir():
+            files += image_files(s)
+        elif s.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(s)
+        else:
+            raise WherefromError(f"queries {str(s)!r} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), a folder of images, a .npy/.npz array nor 'val'")
+    if not files:
+        raise WherefromError(f"{name}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder")
+    channels, height, width = datamodule.image_shape
+    if getattr(datamodule, "codec", None) is not None or channels not in (1, 3):
+        raise WherefromError(f"{name}: this model works on latents ({channels} channels); pass latents as samples.npy (`wherefrom sample` writes them)")
+    size = getattr(datamodule, "image_size", None)
+    images = read_images(files, "L" if channels == 1 else "RGB", size, name, "resize them to one size")
+    if size is None and images.shape[2:] != (height, width):
+        raise WherefromError(f"{name} are {images.shape[2]} x {images.shape[3]} but the training images are {height} x {width}; resize them (or train with --data.image_size)")
+    return as_queries(images, datamodule, name)
 
 
 def add_config(p: Any, cls: type, skip: tuple[str, ...] = (), names: dict[str, str] | None = None) -> None:

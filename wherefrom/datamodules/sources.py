@@ -14,6 +14,30 @@ from wherefrom.io import load_array
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root`` (recursively, sorted by path)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_images(files: list[Path], mode: str, image_size: int | None, what: str, fix: str) -> np.ndarray:
+    """``files`` as uint8 N x C x H x W in PIL ``mode`` (``L``: 1 channel, ``RGB``: 3), each resized to
+    ``image_size`` when set; differing sizes raise one line ending in ``fix``."""
+    arrays = []
+    for path in files:
+        try:
+            img = Image.open(path).convert(mode)
+        except OSError as e:
+            raise WherefromError(f"{what}: {str(path)!r} is not a readable image ({e})") from None
+        if image_size is not None:
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        arrays.append(np.asarray(img, dtype=np.uint8))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise WherefromError(f"{what} have different sizes {sorted(shapes)[:3]}; {fix}")
+    x = np.stack(arrays)
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+
+
 class DigitsDataModule(ImageDataModule):
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, offline).
 
@@ -56,7 +80,7 @@ class FolderDataModule(ImageDataModule):
     def files(self) -> list[Path]:
         if not self.root.is_dir():
             raise WherefromError(f"image folder {str(self.root)!r} does not exist; pass {type(self).__name__}(root=...) pointing at a folder of images")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(self.root)
         if not files:
             raise WherefromError(f"image folder {str(self.root)!r} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return files
@@ -68,17 +92,7 @@ class FolderDataModule(ImageDataModule):
         return files if captions is None else [f"{f}: {c}" for f, c in zip(files, captions)]
 
     def load_images(self) -> np.ndarray:
-        arrays = []
-        for path in self.files():
-            img = Image.open(path).convert(self.mode)
-            if self.image_size is not None:
-                img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
-            arrays.append(np.asarray(img, dtype=np.uint8))
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise WherefromError(f"images in {str(self.root)!r} have different sizes {sorted(shapes)[:3]}; set {type(self).__name__}(image_size=...) to resize them")
-        x = np.stack(arrays)
-        return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+        return read_images(self.files(), self.mode, self.image_size, f"images in {str(self.root)!r}", f"set {type(self).__name__}(image_size=...) to resize them")
 
 
 class ArrayDataModule(ImageDataModule):
