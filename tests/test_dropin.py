@@ -468,7 +468,9 @@ def test_a_store_of_another_model_is_refused_before_the_first_step(tmp_path):
         _fit(_Trainable(), callback)  # the first model fills the store
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     for callback in callbacks():
-        with pytest.raises(FingerprintMismatchError, match=r"already holds \S+ made from another model's weights \(weights '\w+' \(stored\) vs '\w+'\); point") as err:
+        with pytest.raises(FingerprintMismatchError, match=r"already holds \S+ of a run with weights \w{12}, not this model's \(\w{12}, as training starts\): to capture this run, "
+                                                       r"point \w+\(store=...\) at a new folder or pass \w+\(overwrite=True\) to replace that entry \(only it\); "
+                                                       r"to go on with that run, resume it with trainer.fit\(..., ckpt_path=...\)$") as err:  # issue 38, item 8
             _fit(_Module(), callback)  # _Module fails its first step: the refusal came before it
         assert "\n" not in str(err.value)
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before

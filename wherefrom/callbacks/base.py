@@ -69,9 +69,13 @@ class CaptureCallback(L.Callback):
                 clash = self._store.clash(name, config)
                 if clash:
                     raise FingerprintMismatchError(f"store {self.store!r} already holds {name} made with another config ({clash}); {fix}")
-                clash = self._store.clash(name, weights)
-                if clash:
-                    raise FingerprintMismatchError(f"store {self.store!r} already holds {name} made from another model's weights ({clash}); {fix}")
+                if self._store.clash(name, weights):
+                    stored = str(self._store.config(name).get("weights"))
+                    raise FingerprintMismatchError(
+                        f"store {self.store!r} already holds {name} of a run with weights {stored[:12]}, not this model's ({weights['weights'][:12]}, as training starts): "
+                        f"to capture this run, point {owner}(store=...) at a new folder or pass {owner}(overwrite=True) to replace that entry (only it); "
+                        "to go on with that run, resume it with trainer.fit(..., ckpt_path=...)"
+                    )
 
     def _open_store(self) -> None:
         """(Re)open the store on rank 0 as ``self._store`` (other ranks never touch it)."""
