@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from tests.helpers import SUBSET, tiny_checkpoint
@@ -127,3 +128,49 @@ def test_attribute_reads_a_config_file_and_prints_its_config(featurised, capsys,
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "method: dtrak" in printed and "damping: 0.3" in printed and "top_k: 5" in printed
+
+
+def test_a_result_users_can_keep(featurised, tmp_path):
+    """Issue 38, item 10: a one-line repr, save / load back equal (arrays checked against the manifest), rows as
+    records and a DataFrame, a figure, names of labelled dict data, and D-TRAK's info (entry, K, D, damping)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from torch.utils.data import Dataset
+
+    from wherefrom.attribution.protocol import Attribution
+    from wherefrom.target import as_data
+
+    root, model, dm, config, queries = featurised
+    result = DTRAK(store=str(root / "store"), batch_size=2, query_timesteps=3).attribute(model, dm, queries)
+    assert repr(result) == f"Attribution(method='dtrak', queries=2, training images={len(SUBSET)} of {dm.num_images} indices, unit={result.unit!r})"
+    assert {k: result.info[k] for k in ("entries", "draws", "query_draws", "dim", "damping")} == {
+        "entries": ["features/square_norm/model"], "draws": 2, "query_draws": 3, "dim": 128, "damping": DTRAK.damping}
+    saved = result.save(tmp_path / "kept")
+    again = Attribution.load(saved)
+    np.testing.assert_array_equal(again.scores, result.scores)
+    torch.testing.assert_close(again.queries, result.queries, rtol=0, atol=0)
+    assert (again.method, again.unit, again.names, again.info, again.split.tolist()) == (result.method, result.unit, result.names, result.info, result.split.tolist())
+    np.save(saved / "scores.npy", result.scores[:1])  # a damaged array is refused against the manifest
+    with pytest.raises(WherefromError, match=r"saved attribution scores.npy is \(1, 1797\) float32, not \(2, 1797\) float32 as attribution.json lists; save it again$"):
+        Attribution.load(saved)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(WherefromError, match=r"exists and is not a saved attribution; pass another folder or overwrite=True$"):
+        result.save(tmp_path / "mine")
+    rows = result.records(k=3)
+    idx, top = result.topk(3)
+    assert len(rows) == 6 and rows[4] == {"query": 1, "rank": 1, "index": int(idx[1, 1]), "name": result.names[idx[1, 1]], "score": float(top[1, 1]), "predicted_change": None}
+    frame = result.to_pandas()
+    assert list(frame.columns) == ["query", "rank", "index", "name", "score", "predicted_change"] and len(frame) == 2 * len(SUBSET)
+    fig = result.plot(dm.images, k=4)
+    assert len(fig.axes) == 2 * 5 and fig.axes[0].get_title() == "query 0" and fig.axes[1].get_title().startswith(result.names[idx[0, 0]])
+
+    class Labelled(Dataset):  # a user's dict items with class labels: the names are the classes
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"index": i, "image": torch.zeros(1, 8, 8), "label": 7 - i}
+
+    assert as_data(Labelled(), "test").image_names() == ["class 7", "class 6", "class 5"]

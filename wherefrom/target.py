@@ -228,13 +228,15 @@ class DatasetView:
             raise WherefromError(f"{owner}: the training dataset is empty")
         self.owner, self.source = owner, dataset
         positions, root = _root_positions(dataset)
-        indices, shapes, unnamed = [], set(), 0
+        indices, shapes, unnamed, labels = [], set(), 0, []
         for pos in range(len(dataset)):
             item = dataset[pos]
             image, index = item_image(item, owner), _item_index(item)
             unnamed += index is None
             indices.append(int(positions[pos]) if index is None else index)
             shapes.add(tuple(image.shape))
+            label = item_conditions(item).get("label")
+            labels.append(None if label is None or label.dim() else int(label))
         if unnamed:
             where = f"their positions in the {type(root).__name__} the Subset selects from" if root is not dataset else "their positions"
             from lightning.pytorch.utilities import rank_zero_warn
@@ -247,10 +249,15 @@ class DatasetView:
         if np.unique(self.indices).size != self.indices.size or self.indices.min() < 0:
             raise WherefromError(f"{owner}: the training items' 'index' values must be distinct and >= 0 (global indices)")
         self.position = {int(g): p for p, g in enumerate(self.indices)}
+        self._labels = {int(g): y for g, y in zip(self.indices, labels) if y is not None}
         self.num_images = int(self.indices.max()) + 1
         self.image_shape = shapes.pop()
         self.fingerprint = fingerprint(self.num_images, self.image_shape, self.indices)
         self._images: Tensor | None = None
+
+    def image_names(self) -> list[str]:
+        """Each index's identity as reports show it: ``class <label>`` for items that carry a class label, else the index."""
+        return [f"class {self._labels[g]}" if g in self._labels else str(g) for g in range(self.num_images)]
 
     def image(self, index: int) -> Tensor:
         """The image of global index ``index`` (float)."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from wherefrom.attribution.html import summary_html
@@ -28,7 +31,10 @@ class Needs(str, enum.Enum):
     ENSEMBLE = "ensemble"  # an encoded ensemble with its codes (the module itself)
 
 
-@dataclass
+SAVED = "attribution.json"  # the manifest of a saved Attribution (Attribution.save)
+
+
+@dataclass(repr=False)
 class Attribution:
     """Scores of Q queries against all N training indices (larger = more influential).
 
@@ -58,14 +64,107 @@ class Attribution:
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
         if self.scores.ndim != 2 or self.scores.shape[0] != len(self.queries):
-            raise ValueError(f"scores must be Q x N with Q = {len(self.queries)} queries, got {self.scores.shape}")
+            raise WherefromError(f"scores must be Q x N with Q = {len(self.queries)} queries, got {self.scores.shape}")
         if self.split is not None:
             self.split = np.sort(np.asarray(self.split, dtype=np.int64))
         for name, rows in self.artifacts.items():
             if rows.dim() != 5 or len(rows) != len(self.queries):
-                raise ValueError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
+                raise WherefromError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
         if self.names is not None and len(self.names) != self.scores.shape[1]:
-            raise ValueError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
+            raise WherefromError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
+
+    def __repr__(self) -> str:
+        """One line: the method, the sizes, the unit (never the score array)."""
+        ranked = len(self.columns)
+        return (f"Attribution(method={self.method!r}, queries={len(self.queries)}, training images={ranked}"
+                f"{'' if ranked == self.scores.shape[1] else f' of {self.scores.shape[1]} indices'}, unit={self.unit!r})")  # fmt: skip
+
+    def records(self, k: int | None = None) -> list[dict[str, Any]]:
+        """The top ``k`` (default: every ranked image) of each query as rows ``{query, rank, index, name, score,
+        predicted_change}`` (``predicted_change``: the measurement's change if the image were removed, for
+        influence methods; else ``None``)."""
+        idx, top = self.topk(len(self.columns) if k is None else k)
+        scale = self.removal_scale
+        return [
+            {"query": q, "rank": r, "index": int(i), "name": None if self.names is None else self.names[i], "score": float(s),
+             "predicted_change": None if scale is None else float(s) * scale}  # fmt: skip
+            for q in range(len(idx))
+            for r, (i, s) in enumerate(zip(idx[q], top[q]))
+        ]
+
+    def to_pandas(self, k: int | None = None) -> Any:
+        """:meth:`records` as a ``pandas.DataFrame`` (one row per query and ranked image)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise WherefromError("to_pandas needs pandas; pip install pandas (or use records(), the same rows as dicts)") from None
+        return pd.DataFrame.from_records(self.records(k), columns=["query", "rank", "index", "name", "score", "predicted_change"])
+
+    def plot(self, images: Tensor, k: int = 5, queries: Sequence[int] | None = None) -> Any:
+        """A matplotlib figure: each query (a row) beside its top ``k``, titled with names and scores.
+        ``images``: the training images over the whole index space (``data.images``)."""
+        import matplotlib.pyplot as plt
+
+        if len(images) != self.scores.shape[1]:
+            raise WherefromError(f"plot needs the training images of all {self.scores.shape[1]} indices (data.images), got {len(images)}")
+        rows = list(range(len(self.queries))) if queries is None else list(queries)
+        idx, top = self.topk(k)
+        fig, axes = plt.subplots(len(rows), idx.shape[1] + 1, figsize=(1.6 * (idx.shape[1] + 1), 1.8 * len(rows)), squeeze=False)
+        show = lambda x: ((x.float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).squeeze(-1).numpy()  # noqa: E731
+        for r, q in enumerate(rows):
+            panels = [(self.queries[q], f"query {q}")] + [
+                (images[i], f"{self.names[i] if self.names else i}\n{s:.3g}") for i, s in zip(idx[q], top[q])
+            ]
+            for ax, (img, title) in zip(axes[r], panels):
+                ax.imshow(show(img), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=7)
+                ax.axis("off")
+        fig.suptitle(f"{self.method}: {self.unit}", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the whole result to folder ``path`` (``attribution.json`` with every field but the arrays, which
+        go to ``.npy`` files it lists with their shapes); :meth:`load` reads it back equal. An existing folder
+        is written into only when it holds a saved attribution or is empty (else pass ``overwrite=True``)."""
+        from wherefrom.io import write_json, write_npy
+
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / SAVED).is_file() and not overwrite)):
+            raise WherefromError(f"{str(path)!r} exists and is not a saved attribution; pass another folder or overwrite=True")
+        arrays = {"scores": self.scores, "queries": self.queries.detach().cpu().numpy()}
+        if self.split is not None:
+            arrays["split"] = self.split
+        arrays |= {f"artifact_{name}": rows.detach().cpu().numpy() for name, rows in self.artifacts.items()}
+        for name, array in arrays.items():
+            write_npy(path / f"{name}.npy", array)
+        fields = {"method": self.method, "unit": self.unit, "info": self.info, "extra": self.extra, "removal_scale": self.removal_scale, "names": self.names}
+        write_json(path / SAVED, {**fields, "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        """A result written by :meth:`save`, its arrays checked against the manifest's shapes and dtypes."""
+        import json
+
+        from wherefrom.io import load_array
+
+        path = Path(path)
+        if not (path / SAVED).is_file():
+            raise WherefromError(f"{str(path)!r} holds no saved attribution ({SAVED}); pass a folder written by Attribution.save")
+        try:
+            meta = json.loads((path / SAVED).read_text())
+            listed = meta.pop("arrays")
+        except (ValueError, KeyError):
+            raise WherefromError(f"{str(path / SAVED)!r} is damaged; save the attribution again") from None
+        arrays = {}
+        for name, spec in listed.items():
+            array = load_array(path / f"{name}.npy", f"saved attribution {name}")
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                raise WherefromError(f"saved attribution {name}.npy is {array.shape} {array.dtype}, not {tuple(spec['shape'])} {spec['dtype']} as {SAVED} lists; save it again")
+            arrays[name] = array
+        artifacts = {name[len("artifact_"):]: torch.from_numpy(a) for name, a in arrays.items() if name.startswith("artifact_")}
+        return cls(arrays["scores"], torch.from_numpy(arrays["queries"]), split=arrays.get("split"), artifacts=artifacts, **meta)
 
     def _repr_html_(self) -> str:
         """A notebook's view: each query beside its top 5 (names, scores, predicted changes)."""

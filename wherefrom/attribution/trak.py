@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -171,13 +171,15 @@ def query_features(
 def store_scores(
     module, datamodule, queries: Tensor, store: str | Path, method: str, damping: float, normalize: bool, batch_size: int, cond: Tensor | None = None,
     query_timesteps: int | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, Any]]:
     """TRAK / D-TRAK scores (Q x N) of ``queries`` (conditions ``cond``) from the store's ``method`` features, averaged over
-    its model ids; ``query_timesteps`` gives the queries their own number of draws (default: the features')."""
+    its model ids; ``query_timesteps`` gives the queries their own number of draws (default: the features'). Also
+    how they were made: the store entries, their draws K and dimension D, the query draws and the damping."""
     store = Store.open(store)
     check_store(store, datamodule.fingerprint, module.codes_fingerprint)
     train, query = [], []
-    for name, config in feature_entries(store, METHOD_OUTPUTS[method]).items():
+    entries = feature_entries(store, METHOD_OUTPUTS[method])
+    for name, config in entries.items():
         net = network_for(module, store, config["model_id"], config)
         was_training = net.training
         net.eval()
@@ -186,7 +188,10 @@ def store_scores(
         query.append(query_features(net, module, config["model_id"], query_config, queries, batch_size, cond))
         net.train(was_training)
         train.append(store.read_array(name))
-    return trak_scores(train, query, damping, normalize=normalize)
+    config = next(iter(entries.values()))
+    info = {"store": str(store.root), "entries": sorted(entries), "draws": config["timesteps"], "query_draws": query_timesteps or config["timesteps"],
+            "dim": config["proj_dim"], "damping": damping, "normalize": normalize}  # fmt: skip
+    return trak_scores(train, query, damping, normalize=normalize), info
 
 
 @dataclass
@@ -228,8 +233,8 @@ class TRAK:
         data = as_data(data, type(self).__name__)
         queries = as_queries(queries, data, f"{type(self).__name__} queries")
         module = attributable(module, type(self).__name__, self.denoiser)
-        scores = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
-        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data))
+        scores, info = store_scores(module, data, queries, self.store, self.name, self.damping, self.normalize, self.batch_size, cond, self.query_timesteps)
+        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit, names=image_names(data), info=info)
 
 
 @dataclass
