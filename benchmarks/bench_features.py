@@ -57,9 +57,9 @@ def reference_features(module: DiffusionModel, dm: DigitsDataModule, config: Fea
     device = next(unet.parameters()).device
     projector = BasicProjector(num_params, config.proj_dim, projection_seed(config.seed, "model"), ProjectionType.normal, device, BLOCK_SIZE)
 
-    def output(p, x_t, t, eps):  # one example, one timestep
-        pred = predict(lambda x, s: functional_call(unet, {**p, **buffers}, (x, s)), x_t[None], t[None])
-        return fn(pred, eps[None], t[None], task).sum()
+    def output(p, x_t, t, time, target):  # one example, one timestep (time: the network's time input)
+        pred = predict(lambda x, s: functional_call(unet, {**p, **buffers}, (x, s)), x_t[None], time[None])
+        return fn(pred, target[None], t[None], task).sum()
 
     out = []
     for s in range(0, len(dm.indices), batch_size):
@@ -67,9 +67,9 @@ def reference_features(module: DiffusionModel, dm: DigitsDataModule, config: Fea
         x0 = dm.images[index].to(device)
         total = None
         for d, t in config.draws(task):
-            x_t, tt, eps = task.noisy(x0, index, config.output, d, t, Stream.FEATURES)
+            x_t, tt, target = task.noisy(x0, index, config.output, d, t, Stream.FEATURES)
             with sdpa_kernel(SDPBackend.MATH):
-                g = vmap(grad(output), in_dims=(None, 0, 0, 0))(params, x_t, tt, eps)
+                g = vmap(grad(output), in_dims=(None, 0, 0, 0, 0))(params, x_t, tt, task.model_time(tt), target)
             flat = torch.cat([g[n].reshape(len(index), -1) for n in params], 1)
             total = flat if total is None else total + flat
         out.append(projector.project(total, model_id=0).cpu())

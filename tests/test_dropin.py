@@ -359,7 +359,8 @@ def test_a_task_that_contradicts_the_modules_scheduler_is_refused(tmp_path):
     from wherefrom import DTRAK
 
     for make in (TRAKFeatures, KFACFactors):
-        with pytest.raises(WherefromError, match=r"the module's DDPMScheduler trains DDPMObjective\(prediction_type='v_prediction'\) but the task given is DDPMObjective\(prediction_type='epsilon'\); drop the task or make it match$") as err:
+        with pytest.raises(WherefromError, match=r"the module's DDPMScheduler trains DDPMObjective\(prediction_type='v_prediction'\) "
+                                                 r"but the task given is DDPMObjective\(prediction_type='epsilon'\); drop the task or make it match$") as err:
             _fit(_Module(prediction_type="v_prediction"), make(str(tmp_path / "store"), task=DiffusionTask()))
         assert "\n" not in str(err.value)
         with pytest.raises(WherefromError, match=r"thresholding=True.*; a built-in objective cannot stand in for it$"):

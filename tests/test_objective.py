@@ -172,9 +172,30 @@ def test_an_own_objective_gives_its_loss_and_is_recorded_by_import_path():
     ab = task.objective.alphas_cumprod[t]
     weight = (ab / (1 - ab)).clamp(max=2.0) / (ab / (1 - ab))
     torch.testing.assert_close(task.loss(net, x0, index, draw=3), weight * _mse(net(task.add_noise(x0, t, eps), t), eps), rtol=1e-6, atol=0)
-    assert task.config["objective"] == {"type": "own", "class": "tests.helpers.MinSNR", "gamma": 2.0}
+    assert task.config["objective"] == {"type": "own", "class": "tests.helpers:MinSNR", "gamma": 2.0}
     again = DiffusionTask(**task.config)
     assert isinstance(again.objective, MinSNR) and again.objective.gamma == 2.0
     assert isinstance(Objective(), Objective)  # the base is instantiable and says what to implement
     with pytest.raises(NotImplementedError):
         Objective().target(x0, t, eps)
+
+
+def test_review_findings_are_refused_or_kept_canonical():
+    """A scheduler whose network time or schedule no built-in models, epsilon at zero terminal SNR, an own
+    objective without its own config(), SD3's preconditioned outputs; and one config for equal objectives."""
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(WherefromError, match=r"^EulerDiscreteScheduler has timestep_type='continuous'; wherefrom models timestep_type='discrete' only"):
+        objective_from_scheduler(EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"))
+    with pytest.raises(WherefromError, match=r"rescale_betas_zero_snr needs v_prediction"):
+        DDPMObjective("epsilon", rescale_betas_zero_snr=True)
+
+    class Shifted(DDPMObjective):
+        def __init__(self, gamma: float = 1.0):
+            super().__init__("v_prediction")
+
+    with pytest.raises(WherefromError, match=r"^own objective Shifted takes its own arguments but inherits config\(\)"):
+        DiffusionTask(objective=Shifted())
+    s = FlowMatching(precondition_outputs=True).sigmas[torch.tensor([10, 700])]
+    torch.testing.assert_close(FlowMatching(precondition_outputs=True).loss_weight(torch.tensor([10, 700])).double(), s**2, rtol=1e-6, atol=0)
+    assert DiffusionTask.from_scheduler(DDPMScheduler()).config == DiffusionTask().config == DiffusionTask(objective=DDPMObjective()).config

@@ -31,7 +31,8 @@ class Hits(HTMLParser):
         super().__init__()
         self.methods: dict[str, list[dict]] = {}
         self.groups: dict[str, list[dict]] = {}  # per method: the groups of largest summed score
-        self._method, self._span = None, None
+        self.large, self.condition, self.notes = None, "", []  # the selected query enlarged, its condition, the methods' notes
+        self._method, self._span, self._p = None, None, None
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         a = dict(attrs)
@@ -44,14 +45,24 @@ class Hits(HTMLParser):
             self.methods[self._method].append({"index": int(a["data-index"]), "score": float(a["data-score"])})
         elif tag == "span":
             self._span = a.get("class")
+        elif tag == "img" and a.get("id") == "query-large":
+            self.large = a.get("src")
+        elif tag == "p":
+            self._p = a.get("id") or a.get("class")
 
     def handle_data(self, data: str) -> None:
         if self._span in ("name", "change"):
             self.methods[self._method][-1][self._span] = data
+        elif self._p == "condition":
+            self.condition += data
+        elif self._p == "unit" and data.startswith("Predicted change"):
+            self.notes.append(data)
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "span":
             self._span = None
+        elif tag == "p":
+            self._p = None
 
 
 def rendered(page: Path, query: int) -> Hits:
@@ -81,11 +92,16 @@ def test_the_report_shows_topk_json_for_the_selected_query(tmp_path):
     result = Pixel().attribute(None, dm, dm.images[[4, 1, 2]] * 0.5)
     # as an influence method's: the predicted change is shown; names with markup stay text
     names = [f"</script><!--<script>{n} & <b>" for n in result.names]
-    result = dataclasses.replace(result, removal_scale=0.5, names=names)
+    conditions = ["a four", "a one", "a <two>"]  # issue 38, item 9: what each query was conditioned on, shown with it
+    result = dataclasses.replace(result, removal_scale=0.5, names=names, conditions=conditions, info={"measurement": "loss"})
     write_attribution(tmp_path / "run", result, dm.images, top_k=3)
     top = json.loads((tmp_path / "run" / "topk.json").read_text())["queries"]
     for q in (0, 2):
-        hits = rendered(tmp_path / "run" / "index.html", q).methods["pixel"]
+        page = rendered(tmp_path / "run" / "index.html", q)
+        hits = page.methods["pixel"]
+        assert page.large == f"images/query_{q}.png" and page.condition == f"conditioned on: {conditions[q]}" == f"conditioned on: {top[q]['condition']}"
+        assert page.notes == ["Predicted change: how much the query's loss would rise were the image removed and the model retrained; it ranks the images, its size is rough."]
+        assert all(h["change"].startswith("query loss without it: ") for h in hits)
         assert [h["index"] for h in hits] == top[q]["indices"] and [h["score"] for h in hits] == top[q]["scores"]
         assert [h["name"] for h in hits] == top[q]["names"] == [names[i] for i in top[q]["indices"]]
         assert all(n.split(">")[-2].endswith(".png & <b") for n in top[q]["names"])  # each folder file's name inside the markup

@@ -147,6 +147,8 @@ class DDPMObjective(Objective):
             raise WherefromError(f"prediction_type must be one of {list(PREDICTIONS)}, got {prediction_type!r}")
         if num_train_timesteps < 2:
             raise WherefromError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        if prediction_type == "epsilon" and rescale_betas_zero_snr:
+            raise WherefromError("epsilon prediction cannot reach x0 at zero terminal SNR (abar_T = 0); rescale_betas_zero_snr needs v_prediction (Lin et al. 2024, Sec. 3.2)")
         if trained_betas is not None and len(trained_betas) != num_train_timesteps:
             raise WherefromError(f"trained_betas has {len(trained_betas)} values for num_train_timesteps={num_train_timesteps}; give one beta per timestep")
         from diffusers import DDPMScheduler  # on first use: importing wherefrom's math stays light
@@ -256,6 +258,8 @@ class FlowMatching(Objective):
         density: how a training step draws ``s`` (SD3's ``weighting_scheme``): ``uniform``, ``logit_normal``
             (``logit_mean``, ``logit_std``) or ``mode`` (``mode_scale``); the scheduler does not record it.
         weighting: SD3's loss weighting, ``none``, ``sigma_sqrt`` (``s^-2``) or ``cosmap``.
+        precondition_outputs: SD3's DreamBooth default: the loss is taken on ``x0 = x_t - s v``, i.e. the
+            velocity loss times ``s^2``.
     """
 
     samplers = (SchedulerType.EULER,)
@@ -269,6 +273,7 @@ class FlowMatching(Objective):
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
         weighting: str = "none",
+        precondition_outputs: bool = False,
     ) -> None:
         if density not in DENSITIES:
             raise WherefromError(f"density must be one of {list(DENSITIES)}, got {density!r}")
@@ -279,8 +284,8 @@ class FlowMatching(Objective):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self._config = dict(num_train_timesteps=num_train_timesteps, shift=shift, density=density, logit_mean=logit_mean,
-                            logit_std=logit_std, mode_scale=mode_scale, weighting=weighting)  # fmt: skip
-        self.density, self.weighting = density, weighting
+                            logit_std=logit_std, mode_scale=mode_scale, weighting=weighting, precondition_outputs=precondition_outputs)  # fmt: skip
+        self.density, self.weighting, self.precondition_outputs = density, weighting, precondition_outputs
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
         self.num_levels = num_train_timesteps
@@ -293,7 +298,7 @@ class FlowMatching(Objective):
 
     def _level(self, u: float) -> int:
         """The level of SD3's ``u`` in [0, 1]: the training index ``floor(u T)`` (``u = 0`` is the noisiest)."""
-        return self.num_levels - 1 - min(int(u * self.num_levels), self.num_levels - 1)
+        return self.num_levels - 1 - max(0, min(int(u * self.num_levels), self.num_levels - 1))
 
     def _u(self, q: float, z: float) -> float:
         """SD3's ``compute_density_for_timestep_sampling`` from a uniform ``q`` and a standard normal ``z``."""
@@ -330,13 +335,12 @@ class FlowMatching(Objective):
         return eps - x0
 
     def loss_weight(self, t: Tensor) -> Tensor | None:
-        """SD3's ``compute_loss_weighting_for_sd3``."""
+        """SD3's ``compute_loss_weighting_for_sd3``, times ``s^2`` with ``precondition_outputs``."""
         s = self.sigmas[t.cpu()]
-        if self.weighting == "sigma_sqrt":
-            return (s**-2).float()
-        if self.weighting == "cosmap":
-            return (2 / (math.pi * (1 - 2 * s + 2 * s**2))).float()
-        return None
+        w = {"sigma_sqrt": s**-2, "cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2))}.get(self.weighting)
+        if self.precondition_outputs:
+            w = s**2 if w is None else w * s**2
+        return None if w is None else w.float()
 
     def plan(self, steps: int) -> list[float]:
         """``FlowMatchEulerDiscreteScheduler.set_timesteps``'s sigmas, ending at 0."""
@@ -453,7 +457,7 @@ _UNMODELLED = {
     "FlowMatch": {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
                   "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False},
     "EDM": {"sigma_schedule": "karras", "final_sigmas_type": "zero"},
-    "DDPM": {"thresholding": False, "variance_type": "fixed_small"},
+    "DDPM": {"thresholding": False, "variance_type": "fixed_small", "timestep_type": "discrete", "snr_shift_scale": 1.0},
 }  # fmt: skip
 
 
@@ -496,12 +500,17 @@ def build_objective(spec: str | dict[str, Any] | Objective) -> Objective:
     if kind == "own":  # a user's Objective subclass, by its import path, rebuilt from its config()
         import importlib
 
-        module, _, name = str(spec.pop("class", "")).rpartition(".")
+        module, _, qualname = str(spec.pop("class", "")).partition(":")
         try:
-            cls = getattr(importlib.import_module(module), name)
+            cls = importlib.import_module(module)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
         except (ImportError, AttributeError, ValueError):
-            raise WherefromError(f"cannot import the own objective {module}.{name}; install the package that defines it") from None
-        return cls(**spec)
+            raise WherefromError(f"cannot import the own objective {module}:{qualname}; install the package that defines it") from None
+        try:
+            return cls(**spec)
+        except TypeError as e:
+            raise WherefromError(f"own objective {module}:{qualname} cannot be rebuilt from its recorded config ({e}); make config() return its __init__ arguments") from None
     if kind not in OBJECTIVES:
         raise WherefromError(f"unknown objective {kind!r}; choose one of {list(PREDICTIONS) + [k for k in OBJECTIVES if k != 'ddpm']}")
     try:
@@ -512,11 +521,14 @@ def build_objective(spec: str | dict[str, Any] | Objective) -> Objective:
 
 def objective_config(objective: Objective) -> dict[str, Any]:
     """The ``{"type": name, ...}`` record that :func:`build_objective` rebuilds an objective from (an own
-    objective: ``{"type": "own", "class": import path, **config()}``)."""
-    for kind, cls in OBJECTIVES.items():
-        if type(objective) is cls:
+    objective: ``{"type": "own", "class": "module:QualName", **config()}``)."""
+    cls = type(objective)
+    for kind, built_in in OBJECTIVES.items():
+        if cls is built_in:
             return {"type": kind, **objective.config()}
-    return {"type": "own", "class": f"{type(objective).__module__}.{type(objective).__qualname__}", **objective.config()}
+    if cls.config in (b.config for b in OBJECTIVES.values()) and cls.__init__ not in (b.__init__ for b in OBJECTIVES.values()):
+        raise WherefromError(f"own objective {cls.__name__} takes its own arguments but inherits config(); define config() returning them, so stores and exports record it")
+    return {"type": "own", "class": f"{cls.__module__}:{cls.__qualname__}", **objective.config()}
 
 
 __all__ = ["DDPMObjective", "EDM", "FlowMatching", "Objective", "SchedulerType", "build_objective", "objective_from_scheduler"]

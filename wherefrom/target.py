@@ -135,7 +135,8 @@ def resolve_target(
 
 def check_task_against(task: DiffusionTask, scheduler: Any, owner: str) -> None:
     """Refuse a given task whose built-in objective is not what the module's diffusers ``scheduler`` trains
-    (another family or prediction type), or stands in for a scheduler no built-in models; an own
+    (another family or prediction type; the task sets the schedule), or stands in for a scheduler no
+    built-in models; an own
     :class:`~wherefrom.objective.Objective` is the user's word for what their module trains."""
     if type(task.objective) not in OBJECTIVES.values():
         return
@@ -143,7 +144,9 @@ def check_task_against(task: DiffusionTask, scheduler: Any, owner: str) -> None:
         theirs = DiffusionTask.from_scheduler(scheduler).objective
     except WherefromError as e:
         raise WherefromError(f"{owner}: {e}; a built-in objective cannot stand in for it") from None
-    says = lambda o: f"{type(o).__name__}" + (f"(prediction_type={o.prediction_type!r})" if hasattr(o, "prediction_type") else "")  # noqa: E731
+    def says(o: Any) -> str:  # what the network regresses on; a given task sets the schedule (levels, betas, shift)
+        return f"{type(o).__name__}" + (f"(prediction_type={o.prediction_type!r})" if hasattr(o, "prediction_type") else "")
+
     if says(theirs) != says(task.objective):
         raise WherefromError(f"{owner}: the module's {type(scheduler).__name__} trains {says(theirs)} but the task given is {says(task.objective)}; drop the task or make it match")
 

@@ -87,7 +87,7 @@ def _loss(pred: Tensor, target: Tensor, t: Tensor, task: DiffusionTask) -> Tenso
 
 def _elbo(pred: Tensor, target: Tensor, t: Tensor, task: DiffusionTask) -> Tensor:
     # Ho et al. (2020), eq. 12 with sigma_t^2 = beta_t, in the objective's own prediction (Objective.elbo_weight)
-    return task.objective.elbo_weight(t).to(pred.dtype) * _flat(pred - target).pow(2).mean(1)
+    return _weighted(task.objective.elbo_weight(t), _flat(pred - target).pow(2).mean(1))
 
 
 MEASUREMENTS: dict[str, Measurement] = {
@@ -179,12 +179,14 @@ class DiffusionTask:
         self.num_train_timesteps = levels
         self.seed = seed
         self.measure_time = measure_time
-        if isinstance(objective, str) and objective == "epsilon":
-            self.config: dict[str, Any] = {**schedule, "seed": seed, "measure_time": measure_time}
-        elif isinstance(objective, str) and objective in PREDICTIONS:
-            self.config = {**schedule, "seed": seed, "measure_time": measure_time, "objective": objective}
+        self.config: dict[str, Any] = {"seed": seed, "measure_time": measure_time}
+        recorded = objective_config(self.objective)
+        named = {k: recorded.get(k) for k in _DEFAULT_SCHEDULE}
+        if recorded["type"] == "ddpm" and all(recorded[k] == v for k, v in _PLAIN_DDPM.items()):
+            # a named schedule: the flat record every store and export has held (one form for equal objectives)
+            self.config = {**named, **self.config} | ({} if recorded["prediction_type"] == "epsilon" else {"objective": recorded["prediction_type"]})
         else:
-            self.config = {"seed": seed, "measure_time": measure_time, "objective": objective_config(self.objective)}
+            self.config["objective"] = recorded
 
     def reseeded(self, seed: int) -> DiffusionTask:
         """The same objective with another root seed."""
@@ -288,3 +290,4 @@ class DiffusionTask:
 
 
 _DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+_PLAIN_DDPM = dict(trained_betas=None, rescale_betas_zero_snr=False, timestep_spacing="leading", steps_offset=0)  # settings of a named schedule

@@ -2,8 +2,9 @@
 network or CDN) over PNGs in ``images/``, so it opens from a local folder or a CI artifact.
 
 It shows the query grid; for the selected query (click, the arrow keys, or ``index.html#q=3``),
-each method's top-k side by side with rank, name (file, caption, class or index), score and, for
-influence methods, the predicted change of the query's measurement if the image were removed;
+the query enlarged with its condition (class or caption), and each method's top-k side by side with rank,
+name (file, caption, class or index), score and, for influence methods, the predicted rise of the
+query's measurement (named) were the image removed (a ranking more than a size);
 per-hit artifacts (e.g. an ensemble's exact counterfactual) appear beside each hit, and the
 groups of largest summed score above the hits when the run has groups. Images load
 lazily, so a report of 1,000 queries opens at once.
@@ -70,8 +71,9 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
         for name, images in artifacts.items():  # per-hit rows in rank order, e.g. an ensemble's counterfactual without each hit
             for r, hit in enumerate(hits[: images.shape[1]]):
                 hit.setdefault("artifacts", {})[name] = image(f"{name}_{q}_{r}.png", images[q, r])
-        rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits, **({"groups": row["groups"]} if "groups" in row else {})})
-    return {"method": top["method"], "unit": top.get("unit", ""), "rows": rows}
+        extra = {key: row[key] for key in ("groups", "condition") if key in row}
+        rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits, **extra})
+    return {"method": top["method"], "unit": top.get("unit", ""), "measurement": top.get("measurement", "measurement"), "rows": rows}
 
 
 def page(runs: Sequence[dict[str, Any]], title: str, figures: Sequence[str] = ()) -> str:
@@ -172,7 +174,8 @@ def summary_html(table: dict[str, Any], queries: Tensor, limit: int = 8) -> str:
     each query's image beside its hits' ranks, names, scores and predicted changes."""
     uri = lambda x: data_uri(png_bytes(x, scale=4))  # noqa: E731
     change = "predicted_change" in (table["queries"][0] if table["queries"] else {})
-    head = "<tr><th>#</th><th>training image</th><th>score</th>" + ("<th>removing it</th>" if change else "") + "</tr>"
+    measurement = table.get("measurement", "measurement")
+    head = "<tr><th>#</th><th>training image</th><th>score</th>" + (f"<th>query {html.escape(measurement)} without it</th>" if change else "") + "</tr>"
     parts = [f"<p><b>{html.escape(table['method'])}</b>: {html.escape(table.get('unit', ''))}</p>"]
     for row in table["queries"][:limit]:
         names = row.get("names", [str(i) for i in row["indices"]])
@@ -199,13 +202,14 @@ img { image-rendering: pixelated; width: 64px; height: 64px; object-fit: contain
 .method h2 { font-size: 1.1em; margin: 0; } .unit { color: #666; max-width: 24em; font-size: 0.85em; }
 .hit { display: flex; gap: 0.5em; margin: 4px 0; align-items: center; }
 img.figure { width: auto; height: auto; max-width: 100%; image-rendering: auto; background: none; margin-top: 1em; }
+#selected { display: flex; gap: 1em; align-items: center; margin-top: 1em; } #selected img { width: 160px; height: 160px; }
 .hit figcaption span { display: block; } .score, .change { font-variant-numeric: tabular-nums; color: #444; }
 </style></head>
 <body>
 <h1>{{title}}</h1>
 <p>Queries: click one, or use the arrow keys. Each column: a method's top-k training images for the selected query.</p>
 <div id="queries"></div>
-<h2 id="current"></h2>
+<div id="selected"><img id="query-large" alt="the selected query"><div><h2 id="current"></h2><p id="condition"></p></div></div>
 <div id="methods"></div>
 <div id="figures"></div>
 <script id="data" type="application/json">{{data}}</script>
@@ -220,10 +224,15 @@ function select(q) {
   q = Math.max(0, Math.min(count - 1, q));
   grid.querySelectorAll("button").forEach(b => b.classList.toggle("selected", +b.dataset.query === q));
   document.getElementById("current").textContent = "query " + q;
+  document.getElementById("query-large").src = runs[0].rows[q].query;
+  const condition = runs[0].rows[q].condition;
+  document.getElementById("condition").textContent = condition === undefined ? "" : "conditioned on: " + condition;
   const methods = document.getElementById("methods"); methods.replaceChildren();
   for (const run of runs) {
     const col = el("section", {className: "method"}); col.dataset.method = run.method;
     col.append(el("h2", {}, run.method), el("p", {className: "unit"}, run.unit));
+    if (run.rows[q].hits.some(h => h.predicted_change !== undefined))
+      col.append(el("p", {className: "unit"}, "Predicted change: how much the query's " + run.measurement + " would rise were the image removed and the model retrained; it ranks the images, its size is rough."));
     if (run.rows[q].groups) {
       const list = el("ol", {className: "groups", title: "groups by summed score"});
       for (const g of run.rows[q].groups) { const li = el("li", {}, g.group + ": " + g.total.toPrecision(4)); li.dataset.group = g.group; li.dataset.total = g.total; list.append(li); }
@@ -236,7 +245,8 @@ function select(q) {
       const cap = el("figcaption");
       cap.append(el("span", {className: "rank"}, "#" + (r + 1)), el("span", {className: "name"}, hit.name ?? String(hit.index)),
                  el("span", {className: "score"}, "score " + hit.score.toPrecision(4)));
-      if (hit.predicted_change !== undefined) cap.append(el("span", {className: "change"}, "removing it: " + hit.predicted_change.toPrecision(3)));
+      if (hit.predicted_change !== undefined)
+        cap.append(el("span", {className: "change"}, "query " + run.measurement + " without it: " + (hit.predicted_change >= 0 ? "+" : "") + hit.predicted_change.toPrecision(3)));
       fig.append(cap); col.append(fig);
     });
     methods.append(col);

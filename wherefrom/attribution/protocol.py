@@ -48,6 +48,7 @@ class Attribution:
     ``removal_scale``: for influence scores, the factor that turns a score into the predicted
     change of the query's measurement if the image were removed (``1 / N``); ``None`` otherwise.
     ``names``: each training index's identity (file, caption, class or index; :func:`wherefrom.target.image_names`).
+    ``conditions``: each query's condition as text (its class or caption), for reports.
     """
 
     scores: np.ndarray
@@ -60,6 +61,7 @@ class Attribution:
     unit: str = ""
     removal_scale: float | None = None
     names: list[str] | None = None
+    conditions: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -70,6 +72,8 @@ class Attribution:
         for name, rows in self.artifacts.items():
             if rows.dim() != 5 or len(rows) != len(self.queries):
                 raise WherefromError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
+        if self.conditions is not None and len(self.conditions) != len(self.queries):
+            raise WherefromError(f"conditions must give one per query ({len(self.queries)}), got {len(self.conditions)}")
         if self.names is not None and len(self.names) != self.scores.shape[1]:
             raise WherefromError(f"names must give one name per training index ({self.scores.shape[1]}), got {len(self.names)}")
 
@@ -138,7 +142,8 @@ class Attribution:
         arrays |= {f"artifact_{name}": rows.detach().cpu().numpy() for name, rows in self.artifacts.items()}
         for name, array in arrays.items():
             write_npy(path / f"{name}.npy", array)
-        fields = {"method": self.method, "unit": self.unit, "info": self.info, "extra": self.extra, "removal_scale": self.removal_scale, "names": self.names}
+        fields = {"method": self.method, "unit": self.unit, "info": self.info, "extra": self.extra, "removal_scale": self.removal_scale,
+                  "names": self.names, "conditions": self.conditions}  # fmt: skip
         write_json(path / SAVED, {**fields, "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}})
         return path
 
@@ -225,6 +230,8 @@ def topk_table(result: Attribution, top_k: int, group_ids: np.ndarray | None = N
         row = {"query": q, "indices": idx[q].tolist(), "scores": top[q].tolist()}
         if result.names is not None:
             row["names"] = [result.names[i] for i in idx[q]]
+        if result.conditions is not None:
+            row["condition"] = result.conditions[q]
         if result.removal_scale is not None:  # the measurement's predicted change if the image were removed
             row["predicted_change"] = (top[q].astype(np.float64) * result.removal_scale).tolist()
         if groups is not None:

@@ -24,6 +24,7 @@ from wherefrom.attribution.report import write_attribution
 from wherefrom.cli.options import (
     add_run,
     add_sampling,
+    condition_texts,
     flag,
     load_queries,
     open_run,
@@ -140,5 +141,6 @@ def attribute_main(argv: list[str]) -> None:
         conditions = query_conditions(args, data, len(queries))
     cond = query_cond(module, conditions, len(queries))
     result = method.attribute(module, data, queries, cond=cond)
+    result = dataclasses.replace(result, conditions=condition_texts(args, data, conditions, len(queries)))
     out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None), getattr(data, "group_ids", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

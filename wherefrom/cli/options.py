@@ -109,6 +109,14 @@ def query_conditions(a: Any, data: Any, num: int) -> dict[str, Any]:
     return out
 
 
+def condition_texts(a: Any, data: Any, conditions: dict[str, Any], num: int) -> list[str] | None:
+    """Each query's condition as reports show it: its class name (the data's ``class_names``, else ``class <y>``) or caption."""
+    if conditions.get("labels") is not None:
+        names = getattr(data, "class_names", None)
+        return [names[y] if names is not None and 0 <= y < len(names) else f"class {y}" for y in conditions["labels"]]
+    return None if a.captions is None else [str(c) for c in _per_query(list(a.captions), num, "--captions")]
+
+
 def query_cond(module: Any, conditions: dict[str, Any], num: int) -> Tensor | None:
     """The queries' condition tensor for an attributor, checked by a wherefrom module (present exactly when it is conditional)."""
     labels, cond = conditions.get("labels"), conditions.get("cond")
@@ -205,4 +213,4 @@ def open_store(a: Any, data: Any, module: Any) -> Store:
     return Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
 
 
-__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions"]
+__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions", "condition_texts"]

@@ -195,7 +195,7 @@ class EncodedEnsemble(DiffusionRecipe):
         num_samples: int,
         seed: int = 0,
         steps: int = 100,
-        scheduler: str = "ddpm",
+        scheduler: str = "auto",
         batch_size: int = 256,
         progress: bool = False,
         weights: Tensor | None = None,

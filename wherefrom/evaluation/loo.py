@@ -58,7 +58,7 @@ def leave_one_out(
     num_queries: int,
     seed: int = 0,
     steps: int = 100,
-    scheduler: str = "ddpm",
+    scheduler: str = "auto",
     distance: str = "l2",
     progress: bool = False,
 ) -> LeaveOneOut:

@@ -126,6 +126,8 @@ def featurize(
     """
     projection = Projection(config, model, model_id)
     meta = {**config.to_dict(), "model_id": model_id, "dim": projection.dim, "weights": weights_hash(model)}
+    if "objective" in task.config:  # another objective than epsilon on a named schedule (which older stores imply)
+        meta["objective"] = task.config["objective"]
 
     def rows(batch: dict[str, Tensor]) -> Tensor:
         return project_images(projection, task, batch["image"], batch["index"], config, cond=condition(batch))
