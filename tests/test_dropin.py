@@ -574,13 +574,14 @@ class _Conditional(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path):
+def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path, caplog):
     """Issue 38, item 1: capture crashed after training (diffusers' "class_labels should be provided") because
     only dicts' "label" became conditions; now ``(image, label)`` tuples condition the UNet exactly as labelled
     dicts do, and items without labels are refused in one line before the first step."""
     images = _digits()
     forms = {"tuples": lambda i: (images[i], i % 10), "dicts": lambda i: {"index": i, "image": images[i], "label": i % 10}}
     stores = {}
+    caplog.set_level("INFO")
     for form, item in forms.items():
         callbacks = [TRAKFeatures(str(tmp_path / form), timesteps=2, proj_dim=32), KFACFactors(str(tmp_path / form), passes=1)]
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -588,6 +589,12 @@ def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path):
         trainer.fit(_Conditional(), DataLoader(_Items(item, n=8), batch_size=4))
         stores[form] = Store.open(tmp_path / form)
     np.testing.assert_array_equal(stores["tuples"].read_array("features/square_norm/model"), stores["dicts"].read_array("features/square_norm/model"))
+    # issue 38, item 11: what the capture will run is said before it runs
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("TRAKFeatures: ", "KFACFactors: "))]
+    assert said[:2] == [
+        f"TRAKFeatures: featurising 8 training images x 2 draws (square_norm, D = 32) for 1 network(s) into {tmp_path / 'tuples'}; the first batch's time gives the time left",
+        f"KFACFactors: 1 factor pass(es) over the training images of 1 network(s), into {tmp_path / 'tuples'}; the first batch's time gives the time left",
+    ]
     for key, value in stores["dicts"].load_tensors("factors/model").items():
         torch.testing.assert_close(stores["tuples"].load_tensors("factors/model")[key], value, rtol=0, atol=0)
     for make in (TRAKFeatures, KFACFactors):

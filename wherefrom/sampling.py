@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from wherefrom.errors import WherefromError
 from wherefrom.objective import SchedulerType
+from wherefrom.progress import progress_bar
 from wherefrom.task import DiffusionTask, Stream, generator_for
 
 EpsFn = Callable[..., Tensor]  # (x_t, time) -> network output, or (x_t, time, cond) -> output with each row's condition
@@ -93,7 +93,7 @@ def sample(
             raise WherefromError(f"need one condition per query: {len(queries)} queries, {len(cond)} conditions")
         cond = cond.to(device)
     fn = eps_fn if cond is None else (lambda z, time: eps_fn(z, time, cond))
-    for k in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+    for k in progress_bar(range(steps), desc="sampling", disable=not progress, leave=False):
         noise = exogenous_noise(seed, queries, k, shape) if scheduler is SchedulerType.DDPM and k + 1 < steps else None
         x = task.objective.step(fn, x, plan, k, scheduler, noise, clip_sample)
     return x
@@ -120,7 +120,7 @@ def generate(
         raise WherefromError(f"need one condition per sample: {num_samples} samples, {len(cond)} conditions")
     sampling_plan(task, steps, scheduler)  # validates steps and the scheduler before any work is shown
     out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="generating", disable=not progress):
+    for start in progress_bar(range(0, num_samples, batch_size), desc="generating", disable=not progress):
         queries = list(range(start, min(start + batch_size, num_samples)))
         part = None if cond is None else cond[queries[0] : queries[-1] + 1]
         out.append(sample(eps_fn, task, shape, queries, seed, steps, scheduler, progress=progress, cond=part, **kwargs))

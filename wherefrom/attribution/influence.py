@@ -45,7 +45,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from wherefrom.attribution.protocol import Attribution, Needs
 from wherefrom.attribution.trak import network_for
@@ -65,6 +64,7 @@ from wherefrom.kfac import (
     training_split,
 )
 from wherefrom.kfac.stored import open_stored
+from wherefrom.progress import progress_bar
 from wherefrom.store import Entry, Store, as_tensor, check_store
 from wherefrom.target import as_data, as_queries, attributable, image_names
 from wherefrom.task import DiffusionTask, Stream, condition
@@ -124,7 +124,7 @@ def exact_scores(
     device = pre.device
     scores = np.zeros((len(pre), datamodule.num_images))
     batches = DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False)
-    for batch in tqdm(batches, desc="training gradients", disable=not progress):
+    for batch in progress_bar(batches, desc="training gradients", disable=not progress):
         x0 = batch["image"].to(device=device, dtype=pre.dtype)
         c = condition(batch)
         g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES, None if c is None else c.to(device))

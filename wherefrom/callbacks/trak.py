@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 
 from wherefrom.attribution.report import log_scalars
@@ -106,6 +107,8 @@ class TRAKFeatures(CaptureCallback):
         on_rank_zero(strategy, self._open_store)
         on_rank_zero(strategy, lambda: self._check_entries(suffix))  # nothing is written on a mismatch
         store = self._store
+        rank_zero_info(f"{type(self).__name__}: featurising {len(data.indices)} training images x {config.timesteps} draws ({config.output}, D = {config.proj_dim}) "
+                       f"for {len(target.networks)} network(s) into {self.store}; the first batch's time gives the time left")  # fmt: skip
         with torch.inference_mode(False), torch.enable_grad():
             for name, net in target.networks.items():
                 model_id = name + suffix

@@ -38,12 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_pre_hook
-from tqdm.auto import tqdm
 
 from wherefrom.ensemble.codes import Codes
 from wherefrom.ensemble.controls import image_scores
 from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
+from wherefrom.progress import progress_bar
 from wherefrom.sampling import EpsFn, guided, sample
 from wherefrom.task import predict
 
@@ -120,7 +120,7 @@ def sample_rows(sampler: EnsembleSampler, queries: Sequence[int], weights: Tenso
 def sample_rows_batched(sampler: EnsembleSampler, queries: Sequence[int], weights: Tensor, batch_size: int = 64, desc: str | None = None) -> Tensor:
     """:func:`sample_rows` in chains of ``batch_size`` rows (the same rows: each row's noise is its query's),
     with a progress bar labelled ``desc`` when given."""
-    starts = tqdm(range(0, len(queries), batch_size), desc=desc, disable=desc is None)
+    starts = progress_bar(range(0, len(queries), batch_size), desc=desc, disable=desc is None)
     return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
 
 
@@ -215,7 +215,7 @@ def linearize(
     step = batch_size or len(queries)
     x0, jac = [], []
     with forward_ad_mode():
-        for start in tqdm(range(0, len(queries), step), desc="jacobian", disable=not progress):
+        for start in progress_bar(range(0, len(queries), step), desc="jacobian", disable=not progress):
             x, j = _jacobian_block(sampler, queries[start : start + step], a, strategy)
             x0.append(x)
             jac.append(j)

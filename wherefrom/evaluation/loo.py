@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from wherefrom.errors import WherefromError
 from wherefrom.evaluation.distances import distance_fn
 from wherefrom.evaluation.stats import BootstrapConfig, Correlation, spearman_rows
+from wherefrom.progress import progress_bar
 from wherefrom.task import mix_seed
 
 
@@ -71,7 +71,7 @@ def leave_one_out(
     full = sampler.sample(queries)
     fn = distance_fn(distance)
     distances = np.zeros((num_queries, len(indices)))
-    for j, index in enumerate(tqdm(indices, desc="leave-one-out", disable=not progress)):
+    for j, index in enumerate(progress_bar(indices, desc="leave-one-out", disable=not progress)):
         ablated = sampler.sample(queries, sampler.ablation_weights([int(index)]))
         distances[:, j] = fn(full, ablated).double().cpu().numpy()
     return LeaveOneOut(np.asarray(indices, dtype=np.int64), full.cpu(), distances)

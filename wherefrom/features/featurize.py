@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.errors import WherefromError
 from wherefrom.features.config import FeatureConfig
 from wherefrom.features.projection import Projection
 from wherefrom.io import weights_hash
+from wherefrom.progress import progress_bar
 from wherefrom.store import Entry, Store
 from wherefrom.task import DiffusionTask, Stream, condition
 
@@ -90,7 +90,7 @@ def write_rows(
     mine = np.concatenate([chunks[c] for c in todo[comm.global_rank :: comm.world_size]] or [np.zeros(0, np.int64)])
     # the rank's chunks in order: every chunk but the split's last is full, so batches == chunks
     loader = iter(DataLoader(datamodule.dataset(mine), batch_size=batch_size, shuffle=False))
-    bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=name, disable=not progress or comm.global_rank)
+    bar = progress_bar(total=sum(len(chunks[c]) for c in todo), desc=name, disable=not progress or comm.global_rank)
     for _ in range(-(-len(todo) // comm.world_size)):
         index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         values = torch.zeros(batch_size, dim, dtype=dtype, device=device)

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from wherefrom.ddp import Comm, LocalComm, gather, on_rank_zero
 from wherefrom.errors import FingerprintMismatchError, WherefromError, check_choices
@@ -18,6 +17,7 @@ from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.curvature import factor_pass
 from wherefrom.kfac.factors import Curvature, KFACApprox
 from wherefrom.kfac.preconditioner import eigen_tensors, eigen_to, eigendecompose
+from wherefrom.progress import progress_bar
 from wherefrom.store import Entry, Store
 from wherefrom.task import DiffusionTask
 
@@ -117,7 +117,7 @@ def fit_factors(
     def passes(col: FactorCollector, first_draw: int, what: str) -> None:
         with col.attached():
             for p in range(config.passes):
-                batches = tqdm(_loader(datamodule, shard, batch_size), desc=f"{what} {model_id} pass {p + 1}/{config.passes}", disable=not progress)
+                batches = progress_bar(_loader(datamodule, shard, batch_size), desc=f"{what} {model_id} pass {p + 1}/{config.passes}", disable=not progress)
                 factor_pass(net, task, batches, col, config.curvature, draw=first_draw + p)
         col.reduce_(reduce_sum)
 
