@@ -188,6 +188,9 @@ def test_conditional_model_trained_sampled_and_attributed_from_the_cli(runs, tmp
     queries = ["--queries", str(tmp_path / "s" / "samples.npy"), "--labels", "1,5,5"]
     scores = attribute_every_method(capsys, ckpt, tmp_path, queries, ens, ["--num-samples", "2", "--steps", "3", "--labels", "4,9", "--guidance", "2"])
     assert set(scores) == set(ATTRIBUTORS)
+    # issue 38, item 9: topk.json and the report say what each query was conditioned on
+    rows = json.loads((tmp_path / "scores_dtrak" / "topk.json").read_text())["queries"]
+    assert [row["condition"] for row in rows] == ["a digit one", "a digit five", "a digit five"]
     data = DigitsDataModule(subset=list(range(24)), conditional=True)
     for method, attributor in [("dtrak", DTRAK(store=str(tmp_path / "store_dtrak"))), ("ekfac", EKFAC(store=str(tmp_path / "store_trak"), timesteps=2))]:
         api = attributor.attribute(module, data, samples, cond=torch.tensor([1, 5, 5]))
