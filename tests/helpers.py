@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,20 +142,20 @@ def tiny_config(root: Path, callbacks: list[dict] | None = None, lr: float = 1e-
     return path
 
 
-def tiny_checkpoint(root: Path):
-    """A tiny model trained one epoch (lr 3e-3) on SUBSET, saved as ``root/model.ckpt``; returns (model, datamodule)."""
+def tiny_checkpoint(root: Path, seed: int = 0, name: str = "model.ckpt", **model: Any):
+    """A tiny model (seeded by ``seed``) trained one epoch (lr 3e-3) on SUBSET, saved as ``root/name``; returns (model, datamodule)."""
     import lightning as L
 
     from wherefrom.datamodules import DigitsDataModule
     from wherefrom.model import DiffusionModel
 
-    L.seed_everything(0)
-    model = DiffusionModel(unet=dict(TINY_UNET), lr=3e-3, warmup=0.0)
+    L.seed_everything(seed)
+    module = DiffusionModel(**{"unet": dict(TINY_UNET), "lr": 3e-3, "warmup": 0.0, "seed": seed, **model})
     dm = DigitsDataModule(batch_size=8, subset=SUBSET)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(root / "model.ckpt")
-    return model, dm
+    trainer.fit(module, dm)
+    trainer.save_checkpoint(root / name)
+    return module, dm
 
 
 def tiny_vae(path, seed: int = 0):

@@ -73,7 +73,8 @@ def run_images(top: dict[str, Any], queries: Tensor, train_images: Tensor, artif
                 hit.setdefault("artifacts", {})[name] = image(f"{name}_{q}_{r}.png", images[q, r])
         extra = {key: row[key] for key in ("groups", "condition") if key in row}
         rows.append({"query": image(f"query_{q}.png", queries[q]), "hits": hits, **extra})
-    return {"method": top["method"], "unit": top.get("unit", ""), "measurement": top.get("measurement", "measurement"), "rows": rows}
+    models = [m["name"] for m in top.get("models", [])]
+    return {"method": top["method"], "unit": top.get("unit", ""), "measurement": top.get("measurement", "measurement"), "models": models, "rows": rows}
 
 
 def page(runs: Sequence[dict[str, Any]], title: str, figures: Sequence[str] = ()) -> str:
@@ -231,6 +232,7 @@ function select(q) {
   for (const run of runs) {
     const col = el("section", {className: "method"}); col.dataset.method = run.method;
     col.append(el("h2", {}, run.method), el("p", {className: "unit"}, run.unit));
+    if ((run.models || []).length) col.append(el("p", {className: "models"}, "averaged over " + run.models.length + " models: " + run.models.join(", ")));
     if (run.rows[q].hits.some(h => h.predicted_change !== undefined))
       col.append(el("p", {className: "unit"}, "Predicted change: how much the query's " + run.measurement + " would rise were the image removed and the model retrained; it ranks the images, its size is rough."));
     if (run.rows[q].groups) {

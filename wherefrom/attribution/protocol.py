@@ -49,6 +49,8 @@ class Attribution:
     change of the query's measurement if the image were removed (``1 / N``); ``None`` otherwise.
     ``names``: each training index's identity (file, caption, class or index; :func:`wherefrom.target.image_names`).
     ``conditions``: each query's condition as text (its class or caption), for reports.
+    ``by_model``: for scores averaged over M models (:func:`~wherefrom.attribution.average.attribute_models`),
+    each model's own (``M x Q x N``); the models are in ``info["models"]``.
     """
 
     scores: np.ndarray
@@ -62,6 +64,7 @@ class Attribution:
     removal_scale: float | None = None
     names: list[str] | None = None
     conditions: list[str] | None = None
+    by_model: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -72,6 +75,8 @@ class Attribution:
         for name, rows in self.artifacts.items():
             if rows.dim() != 5 or len(rows) != len(self.queries):
                 raise WherefromError(f"artifact {name!r} must be Q x R x C x H x W with Q = {len(self.queries)}, got {tuple(rows.shape)}")
+        if self.by_model is not None and (self.by_model.ndim != 3 or self.by_model.shape[1:] != self.scores.shape):
+            raise WherefromError(f"by_model must be M x Q x N with Q x N = {self.scores.shape}, got {self.by_model.shape}")
         if self.conditions is not None and len(self.conditions) != len(self.queries):
             raise WherefromError(f"conditions must give one per query ({len(self.queries)}), got {len(self.conditions)}")
         if self.names is not None and len(self.names) != self.scores.shape[1]:
@@ -139,6 +144,8 @@ class Attribution:
         arrays = {"scores": self.scores, "queries": self.queries.detach().cpu().numpy()}
         if self.split is not None:
             arrays["split"] = self.split
+        if self.by_model is not None:
+            arrays["scores_by_model"] = self.by_model
         arrays |= {f"artifact_{name}": rows.detach().cpu().numpy() for name, rows in self.artifacts.items()}
         for name, array in arrays.items():
             write_npy(path / f"{name}.npy", array)
@@ -169,7 +176,7 @@ class Attribution:
                 raise WherefromError(f"saved attribution {name}.npy is {array.shape} {array.dtype}, not {tuple(spec['shape'])} {spec['dtype']} as {SAVED} lists; save it again")
             arrays[name] = array
         artifacts = {name[len("artifact_"):]: torch.from_numpy(a) for name, a in arrays.items() if name.startswith("artifact_")}
-        return cls(arrays["scores"], torch.from_numpy(arrays["queries"]), split=arrays.get("split"), artifacts=artifacts, **meta)
+        return cls(arrays["scores"], torch.from_numpy(arrays["queries"]), split=arrays.get("split"), artifacts=artifacts, by_model=arrays.get("scores_by_model"), **meta)
 
     def _repr_html_(self) -> str:
         """A notebook's view: each query beside its top 5 (names, scores, predicted changes)."""

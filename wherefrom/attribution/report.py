@@ -59,7 +59,7 @@ def write_attribution(
     out: str | Path, result: Attribution, train_images: Tensor, top_k: int = 10, decode: Callable[[Tensor], Tensor] | None = None,
     group_ids: np.ndarray | None = None,
 ) -> Path:  # fmt: skip
-    """Write ``scores.npy`` (float32, Q x N), ``topk.json``, ``topk.png`` (each query beside
+    """Write ``scores.npy`` (float32, Q x N; averaged over models: ``scores_by_model.npy`` beside it), ``topk.json``, ``topk.png`` (each query beside
     its top-k training images, one row per query), every artifact of ``result`` and the browsable
     report ``index.html`` (:mod:`wherefrom.attribution.html`); images show ``decode(x)`` (a latent
     model's decoder) when given, the arrays stay what the model saw. ``group_ids``: one group per
@@ -70,6 +70,8 @@ def write_attribution(
     table = topk_table(result, top_k, group_ids)
     out = Path(out)
     write_npy(out / "scores.npy", result.scores)
+    if result.by_model is not None:  # scores averaged over models: each model's own beside them
+        write_npy(out / "scores_by_model.npy", result.by_model)
     write_json(out / "topk.json", table)
     idx = [row["indices"] for row in table["queries"]]
     queries = show(result.queries)

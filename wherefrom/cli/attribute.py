@@ -19,6 +19,7 @@ from typing import Any
 
 from wherefrom.attribution.ablation import SyntheticAblation
 from wherefrom.attribution.api import ATTRIBUTORS, attributor
+from wherefrom.attribution.average import attribute_models
 from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
 from wherefrom.cli.options import (
@@ -27,7 +28,7 @@ from wherefrom.cli.options import (
     condition_texts,
     flag,
     load_queries,
-    open_run,
+    open_runs,
     query_cond,
     query_conditions,
 )
@@ -86,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         prog="wherefrom attribute", description="Score every training image's influence on each query.",
         epilog=f"what a score means, per method (topk.json's \"unit\"):\n{units}", formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    add_run(p)
+    add_run(p, several=True)
     p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
     p.add_argument("--top-k", type=int, default=10)
@@ -131,7 +132,10 @@ def attribute_main(argv: list[str]) -> None:
         )
     if args.queries is None and min(args.num_samples, args.steps) < 1:
         raise WherefromError(f"--num-samples and --steps must be >= 1, got {args.num_samples} and {args.steps}")
-    module, data = open_run(args, "wherefrom attribute")
+    modules, data, datas = open_runs(args, "wherefrom attribute")
+    if len(modules) > 1 and isinstance(method, SyntheticAblation):
+        raise WherefromError("--method ablation attributes one ensemble's own samples; pass one --ckpt")
+    module = modules[0]  # generated queries are the first model's samples
     if args.queries is None:  # the model's own samples, seeded
         sampling_plan(module.task, args.steps, args.scheduler)  # --steps at most the model's T and --scheduler, checked before any work
         conditions = query_conditions(args, data, args.num_samples)
@@ -140,7 +144,7 @@ def attribute_main(argv: list[str]) -> None:
         queries = load_queries(args.queries, data)
         conditions = query_conditions(args, data, len(queries))
     cond = query_cond(module, conditions, len(queries))
-    result = method.attribute(module, data, queries, cond=cond)
+    result = attribute_models(method, modules, data, queries, cond, names=args.ckpt, datas=datas)
     result = dataclasses.replace(result, conditions=condition_texts(args, data, conditions, len(queries)))
     out = write_attribution(args.out, result, data.images, args.top_k, getattr(data, "decode", None), getattr(data, "group_ids", None))
     print(f"wrote {', '.join(str(out / f) for f in ('scores.npy', 'topk.json', 'topk.png'))}")

@@ -10,7 +10,7 @@ from wherefrom.cli.options import (
     add_store,
     check_batch_size,
     config_from,
-    open_run,
+    open_runs,
     open_store,
 )
 from wherefrom.cli.parser import ConfigArgumentParser
@@ -24,8 +24,8 @@ INFLUENCE_FLAGS = {"seed": "features_seed", "strategy": "features_strategy", "dt
 
 def factors_main(argv: list[str]) -> None:
     p = ConfigArgumentParser(prog="wherefrom factors", description="Kronecker factors (K-FAC / EK-FAC) of a run's training loss.")
-    add_run(p)
-    add_store(p, "store folder (created, or resumed; shared with `wherefrom featurize`)")
+    add_run(p, several=True)
+    add_store(p, "store folder (created, or resumed; shared with `wherefrom featurize`; several --ckpt: one sub-store per model's weights)")
     add_config(p, FactorConfig, skip=("mode",))
     g = p.add_argument_group("stored influence", "every training gradient written once in the factors' eigenbasis, so K-FAC/EK-FAC queries do not recompute them")
     g.add_argument("--features", action="store_true", help="also write influence/<id> after the factors (read by attribute --method kfac|ekfac)")
@@ -36,13 +36,14 @@ def factors_main(argv: list[str]) -> None:
     check_batch_size(a)
     config = config_from(a, FactorConfig, skip=("mode",))
     features = config_from(a, InfluenceConfig, names=INFLUENCE_FLAGS) if a.features else None
-    module, data = open_run(a, "wherefrom factors", a.device)
-    store = open_store(a, data, module)
-    for model_id, net in module.denoisers().items():
-        split = training_split(module, model_id, data.indices)
-        fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)
-        if features is not None:
-            featurize_influence(net, model_id, module.task, data, split, store, features, a.batch_size, progress=True)
-    done = ", ".join(n for m in module.denoisers() for n in config.entries(m))
-    done += "".join(f", {Entry.influence(m)}" for m in module.denoisers() if features is not None)
-    print(f"wrote {done} to {a.store}")
+    modules, data, _ = open_runs(a, "wherefrom factors", a.device)
+    for module in modules:
+        store = open_store(a, data, module, several=len(modules) > 1)
+        for model_id, net in module.denoisers().items():
+            split = training_split(module, model_id, data.indices)
+            fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)
+            if features is not None:
+                featurize_influence(net, model_id, module.task, data, split, store, features, a.batch_size, progress=True)
+        done = ", ".join(n for m in module.denoisers() for n in config.entries(m))
+        done += "".join(f", {Entry.influence(m)}" for m in module.denoisers() if features is not None)
+        print(f"wrote {done} to {store.root}")

@@ -10,7 +10,7 @@ from wherefrom.cli.options import (
     add_store,
     check_batch_size,
     config_from,
-    open_run,
+    open_runs,
     open_store,
 )
 from wherefrom.cli.parser import ConfigArgumentParser
@@ -25,8 +25,8 @@ from wherefrom.store import Entry
 
 def parser() -> ConfigArgumentParser:
     p = ConfigArgumentParser(prog="wherefrom featurize", description="Projected per-sample gradients of every training image (TRAK / D-TRAK).")
-    add_run(p)
-    add_store(p, "store folder (created, or resumed if it holds the same config; shared with `wherefrom factors`)")
+    add_run(p, several=True)
+    add_store(p, "store folder (created, or resumed if it holds the same config; shared with `wherefrom factors`; several --ckpt: one sub-store per model's weights)")
     p.add_argument("--method", choices=sorted(METHOD_OUTPUTS), default="dtrak", help="trak: output = loss; dtrak: output = square_norm")
     p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
     add_config(p, FeatureConfig, skip=("output", "projector"))
@@ -39,8 +39,9 @@ def featurize_main(argv: list[str]) -> None:
     a = parser().parse_args(argv)
     check_batch_size(a)
     config = config_from(a, FeatureConfig, skip=("output", "projector"), output=a.output or METHOD_OUTPUTS[a.method], projector=default_projector(a.device))
-    module, data = open_run(a, "wherefrom featurize", a.device)
-    store = open_store(a, data, module)
-    for model_id, net in module.denoisers().items():
-        featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
-    print(f"wrote {', '.join(Entry.features(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {a.store}")
+    modules, data, _ = open_runs(a, "wherefrom featurize", a.device)
+    for module in modules:
+        store = open_store(a, data, module, several=len(modules) > 1)
+        for model_id, net in module.denoisers().items():
+            featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
+        print(f"wrote {', '.join(Entry.features(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {store.root}")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wherefrom.attribution.average import check_models, model_store
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.datamodules.sources import IMAGE_EXTENSIONS, image_files, read_images
@@ -26,10 +27,15 @@ from wherefrom.target import as_data, as_queries, resolve_target
 
 
 def add_run(
-    p: ConfigArgumentParser, ckpt_help: str = "checkpoint from `wherefrom fit` or any Lightning run (single model or ensemble)", data: bool = True
+    p: ConfigArgumentParser, ckpt_help: str = "checkpoint from `wherefrom fit` or any Lightning run (single model or ensemble)", data: bool = True,
+    several: bool = False,
 ) -> None:
-    """``--ckpt`` and how to read a checkpoint wherefrom did not write (``data``: also its training data)."""
-    p.add_argument("--ckpt", required=True, help=ckpt_help)
+    """``--ckpt`` and how to read a checkpoint wherefrom did not write (``data``: also its training data;
+    ``several``: one or more checkpoints, whose attributions are averaged)."""
+    if several:
+        p.add_argument("--ckpt", required=True, nargs="+", help=ckpt_help + "; several: models of one architecture, objective and data, averaged")
+    else:
+        p.add_argument("--ckpt", required=True, help=ckpt_help)
     g = p.add_argument_group("your own Lightning module", "for a checkpoint written without wherefrom's modules")
     g.add_argument("--model.class_path", default=None, help="its LightningModule class, e.g. my_package.MyModule (default: the one it records)")
     if data:
@@ -43,9 +49,9 @@ def flag(argument: str) -> str:
     return "--" + argument.replace("_", "-")
 
 
-def open_module(a: Any, owner: str, device: str | None = None) -> Any:
-    """The run's :class:`~wherefrom.model.Attributable` module, from :func:`add_run`'s options."""
-    module = load_module(a.ckpt, a.model.class_path, lambda argument: f"--model.{argument}")
+def open_module(a: Any, owner: str, device: str | None = None, ckpt: str | None = None) -> Any:
+    """The run's :class:`~wherefrom.model.Attributable` module, from :func:`add_run`'s options (``ckpt``: one of several)."""
+    module = load_module(ckpt or a.ckpt, a.model.class_path, lambda argument: f"--model.{argument}")
     if device is not None:
         module = module.to(device)
     if a.denoiser is not None or not hasattr(module, "denoisers"):
@@ -53,10 +59,23 @@ def open_module(a: Any, owner: str, device: str | None = None) -> Any:
     return module
 
 
-def open_run(a: Any, owner: str, device: str | None = None) -> tuple[Any, Any]:
+def open_run(a: Any, owner: str, device: str | None = None, ckpt: str | None = None) -> tuple[Any, Any]:
     """The run's :class:`~wherefrom.model.Attributable` module and its training data, from :func:`add_run`'s options."""
-    module = open_module(a, owner, device)
-    return module, as_data(load_datamodule(a.ckpt, a.data.class_path, lambda argument: f"--data.{argument}", **(a.data.init_args or {})), owner)
+    module = open_module(a, owner, device, ckpt)
+    return module, as_data(load_datamodule(ckpt or a.ckpt, a.data.class_path, lambda argument: f"--data.{argument}", **(a.data.init_args or {})), owner)
+
+
+def open_runs(a: Any, owner: str, device: str | None = None) -> tuple[list[Any], Any, list[Any]]:
+    """Every ``--ckpt``'s module, the training data and each checkpoint's own data, checked to be averageable
+    (:func:`~wherefrom.attribution.average.check_models`) before any work."""
+    modules, datas = [], []
+    a.ckpt = [a.ckpt] if isinstance(a.ckpt, str) else list(a.ckpt)  # a config file may give one path as a string
+    for ckpt in a.ckpt:
+        module, data = open_run(a, owner, device, ckpt)
+        modules.append(module)
+        datas.append(data)
+    check_models(modules, datas, [f"--ckpt {c}" for c in a.ckpt])
+    return modules, datas[0], datas
 
 
 def add_device(p: ConfigArgumentParser) -> None:
@@ -208,9 +227,11 @@ def add_store(p: ConfigArgumentParser, help: str) -> None:
     p.add_argument("--repair", action="store_true", help="recompute exactly the rows of a damaged store (truncated or corrupted files)")
 
 
-def open_store(a: Any, data: Any, module: Any) -> Store:
-    """The store of ``--store`` for a command that writes it, its messages naming this command's flags."""
-    return Store(a.store, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
+def open_store(a: Any, data: Any, module: Any, several: bool = False) -> Store:
+    """The store of ``--store`` for a command that writes it (``several`` models: ``module``'s sub-store,
+    :func:`~wherefrom.attribution.average.model_store`), its messages naming this command's flags."""
+    path = model_store(a.store, module, several)
+    return Store(path, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
 
 
-__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "query_cond", "query_conditions", "condition_texts"]
+__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "open_runs", "query_cond", "query_conditions", "condition_texts"]
