@@ -136,19 +136,21 @@ def calibration_table(bench: Benchmark, scores: dict[str, np.ndarray], losses: n
     return "\n".join(lines)
 
 
-def report(bench: Benchmark, only: list[str] | None = None) -> str:
-    """The table of every method (those named in ``only``, when given) on the report queries."""
+def report(bench: Benchmark, only: list[str] | None = None, tuning: bool = False) -> str:
+    """The table of every method (those named in ``only``, when given) on the report queries (``tuning``:
+    on the tuning queries, e.g. to check frozen defaults on another objective's model before reading the report)."""
     values, ceiling = measure_all(bench)
     scores = attribute_all(bench, {m: fn for m, fn in METHODS.items() if not only or m in only})
-    sets = ["report_real", "report_generated"]
+    sets = ["tuning_real", "tuning_generated"] if tuning else ["report_real", "report_generated"]
+    suffix = "_tuning" if tuning else ""
     results = grade(bench, scores, -values, sets)
     ceil = noise_ceiling(bench, values, ceiling, sets) if ceiling is not None else None
     text = table(results, sets, ceil)
     if paired := paired_table(results, sets, bench.bootstrap):
         text += "\n\nPaired differences (LDS per query, 95% bootstrap CI)\n\n" + paired
     text += "\n\nCalibration: measured vs predicted (score / N) loss of the subset models\n\n" + calibration_table(bench, scores, values, sets)
-    write_json(bench.out / "results.json", {m: {s: vars(c) for s, c in r.items()} for m, r in results.items()} | {"noise_ceiling": {s: vars(c) for s, c in (ceil or {}).items()}})
-    (bench.out / "results.md").write_text(text + "\n")
+    write_json(bench.out / f"results{suffix}.json", {m: {s: vars(c) for s, c in r.items()} for m, r in results.items()} | {"noise_ceiling": {s: vars(c) for s, c in (ceil or {}).items()}})
+    (bench.out / f"results{suffix}.md").write_text(text + "\n")
     return text
 
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel training processes (train stage)")
     p.add_argument("--methods", nargs="+", default=None, help="attribute/report: only these methods (their names in the table)")
     p.add_argument("--curves", nargs="+", default=None, help="tune: only the curves whose name contains one of these")
+    p.add_argument("--tuning", action="store_true", help="report: the table on the tuning queries instead")
     p.add_argument("--no-ensemble", action="store_true", help="train/all: skip the encoded ensemble (the objectives' benchmarks grade single models)")
     a = p.parse_args(argv)
     bench = Benchmark.from_file(a.config, a.out)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 
         tune(bench, a.curves)
     if a.stage in ("report", "all"):
-        print(report(bench, a.methods))
+        print(report(bench, a.methods, a.tuning))
     print(f"[{a.stage}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
