@@ -602,3 +602,21 @@ def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path, caplog)
                                                  r"yield \{'index', 'image', 'label'\} dicts or \(image, label\) tuples$"):  # fmt: skip
             _fit(_Conditional(fail=True), make(str(tmp_path / "unlabelled")), item=lambda i: {"index": i, "image": torch.zeros(1, 8, 8)})
     assert not (tmp_path / "unlabelled").exists()
+
+
+def test_a_conditional_users_run_without_labels_is_one_line_from_the_command(tmp_path, capsys):
+    """Issue 38, item 2: `wherefrom attribute --queries q.npy` on a user's class-conditional run without `--labels`
+    raised diffusers' ValueError with a traceback; now one line naming the flag, exit 2."""
+    from tests.helpers import cli
+
+    images = _digits()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Conditional(), DataLoader(_Items(lambda i: (images[i], i % 10), n=8), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    np.save(tmp_path / "q.npy", images[:2].numpy())
+    run = ["--ckpt", str(tmp_path / "run.ckpt"), "--model.class_path", "tests.test_dropin._Conditional", "--data.class_path", "wherefrom.DigitsDataModule",
+           "--data.init_args", "{subset: [0, 1, 2, 3], conditional: true}", "--queries", str(tmp_path / "q.npy")]  # fmt: skip
+    code, err = cli(capsys, "attribute", *run, "--method", "pixel", "--out", str(tmp_path / "out"))
+    assert code == 2 and err.strip().endswith("this network is class-conditional; pass --labels (each query's class, comma-separated, or one for all)") and err.count("\n") == 1, err
+    code, err = cli(capsys, "attribute", *run, "--labels", "3,5", "--method", "pixel", "--out", str(tmp_path / "out"))
+    assert code == 0, err
