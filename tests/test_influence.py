@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_UNET, tiny_config
+from tests.helpers import TINY_UNET, MinSNR, tiny_config
 from wherefrom import cli
 from wherefrom.attribution.influence import (
     EKFAC,
@@ -22,6 +22,7 @@ from wherefrom.attribution.influence import (
 from wherefrom.attribution.report import write_attribution
 from wherefrom.datamodules import DigitsDataModule
 from wherefrom.ensemble import Codes, EncodedEnsemble
+from wherefrom.errors import WherefromError
 from wherefrom.features import (
     FeatureConfig,
     Projection,
@@ -49,7 +50,6 @@ from wherefrom.kfac.stored import (
 from wherefrom.model import DiffusionModel
 from wherefrom.store import Entry, Store, as_tensor
 from wherefrom.task import Stream, predict
-from tests.helpers import MinSNR
 
 # ~1.3k parameters (attention included): the dense (F + lambda I) fits in memory
 MICRO_UNET = dict(TINY_UNET, block_out_channels=(2, 2), norm_num_groups=1, attention_head_dim=2)
@@ -358,3 +358,20 @@ def test_layout_allocates_by_effective_dimension_and_keeps_the_heaviest_block():
     assert allocate(10, [0, 5, 5], [9.0, 1.0, 1.0]) == [0, 5, 5] and allocate(4, [5, 5], [0.0, 1.0]) == [0, 4]
     mass = torch.tensor([[4.0, 3.0, 0.1], [3.0, 0.1, 0.1], [0.1, 0.1, 0.1]])
     assert block_shape(mass, 2) == (1, 2) and block_shape(mass, 4) == (2, 2) and block_shape(mass, 9) == (3, 3) and block_shape(mass, 0) == (0, 0)
+
+
+def test_a_stored_draw_count_other_than_asked_is_refused(setup, tmp_path):
+    """Issue 37: KFAC.timesteps took effect in exact mode only; stored mode replaced it with the store's K without a
+    word. Now the store's K is used and said (info), and asking for another is one line."""
+    from wherefrom import EKFAC
+
+    module, dm, store, queries = setup
+    copy = Store(tmp_path / "store", dm.fingerprint)
+    for name in ("factors/model", "eigen/model", "ekfac/model"):
+        copy.save_tensors(name, store.load_tensors(name), store.config(name))
+    featurize_influence(module.unet, "model", module.task, dm, np.asarray(TRAIN), copy, InfluenceConfig(timesteps=2, dtype="float64"), batch_size=4)
+    result = EKFAC(store=str(copy.root), batch_size=4).attribute(module, dm, queries)
+    assert result.info["grads"] == "stored" and result.info["draws"] == 2 and result.info["query_draws"] == 2
+    with pytest.raises(WherefromError, match=r"^ekfac: the store's stored training gradients took 2 draws, not timesteps=100; drop timesteps \(it is the store's\), or pass grads='exact'"):
+        EKFAC(store=str(copy.root), timesteps=100).attribute(module, dm, queries)
+    assert EKFAC(store=str(copy.root), timesteps=2, batch_size=4).attribute(module, dm, queries).scores.tolist() == result.scores.tolist()

@@ -261,7 +261,8 @@ class KFAC:
         damping: relative damping, x each layer's mean eigenvalue.
         grads: training gradients from the store's stored influence (``stored``; ``auto`` picks it
             when the store has it), formed densely per call (``exact``), or TRAK's features (:class:`Grads`).
-        timesteps: seeded ``(t, eps)`` draws per training gradient in exact mode.
+        timesteps: seeded ``(t, eps)`` draws per training gradient in exact mode (default 100); stored and
+            projected mode read the store's, and another value is refused rather than ignored.
         query_timesteps: seeded draws per query gradient (default: the training side's).
         batch_size: gradient batch.
         denoiser: attribute path of the network on a module that holds several (e.g. ``"unet"``).
@@ -271,7 +272,7 @@ class KFAC:
     measurement: Literal["loss", "elbo", "square_norm", "loss_at_time"] = "loss"
     damping: float = HEURISTIC_DAMPING
     grads: Grads = Grads.AUTO
-    timesteps: int = FeatureConfig.timesteps
+    timesteps: int | None = None
     query_timesteps: int | None = None
     batch_size: int = 64
     denoiser: str | None = None
@@ -291,7 +292,7 @@ class KFAC:
             self.grads = Grads(self.grads)
         except ValueError:
             raise WherefromError(f"grads must be one of {[g.value for g in Grads]}, got {self.grads!r}") from None
-        if self.damping <= 0 or self.timesteps < 1 or self.batch_size < 1 or (self.query_timesteps is not None and self.query_timesteps < 1):
+        if self.damping <= 0 or (self.timesteps is not None and self.timesteps < 1) or self.batch_size < 1 or (self.query_timesteps is not None and self.query_timesteps < 1):
             raise WherefromError(
                 f"damping must be > 0 and timesteps, query_timesteps, batch_size >= 1; got {self.damping}, {self.timesteps}, {self.query_timesteps}, {self.batch_size}"
             )
@@ -305,13 +306,21 @@ class KFAC:
         store = Store.open(self.store)
         check_store(store, data.fingerprint, module.codes_fingerprint)
         grads = resolve_grads(store, module, self.grads)
+        draws = self.timesteps or FeatureConfig.timesteps
+        if grads in (Grads.STORED, Grads.PROJECTED):  # the training side was drawn when the store was written
+            name = Entry.influence if grads is Grads.STORED else (lambda m: loss_features(store, m)[0])
+            stored = {store.config(name(m))["timesteps"] for m in module.denoisers()}
+            if self.timesteps is not None and stored != {self.timesteps}:
+                raise WherefromError(f"{self.name}: the store's {grads.value} training gradients took {sorted(stored)[0]} draws, not timesteps={self.timesteps}; "
+                                     "drop timesteps (it is the store's), or pass grads='exact' to draw the training gradients anew")  # fmt: skip
+            draws = sorted(stored)[0]
         scores = influence_scores(
             module, data, queries, store, self.measurement, ekfac=self.ekfac, relative=self.damping, grads=grads,
-            config=FeatureConfig(output="loss", timesteps=self.timesteps), batch_size=self.batch_size, progress=True, cond=cond,
+            config=FeatureConfig(output="loss", timesteps=draws), batch_size=self.batch_size, progress=True, cond=cond,
             query_timesteps=self.query_timesteps,
         )  # fmt: skip
-        return Attribution(scores, queries, self.name, split=data.indices, info={"grads": grads.value, "measurement": self.measurement},
-                           unit=self.unit, removal_scale=1.0 / len(data.indices), names=image_names(data))  # fmt: skip
+        info = {"grads": grads.value, "measurement": self.measurement, "draws": draws, "query_draws": self.query_timesteps or draws, "damping": self.damping}
+        return Attribution(scores, queries, self.name, split=data.indices, info=info, unit=self.unit, removal_scale=1.0 / len(data.indices), names=image_names(data))
 
 
 @dataclass
