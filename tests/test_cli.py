@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import yaml
 
 from tests.helpers import TINY_UNET, cli
+from wherefrom.attribution.protocol import Attribution, Needs
+from wherefrom.target import as_data
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +85,42 @@ def test_bad_input_gives_one_line_and_status_2(tiny_config, args, match, capsys,
     assert len(lines) == 1 and match in lines[0], err[-2000:]
     assert "wherefrom.errors" not in err  # no traceback of the error, just its message
     assert not (root / "x").exists()
+
+
+@dataclasses.dataclass
+class Brightest:
+    """A user's own attributor: every training image scored by its mean brightness times ``scale``."""
+
+    scale: float = 1.0
+
+    name: ClassVar[str] = "brightest"
+    needs: ClassVar[Needs] = Needs.NOTHING
+    unit: ClassVar[str] = "mean brightness x scale"
+
+    def attribute(self, module, data, queries, cond=None) -> Attribution:
+        data = as_data(data, "Brightest")
+        scores = np.tile(data.images.mean((1, 2, 3)).numpy() * self.scale, (len(queries), 1))
+        return Attribution(scores, queries, self.name, split=data.indices, unit=self.unit)
+
+
+def test_a_registered_attributor_runs_from_the_command_line(tiny_config, tmp_path, capsys):
+    """Issue 37: `register` said it added a user's attributor to the CLI, which never imported user code;
+    `--method package.module:Class` now imports and registers it, and its fields are flags."""
+    from wherefrom.attribution.api import ATTRIBUTORS
+    from wherefrom.datamodules import DigitsDataModule
+
+    code, err = cli(capsys, "fit", "--config", str(tiny_config))
+    assert code == 0, err
+    ckpt = tiny_config.parent / "run" / "last.ckpt"
+    np.save(tmp_path / "q.npy", np.zeros((2, 1, 8, 8), np.float32))
+    try:
+        code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "tests.test_cli:Brightest", "--scale", "2",
+                        "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "out"))  # fmt: skip
+        assert code == 0, err
+    finally:
+        ATTRIBUTORS.pop("brightest", None)
+    images = DigitsDataModule().images
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "scores.npy")[1], images.mean((1, 2, 3)).numpy() * 2, rtol=1e-6)
+    assert json.loads((tmp_path / "out" / "topk.json").read_text())["unit"] == "mean brightness x scale"
+    code, err = cli(capsys, "attribute", "--ckpt", str(ckpt), "--method", "tests.test_cli:Nothing", "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "cannot import --method 'tests.test_cli.Nothing'" in err and err.count("\n") == 1, err

@@ -5,7 +5,8 @@
     indices, scores = result.topk(8)
 
 ``wherefrom attribute`` derives its per-method options from these dataclasses'
-fields; :func:`register` adds a user's own attributor to the CLI and the demo.
+fields; :func:`register` adds a user's own attributor to the registry (the demo runs every registered
+one), and the command imports and registers one given as ``--method package.module:Class``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ ATTRIBUTORS: dict[str, type] = {cls.name: cls for cls in (Random, Pixel, Synthet
 
 
 def register(cls: type) -> type:
-    """Add an attributor class (a dataclass with ``name``, ``needs`` and ``attribute``) to :data:`ATTRIBUTORS`."""
+    """Add an attributor class (a dataclass with ``name``, ``needs`` and ``attribute``) to :data:`ATTRIBUTORS`
+    (``wherefrom attribute --method package.module:Class`` calls this for you)."""
     if not (dataclasses.is_dataclass(cls) and isinstance(getattr(cls, "name", None), str) and callable(getattr(cls, "attribute", None))):
         raise WherefromError(f"{cls!r} is not an attributor: it needs to be a dataclass with a `name`, `needs` and an `attribute` method")
     ATTRIBUTORS[cls.name] = cls

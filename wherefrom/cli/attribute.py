@@ -18,10 +18,11 @@ import typing
 from typing import Any
 
 from wherefrom.attribution.ablation import SyntheticAblation
-from wherefrom.attribution.api import ATTRIBUTORS, attributor
+from wherefrom.attribution.api import ATTRIBUTORS, attributor, register
 from wherefrom.attribution.average import attribute_models
 from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
+from wherefrom.checkpoint import import_class
 from wherefrom.cli.options import (
     add_run,
     add_sampling,
@@ -88,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=f"what a score means, per method (topk.json's \"unit\"):\n{units}", formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_run(p, several=True)
-    p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method")
+    p.add_argument("--method", required=True, choices=sorted(ATTRIBUTORS), help="attribution method (or your own attributor: package.module:Class)")
     p.add_argument("--out", required=True, help="folder for scores.npy, topk.json, topk.png")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--queries", nargs="+", default=None, help="samples.npy (N x C x H x W in [-1, 1]), image files or folders of them, or 'val'; default: generate --num-samples with --seed")
@@ -121,7 +122,21 @@ def make_attributor(args: argparse.Namespace) -> Attributor:
     return made
 
 
+def register_user_method(argv: list[str]) -> list[str]:
+    """``--method package.module:Class``: import the user's attributor and :func:`~wherefrom.register` it before
+    the flags are built (its fields become flags), then name it by its ``name``."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--method" and i + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--method=") else ""
+        if ":" in value:
+            cls = register(import_class(value.replace(":", "."), "--method"))
+            argv[i : i + (2 if arg == "--method" else 1)] = ["--method", cls.name]
+            break
+    return argv
+
+
 def attribute_main(argv: list[str]) -> None:
+    argv = register_user_method(argv)  # before the parser: a user's attributor's fields become flags
     args = parser().parse_args(argv)
     check_out_dir(args.out, "--out")
     method = make_attributor(args)
