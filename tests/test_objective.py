@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
@@ -199,3 +200,23 @@ def test_review_findings_are_refused_or_kept_canonical():
     s = FlowMatching(precondition_outputs=True).sigmas[torch.tensor([10, 700])]
     torch.testing.assert_close(FlowMatching(precondition_outputs=True).loss_weight(torch.tensor([10, 700])).double(), s**2, rtol=1e-6, atol=0)
     assert DiffusionTask.from_scheduler(DDPMScheduler()).config == DiffusionTask().config == DiffusionTask(objective=DDPMObjective()).config
+
+
+@pytest.mark.parametrize(("objective", "scheduler"), [("flow_matching", "euler"), ("edm", "heun")])
+def test_sample_and_export_under_an_objective(objective, scheduler, tmp_path, capsys):
+    """`wherefrom sample` picks the objective's own chain (`auto`), takes the others it has, refuses one it has
+    not in one line, and an export records the objective: the export samples exactly as the checkpoint does."""
+    from tests.helpers import cli, tiny_checkpoint
+
+    tiny_checkpoint(tmp_path, 0, "model.ckpt", objective=objective)
+    ckpt = str(tmp_path / "model.ckpt")
+    for chain in ("auto", scheduler):
+        code, err = cli(capsys, "sample", "--ckpt", ckpt, "--num-samples", "2", "--steps", "3", "--scheduler", chain, "--out", str(tmp_path / chain))
+        assert code == 0, err
+        assert np.abs(np.load(tmp_path / chain / "samples.npy")).max() <= 1 + 1e-6  # the clipped clean image, to float32 rounding
+    code, err = cli(capsys, "sample", "--ckpt", ckpt, "--num-samples", "2", "--scheduler", "ddpm", "--out", str(tmp_path / "no"))
+    assert code == 2 and "samples with" in err and err.count("\n") == 1 and not (tmp_path / "no").exists()
+    assert cli(capsys, "export", "--ckpt", ckpt, "--out", str(tmp_path / "export"))[0] == 0
+    code, err = cli(capsys, "sample", "--ckpt", str(tmp_path / "export"), "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "from_export"))
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npy"), np.load(tmp_path / "auto" / "samples.npy"))
