@@ -180,7 +180,7 @@ def test_queries_as_users_hold_them(tmp_path):
     with pytest.raises(WherefromError, match=r"have shape \(1, 16, 16\) but the training images are \(3, 16, 16\); one image\? add the batch dimension \(x\[None\], 1 x 3 x 16 x 16\)$"):
         load_queries(str(tmp_path / "single.npy"), dm)
     np.save(tmp_path / "unit.npy", rgb[:2].astype(np.float32) / 255)
-    with pytest.warns(UserWarning, match=r"no value is below 0, but the model sees images in \[-1, 1\]; .*rescale them: x \* 2 - 1"):
+    with pytest.warns(UserWarning, match=r"no value is below 0, but the training images reach -1; .*rescale them: x \* 2 - 1"):
         load_queries(str(tmp_path / "unit.npy"), dm)
 
 

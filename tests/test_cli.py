@@ -109,7 +109,7 @@ def test_a_registered_attributor_runs_from_the_command_line(tiny_config, tmp_pat
     from wherefrom.attribution.api import ATTRIBUTORS
     from wherefrom.datamodules import DigitsDataModule
 
-    code, err = cli(capsys, "fit", "--config", str(tiny_config))
+    code, err = cli(capsys, "fit", "--config", str(tiny_config), "--trainer.default_root_dir", str(tmp_path / "fit"))
     assert code == 0, err
     ckpt = tiny_config.parent / "run" / "last.ckpt"
     np.save(tmp_path / "q.npy", np.zeros((2, 1, 8, 8), np.float32))

@@ -469,9 +469,9 @@ def test_a_store_of_another_model_is_refused_before_the_first_step(tmp_path):
         _fit(_Trainable(), callback)  # the first model fills the store
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     for callback in callbacks():
-        with pytest.raises(FingerprintMismatchError, match=r"already holds \S+ of a run with weights \w{12}, not this model's \(\w{12}, as training starts\): to capture this run, "
+        with pytest.raises(FingerprintMismatchError, match=r"already holds \S+ of a run with weights \w{12}, not this model's \(\w{12}\): to capture this run, "
                                                        r"point \w+\(store=...\) at a new folder or pass \w+\(overwrite=True\) to replace that entry \(only it\); "
-                                                       r"to go on with that run, resume it with trainer.fit\(..., ckpt_path=...\)$") as err:  # issue 38, item 8
+                                                       r"to finish an interrupted capture of that run, resume it with trainer.fit\(..., ckpt_path=...\)$") as err:  # issue 38, item 8
             _fit(_Module(), callback)  # _Module fails its first step: the refusal came before it
         assert "\n" not in str(err.value)
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
@@ -593,7 +593,8 @@ def test_tuple_labels_condition_a_users_class_conditional_unet(tmp_path, caplog)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("TRAKFeatures: ", "KFACFactors: "))]
     assert said[:2] == [
         f"TRAKFeatures: featurising 8 training images x 2 draws (square_norm, D = 32) for 1 network(s) into {tmp_path / 'tuples'}; the first batch's time gives the time left",
-        f"KFACFactors: 1 factor pass(es) over the training images of 1 network(s), into {tmp_path / 'tuples'}; the first batch's time gives the time left",
+        f"KFACFactors: 1 factor pass(es) over 8 training images (one seeded draw per image per pass) of 1 network(s), into {tmp_path / 'tuples'}; "
+        "the first batch's time gives the time left",
     ]
     for key, value in stores["dicts"].load_tensors("factors/model").items():
         torch.testing.assert_close(stores["tuples"].load_tensors("factors/model")[key], value, rtol=0, atol=0)

@@ -127,3 +127,24 @@ def test_draws_do_not_depend_on_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert torch.equal(t64, ref[0]) and torch.equal(e64.float(), ref[1])
+
+
+def test_conditions_reach_a_plain_network_only_through_a_keyword_it_takes():
+    """Issue 38: (image, label) tuples now carry labels; a plain network whose forward takes no condition keyword
+    is evaluated without it (as before), one that takes class_labels gets them; bool second entries are no label."""
+    from wherefrom.target import item_conditions
+    from wherefrom.task import condition_kwargs
+
+    class Plain(nn.Module):
+        def forward(self, x, t):
+            return x
+
+    class Labelled(nn.Module):
+        def forward(self, x, t, class_labels=None):
+            return x
+
+    labels = torch.tensor([1, 2])
+    assert condition_kwargs(Plain(), labels) == {} and condition_kwargs(Plain(), None) == {}
+    assert condition_kwargs(Labelled(), labels)["class_labels"] is labels
+    assert item_conditions((torch.zeros(1, 8, 8), 3))["label"].item() == 3 and item_conditions((torch.zeros(1, 8, 8), True)) == {}
+    assert item_conditions((torch.zeros(1, 8, 8), torch.zeros(4))) == {}  # a vector is no class label

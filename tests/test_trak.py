@@ -145,7 +145,7 @@ def test_a_result_users_can_keep(featurised, tmp_path):
     result = DTRAK(store=str(root / "store"), batch_size=2, query_timesteps=3).attribute(model, dm, queries)
     assert repr(result) == f"Attribution(method='dtrak', queries=2, training images={len(SUBSET)} of {dm.num_images} indices, unit={result.unit!r})"
     assert {k: result.info[k] for k in ("entries", "draws", "query_draws", "dim", "damping")} == {
-        "entries": ["features/square_norm/model"], "draws": 2, "query_draws": 3, "dim": 128, "damping": DTRAK.damping}
+        "entries": ["features/square_norm/model"], "draws": 2, "query_draws": 3, "dim": Store.open(root / "store").config("features/square_norm/model")["dim"], "damping": DTRAK.damping}
     saved = result.save(tmp_path / "kept")
     again = Attribution.load(saved)
     np.testing.assert_array_equal(again.scores, result.scores)
@@ -156,11 +156,14 @@ def test_a_result_users_can_keep(featurised, tmp_path):
         Attribution.load(saved)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    with pytest.raises(WherefromError, match=r"exists and is not a saved attribution; pass another folder or overwrite=True$"):
+    with pytest.raises(WherefromError, match=r"exists and is not empty; pass another folder or overwrite=True$"):
         result.save(tmp_path / "mine")
+    with pytest.raises(WherefromError, match=r"exists and is not empty"):  # nor another saved result, unless overwrite=True
+        result.save(saved)
+    Attribution.load(result.save(saved, overwrite=True))
     rows = result.records(k=3)
     idx, top = result.topk(3)
-    assert len(rows) == 6 and rows[4] == {"query": 1, "rank": 1, "index": int(idx[1, 1]), "name": result.names[idx[1, 1]], "score": float(top[1, 1]), "predicted_change": None}
+    assert len(rows) == 6 and rows[4] == {"query": 1, "rank": 2, "index": int(idx[1, 1]), "name": result.names[idx[1, 1]], "score": float(top[1, 1]), "predicted_change": None}
     frame = result.to_pandas()
     assert list(frame.columns) == ["query", "rank", "index", "name", "score", "predicted_change"] and len(frame) == 2 * len(SUBSET)
     fig = result.plot(dm.images, k=4)

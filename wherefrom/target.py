@@ -178,7 +178,7 @@ def item_conditions(item: Any) -> dict[str, Tensor]:
     the integer second entry of an ``(image, label)`` tuple; none for other items."""
     if isinstance(item, dict):
         return {key: torch.as_tensor(item[key]) for key in ("label", "cond") if key in item}
-    if isinstance(item, (tuple, list)) and len(item) > 1:
+    if isinstance(item, (tuple, list)) and len(item) > 1 and not isinstance(item[1], (bool, np.bool_)):
         label = torch.as_tensor(item[1]) if isinstance(item[1], (int, np.integer, Tensor)) else None
         if label is not None and label.dim() == 0 and not label.is_floating_point():
             return {"label": label}
@@ -186,9 +186,11 @@ def item_conditions(item: Any) -> dict[str, Tensor]:
 
 
 def check_conditions(networks: dict[str, nn.Module], data: Any, owner: str) -> None:
-    """Refuse, before any work, training data without the conditions a class- or text-conditional network needs."""
+    """Refuse, before any work, training data without the conditions a class- or text-conditional diffusers network needs."""
     item = data.dataset()[0]
     for name, net in networks.items():
+        if getattr(net, "config", None) is None:
+            continue
         if getattr(getattr(net, "config", None), "cross_attention_dim", None) is not None and "cond" not in item:
             raise WherefromError(f"{owner}: network {name!r} is text-conditional but the training items carry no 'cond' (caption embedding); yield {{'index', 'image', 'cond'}} items")
         if getattr(net, "class_embedding", None) is not None and "label" not in item and "cond" not in item:
@@ -238,8 +240,8 @@ class DatasetView:
             unnamed += index is None
             indices.append(int(positions[pos]) if index is None else index)
             shapes.add(tuple(image.shape))
-            label = item_conditions(item).get("label")
-            labels.append(None if label is None or label.dim() else int(label))
+            label = item.get("label") if isinstance(item, dict) else None  # a dict's class label names its image
+            labels.append(None if label is None or torch.as_tensor(label).dim() else int(label))
         if unnamed:
             where = f"their positions in the {type(root).__name__} the Subset selects from" if root is not dataset else "their positions"
             from lightning.pytorch.utilities import rank_zero_warn
@@ -325,6 +327,12 @@ def resolve_data(trainer: Any, owner: str) -> Any:
     return as_data(getattr(loader, "dataset", loader), owner)
 
 
+def _training_min(data: Any, sample: int = 16) -> float:
+    """The smallest pixel among the first ``sample`` training images (their range, cheaply)."""
+    items = data.dataset()
+    return min(float(torch.as_tensor(items[i]["image"]).min()) for i in range(min(sample, len(items))))
+
+
 def as_queries(queries: Any, data: Any, source: str) -> Tensor:
     """Query images as every command and attributor takes them, checked against the training data:
     ``Q x C x H x W`` (or ``Q x H x W``) of the training images' shape, a tensor or an array, uint8
@@ -340,10 +348,11 @@ def as_queries(queries: Any, data: Any, source: str) -> Tensor:
         x = to_model_range(queries, source)
         if isinstance(queries, Tensor) and queries.is_floating_point():
             x = queries.detach().reshape(x.shape)  # checked; kept in their own dtype and device (float64 stays exact)
-        if x.is_floating_point() and x.min() >= 0 and not (isinstance(queries, np.ndarray | Tensor) and queries.dtype in (np.uint8, torch.uint8)):
+        floats = np.asarray(queries).dtype.kind == "f" if not isinstance(queries, Tensor) else queries.is_floating_point()
+        if floats and x.min() >= 0 and _training_min(data) < -0.5:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"{source}: no value is below 0, but the model sees images in [-1, 1]; if these are [0, 1] images "
+            rank_zero_warn(f"{source}: no value is below 0, but the training images reach {_training_min(data):.2g}; if these are [0, 1] images "
                            "(as ToTensor makes them), rescale them: x * 2 - 1")  # fmt: skip
     if tuple(x.shape[1:]) != tuple(data.image_shape):
         single = tuple(np.shape(queries)) == tuple(data.image_shape)

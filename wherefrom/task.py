@@ -112,7 +112,7 @@ def condition_kwargs(model: Any, cond: Tensor | None) -> dict[str, Tensor]:
     when its ``forward`` takes that keyword."""
     config = getattr(model, "config", None)
     if cond is None:
-        if getattr(model, "class_embedding", None) is not None or getattr(config, "cross_attention_dim", None) is not None:
+        if config is not None and (getattr(model, "class_embedding", None) is not None or getattr(config, "cross_attention_dim", None) is not None):
             what = "text-conditional (cross-attention) but got no caption embeddings" if getattr(config, "cross_attention_dim", None) is not None else "class-conditional but got no class labels"
             raise WherefromError(f"{type(model).__name__} is {what}; give the queries' conditions (cond=) and train on items that carry a 'label' (or 'cond')")
         return {}

@@ -28,17 +28,21 @@ def model_key(module: Any) -> str:
 
 
 def model_store(store: str | Path, module: Any, several: bool) -> Path:
-    """The store of ``module`` when ``several`` models share the folder ``store``: its ``model-<weights>``
-    sub-store; the folder itself for a single model."""
-    return Path(store) / f"model-{model_key(module)}" if several else Path(store)
+    """The store of ``module`` in the folder ``store``: its ``model-<weights>`` sub-store when ``several``
+    models share the folder or when that sub-store exists (a model of an averaged run, attributed alone);
+    else the folder itself."""
+    sub = Path(store) / f"model-{model_key(module)}"
+    return sub if several or sub.is_dir() else Path(store)
 
 
 def _kind(module: Any) -> dict[str, Any]:
-    """What must agree for scores to be averaged: the networks' architectures, the objective, the codes' kind."""
+    """What must agree for scores to be averaged: the networks' architectures (class, config, parameter
+    shapes), the objective, the codes' kind."""
     nets = module.denoisers()
     config = {k: v for k, v in module.task.config.items() if k != "seed"}
-    return {"networks": {n: (type(net).__name__, dict(getattr(net, "config", {}))) for n, net in nets.items()},
-            "objective": config, "ensemble": module.codes_fingerprint is not None}  # fmt: skip
+    shapes = {n: (type(net).__name__, {k: v for k, v in dict(getattr(net, "config", {})).items() if not k.startswith("_")},
+                  [tuple(p.shape) for p in net.state_dict().values()]) for n, net in nets.items()}  # fmt: skip
+    return {"networks": shapes, "objective": config, "ensemble": module.codes_fingerprint is not None}
 
 
 def check_models(modules: Sequence[Any], datas: Sequence[Any], names: Sequence[str]) -> None:
@@ -64,12 +68,18 @@ def attribute_models(
     method: Attributor, modules: Sequence[Any], data: Any, queries: Tensor, cond: Tensor | None = None,
     names: Sequence[str] | None = None, datas: Sequence[Any] | None = None,
 ) -> Attribution:  # fmt: skip
-    """``method`` averaged over ``modules`` (all trained on ``data``; ``datas``: each one's own, checked
-    against each other): the mean of each model's scores, with every model's scores in ``by_model`` and
-    the models in ``info["models"]``. A method that reads a store reads each model's sub-store of its
-    ``store`` folder (:func:`model_store`) when there are several models."""
-    names = list(names) if names is not None else [f"model {m}" for m in range(len(modules))]
-    check_models(modules, datas or [data] * len(modules), names)
+    """``method`` averaged over ``modules`` (LightningModules or checkpoint paths, all trained on ``data``, as
+    the attributors take it; ``datas``: each one's own, checked against each other): the mean of each model's
+    scores, with every model's scores in ``by_model`` and the models in ``info["models"]``. A method that
+    reads a store reads each model's sub-store of its ``store`` folder (:func:`model_store`)."""
+    from wherefrom.checkpoint import load_module
+    from wherefrom.target import as_data, attributable
+
+    owner = f"{type(method).__name__} over several models"
+    names = list(names) if names is not None else [str(m) if isinstance(m, (str, Path)) else f"model {i}" for i, m in enumerate(modules)]
+    modules = [attributable(load_module(m) if isinstance(m, (str, Path)) else m, owner) for m in modules]
+    data = as_data(data, owner)
+    check_models(modules, [as_data(d, owner) for d in datas] if datas is not None else [data] * len(modules), names)
     several = len(modules) > 1
     results = []
     for module in modules:

@@ -9,6 +9,7 @@ Every method is an *attributor*: a typed dataclass with
 from __future__ import annotations
 
 import enum
+import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,13 +90,13 @@ class Attribution:
                 f"{'' if ranked == self.scores.shape[1] else f' of {self.scores.shape[1]} indices'}, unit={self.unit!r})")  # fmt: skip
 
     def records(self, k: int | None = None) -> list[dict[str, Any]]:
-        """The top ``k`` (default: every ranked image) of each query as rows ``{query, rank, index, name, score,
+        """The top ``k`` (default: every ranked image) of each query as rows ``{query, rank (1 = top), index, name, score,
         predicted_change}`` (``predicted_change``: the measurement's change if the image were removed, for
         influence methods; else ``None``)."""
         idx, top = self.topk(len(self.columns) if k is None else k)
         scale = self.removal_scale
         return [
-            {"query": q, "rank": r, "index": int(i), "name": None if self.names is None else self.names[i], "score": float(s),
+            {"query": q, "rank": r + 1, "index": int(i), "name": None if self.names is None else self.names[i], "score": float(s),
              "predicted_change": None if scale is None else float(s) * scale}  # fmt: skip
             for q in range(len(idx))
             for r, (i, s) in enumerate(zip(idx[q], top[q]))
@@ -134,13 +135,22 @@ class Attribution:
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the whole result to folder ``path`` (``attribution.json`` with every field but the arrays, which
-        go to ``.npy`` files it lists with their shapes); :meth:`load` reads it back equal. An existing folder
-        is written into only when it holds a saved attribution or is empty (else pass ``overwrite=True``)."""
-        from wherefrom.io import write_json, write_npy
+        go to ``.npy`` files it lists with their shapes); :meth:`load` reads it back equal. The folder is written
+        beside it and swapped in whole, so a crash leaves the old or the new; an existing non-empty folder is
+        replaced only with ``overwrite=True``."""
+        import os
+        import shutil
+        import tempfile
+
+        from wherefrom.io import fsync_path, write_json, write_npy
 
         path = Path(path)
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / SAVED).is_file() and not overwrite)):
-            raise WherefromError(f"{str(path)!r} exists and is not a saved attribution; pass another folder or overwrite=True")
+        if path.exists() and not path.is_dir():
+            raise WherefromError(f"{str(path)!r} is a file; pass a folder path")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise WherefromError(f"{str(path)!r} exists and is not empty; pass another folder or overwrite=True")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         arrays = {"scores": self.scores, "queries": self.queries.detach().cpu().numpy()}
         if self.split is not None:
             arrays["split"] = self.split
@@ -148,10 +158,14 @@ class Attribution:
             arrays["scores_by_model"] = self.by_model
         arrays |= {f"artifact_{name}": rows.detach().cpu().numpy() for name, rows in self.artifacts.items()}
         for name, array in arrays.items():
-            write_npy(path / f"{name}.npy", array)
+            write_npy(tmp / f"{name}.npy", array)
         fields = {"method": self.method, "unit": self.unit, "info": self.info, "extra": self.extra, "removal_scale": self.removal_scale,
                   "names": self.names, "conditions": self.conditions}  # fmt: skip
-        write_json(path / SAVED, {**fields, "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}})
+        write_json(tmp / SAVED, {**fields, "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}})
+        if path.exists():
+            shutil.rmtree(path)  # empty, or overwrite=True
+        os.replace(tmp, path)
+        fsync_path(path.parent)
         return path
 
     @classmethod
@@ -167,7 +181,9 @@ class Attribution:
         try:
             meta = json.loads((path / SAVED).read_text())
             listed = meta.pop("arrays")
-        except (ValueError, KeyError):
+            if "scores" not in listed or "queries" not in listed or set(meta) - {f.name for f in dataclasses.fields(cls)}:
+                raise KeyError("arrays")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise WherefromError(f"{str(path / SAVED)!r} is damaged; save the attribution again") from None
         arrays = {}
         for name, spec in listed.items():

@@ -190,7 +190,7 @@ def store_scores(
         train.append(store.read_array(name))
     config = next(iter(entries.values()))
     info = {"store": str(store.root), "entries": sorted(entries), "draws": config["timesteps"], "query_draws": query_timesteps or config["timesteps"],
-            "dim": config["proj_dim"], "damping": damping, "normalize": normalize}  # fmt: skip
+            "dim": config["dim"], "damping": damping, "normalize": normalize}  # fmt: skip
     return trak_scores(train, query, damping, normalize=normalize), info
 
 

@@ -72,9 +72,9 @@ class CaptureCallback(L.Callback):
                 if self._store.clash(name, weights):
                     stored = str(self._store.config(name).get("weights"))
                     raise FingerprintMismatchError(
-                        f"store {self.store!r} already holds {name} of a run with weights {stored[:12]}, not this model's ({weights['weights'][:12]}, as training starts): "
+                        f"store {self.store!r} already holds {name} of a run with weights {stored[:12]}, not this model's ({weights['weights'][:12]}): "
                         f"to capture this run, point {owner}(store=...) at a new folder or pass {owner}(overwrite=True) to replace that entry (only it); "
-                        "to go on with that run, resume it with trainer.fit(..., ckpt_path=...)"
+                        "to finish an interrupted capture of that run, resume it with trainer.fit(..., ckpt_path=...)"
                     )
 
     def _open_store(self) -> None:

@@ -177,7 +177,8 @@ class KFACFactors(CaptureCallback):
         on_rank_zero(trainer.strategy, self._check_entries)  # nothing is written on a mismatch
         stored = "" if self.features is None else f", then stored-influence rows of {len(self._data.indices)} images x {self.features.timesteps} draws"
         ekfac = f" and {self.config.passes} EK-FAC pass(es)" if self.config.ekfac else ""
-        rank_zero_info(f"{type(self).__name__}: {self.config.passes} factor pass(es){ekfac} over the training images of {len(self._target.networks)} network(s){stored}, "
+        rank_zero_info(f"{type(self).__name__}: {self.config.passes} factor pass(es){ekfac} over {len(self._data.indices)} training images "
+                       f"(one seeded draw per image per pass) of {len(self._target.networks)} network(s){stored}, "
                        f"into {self.store}; the first batch's time gives the time left")  # fmt: skip
         for model_id, net in self._target.networks.items():
             split = training_split(pl_module, model_id, self._data.indices)

@@ -154,6 +154,7 @@ def attribute_main(argv: list[str]) -> None:
     if args.queries is None:  # the model's own samples, seeded
         sampling_plan(module.task, args.steps, args.scheduler)  # --steps at most the model's T and --scheduler, checked before any work
         conditions = query_conditions(args, data, args.num_samples)
+        query_cond(module, conditions, args.num_samples)  # a conditional network's missing --labels, before sampling
         queries = module.generate(args.num_samples, seed=args.seed, steps=args.steps, scheduler=args.scheduler, progress=True, **conditions)
     else:
         queries = load_queries(args.queries, data)

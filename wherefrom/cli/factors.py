@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from wherefrom.cli.options import (
     add_batch_size,
     add_config,
@@ -37,8 +39,12 @@ def factors_main(argv: list[str]) -> None:
     config = config_from(a, FactorConfig, skip=("mode",))
     features = config_from(a, InfluenceConfig, names=INFLUENCE_FLAGS) if a.features else None
     modules, data, _ = open_runs(a, "wherefrom factors", a.device)
-    for module in modules:
-        store = open_store(a, data, module, several=len(modules) > 1)
+    stores = [open_store(a, data, module, several=len(modules) > 1) for module in modules]  # every store checked before any work
+    ekfac = f" and {config.passes} EK-FAC passes" if config.ekfac else ""
+    stored = "" if features is None else f", then stored-influence rows of {features.timesteps} draws per image"
+    print(f"{config.passes} factor passes{ekfac} over {len(data.indices)} training images (one seeded draw per image per pass){stored}, "
+          f"for {len(modules)} model(s); the first batch's time gives the time left", file=sys.stderr)  # fmt: skip
+    for module, store in zip(modules, stores):
         for model_id, net in module.denoisers().items():
             split = training_split(module, model_id, data.indices)
             fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from wherefrom.cli.options import (
     add_batch_size,
     add_config,
@@ -40,8 +42,10 @@ def featurize_main(argv: list[str]) -> None:
     check_batch_size(a)
     config = config_from(a, FeatureConfig, skip=("output", "projector"), output=a.output or METHOD_OUTPUTS[a.method], projector=default_projector(a.device))
     modules, data, _ = open_runs(a, "wherefrom featurize", a.device)
-    for module in modules:
-        store = open_store(a, data, module, several=len(modules) > 1)
+    stores = [open_store(a, data, module, several=len(modules) > 1) for module in modules]  # every store checked before any work
+    print(f"featurising {len(data.indices)} training images x {config.timesteps} draws ({config.output}, D <= {config.proj_dim}) of {len(modules)} model(s); "
+          "the first batch's time gives the time left", file=sys.stderr)  # fmt: skip
+    for module, store in zip(modules, stores):
         for model_id, net in module.denoisers().items():
             featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
         print(f"wrote {', '.join(Entry.features(config.output, m) for m in module.denoisers())} ({config.projection}, K={config.timesteps}) to {store.root}")

@@ -23,7 +23,7 @@ from wherefrom.errors import WherefromError
 from wherefrom.io import load_array
 from wherefrom.sampling import SchedulerType
 from wherefrom.store import Store
-from wherefrom.target import as_data, as_queries, resolve_target
+from wherefrom.target import as_data, as_queries, check_conditions, resolve_target
 
 
 def add_run(
@@ -75,6 +75,8 @@ def open_runs(a: Any, owner: str, device: str | None = None) -> tuple[list[Any],
         modules.append(module)
         datas.append(data)
     check_models(modules, datas, [f"--ckpt {c}" for c in a.ckpt])
+    for module in modules:
+        check_conditions(module.denoisers(), datas[0], owner)
     return modules, datas[0], datas
 
 

@@ -90,21 +90,20 @@ def write_rows(
     mine = np.concatenate([chunks[c] for c in todo[comm.global_rank :: comm.world_size]] or [np.zeros(0, np.int64)])
     # the rank's chunks in order: every chunk but the split's last is full, so batches == chunks
     loader = iter(DataLoader(datamodule.dataset(mine), batch_size=batch_size, shuffle=False))
-    bar = progress_bar(total=sum(len(chunks[c]) for c in todo), desc=name, disable=not progress or comm.global_rank)
-    for _ in range(-(-len(todo) // comm.world_size)):
-        index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        values = torch.zeros(batch_size, dim, dtype=dtype, device=device)
-        batch = next(loader, None)
-        if batch is not None:
-            n = len(batch["index"])
-            index[:n] = batch["index"].to(device)
-            values[:n] = rows(batch)
-        index, values = gather(comm, index).flatten(0, 1), gather(comm, values).flatten(0, 1)
-        if comm.global_rank == 0:
-            keep = index >= 0
-            array.write(index[keep].cpu().numpy(), values[keep])
-            bar.update(int(keep.sum()))
-    bar.close()
+    with progress_bar(total=sum(len(chunks[c]) for c in todo), desc=name, disable=not progress or comm.global_rank) as bar:
+        for _ in range(-(-len(todo) // comm.world_size)):
+            index = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+            values = torch.zeros(batch_size, dim, dtype=dtype, device=device)
+            batch = next(loader, None)
+            if batch is not None:
+                n = len(batch["index"])
+                index[:n] = batch["index"].to(device)
+                values[:n] = rows(batch)
+            index, values = gather(comm, index).flatten(0, 1), gather(comm, values).flatten(0, 1)
+            if comm.global_rank == 0:
+                keep = index >= 0
+                array.write(index[keep].cpu().numpy(), values[keep])
+                bar.update(int(keep.sum()))
 
 
 def featurize(
