@@ -184,11 +184,11 @@ class KFACFactors(CaptureCallback):
             split = training_split(pl_module, model_id, self._data.indices)
             fit_factors(
                 net, model_id, self._target.task, self._data, split, self._store, self.config, self.batch_size,
-                comm=trainer.strategy, progress=trainer.is_global_zero, collector=self.collectors.get(model_id),
+                comm=trainer.strategy, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None, collector=self.collectors.get(model_id),
             )  # fmt: skip
             if self.features is not None:  # after the factors: the rows live in their eigenbasis
                 featurize_influence(net, model_id, self._target.task, self._data, split, self._store, self.features, self.batch_size,
-                                    comm=trainer.strategy, progress=trainer.is_global_zero)  # fmt: skip
+                                    comm=trainer.strategy, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)  # fmt: skip
             if trainer.is_global_zero:
                 layers = float(len(tracked_layers(net)))
                 log_scalars(trainer.loggers, {f"wherefrom/factors/{model_id}/layers": layers, f"wherefrom/factors/{model_id}/images": float(len(split))},

@@ -114,7 +114,7 @@ class TRAKFeatures(CaptureCallback):
                 model_id = name + suffix
                 meta = {"model_id": model_id, "weights": weights_hash(net)}
                 on_rank_zero(strategy, lambda: store.save_tensors(Entry.weights(model_id), net.state_dict(), meta))
-                featurize(net, model_id, target.task, data, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero)
+                featurize(net, model_id, target.task, data, store, config, self.batch_size, comm=strategy, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
                 if trainer.is_global_zero:
                     log_scalars(trainer.loggers, {f"wherefrom/features/{model_id}": float(len(data.indices))}, trainer.global_step)
 
