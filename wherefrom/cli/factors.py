@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from wherefrom.cli.options import (
     add_batch_size,
     add_config,
@@ -43,7 +41,7 @@ def factors_main(argv: list[str]) -> None:
     ekfac = f" and {config.passes} EK-FAC passes" if config.ekfac else ""
     stored = "" if features is None else f", then stored-influence rows of {features.timesteps} draws per image"
     print(f"{config.passes} factor passes{ekfac} over {len(data.indices)} training images (one seeded draw per image per pass){stored}, "
-          f"for {len(modules)} model(s); the first batch's time gives the time left", file=sys.stderr)  # fmt: skip
+          f"for {len(modules)} model(s); the first batch's time gives the time left")  # fmt: skip  (stdout: a refusal that follows stays stderr's one line)
     for module, store in zip(modules, stores):
         for model_id, net in module.denoisers().items():
             split = training_split(module, model_id, data.indices)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from wherefrom.cli.options import (
     add_batch_size,
     add_config,
@@ -44,7 +42,7 @@ def featurize_main(argv: list[str]) -> None:
     modules, data, _ = open_runs(a, "wherefrom featurize", a.device)
     stores = [open_store(a, data, module, several=len(modules) > 1) for module in modules]  # every store checked before any work
     print(f"featurising {len(data.indices)} training images x {config.timesteps} draws ({config.output}, D <= {config.proj_dim}) of {len(modules)} model(s); "
-          "the first batch's time gives the time left", file=sys.stderr)  # fmt: skip
+          "the first batch's time gives the time left")  # fmt: skip  (stdout: a refusal that follows stays stderr's one line)
     for module, store in zip(modules, stores):
         for model_id, net in module.denoisers().items():
             featurize(net, model_id, module.task, data, store, config, a.batch_size, progress=True)
