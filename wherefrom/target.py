@@ -349,10 +349,11 @@ def as_queries(queries: Any, data: Any, source: str) -> Tensor:
         if isinstance(queries, Tensor) and queries.is_floating_point():
             x = queries.detach().reshape(x.shape)  # checked; kept in their own dtype and device (float64 stays exact)
         floats = np.asarray(queries).dtype.kind == "f" if not isinstance(queries, Tensor) else queries.is_floating_point()
-        if floats and x.min() >= 0 and _training_min(data) < -0.5:
+        lowest = _training_min(data) if floats and x.min() >= 0 else 0.0  # read once, only when the queries look like [0, 1]
+        if lowest < -0.5:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"{source}: no value is below 0, but the training images reach {_training_min(data):.2g}; if these are [0, 1] images "
+            rank_zero_warn(f"{source}: no value is below 0, but the training images reach {lowest:.2g}; if these are [0, 1] images "
                            "(as ToTensor makes them), rescale them: x * 2 - 1")  # fmt: skip
     if tuple(x.shape[1:]) != tuple(data.image_shape):
         single = tuple(np.shape(queries)) == tuple(data.image_shape)
