@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from wherefrom import memory
 from wherefrom.errors import WherefromError
 from wherefrom.objective import PREDICTIONS, DDPMObjective, Objective, build_objective, objective_config, objective_from_scheduler
 
@@ -136,6 +137,18 @@ def predict(model: nn.Module, x_t: Tensor, time: Tensor, cond: Tensor | None = N
     """The output of a diffusers UNet or a plain module at network input ``x_t`` and network time ``time``
     (:meth:`DiffusionTask.model_time`), given each row's condition (when it takes one)."""
     return network_output(model(x_t, time, **condition_kwargs(model, cond)))
+
+
+def chunk_rows(model: nn.Module, x_t: Tensor, time: Tensor, cond: Tensor | None = None, share: int = 2, extra: int = 0) -> int:
+    """How many network rows like ``x_t[0]`` (time ``time[0]``, condition ``cond[0]``) fit in ``1 / share``
+    of the memory budget (:mod:`wherefrom.memory`): ``ACTIVATION_FACTOR`` x what autograd keeps per row,
+    plus ``extra`` bytes per row (e.g. what recording hooks hold). Call it before attaching hooks that
+    record forwards: it runs the network on one and two rows."""
+    two = lambda z: z[:1].detach().repeat(2, *[1] * (z.dim() - 1))  # noqa: E731 - any two rows have the same footprint
+    x2, t2, c2 = two(x_t).requires_grad_(x_t.is_floating_point()), two(time), None if cond is None else two(cond)  # a graph even with frozen weights
+    key = (tuple(x_t.shape[1:]), x_t.dtype, x_t.device, None if cond is None else (tuple(cond.shape[1:]), cond.dtype))
+    per_row = memory.activation_bytes(model, lambda n: predict(model, x2[:n], t2[:n], None if c2 is None else c2[:n]), key)
+    return memory.rows_within(memory.budget(x_t.device) // share, memory.ACTIVATION_FACTOR * per_row + extra)
 
 
 def condition(batch: dict[str, Tensor]) -> Tensor | None:
@@ -263,9 +276,14 @@ class DiffusionTask:
         each example's condition ``cond`` (``None``: unconditional)."""
         fn = self.measurement(name)
         total = x0.new_zeros(x0.shape[0])
+        rows = len(x0) if torch.is_grad_enabled() else None  # under autograd every row's graph is kept for the backward anyway
         for d, t in draws:
             x_t, tt, target = self.noisy(x0, index, name, d, t, stream)
-            total = total + fn(predict(model, x_t, self.model_time(tt), cond), target, tt, self)
+            time = self.model_time(tt)
+            rows = rows or chunk_rows(model, x_t, time, cond)  # without: the examples of a draw in chunks of the memory budget
+            for s in range(0, len(x0), rows):
+                c = None if cond is None else cond[s : s + rows]
+                total[s : s + rows] += fn(predict(model, x_t[s : s + rows], time[s : s + rows], c), target[s : s + rows], tt[s : s + rows], self)
         return total / len(draws)
 
     def noisy(

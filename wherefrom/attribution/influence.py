@@ -64,6 +64,7 @@ from wherefrom.kfac import (
     training_split,
 )
 from wherefrom.kfac.stored import open_stored
+from wherefrom.memory import gradient_rows
 from wherefrom.progress import progress_bar
 from wherefrom.store import Entry, Store, as_tensor, check_store
 from wherefrom.target import as_data, as_queries, attributable, image_names
@@ -99,22 +100,29 @@ def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPrecondition
 
 
 def query_gradient_batches(
-    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None
+    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None, start: int = 0
 ) -> Iterator[Tensor]:
-    """``B x P`` gradients of the measurement of each batch of queries (query ``q``: index ``-(q + 1)``, condition ``cond[q]``)."""
-    device = next(net.parameters()).device
-    for s in range(0, len(queries), batch_size):
-        index = -torch.arange(s, min(s + batch_size, len(queries))) - 1
-        x0 = queries[s : s + batch_size].to(device)
-        c = None if cond is None else cond[s : s + batch_size].to(device)
+    """``B x P`` gradients of the measurement of each batch of queries (query ``q``, at position ``start + q``: index
+    ``-(start + q + 1)``, condition ``cond[q]``), batches of at most ``batch_size`` and of what the memory budget holds."""
+    first = next(net.parameters())
+    step = min(batch_size, gradient_rows(num_parameters(net), first.dtype, first.device))
+    for s in range(0, len(queries), step):
+        index = -torch.arange(start + s, start + min(s + step, len(queries))) - 1
+        x0 = queries[s : s + step].to(first.device)
+        c = None if cond is None else cond[s : s + step].to(first.device)
         yield per_sample_grads(net, task, x0, index, measurement, config.draws(task), Stream.FEATURES, c)
 
 
 def query_gradients(
-    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None
+    net: nn.Module, task: DiffusionTask, queries: Tensor, measurement: str, config: FeatureConfig, batch_size: int, cond: Tensor | None = None, start: int = 0
 ) -> Tensor:
     """``Q x P`` gradients of the measurement of each query (see :func:`query_gradient_batches`)."""
-    return torch.cat(list(query_gradient_batches(net, task, queries, measurement, config, batch_size, cond)))
+    return torch.cat(list(query_gradient_batches(net, task, queries, measurement, config, batch_size, cond, start)))
+
+
+def num_parameters(net: nn.Module) -> int:
+    """``P``: the length of a dense gradient (:func:`trainable_parameters`)."""
+    return sum(p.numel() for p in trainable_parameters(net).values())
 
 
 def exact_scores(
@@ -124,11 +132,13 @@ def exact_scores(
     device = pre.device
     scores = np.zeros((len(pre), datamodule.num_images))
     batches = DataLoader(datamodule.dataset(indices), batch_size=batch_size, shuffle=False)
+    step = gradient_rows(pre.shape[1], pre.dtype, device)  # training gradients held at once
     for batch in progress_bar(batches, desc="training gradients", disable=not progress):
-        x0 = batch["image"].to(device=device, dtype=pre.dtype)
-        c = condition(batch)
-        g = per_sample_grads(net, task, x0, batch["index"], "loss", config.draws(task), Stream.FEATURES, None if c is None else c.to(device))
-        scores[:, batch["index"].numpy()] = (pre @ g.T).double().cpu().numpy()
+        x0, index, c = batch["image"].to(device=device, dtype=pre.dtype), batch["index"], condition(batch)
+        for s in range(0, len(x0), step):
+            part = None if c is None else c[s : s + step].to(device)
+            g = per_sample_grads(net, task, x0[s : s + step], index[s : s + step], "loss", config.draws(task), Stream.FEATURES, part)
+            scores[:, index[s : s + step].numpy()] = (pre @ g.T).double().cpu().numpy()
     return scores
 
 
@@ -232,12 +242,18 @@ def influence_scores(
                 part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows, stored.config.dtype)
             else:
                 query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
-                pre = precondition(net, query_gradients(net, module.task, queries, measurement, query_config, batch_size, cond), preconditioner)
-                if grads is Grads.EXACT:
-                    part = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
-                else:
-                    projection = Projection(feature_config, net, model_id)
-                    part = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
+                first = next(net.parameters())
+                block = gradient_rows(num_parameters(net), first.dtype, first.device)  # queries whose preconditioned gradients the budget holds
+                part = np.zeros((len(queries), datamodule.num_images))
+                for s in range(0, len(queries), block):
+                    c = None if cond is None else cond[s : s + block]
+                    pre = precondition(net, query_gradients(net, module.task, queries[s : s + block], measurement, query_config, batch_size, c, start=s), preconditioner)
+                    if grads is Grads.EXACT:  # each block of queries passes over the training split once
+                        part[s : s + block] = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
+                    else:
+                        projection = Projection(feature_config, net, model_id)
+                        part[s : s + block] = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
+                if grads is not Grads.EXACT:  # exact mode scores only the split already
                     mask = np.zeros(datamodule.num_images, dtype=bool)
                     mask[split] = True
                     part[:, ~mask] = 0.0

@@ -24,6 +24,7 @@ from wherefrom.attribution.protocol import Attributor, Needs
 from wherefrom.attribution.report import write_attribution
 from wherefrom.checkpoint import import_class
 from wherefrom.cli.options import (
+    add_memory,
     add_run,
     add_sampling,
     condition_texts,
@@ -32,6 +33,7 @@ from wherefrom.cli.options import (
     open_runs,
     query_cond,
     query_conditions,
+    set_memory,
 )
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.errors import WherefromError
@@ -95,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", nargs="+", default=None, help="samples.npy (N x C x H x W in [-1, 1]), image files or folders of them, or 'val'; default: generate --num-samples with --seed")
     p.add_argument("--num-samples", type=int, default=8)
     add_sampling(p, "generated queries")
+    add_memory(p)
     group = p.add_argument_group("method options", "each applies to the methods listed; unset: the method's default")
     for name, opt in method_options().items():
         if name in COMMAND_OPTIONS or name in RUN_OPTIONS:
@@ -139,6 +142,7 @@ def attribute_main(argv: list[str]) -> None:
     argv = register_user_method(argv)  # before the parser: a user's attributor's fields become flags
     args = parser().parse_args(argv)
     check_out_dir(args.out, "--out")
+    set_memory(args)
     method = make_attributor(args)
     if args.queries is not None and isinstance(method, SyntheticAblation):
         raise WherefromError(

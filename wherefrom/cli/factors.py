@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from wherefrom.cli.options import (
     add_batch_size,
+    add_memory,
     add_config,
     add_device,
     add_run,
     add_store,
     check_batch_size,
+    set_memory,
     config_from,
     open_runs,
     open_store,
@@ -31,9 +33,11 @@ def factors_main(argv: list[str]) -> None:
     g.add_argument("--features", action="store_true", help="also write influence/<id> after the factors (read by attribute --method kfac|ekfac)")
     add_config(g, InfluenceConfig, names=INFLUENCE_FLAGS)
     add_batch_size(p)
+    add_memory(p)
     add_device(p)
     a = p.parse_args(argv)
     check_batch_size(a)
+    set_memory(a)
     config = config_from(a, FactorConfig, skip=("mode",))
     features = config_from(a, InfluenceConfig, names=INFLUENCE_FLAGS) if a.features else None
     modules, data, _ = open_runs(a, "wherefrom factors", a.device)

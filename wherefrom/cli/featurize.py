@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from wherefrom.cli.options import (
     add_batch_size,
+    add_memory,
     add_config,
     add_device,
     add_run,
     add_store,
     check_batch_size,
+    set_memory,
     config_from,
     open_runs,
     open_store,
@@ -31,6 +33,7 @@ def parser() -> ConfigArgumentParser:
     p.add_argument("--output", default=None, help="override the output function (any measurement, e.g. l2_norm)")
     add_config(p, FeatureConfig, skip=("output", "projector"))
     add_batch_size(p)
+    add_memory(p)
     add_device(p)
     return p
 
@@ -38,6 +41,7 @@ def parser() -> ConfigArgumentParser:
 def featurize_main(argv: list[str]) -> None:
     a = parser().parse_args(argv)
     check_batch_size(a)
+    set_memory(a)
     config = config_from(a, FeatureConfig, skip=("output", "projector"), output=a.output or METHOD_OUTPUTS[a.method], projector=default_projector(a.device))
     modules, data, _ = open_runs(a, "wherefrom featurize", a.device)
     stores = [open_store(a, data, module, several=len(modules) > 1) for module in modules]  # every store checked before any work

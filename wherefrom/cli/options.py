@@ -18,6 +18,7 @@ from torch import Tensor
 from wherefrom.attribution.average import check_models, model_store
 from wherefrom.checkpoint import load_datamodule, load_module
 from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom import memory
 from wherefrom.datamodules.sources import IMAGE_EXTENSIONS, image_files, read_images
 from wherefrom.errors import WherefromError
 from wherefrom.io import load_array
@@ -91,6 +92,23 @@ def add_batch_size(p: ConfigArgumentParser, default: int = 64) -> None:
 def check_batch_size(a: Any) -> None:
     if a.batch_size < 1:
         raise WherefromError(f"--batch-size must be >= 1, got {a.batch_size}")
+
+
+def add_memory(p: ConfigArgumentParser) -> None:
+    p.add_argument(
+        "--memory",
+        default=None,
+        help="working-set budget of every pass, e.g. 4GiB (default: half the free GPU memory, or 1GiB on the CPU); "
+        "peak memory follows it, never --batch-size or the draws",
+    )
+
+
+def set_memory(a: Any) -> None:
+    """Apply ``--memory`` (checked before any work)."""
+    try:
+        memory.set_budget(a.memory)
+    except WherefromError as e:
+        raise WherefromError(f"--memory: {e}") from None
 
 
 def add_sampling(p: ConfigArgumentParser, what: str = "the samples", conditions: bool = True) -> None:
@@ -236,4 +254,4 @@ def open_store(a: Any, data: Any, module: Any, several: bool = False) -> Store:
     return Store(path, data.fingerprint, module.codes_fingerprint, overwrite=a.overwrite, repair=a.repair, names=STORE_FLAGS)
 
 
-__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "open_runs", "query_cond", "query_conditions", "condition_texts"]
+__all__ = ["STORE_FLAGS", "add_config", "config_from", "flag", "load_queries", "add_batch_size", "add_memory", "set_memory", "add_device", "add_overwrite", "add_run", "add_sampling", "add_store", "open_store", "check_batch_size", "open_module", "open_run", "open_runs", "query_cond", "query_conditions", "condition_texts"]

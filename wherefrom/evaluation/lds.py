@@ -225,10 +225,11 @@ def measure_queries(module, queries: Tensor, cfg: MeasureConfig, ids: Tensor | N
     ids = torch.arange(len(queries)) if ids is None else torch.as_tensor(ids)
     draws = [(d, None) for d in range(cfg.draws)]
     out = []
-    for start in range(0, len(queries), cfg.batch_size):
-        x0 = queries[start : start + cfg.batch_size].to(module.device)
-        index = ids[start : start + len(x0)]
-        out.append(task.measure(denoise, x0, index, cfg.measurement, draws, stream=Stream.MEASURE).double().cpu())
+    with torch.no_grad():
+        for start in range(0, len(queries), cfg.batch_size):
+            x0 = queries[start : start + cfg.batch_size].to(module.device)
+            index = ids[start : start + len(x0)]
+            out.append(task.measure(denoise, x0, index, cfg.measurement, draws, stream=Stream.MEASURE).double().cpu())
     return torch.cat(out).numpy()
 
 

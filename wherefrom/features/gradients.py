@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from wherefrom.task import DiffusionTask, Stream, condition_kwargs, network_output
+from wherefrom.memory import gradient_rows, pair_chunks
+from wherefrom.task import DiffusionTask, Stream, chunk_rows, condition_kwargs, network_output
 
 Draws = Sequence[tuple[int, int | None]]  # [(draw id, fixed t or None = drawn per example)]
 
@@ -57,26 +58,34 @@ def per_sample_grads(
     """``B x P`` per-sample gradients of ``output`` averaged over ``draws``, under each example's
     condition ``cond`` (``None``: unconditional).
 
-    One ``vmap(grad)`` over the examples; each example evaluates its K draws as
-    one inner batch. The fused SDPA kernels have no vmap rule, hence the MATH backend.
+    ``vmap(grad)`` over the examples of a chunk, each evaluating its draws of the chunk as one inner
+    batch; chunks of (example, draw) pairs fit the memory budget (:mod:`wherefrom.memory`) and their
+    sums are accumulated, so memory is flat in B and K. The fused SDPA kernels have no vmap rule,
+    hence the MATH backend.
     """
+    draws = list(draws)
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
     fn = task.measurement(output)
-    x_t, t, target = noisy_inputs(task, x0, index, output, draws, stream)
+    x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, draws[:1], stream)
+    pairs = chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])
+    num_params = sum(p.numel() for p in params.values())
+    out = x0.new_zeros(len(x0), num_params)
 
-    k = x_t.shape[1]
-
-    time = task.model_time(t.flatten()).view_as(t)  # the network's time input, looked up outside vmap
-
-    def mean_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, time: Tensor, target: Tensor, c: Tensor | None) -> Tensor:
-        c = None if c is None else c.unsqueeze(0).expand(k, *c.shape)  # the example's condition for each of its K draws
+    def summed_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, time: Tensor, target: Tensor, c: Tensor | None) -> Tensor:
+        c = None if c is None else c.unsqueeze(0).expand(len(x_t), *c.shape)  # the example's condition for each of its draws
         pred = network_output(functional_call(model, {**p, **frozen}, (x_t, time), condition_kwargs(model, c)))
-        return fn(pred, target, t, task).mean()
+        return fn(pred, target, t, task).sum()
 
+    max_examples = gradient_rows(num_params, x0.dtype, x0.device)
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
-        grads = vmap(grad(mean_output), in_dims=(None, 0, 0, 0, 0, None if cond is None else 0))(params, x_t, t, time, target, cond)
-    return torch.cat([grads[n].reshape(len(x0), -1) for n in params], 1)
+        for e, d in pair_chunks(len(x0), len(draws), pairs, max_examples):
+            x_t, t, target = noisy_inputs(task, x0[e], index[e], output, draws[d], stream)
+            time = task.model_time(t.flatten()).view_as(t)  # the network's time input, looked up outside vmap
+            c = None if cond is None else cond[e]
+            grads = vmap(grad(summed_output), in_dims=(None, 0, 0, 0, 0, None if c is None else 0))(params, x_t, t, time, target, c)
+            out[e] += torch.cat([grads[n].reshape(len(x_t), -1) for n in params], 1)
+    return out / len(draws)  # the mean over the draws
 
 
 __all__ = ["Draws", "noisy_inputs", "per_sample_grads", "trainable_parameters"]

@@ -53,7 +53,8 @@ from wherefrom.features.gradients import (
     per_sample_grads,
     trainable_parameters,
 )
-from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict
+from wherefrom.memory import gradient_rows, pair_chunks
+from wherefrom.task import DiffusionTask, Stream, chunk_rows, generator_for, mix_seed, predict
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix
 CUDA_MAX_BATCH = 32  # trak CudaProjector's largest kernel batch
@@ -242,8 +243,14 @@ class Projection:
         self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES, cond: Tensor | None = None
     ) -> Tensor:
         """``project(per_sample_grads(...))`` for a batch, computed the fast way (``B x dim``)."""
-        if self.kind is ProjectionKind.DENSE:
-            return self.project(per_sample_grads(self.model, task, x0, index, output, draws, stream, cond))
+        if self.kind is ProjectionKind.DENSE:  # dense gradients of as many examples at a time as the memory budget holds
+            step = gradient_rows(self.num_params, x0.dtype, x0.device)
+            return torch.cat(
+                [
+                    self.project(per_sample_grads(self.model, task, x0[s : s + step], index[s : s + step], output, draws, stream, None if cond is None else cond[s : s + step]))
+                    for s in range(0, len(x0), step)
+                ]
+            )
         return self._structured(task, x0, index, output, draws, stream, cond)
 
     def _structured(self, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream, cond: Tensor | None) -> Tensor:
@@ -281,10 +288,13 @@ def structured_grads(
     one backward to the layer outputs (LoGra, Sec. 3.2): no per-sample gradient of the whole
     model is formed. Several projections of one module share the forward and backward pass;
     each layer's inputs are projected after the backward, one layer at a time."""
-    x_t, t, eps = noisy_inputs(task, x0, index, output, draws, stream)
-    (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
+    draws = list(draws)
+    x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, draws[:1], stream)
+    pairs = chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])  # before the hooks
+    feats = [x0.new_zeros(len(x0), *layer.shape) for layer in layers]
     calls: list[tuple[int, Tensor]] = []  # (layer number, layer input) per call
     outputs: list[Tensor] = []
+    rows = 0
 
     def hook(number: int, layer: LayerReduction):
         def capture(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
@@ -297,20 +307,25 @@ def structured_grads(
 
     handles = [layer.module.register_forward_hook(hook(number, layer)) for number, layer in enumerate(layers)]
     try:
-        with torch.enable_grad():
-            rows_cond = None if cond is None else cond.repeat_interleave(k, 0)  # row (b, j): example b's condition
-            pred = predict(model, x_t.flatten(0, 1), task.model_time(t.flatten(0, 1)), rows_cond)
-            # mean over the K draws of each example, summed over examples (rows are independent)
-            value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / k
-            grads = torch.autograd.grad(value, outputs, allow_unused=True)
+        # chunks of (example, draw) pairs within the memory budget; G is linear in the rows, so their sums add up
+        for e, d in pair_chunks(len(x0), len(draws), pairs):
+            x_t, t, eps = noisy_inputs(task, x0[e], index[e], output, draws[d], stream)
+            (b, k), rows = x_t.shape[:2], x_t.shape[0] * x_t.shape[1]
+            calls.clear()
+            outputs.clear()
+            with torch.enable_grad():
+                rows_cond = None if cond is None else cond[e].repeat_interleave(k, 0)  # row (b, j): example b's condition
+                pred = predict(model, x_t.flatten(0, 1), task.model_time(t.flatten(0, 1)), rows_cond)
+                # mean over the K draws of each example, summed over examples (rows are independent)
+                value = task.measurement(output)(pred, eps.flatten(0, 1), t.flatten(0, 1), task).sum() / len(draws)
+                grads = torch.autograd.grad(value, outputs, allow_unused=True)
+            with torch.no_grad():
+                for (number, x), g in zip(calls, grads):
+                    if g is not None:
+                        feats[number][e] += layers[number].reduce_grad(x, g, b, k)
     finally:
         for h in handles:
             h.remove()
-    feats = [x_t.new_zeros(b, *layer.shape) for layer in layers]
-    with torch.no_grad():
-        for (number, x), g in zip(calls, grads):
-            if g is not None:
-                feats[number] += layers[number].reduce_grad(x, g, b, k)
     return feats
 
 

@@ -20,6 +20,7 @@ from wherefrom.kfac.factors import (
     positions,
     tracked_layers,
 )
+from wherefrom.kfac.geometry import conv_out_size
 
 
 class FactorCollector:
@@ -122,6 +123,30 @@ class FactorCollector:
         name, kind = key.rsplit("/", 1)
         d_out, d_in = layer_dims(self.layers[name])
         return {"A": (d_in, d_in), "G": (d_out, d_out), "lambda": (d_out, d_in)}[kind]
+
+    def row_bytes(self, forward: Callable[[], object]) -> int:
+        """Bytes the hooks hold per row of ``forward()`` (the network on one row): with an eigenbasis
+        every layer's inputs (im2col patches for a conv) wait for its backward, so they add up; without,
+        one layer's patches exist at a time (the largest)."""
+        sizes = []
+
+        def probe(layer: Layer, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0]
+            if isinstance(layer, nn.Conv2d):
+                ho, wo = conv_out_size(layer, x.shape[2], x.shape[3])
+                terms = ho * wo * (layer.weight[0].numel() + 1)
+            else:
+                terms = x[0].numel() // x.shape[-1] * (x.shape[-1] + 1)
+            sizes.append(terms * x.element_size())
+
+        handles = [m.register_forward_hook(probe) for m in self.layers.values()]
+        try:
+            with torch.no_grad():
+                forward()
+        finally:
+            for h in handles:
+                h.remove()
+        return (sum(sizes) if self.eigen is not None else max(sizes, default=0)) * 2  # and the product formed from them
 
     # --- hooks ----------------------------------------------------------------------
     def attach(self) -> None:

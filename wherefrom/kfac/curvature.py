@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from wherefrom.kfac.collector import FactorCollector
 from wherefrom.kfac.factors import MC_TAG, Curvature
-from wherefrom.task import DiffusionTask, Stream, condition, generator_for, predict
+from wherefrom.task import DiffusionTask, Stream, chunk_rows, condition, generator_for, predict
 
 
 def output_vectors(
@@ -84,12 +84,21 @@ def factor_pass(
     ``draw``), forward, and the curvature backward; ``collector`` records the statistics."""
     device = collector.model_device()
     dtype = next(iter(collector.layers.values())).weight.dtype
-    with frozen(denoiser), collector.recording():
+    rows = None
+    with frozen(denoiser):
         for batch in batches:
             x0 = batch["image"].to(device=device, dtype=dtype)
             index = batch["index"]
             x_t, t, target = task.noisy(x0, index, "loss", draw, None, Stream.FACTORS)
             cond = condition(batch)
-            out = predict(denoiser, x_t, task.model_time(t), None if cond is None else cond.to(device))
-            noise = mc_noise(task, index, draw, tuple(out.shape[1:]), out) if Curvature(curvature) is Curvature.MC else None
-            backpropagate(out, target, curvature, noise, task.weight("loss", t))
+            cond = None if cond is None else cond.to(device)
+            time, weight = task.model_time(t), task.weight("loss", t)
+            if rows is None:  # before recording: the batch in chunks of the memory budget, the hooks' own rows counted
+                hooks = collector.row_bytes(lambda: predict(denoiser, x_t[:1], time[:1], None if cond is None else cond[:1]))
+                rows = chunk_rows(denoiser, x_t, time, cond, extra=hooks)
+            with collector.recording():
+                for s in range(0, len(x0), rows):  # the statistics are sums over rows
+                    part = slice(s, s + rows)
+                    out = predict(denoiser, x_t[part], time[part], None if cond is None else cond[part])
+                    noise = mc_noise(task, index[part], draw, tuple(out.shape[1:]), out) if Curvature(curvature) is Curvature.MC else None
+                    backpropagate(out, target[part], curvature, noise, None if weight is None else weight[part])
