@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_UNET
+from tests.helpers import TINY_UNET, unet_sampler
 from wherefrom import memory
 from wherefrom.attribution.influence import influence_scores
 from wherefrom.datamodules import DigitsDataModule
+from wherefrom.ensemble.synthetic import exact_ablation, linearize
 from wherefrom.errors import WherefromError
 from wherefrom.features import FeatureConfig, Projection, per_sample_grads
 from wherefrom.kfac import FactorCollector, FactorConfig, factor_pass, fit_factors
@@ -103,6 +104,14 @@ def test_exact_and_stored_influence_do_not_depend_on_the_chunking(model, tmp_pat
         with memory.budget_limit(1):
             chunked = run(stores["chunked"])
         close(whole, chunked)
+
+
+def test_jacobians_and_exact_ablations_do_not_depend_on_the_chunking():
+    sampler = unet_sampler(n=3, steps=3)
+    whole, chunked = both(lambda: linearize(sampler, [0, 1, 2]))
+    close(whole.jacobian, chunked.jacobian)
+    close(whole.x0, chunked.x0)
+    close(*both(lambda: exact_ablation(sampler, [0, 1, 2], [10, 11, 12])))
 
 
 def test_pair_chunks_cover_every_pair_once_within_the_limits():

@@ -45,7 +45,7 @@ from wherefrom.ensemble.sampler import EnsembleSampler
 from wherefrom.errors import WherefromError
 from wherefrom.progress import progress_bar
 from wherefrom.sampling import EpsFn, guided, sample
-from wherefrom.task import predict
+from wherefrom.task import chunk_rows, predict
 
 # The JVP primal of the CLI's queries is recomputed with the MATH attention kernel, whose
 # rounding differs from the fused one; beyond this (images in [-1, 1]) they are other samples.
@@ -116,10 +116,19 @@ def sample_rows(sampler: EnsembleSampler, queries: Sequence[int], weights: Tenso
     return sample(eps, s.task, s.image_shape, list(queries), s.seed, s.steps, s.scheduler, s.clip_sample, s.dtype, s.device, cond=s.conditions(queries))
 
 
+def budget_rows(sampler: EnsembleSampler) -> int:
+    """How many rows a chain of the sampler's members may carry at once within the memory budget
+    (:func:`wherefrom.task.chunk_rows` of the first member: the members share one architecture)."""
+    x = torch.zeros(1, *sampler.image_shape, dtype=sampler.dtype, device=sampler.device)
+    time = sampler.task.model_time(torch.zeros(1, dtype=torch.long, device=sampler.device))
+    return chunk_rows(sampler.members[0], x, time, sampler.conditions([0]))
+
+
 @torch.no_grad()
 def sample_rows_batched(sampler: EnsembleSampler, queries: Sequence[int], weights: Tensor, batch_size: int = 64, desc: str | None = None) -> Tensor:
-    """:func:`sample_rows` in chains of ``batch_size`` rows (the same rows: each row's noise is its query's),
-    with a progress bar labelled ``desc`` when given."""
+    """:func:`sample_rows` in chains of ``batch_size`` rows, fewer where the memory budget holds fewer (the same
+    rows: each row's noise is its query's), with a progress bar labelled ``desc`` when given."""
+    batch_size = min(batch_size, budget_rows(sampler))
     starts = progress_bar(range(0, len(queries), batch_size), desc=desc, disable=desc is None)
     return torch.cat([sample_rows(sampler, queries[s : s + batch_size], weights[s : s + batch_size]) for s in starts])
 
@@ -202,8 +211,9 @@ def linearize(
     """``x0`` and ``J = d x0 / d a`` of the sampler's chain (its seed, steps, scheduler) for ``queries``
     (``int`` q means ``0..q-1``) at member weights ``weights`` (default uniform), by forward-mode AD.
 
-    ``batch_size`` queries go through the chain together (default all); memory is
-    ``O(batch_size * n * activations)`` whatever the number of steps.
+    ``batch_size`` queries go through the chain together (default all, fewer where the memory budget
+    holds fewer: each carries ``n`` tangents); memory is ``O(batch_size * n * activations)`` whatever
+    the number of steps.
     """
     queries = list(range(queries)) if isinstance(queries, int) else [int(q) for q in queries]
     if not queries:
@@ -212,7 +222,7 @@ def linearize(
         raise WherefromError(f"batch_size must be >= 1, got {batch_size}")
     strategy = JacobianStrategy(strategy)
     a = _weights(sampler, weights)
-    step = batch_size or len(queries)
+    step = min(batch_size or len(queries), max(1, budget_rows(sampler) // sampler.n))
     x0, jac = [], []
     with forward_ad_mode():
         for start in progress_bar(range(0, len(queries), step), desc="jacobian", disable=not progress):
