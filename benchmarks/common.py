@@ -18,7 +18,6 @@ from wherefrom.attribution.baseline import pixel_scores, random_scores
 from wherefrom.attribution.influence import (
     EKFAC,
     influence_scores,
-    precondition,
     query_gradients,
 )
 from wherefrom.attribution.trak import kernel_scores, query_features, trak_scores
@@ -33,6 +32,7 @@ from wherefrom.kfac import (
     FactorConfig,
     fit_factors,
     load_preconditioner,
+    precondition,
     training_split,
 )
 from wherefrom.kfac.stored import (

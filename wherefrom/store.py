@@ -406,6 +406,14 @@ class Store:
         self.manifest["entries"][name] = {"kind": "tensors", "config": _jsonable(config), "sha256": digest}
         self._save()
 
+    def annotate(self, name: str, key: str, value: Any) -> None:
+        """Record ``value`` under ``key`` in entry ``name``'s manifest record (a measurement of the entry, e.g. its
+        fidelity; never compared when the entry is reused). The manifest is replaced atomically."""
+        if name not in self.manifest["entries"] or key in ("kind", "config", "sha256"):
+            raise WherefromError(f"store {str(self.root)!r}: cannot annotate {name!r} with {key!r}")
+        self.manifest["entries"][name][key] = _jsonable(value)
+        self._save()
+
     def has(self, name: str, config: dict[str, Any] | None = None) -> bool:
         entry = self.manifest["entries"].get(name)
         return entry is not None and (config is None or entry["config"] == _jsonable(config))

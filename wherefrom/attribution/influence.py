@@ -58,9 +58,8 @@ from wherefrom.features import (
 )
 from wherefrom.kfac import (
     HEURISTIC_DAMPING,
-    KFACPreconditioner,
-    layer_dims,
     load_preconditioner,
+    precondition,
     training_split,
 )
 from wherefrom.kfac.stored import open_stored
@@ -72,31 +71,6 @@ from wherefrom.task import DiffusionTask, Stream, condition
 
 MEASURES = ("loss", "elbo", "square_norm", "loss_at_time")
 BLOCK_BYTES = 1 << 28  # the store rows in memory at once while scoring (256 MiB)
-
-
-def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPreconditioner) -> Tensor:
-    """``(F + lambda I)^{-1} g`` for dense gradients ``B x P`` (:func:`trainable_parameters`
-    order); parameters outside K-FAC's layers get 0."""
-    offsets, start = {}, 0
-    for name, p in trainable_parameters(net).items():
-        offsets[name] = slice(start, start + p.numel())
-        start += p.numel()
-    if grads.shape[1] != start:
-        raise WherefromError(f"expected B x {start} gradients, got {tuple(grads.shape)}")
-    out = torch.zeros_like(grads)
-    modules = dict(net.named_modules())
-    for name in preconditioner.eigen:
-        layer = modules[name]
-        w, b = offsets.get(f"{name}.weight"), offsets.get(f"{name}.bias")
-        if w is None or (layer.bias is not None and b is None):
-            continue  # (partly) frozen layer: not part of the influence
-        d_out, _ = layer_dims(layer)
-        parts = [grads[:, w].reshape(len(grads), d_out, -1)] + ([grads[:, b].unsqueeze(-1)] if b is not None else [])
-        v = preconditioner.apply(name, torch.cat(parts, -1))
-        out[:, w] = v[..., : parts[0].shape[-1]].reshape(len(grads), -1)
-        if b is not None:
-            out[:, b] = v[..., -1]
-    return out
 
 
 def query_gradient_batches(

@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 
 from wherefrom.attribution.report import log_scalars
@@ -48,6 +48,7 @@ from wherefrom.kfac import (
     tracked_layers,
     training_split,
 )
+from wherefrom.kfac.fidelity import record_fidelity
 from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.store import Entry
 from wherefrom.target import item_image
@@ -70,6 +71,8 @@ class KFACFactors(CaptureCallback):
             of recomputing the training gradients (:mod:`wherefrom.kfac.stored`).
         dim, residual_dim, timesteps, features_strategy, features_seed, features_dtype: the stored influence's config
             (``features_*``: its ``strategy``, ``seed``, ``dtype``; :class:`~wherefrom.kfac.stored.InfluenceConfig`).
+        fidelity: with ``features``, measure stored against exact influence on a seeded sample, log it, record
+            it in the store and warn below :data:`~wherefrom.kfac.fidelity.THRESHOLD` (:mod:`wherefrom.kfac.fidelity`).
         batch_size: images per batch of the dedicated passes.
         overwrite, denoiser, task: see :class:`~wherefrom.callbacks.base.CaptureCallback`.
     """
@@ -89,6 +92,7 @@ class KFACFactors(CaptureCallback):
         features_strategy: str = InfluenceConfig.strategy,
         features_seed: int = InfluenceConfig.seed,
         features_dtype: str = InfluenceConfig.dtype,
+        fidelity: bool = True,
         batch_size: int = 64,
         overwrite: bool = False,
         denoiser: str | None = None,
@@ -100,6 +104,7 @@ class KFACFactors(CaptureCallback):
         self.config = FactorConfig(curvature or default, kfac, passes, ekfac, mode)  # validated before training
         influence = InfluenceConfig(dim, residual_dim, timesteps, features_strategy, features_seed, features_dtype)  # validated before training
         self.features = influence if features else None
+        self.fidelity = fidelity
         super().__init__(store, overwrite, denoiser, task)
         self.batch_size = batch_size
         self.collectors: dict[str, FactorCollector] = {}
@@ -189,10 +194,13 @@ class KFACFactors(CaptureCallback):
             if self.features is not None:  # after the factors: the rows live in their eigenbasis
                 featurize_influence(net, model_id, self._target.task, self._data, split, self._store, self.features, self.batch_size,
                                     comm=trainer.strategy, progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)  # fmt: skip
+            scalars = {f"wherefrom/factors/{model_id}/layers": float(len(tracked_layers(net))), f"wherefrom/factors/{model_id}/images": float(len(split))}
+            if self.features is not None and self.fidelity:
+                found = record_fidelity(net, model_id, self._target.task, self._data, split, self._store, self.batch_size, comm=trainer.strategy)
+                (rank_zero_info if found.ok else rank_zero_warn)(f"{type(self).__name__} {model_id}: {found.line()}")
+                scalars.update({f"wherefrom/factors/{model_id}/fidelity_pearson": found.pearson, f"wherefrom/factors/{model_id}/fidelity_spearman": found.spearman})
             if trainer.is_global_zero:
-                layers = float(len(tracked_layers(net)))
-                log_scalars(trainer.loggers, {f"wherefrom/factors/{model_id}/layers": layers, f"wherefrom/factors/{model_id}/images": float(len(split))},
-                            trainer.global_step)  # fmt: skip
+                log_scalars(trainer.loggers, scalars, trainer.global_step)
         self.collectors = {}
 
     def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:

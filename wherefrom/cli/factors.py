@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 from wherefrom.cli.options import (
     add_batch_size,
-    add_memory,
     add_config,
     add_device,
+    add_memory,
     add_run,
     add_store,
     check_batch_size,
-    set_memory,
     config_from,
     open_runs,
     open_store,
+    set_memory,
 )
 from wherefrom.cli.parser import ConfigArgumentParser
+from wherefrom.kfac.fidelity import QUERIES, THRESHOLD, TRAIN, record_fidelity
 from wherefrom.kfac.fit import FactorConfig, fit_factors, training_split
 from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.store import Entry
@@ -31,6 +35,12 @@ def factors_main(argv: list[str]) -> None:
     add_config(p, FactorConfig, skip=("mode",))
     g = p.add_argument_group("stored influence", "every training gradient written once in the factors' eigenbasis, so K-FAC/EK-FAC queries do not recompute them")
     g.add_argument("--features", action="store_true", help="also write influence/<id> after the factors (read by attribute --method kfac|ekfac)")
+    g.add_argument(
+        "--fidelity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"after --features: stored against exact influence on {QUERIES} x {TRAIN} training images, recorded in the store (a warning below Spearman {THRESHOLD})",
+    )
     add_config(g, InfluenceConfig, names=INFLUENCE_FLAGS)
     add_batch_size(p)
     add_memory(p)
@@ -52,6 +62,9 @@ def factors_main(argv: list[str]) -> None:
             fit_factors(net, model_id, module.task, data, split, store, config, a.batch_size, progress=True)
             if features is not None:
                 featurize_influence(net, model_id, module.task, data, split, store, features, a.batch_size, progress=True)
+                if a.fidelity:
+                    found = record_fidelity(net, model_id, module.task, data, split, store, a.batch_size)
+                    print(f"{model_id}: {found.line('--dim')}", file=sys.stdout if found.ok else sys.stderr)
         done = ", ".join(n for m in module.denoisers() for n in config.entries(m))
         done += "".join(f", {Entry.influence(m)}" for m in module.denoisers() if features is not None)
         print(f"wrote {done} to {store.root}")

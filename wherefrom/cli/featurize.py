@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from wherefrom.cli.options import (
     add_batch_size,
-    add_memory,
     add_config,
     add_device,
+    add_memory,
     add_run,
     add_store,
     check_batch_size,
-    set_memory,
     config_from,
     open_runs,
     open_store,
+    set_memory,
 )
 from wherefrom.cli.parser import ConfigArgumentParser
 from wherefrom.features import (

@@ -76,6 +76,7 @@ from wherefrom.kfac.preconditioner import (
     eigen_tensors,
     eigendecompose,
     load_preconditioner,
+    precondition,
 )
 
 # the package's parts, one job each:
@@ -108,6 +109,7 @@ __all__ = [
     "kfe_square",
     "layer_dims",
     "load_preconditioner",
+    "precondition",
     "mc_noise",
     "output_vectors",
     "tracked_layers",

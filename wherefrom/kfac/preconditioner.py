@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from wherefrom.errors import FingerprintMismatchError, WherefromError
 from wherefrom.io import weights_hash
-from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen
+from wherefrom.features import trainable_parameters
+from wherefrom.kfac.factors import HEURISTIC_DAMPING, LayerEigen, layer_dims
 from wherefrom.store import Entry, Store
 
 
@@ -102,3 +103,28 @@ def load_preconditioner(
     eigen = {n: eigen_to(e, device) for n, e in eigen_from_tensors(store.load_tensors(names["eigen"])).items()}
     corrected = correction_tensors(store.load_tensors(names["ekfac"]), eigen) if ekfac else None
     return KFACPreconditioner(eigen, {n: c.to(device) for n, c in corrected.items()} if corrected else None, damping, relative)
+
+
+def precondition(net: nn.Module, grads: Tensor, preconditioner: KFACPreconditioner) -> Tensor:
+    """``(F + lambda I)^{-1} g`` for dense gradients ``B x P`` (:func:`trainable_parameters`
+    order); parameters outside K-FAC's layers get 0."""
+    offsets, start = {}, 0
+    for name, p in trainable_parameters(net).items():
+        offsets[name] = slice(start, start + p.numel())
+        start += p.numel()
+    if grads.shape[1] != start:
+        raise WherefromError(f"expected B x {start} gradients, got {tuple(grads.shape)}")
+    out = torch.zeros_like(grads)
+    modules = dict(net.named_modules())
+    for name in preconditioner.eigen:
+        layer = modules[name]
+        w, b = offsets.get(f"{name}.weight"), offsets.get(f"{name}.bias")
+        if w is None or (layer.bias is not None and b is None):
+            continue  # (partly) frozen layer: not part of the influence
+        d_out, _ = layer_dims(layer)
+        parts = [grads[:, w].reshape(len(grads), d_out, -1)] + ([grads[:, b].unsqueeze(-1)] if b is not None else [])
+        v = preconditioner.apply(name, torch.cat(parts, -1))
+        out[:, w] = v[..., : parts[0].shape[-1]].reshape(len(grads), -1)
+        if b is not None:
+            out[:, b] = v[..., -1]
+    return out

@@ -232,7 +232,7 @@ class StoredInfluence:
     """
 
     def __init__(self, net: nn.Module, eigen: dict[str, LayerEigen], config: InfluenceConfig, model_id: str) -> None:
-        self.net, self.config, self.model_id = net, config, model_id
+        self.net, self.config, self.model_id, self.eigen = net, config, model_id, eigen
         offsets, start = {}, 0
         for name, p in trainable_parameters(net).items():
             offsets[name] = slice(start, start + p.numel())
