@@ -20,7 +20,7 @@ from wherefrom.kfac import FactorCollector, FactorConfig, factor_pass, fit_facto
 from wherefrom.kfac.stored import InfluenceConfig, featurize_influence
 from wherefrom.model import DiffusionModel
 from wherefrom.store import Store
-from wherefrom.task import Stream
+from wherefrom.task import Stream, chunk_rows
 
 TRAIN = list(range(5))
 
@@ -135,3 +135,15 @@ def test_budget_sizes_parse_and_bad_ones_are_refused():
     with memory.budget_limit("1MiB"):
         assert memory.budget() == 2**20
     assert memory.budget() == memory.DEFAULT_CPU_BUDGET
+
+
+def test_rows_per_chunk_are_measured_alike_under_no_grad_and_inference_mode(model):
+    """The probe builds its own graph, so a pass under ``no_grad`` or ``inference_mode`` is chunked as one with autograd."""
+    x, t = DigitsDataModule().images[:2].double(), torch.zeros(2, dtype=torch.long)
+    with memory.budget_limit("64MiB"):
+        rows = []
+        for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            memory._row_bytes.clear()
+            with mode():
+                rows.append(chunk_rows(model.unet, x, model.task.model_time(t)))
+    assert rows[0] == rows[1] == rows[2] and 1 < rows[0] < 10**6

@@ -89,8 +89,8 @@ def activation_bytes(model: nn.Module, forward: Callable[[int], Tensor], key: tu
                 total += t.numel() * t.element_size()
                 return t
 
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                forward(rows)
+            with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                forward(rows)  # with a graph even when called under no_grad or inference mode
             sizes.append(total)
         known[key] = max(sizes[1] - sizes[0], 1)
     return known[key]

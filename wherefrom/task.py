@@ -144,10 +144,10 @@ def chunk_rows(model: nn.Module, x_t: Tensor, time: Tensor, cond: Tensor | None 
     of the memory budget (:mod:`wherefrom.memory`): ``ACTIVATION_FACTOR`` x what autograd keeps per row,
     plus ``extra`` bytes per row (e.g. what recording hooks hold). Call it before attaching hooks that
     record forwards: it runs the network on one and two rows."""
-    two = lambda z: z[:1].detach().repeat(2, *[1] * (z.dim() - 1))  # noqa: E731 - any two rows have the same footprint
-    x2, t2, c2 = two(x_t).requires_grad_(x_t.is_floating_point()), two(time), None if cond is None else two(cond)  # a graph even with frozen weights
+    rows = lambda z, n: None if z is None else z[:1].detach().clone().repeat(n, *[1] * (z.dim() - 1))  # noqa: E731 - any rows have the same footprint
     key = (tuple(x_t.shape[1:]), x_t.dtype, x_t.device, None if cond is None else (tuple(cond.shape[1:]), cond.dtype))
-    per_row = memory.activation_bytes(model, lambda n: predict(model, x2[:n], t2[:n], None if c2 is None else c2[:n]), key)
+    # the input requires grad: a graph even with frozen weights
+    per_row = memory.activation_bytes(model, lambda n: predict(model, rows(x_t, n).requires_grad_(), rows(time, n), rows(cond, n)), key)
     return memory.rows_within(memory.budget(x_t.device) // share, memory.ACTIVATION_FACTOR * per_row + extra)
 
 

@@ -14,6 +14,7 @@ every coordinate) and the smallest budget meeting the threshold is named.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -78,6 +79,49 @@ def _correlations(stored: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     return float(np.mean(pearson)), float(np.mean(spearman))
 
 
+def fidelities(
+    net: nn.Module,
+    task: DiffusionTask,
+    datamodule,
+    split: np.ndarray,
+    stored: Sequence[StoredInfluence],
+    preconditioner: KFACPreconditioner,
+    batch_size: int = 64,
+    queries: int = QUERIES,
+    train: int = TRAIN,
+    seed: int = 0,
+) -> tuple[list[tuple[float, float]], int, int]:
+    """``(pearson, spearman)`` of each of ``stored`` (one model's rows at several budgets) against exact
+    influence on ``queries`` x ``train`` training images of ``split`` drawn with ``seed``, and the numbers of
+    queries and images drawn. The sample's rows are formed from its dense gradients as the store's are (equal
+    up to rounding), in the stored dtype; query and training gradients use the first rows' draws."""
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(np.asarray(split), min(train, len(split)), replace=False))
+    asked = np.sort(rng.choice(sample, min(queries, len(sample)), replace=False))
+    first = next(net.parameters())
+    draws = stored[0].config.features().draws(task)
+
+    def grads(batch: dict[str, Tensor]) -> Tensor:
+        c = condition(batch)
+        x0 = batch["image"].to(first.device, first.dtype)
+        return per_sample_grads(net, task, x0, batch["index"], "loss", draws, Stream.FEATURES, None if c is None else c.to(first.device))
+
+    g_q = torch.cat([grads(b) for b in _images(datamodule, asked, batch_size)])
+    pre = precondition(net, g_q, preconditioner)
+    query_rows = [c.rows(g_q, preconditioner).double() for c in stored]
+    exact = np.zeros((len(asked), len(sample)))
+    approx = np.zeros((len(stored), len(asked), len(sample)))
+    done = 0
+    for batch in _images(datamodule, sample, min(batch_size, gradient_rows(stored[0].num_params, first.dtype, first.device))):
+        g = grads(batch)
+        cols = slice(done, done + len(g))
+        exact[:, cols] = (pre @ g.T).double().cpu().numpy()
+        for j, (c, w) in enumerate(zip(stored, query_rows)):
+            approx[j, :, cols] = (w @ c.rows(g).to(getattr(torch, c.config.dtype)).double().T).numpy()  # rows rounded as stored
+        done += len(g)
+    return [_correlations(a, exact) for a in approx], len(asked), len(sample)
+
+
 def fidelity(
     net: nn.Module,
     task: DiffusionTask,
@@ -90,45 +134,18 @@ def fidelity(
     train: int = TRAIN,
     seed: int = 0,
 ) -> Fidelity:
-    """Stored against exact influence of ``net`` on ``queries`` x ``train`` training images of ``split``
-    drawn with ``seed``. The sample's rows are formed from its dense gradients as the store's are (equal up
-    to rounding), in the stored dtype; query and training gradients use the stored rows' draws."""
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(np.asarray(split), min(train, len(split)), replace=False))
-    asked = np.sort(rng.choice(sample, min(queries, len(sample)), replace=False))
-    first = next(net.parameters())
-    draws = stored.config.features().draws(task)
-
-    def grads(batch: dict[str, Tensor]) -> Tensor:
-        c = condition(batch)
-        x0 = batch["image"].to(first.device, first.dtype)
-        return per_sample_grads(net, task, x0, batch["index"], "loss", draws, Stream.FEATURES, None if c is None else c.to(first.device))
-
-    g_q = torch.cat([grads(b) for b in _images(datamodule, asked, batch_size)])
-    pre = precondition(net, g_q, preconditioner)
+    """The :func:`fidelities` of ``stored``; below :data:`THRESHOLD`, the smallest of the budgets ``dim`` x 4,
+    x 16, ... (up to every coordinate, measured on the same gradients) that meets it."""
     budgets = [stored.config.dim]
-    while budgets[-1] < stored.num_params:  # larger budgets, up to every coordinate
+    while budgets[-1] < stored.num_params:
         budgets.append(min(budgets[-1] * 4, stored.num_params))
     candidates = [stored] + [StoredInfluence(net, stored.eigen, replace(stored.config, dim=d), stored.model_id) for d in budgets[1:]]
-    query_rows = [c.rows(g_q, preconditioner).double() for c in candidates]
-    exact = np.zeros((len(asked), len(sample)))
-    approx = np.zeros((len(candidates), len(asked), len(sample)))
-    step = min(batch_size, gradient_rows(stored.num_params, first.dtype, first.device))
-    done = 0
-    for batch in _images(datamodule, sample, step):
-        g = grads(batch)
-        cols = slice(done, done + len(g))
-        exact[:, cols] = (pre @ g.T).double().cpu().numpy()
-        for j, (c, w) in enumerate(zip(candidates, query_rows)):
-            r = c.rows(g).to(getattr(torch, c.config.dtype)).double()  # rounded as stored
-            approx[j, :, cols] = (w @ r.T).numpy()
-        done += len(g)
-    measured = [_correlations(a, exact) for a in approx]
+    measured, asked, sample = fidelities(net, task, datamodule, split, candidates, preconditioner, batch_size, queries, train, seed)
     pearson, spearman = measured[0]
     suggested = None
     if spearman < THRESHOLD:
         suggested = next((b for b, (_, s) in zip(budgets[1:], measured[1:]) if s >= THRESHOLD), None)
-    return Fidelity(pearson, spearman, stored.dim, len(asked), len(sample), seed, suggested)
+    return Fidelity(pearson, spearman, stored.dim, asked, sample, seed, suggested)
 
 
 def record_fidelity(
@@ -158,4 +175,4 @@ def record_fidelity(
     return on_rank_zero(comm or LocalComm(), measure)
 
 
-__all__ = ["QUERIES", "THRESHOLD", "TRAIN", "Fidelity", "fidelity", "record_fidelity"]
+__all__ = ["QUERIES", "THRESHOLD", "TRAIN", "Fidelity", "fidelities", "fidelity", "record_fidelity"]
