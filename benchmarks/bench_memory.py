@@ -9,8 +9,8 @@ imports, data and model. The passes, at ``--batch-size`` 64 throughout:
 
 * ``featurize``: D-TRAK features (structured projection) of ``--train`` training digits at K draws;
 * ``influence rows``: the stored EK-FAC rows of the same images at K draws;
-* ``stored`` / ``exact``: EK-FAC scores of Q held-out digits (stored: from rows at the default K, the
-  queries at K draws; exact: both sides at K draws).
+* ``stored`` / ``exact``: EK-FAC scores of Q held-out digits (stored: the queries at K draws, from rows
+  written beforehand at one draw, which sets their values, not the scoring's memory; exact: both sides at K draws).
 
 ``--parts cifar`` measures the 35.7M-parameter UNet of ``configs/cifar32.yaml`` on N = 16 random
 32 x 32 images at K = 100: featurisation, and stored scoring of 8 queries (its factors and rows are
@@ -71,7 +71,7 @@ def child(spec: dict, root: Path) -> dict:
         if spec["pass"] == "fit":
             store = Store(fitted, data.fingerprint, overwrite=True)
             fit_factors(net, "model", task, data, data.indices, store, FactorConfig(passes=1, ekfac=True), BATCH)
-            featurize_influence(net, "model", task, data, data.indices, store, InfluenceConfig(timesteps=k), BATCH)
+            featurize_influence(net, "model", task, data, data.indices, store, InfluenceConfig(timesteps=1), BATCH)
         elif spec["pass"] == "featurize":
             featurize(net, "model", task, data, scratch, FeatureConfig(output="square_norm", timesteps=k), BATCH)
         elif spec["pass"] == "influence rows":
@@ -134,7 +134,7 @@ def main() -> None:
     print(f"Budget: {a.memory or 'the library default (1 GiB on the CPU)'}; batch size {BATCH}; one thread per process.\n")
     if "digits" in a.parts:
         digits = {**common, "model": "digits", "queries": min(a.queries)}
-        measured({**digits, "pass": "fit", "draws": 100}, root)
+        measured({**digits, "pass": "fit", "draws": 1}, root)
         for kind in ("featurize", "influence rows"):
             rows = [measured({**digits, "pass": kind, "draws": k}, root) for k in a.draws]
             if kind == "featurize":
@@ -148,7 +148,7 @@ def main() -> None:
         if not (root / "cifar_images.npy").is_file():
             np.save(root / "cifar_images.npy", np.random.default_rng(0).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8))
         cifar = {**common, "model": "cifar32", "queries": 8, "draws": 100}
-        measured({**cifar, "pass": "fit"}, root)
+        measured({**cifar, "pass": "fit", "draws": 1}, root)
         rows = [measured({**cifar, "pass": kind}, root) for kind in ("featurize", "stored")]
         print(f"cifar32 UNet ({rows[0]['params'] / 1e6:.1f}M parameters), N = 16, K = 100, 8 queries (goal: under 8 GB)\n")
         table(rows)
