@@ -241,7 +241,7 @@ def stored_method(ekfac: bool, dim: int, residual_dim: int = 0, query_timesteps:
         train_g, _ = ctx.dense_grads("loss", k)
         rows = torch.cat([stored.rows(train_g[s : s + 64]).to(getattr(torch, dtype)).double() for s in range(0, len(train_g), 64)])
         queries = stored.rows(ctx.query_grads("loss", query_timesteps or k), load_preconditioner(store, "model", ctx.net, ekfac))
-        return ctx.full((queries @ rows.T).numpy())
+        return ctx.full((queries.double() @ rows.T).numpy())
 
     return run
 

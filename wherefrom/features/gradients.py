@@ -70,14 +70,15 @@ def per_sample_grads(
     x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, draws[:1], stream)
     pairs = chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])
     num_params = sum(p.numel() for p in params.values())
-    out = x0.new_zeros(len(x0), num_params)
+    first = next(iter(params.values()))
+    out = torch.zeros(len(x0), num_params, dtype=first.dtype, device=first.device)  # the gradients' dtype, as vmap gives them
 
     def summed_output(p: dict[str, Tensor], x_t: Tensor, t: Tensor, time: Tensor, target: Tensor, c: Tensor | None) -> Tensor:
         c = None if c is None else c.unsqueeze(0).expand(len(x_t), *c.shape)  # the example's condition for each of its draws
         pred = network_output(functional_call(model, {**p, **frozen}, (x_t, time), condition_kwargs(model, c)))
         return fn(pred, target, t, task).sum()
 
-    max_examples = gradient_rows(num_params, x0.dtype, x0.device)
+    max_examples = gradient_rows(num_params, first.dtype, first.device)
     with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
         for e, d in pair_chunks(len(x0), len(draws), pairs, max_examples):
             x_t, t, target = noisy_inputs(task, x0[e], index[e], output, draws[d], stream)
