@@ -94,7 +94,7 @@ def child(spec: dict, root: Path) -> dict:
 
 def measured(spec: dict, root: Path) -> dict:
     """``child(spec)`` in a fresh process, or its cached result."""
-    name = "-".join(str(spec[k]) for k in ("model", "pass", "draws", "queries")).replace(" ", "_")
+    name = "-".join(str(spec[k]) for k in ("model", "pass", "draws", "queries", "memory")).replace(" ", "_")
     done = root / f"{name}.json"
     if not done.is_file():
         print(f"[bench_memory] {name} ...", file=sys.stderr, flush=True)
@@ -140,7 +140,10 @@ def main() -> None:
             if kind == "featurize":
                 print(f"Digits UNet ({rows[0]['params'] / 1e6:.2f}M parameters), N = {a.train} training digits\n")
             table(rows)
-            print()
+            # the reference recipe: the same pass unchunked (a budget nothing reaches), as before budgets
+            ref = measured({**digits, "pass": kind, "draws": max(a.draws), "memory": "1TiB", "queries": 0}, root)
+            print(f"\nunchunked reference (K = {ref['draws']}): peak {ref['peak_mib']:.0f} MiB, {ref['seconds']:.0f} s; "
+                  f"budgeted / unchunked: memory {rows[-1]['peak_mib'] / ref['peak_mib']:.2f}, time {rows[-1]['seconds'] / ref['seconds']:.2f}\n")
         for kind in ("stored", "exact"):
             table([measured({**digits, "pass": kind, "draws": k, "queries": q}, root) for k in a.draws for q in a.queries])
             print()

@@ -159,6 +159,11 @@ def test_callbacks_in_an_ordinary_pipeline_equal_the_wherefrom_path(ordinary, tm
             # rows: coordinates in the eigenbases of factors summed in another order, signs made canonical)
             tol = 1e-7 if name.startswith("influence") else 1e-10
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max(), err_msg=f"{name}, {devices} ranks")
+        # the callback measured the stored rows' fidelity on rank 0 and recorded it, alike on 1 and 2 ranks
+        fidelity = store.manifest["entries"]["influence/model"]["fidelity"]
+        first = stores[1].manifest["entries"]["influence/model"]["fidelity"]
+        assert fidelity["train"] == len(SUBSET) and -1 <= fidelity["spearman"] <= 1
+        np.testing.assert_allclose([fidelity["pearson"], fidelity["spearman"]], [first["pearson"], first["spearman"]], rtol=1e-6)
         for name in ("factors/model", "ekfac/model"):
             mine, theirs = store.load_tensors(name), ref.load_tensors(name)  # (eigen/ is derived from factors/)
             assert mine.keys() == theirs.keys() and store.has("eigen/model")

@@ -261,8 +261,11 @@ def test_factors_and_attribute_commands(tmp_path, monkeypatch, capsys):
     assert scores.shape == (2, 1797) and np.abs(scores[:, :24]).min() > 0 and (out / "topk.png").is_file()
     assert json.loads((out / "topk.json").read_text())["grads"] == "exact"  # no stored influence yet
     # stored influence beside the factors (kept): attribute reads it by default
+    capsys.readouterr()
     cli.main(["factors", "--ckpt", ckpt, "--store", store, "--ekfac", "--batch-size", "8", "--features", "--dim", "10000000", "--timesteps", "3", "--features-dtype", "float32"])
     assert Store.open(store).has(Entry.influence("model"))
+    fidelity = Store.open(store).manifest["entries"][Entry.influence("model")]["fidelity"]  # every coordinate kept: stored = exact
+    assert fidelity["pearson"] > 0.999 and fidelity["train"] == 24 and f"Pearson r {fidelity['pearson']:.3f}" in capsys.readouterr().out
     results = {}
     for grads in ("auto", "exact"):
         cli.main(args[:-1] + [str(tmp_path / grads), "--measurement", "elbo", "--timesteps", "3", "--grads", grads])

@@ -39,7 +39,7 @@ def factors_main(argv: list[str]) -> None:
         "--fidelity",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help=f"after --features: stored against exact influence on {QUERIES} x {TRAIN} training images, recorded in the store (a warning below Spearman {THRESHOLD})",
+        help=f"after --features: stored against exact influence on {QUERIES} x {TRAIN} training images, recorded in the store (a warning below Pearson r {THRESHOLD})",
     )
     add_config(g, InfluenceConfig, names=INFLUENCE_FLAGS)
     add_batch_size(p)
