@@ -348,17 +348,17 @@ def as_queries(queries: Any, data: Any, source: str) -> Tensor:
         x = to_model_range(queries, source)
         if isinstance(queries, Tensor) and queries.is_floating_point():
             x = queries.detach().reshape(x.shape)  # checked; kept in their own dtype and device (float64 stays exact)
-        floats = np.asarray(queries).dtype.kind == "f" if not isinstance(queries, Tensor) else queries.is_floating_point()
-        lowest = _training_min(data) if floats and x.min() >= 0 else 0.0  # read once, only when the queries look like [0, 1]
-        if lowest < -0.5:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            rank_zero_warn(f"{source}: no value is below 0, but the training images reach {lowest:.2g}; if these are [0, 1] images "
-                           "(as ToTensor makes them), rescale them: x * 2 - 1")  # fmt: skip
     if tuple(x.shape[1:]) != tuple(data.image_shape):
         single = tuple(np.shape(queries)) == tuple(data.image_shape)
         hint = f"; one image? add the batch dimension (x[None], 1 x {' x '.join(map(str, data.image_shape))})" if single else ""
         raise WherefromError(f"{source} have shape {tuple(x.shape[1:])} but the training images are {tuple(data.image_shape)}{hint}")
+    floats = np.asarray(queries).dtype.kind == "f" if not isinstance(queries, Tensor) else queries.is_floating_point()
+    lowest = _training_min(data) if getattr(data, "codec", None) is None and floats and x.min() >= 0 else 0.0  # read only when the queries look like [0, 1]
+    if lowest < -0.5:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{source}: no value is below 0, but the training images reach {lowest:.2g}; if these are [0, 1] images "
+                       "(as ToTensor makes them), rescale them: x * 2 - 1")  # fmt: skip
     return x
 
 
