@@ -212,8 +212,13 @@ def influence_scores(
             preconditioner = load_preconditioner(store, model_id, net, ekfac, damping, relative)
             if grads is Grads.STORED:
                 stored, rows = open_stored(store, model_id, net)
-                batches = query_gradient_batches(net, module.task, queries, measurement, stored.config.features(query_timesteps), batch_size, cond)
-                part = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows, stored.config.dtype)
+                first = next(net.parameters())
+                block = gradient_rows(stored.dim, torch.float64, first.device)  # queries whose rows the memory budget holds
+                part = np.zeros((len(queries), datamodule.num_images))
+                for s in range(0, len(queries), block):  # each block of queries reads the stored rows once
+                    c = None if cond is None else cond[s : s + block]
+                    batches = query_gradient_batches(net, module.task, queries[s : s + block], measurement, stored.config.features(query_timesteps), batch_size, c, s)
+                    part[s : s + block] = score_features(torch.cat([stored.rows(g, preconditioner) for g in batches]), rows, stored.config.dtype)
             else:
                 query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
                 first = next(net.parameters())
