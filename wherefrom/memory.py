@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from wherefrom.errors import WherefromError
 
 DEFAULT_CPU_BUDGET = 1 << 30  # bytes of working set on the CPU, beyond the model and the process
-ACTIVATION_FACTOR = 3  # peak of forward + backward (vmap's per-example grads, temporaries) over the saved tensors, measured on the digits and cifar32 UNets
+ACTIVATION_FACTOR = 3  # peak of forward + backward (vmap's per-example grads, temporaries) over the saved tensors: a margin (benchmarks/results/bench_memory.md)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 _budget: int | None = None
