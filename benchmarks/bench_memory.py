@@ -24,12 +24,11 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from common import PeakMemory, rss_anon_mib
+from common import rss_anon_mib, timed_peak
 
 BATCH = 64
 
@@ -82,14 +81,8 @@ def child(spec: dict, root: Path) -> dict:
             influence_scores(module, data, queries, Store.open(fitted), "loss", ekfac=True, grads="exact", config=FeatureConfig(output="loss", timesteps=k), batch_size=BATCH)
 
     base = rss_anon_mib()
-    monitor = PeakMemory()
-    monitor.start()
-    start = time.perf_counter()
-    run()
-    seconds = time.perf_counter() - start
-    monitor.done.set()
-    monitor.join()
-    return {**spec, "seconds": seconds, "base_mib": base, "peak_mib": monitor.peak, "params": sum(p.numel() for p in net.parameters())}
+    seconds, peak = timed_peak(run)
+    return {**spec, "seconds": seconds, "base_mib": base, "peak_mib": peak, "params": sum(p.numel() for p in net.parameters())}
 
 
 def measured(spec: dict, root: Path) -> dict:

@@ -22,13 +22,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import yaml
-from common import PeakMemory, rss_anon_mib
+from common import rss_anon_mib, timed_peak
 
 from wherefrom.model import build_unet
 from wherefrom.store import Entry
@@ -38,18 +37,6 @@ UNET = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 )  # fmt: skip
 DIM, QUERIES, BATCH = 256, 16, 64
-
-
-def measure(fn) -> tuple[float, float]:
-    """``(seconds, peak RssAnon MiB)`` of ``fn()``."""
-    monitor = PeakMemory()
-    monitor.start()
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    monitor.done.set()
-    monitor.join()
-    return seconds, monitor.peak
 
 
 def child(n: int, root: Path, unet: dict) -> dict:
@@ -72,17 +59,17 @@ def child(n: int, root: Path, unet: dict) -> dict:
     net, task = build_unet(unet, 0).eval(), DiffusionTask()
     config = FeatureConfig(output="square_norm", timesteps=1, proj_dim=DIM)
     store = Store(root / f"store{n}", data.fingerprint, overwrite=True)
-    feat_s, feat_peak = measure(lambda: featurize(net, "model", task, data, store, config, BATCH))
+    feat_s, feat_peak = timed_peak(lambda: featurize(net, "model", task, data, store, config, BATCH))
     queries = data.images[:QUERIES] * -1
     phi = store.read_array(Entry.features(config.output, "model"))
 
     run = SimpleNamespace(task=task)  # what query_features reads of a module
-    score_s, score_peak = measure(lambda: trak_scores([phi], [query_features(net, run, "model", config, queries)], 0.1))
-    fac_s, fac_peak = measure(lambda: fit_factors(net, "model", task, data, data.indices, store, FactorConfig(passes=1), BATCH))
+    score_s, score_peak = timed_peak(lambda: trak_scores([phi], [query_features(net, run, "model", config, queries)], 0.1))
+    fac_s, fac_peak = timed_peak(lambda: fit_factors(net, "model", task, data, data.indices, store, FactorConfig(passes=1), BATCH))
     config = InfluenceConfig(timesteps=1)
-    inf_s, inf_peak = measure(lambda: featurize_influence(net, "model", task, data, data.indices, store, config, BATCH))
+    inf_s, inf_peak = timed_peak(lambda: featurize_influence(net, "model", task, data, data.indices, store, config, BATCH))
     run = SimpleNamespace(task=task, denoisers=lambda: {"model": net})  # what influence_scores reads of a module
-    stored_s, stored_peak = measure(lambda: influence_scores(run, data, queries, store, "loss", grads="stored", batch_size=QUERIES))
+    stored_s, stored_peak = timed_peak(lambda: influence_scores(run, data, queries, store, "loss", grads="stored", batch_size=QUERIES))
     return {
         "n": n, "data_mib": data.images.numel() * 4 / 2**20, "dense_features_mib": n * DIM * 4 / 2**20,
         "featurize_s": feat_s, "featurize_peak_mib": feat_peak - base,

@@ -377,3 +377,15 @@ class PeakMemory(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.002):
             self.peak = max(self.peak, rss_anon_mib())
+
+
+def timed_peak(fn: Callable[[], object]) -> tuple[float, float]:
+    """``(seconds, peak RssAnon MiB)`` of ``fn()``."""
+    monitor = PeakMemory()
+    monitor.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    monitor.done.set()
+    monitor.join()
+    return seconds, monitor.peak
