@@ -53,8 +53,8 @@ from wherefrom.features import (
     FeatureConfig,
     Projection,
     ProjectionKind,
+    num_parameters,
     per_sample_grads,
-    trainable_parameters,
 )
 from wherefrom.kfac import (
     HEURISTIC_DAMPING,
@@ -92,11 +92,6 @@ def query_gradients(
 ) -> Tensor:
     """``Q x P`` gradients of the measurement of each query (see :func:`query_gradient_batches`)."""
     return torch.cat(list(query_gradient_batches(net, task, queries, measurement, config, batch_size, cond, start)))
-
-
-def num_parameters(net: nn.Module) -> int:
-    """``P``: the length of a dense gradient (:func:`trainable_parameters`)."""
-    return sum(p.numel() for p in trainable_parameters(net).values())
 
 
 def exact_scores(
@@ -223,6 +218,8 @@ def influence_scores(
                 query_config = dataclasses.replace(feature_config, timesteps=query_timesteps or feature_config.timesteps)
                 first = next(net.parameters())
                 block = gradient_rows(num_parameters(net), first.dtype, first.device)  # queries whose preconditioned gradients the budget holds
+                projection = None if grads is Grads.EXACT else Projection(feature_config, net, model_id)
+                features = None if grads is Grads.EXACT else store.read_array(name)
                 part = np.zeros((len(queries), datamodule.num_images))
                 for s in range(0, len(queries), block):
                     c = None if cond is None else cond[s : s + block]
@@ -230,8 +227,7 @@ def influence_scores(
                     if grads is Grads.EXACT:  # each block of queries passes over the training split once
                         part[s : s + block] = exact_scores(net, module.task, datamodule, split, pre, feature_config, batch_size, progress)
                     else:
-                        projection = Projection(feature_config, net, model_id)
-                        part[s : s + block] = score_features(projection.project(pre), store.read_array(name)) / projection_scale(projection)
+                        part[s : s + block] = score_features(projection.project(pre), features) / projection_scale(projection)
                 if grads is not Grads.EXACT:  # exact mode scores only the split already
                     mask = np.zeros(datamodule.num_images, dtype=bool)
                     mask[split] = True

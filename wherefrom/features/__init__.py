@@ -17,6 +17,8 @@ from wherefrom.features.featurize import featurize, project_images, write_rows
 from wherefrom.features.gradients import (
     Draws,
     noisy_inputs,
+    num_parameters,
+    pair_rows,
     per_sample_grads,
     trainable_parameters,
 )
@@ -40,6 +42,8 @@ __all__ = [
     # gradients
     "Draws",
     "noisy_inputs",
+    "num_parameters",
+    "pair_rows",
     "per_sample_grads",
     "trainable_parameters",
     # projections

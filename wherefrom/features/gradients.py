@@ -36,6 +36,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def num_parameters(model: nn.Module) -> int:
+    """``P``: the length of a dense gradient (:func:`trainable_parameters`)."""
+    return sum(p.numel() for p in trainable_parameters(model).values())
+
+
 def noisy_inputs(
     task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream = Stream.FEATURES
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,6 +48,13 @@ def noisy_inputs(
     per_draw = [task.noisy(x0, index, output, d, t, stream) for d, t in draws]
     x_t, t, target = (torch.stack(z, 1) for z in zip(*per_draw))
     return x_t, t, target
+
+
+def pair_rows(model: nn.Module, task: DiffusionTask, x0: Tensor, index: Tensor, output: str, draws: Draws, stream: Stream, cond: Tensor | None) -> int:
+    """How many (example, draw) rows of this batch a pass may form at once (:func:`wherefrom.task.chunk_rows`
+    of its first example's first draw). Call it before attaching hooks that record forwards."""
+    x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, list(draws)[:1], stream)
+    return chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])
 
 
 def per_sample_grads(
@@ -67,9 +79,8 @@ def per_sample_grads(
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in params}
     fn = task.measurement(output)
-    x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, draws[:1], stream)
-    pairs = chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])
-    num_params = sum(p.numel() for p in params.values())
+    pairs = pair_rows(model, task, x0, index, output, draws, stream, cond)
+    num_params = num_parameters(model)
     first = next(iter(params.values()))
     out = torch.zeros(len(x0), num_params, dtype=first.dtype, device=first.device)  # the gradients' dtype, as vmap gives them
 
@@ -89,4 +100,4 @@ def per_sample_grads(
     return out / len(draws)  # the mean over the draws
 
 
-__all__ = ["Draws", "noisy_inputs", "per_sample_grads", "trainable_parameters"]
+__all__ = ["Draws", "noisy_inputs", "num_parameters", "pair_rows", "per_sample_grads", "trainable_parameters"]

@@ -50,11 +50,13 @@ from wherefrom.features.config import (
 from wherefrom.features.gradients import (
     Draws,
     noisy_inputs,
+    num_parameters,
+    pair_rows,
     per_sample_grads,
     trainable_parameters,
 )
 from wherefrom.memory import gradient_rows, pair_chunks
-from wherefrom.task import DiffusionTask, Stream, chunk_rows, generator_for, mix_seed, predict
+from wherefrom.task import DiffusionTask, Stream, generator_for, mix_seed, predict
 
 BLOCK_SIZE = 100  # trak BasicProjector's block size; part of the definition of its matrix
 CUDA_MAX_BATCH = 32  # trak CudaProjector's largest kernel batch
@@ -171,7 +173,7 @@ class Projection:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
         self.seed = projection_seed(config.seed, model_id)
-        self.num_params = sum(p.numel() for p in trainable_parameters(model).values())
+        self.num_params = num_parameters(model)
         if self.kind is ProjectionKind.DENSE:
             self.dim = config.proj_dim
             self._projector = self._trak_projector(Projector(config.projector))
@@ -289,8 +291,7 @@ def structured_grads(
     model is formed. Several projections of one module share the forward and backward pass;
     each layer's inputs are projected after the backward, one layer at a time."""
     draws = list(draws)
-    x_t, t, _ = noisy_inputs(task, x0[:1], index[:1], output, draws[:1], stream)
-    pairs = chunk_rows(model, x_t[:, 0], task.model_time(t[:, 0]), None if cond is None else cond[:1])  # before the hooks
+    pairs = pair_rows(model, task, x0, index, output, draws, stream, cond)  # before the hooks
     feats = [x0.new_zeros(len(x0), *layer.shape) for layer in layers]
     calls: list[tuple[int, Tensor]] = []  # (layer number, layer input) per call
     outputs: list[Tensor] = []
